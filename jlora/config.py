@@ -1,0 +1,209 @@
+"""LoraConfig, and which kernels of a parameter tree it selects.
+
+A parameter tree is addressed by "module paths": the '/'-joined keys down to the
+module that owns a weight, e.g. ``model/layers/self_attn/q_proj``. Only two kinds
+of leaf can be adapted or quantized: a ``kernel`` (nn.Dense, nn.DenseGeneral,
+nn.Einsum) and an ``embedding`` (nn.Embed). Biases, norm scales and scalars never are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from flax.linen import meta
+
+Targets = Union[str, Sequence[str]]
+
+KERNEL = "kernel"
+EMBEDDING = "embedding"
+ADAPTABLE_LEAVES = (KERNEL, EMBEDDING)
+# "all-linear" skips the output head, as PEFT does: adapting it is rarely wanted and it
+# is the largest matrix of a small model.
+OUTPUT_HEAD_NAMES = ("lm_head", "output", "head")
+INITS = ("default", "gaussian", "pissa")
+
+# Roles of the axes of one (unstacked) kernel: "in" axes are contracted with the input,
+# "out" axes appear in the output, "batch" axes appear in both (e.g. per-expert weights).
+IN, OUT, BATCH = "in", "out", "batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """What to adapt and how. Field names follow PEFT where PEFT has one."""
+
+  rank: int = 8
+  alpha: float = 8.0
+  targets: Targets = ("q_proj", "v_proj")
+  exclude: Targets | None = None
+  dropout: float = 0.0
+  use_rslora: bool = False
+  rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  init: str = "default"
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    _check_rank("rank", self.rank)
+    _check_alpha("alpha", self.alpha)
+    for key, value in dict(self.rank_pattern).items():
+      _check_rank(f"rank_pattern[{key!r}]", value)
+    for key, value in dict(self.alpha_pattern).items():
+      _check_alpha(f"alpha_pattern[{key!r}]", value)
+    if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+      raise ValueError(f"LoraConfig.dropout={self.dropout!r} is invalid: it must be a float in [0, 1).")
+    if self.init not in INITS:
+      raise ValueError(f"LoraConfig.init={self.init!r} is unknown: valid values are {', '.join(map(repr, INITS))}.")
+    _check_targets("LoraConfig.targets", self.targets)
+    if self.exclude is not None:
+      _check_targets("LoraConfig.exclude", self.exclude)
+    try:
+      jnp.dtype(self.dtype)
+    except TypeError as e:
+      raise ValueError(f"LoraConfig.dtype={self.dtype!r} is not a dtype (use e.g. jnp.float32 or 'bfloat16').") from e
+
+  def rank_for(self, path: str) -> int:
+    return _pattern_value(self.rank_pattern, path, self.rank)
+
+  def alpha_for(self, path: str) -> float:
+    return _pattern_value(self.alpha_pattern, path, self.alpha)
+
+  def scale_for(self, path: str) -> float:
+    rank = self.rank_for(path)
+    alpha = self.alpha_for(path)
+    return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def _check_rank(field: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"LoraConfig.{field}={value!r} is invalid: the rank must be a positive integer.")
+
+
+def _check_alpha(field: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    raise ValueError(f"LoraConfig.{field}={value!r} is invalid: alpha must be a positive number.")
+
+
+def _check_targets(field: str, targets) -> None:
+  if isinstance(targets, str):
+    if targets != "all-linear":
+      try:
+        re.compile(targets)
+      except re.error as e:
+        raise ValueError(f"{field}={targets!r} is not a valid regular expression: {e}.") from e
+    return
+  if not targets or not all(isinstance(t, str) and t for t in targets):
+    raise ValueError(
+      f"{field}={targets!r} is invalid: use a regex string matched against the module path, a non-empty list "
+      "of module names or path suffixes, or 'all-linear'.")
+
+
+def _suffix_regex(key: str) -> str:
+  # A pattern key matches the whole path or a suffix that starts at a '/' boundary (PEFT's rule).
+  return rf"(?:.*/)?(?:{key})"
+
+
+def _pattern_value(patterns: Mapping[str, Any], path: str, default):
+  for key, value in dict(patterns).items():
+    if re.fullmatch(_suffix_regex(key), path):
+      return value
+  return default
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def path_str(key_path) -> str:
+  parts = []
+  for k in key_path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def candidate_leaves(params) -> dict[str, tuple[str, Any]]:
+  """Adaptable leaves as {module path: (leaf name, leaf)}: kernels and embeddings of rank >= 2."""
+  found = {}
+
+  def visit(key_path, leaf):
+    full = path_str(key_path)
+    module, _, name = full.rpartition("/")
+    if name in ADAPTABLE_LEAVES and len(_shape(leaf)) >= 2:
+      found[module] = (name, leaf)
+
+  jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_opaque)
+  return found
+
+
+def _is_opaque(x) -> bool:
+  """Nodes we treat as one weight: boxed metadata and jlora's own nodes."""
+  return isinstance(x, meta.AxisMetadata) or getattr(x, "is_jlora_node", False)
+
+
+def _shape(leaf) -> tuple[int, ...]:
+  if isinstance(leaf, meta.AxisMetadata):
+    leaf = leaf.unbox()
+  return tuple(getattr(leaf, "shape", ()))
+
+
+def _matches(path: str, leaf_name: str, targets: Targets) -> bool:
+  if isinstance(targets, str):
+    if targets == "all-linear":
+      return leaf_name == KERNEL and path.rpartition("/")[2] not in OUTPUT_HEAD_NAMES
+    return re.fullmatch(targets, path) is not None
+  return any(path == t or path.endswith("/" + t) for t in targets)
+
+
+def select(params, targets: Targets, exclude: Targets | None = None, *, field: str = "targets") -> list[str]:
+  """Module paths selected by `targets` minus `exclude`; an error if nothing matches."""
+  candidates = candidate_leaves(params)
+  chosen = [
+    path for path, (name, _) in candidates.items()
+    if _matches(path, name, targets) and not (exclude is not None and _matches(path, name, exclude))
+  ]
+  if not chosen:
+    listing = "\n  ".join(sorted(candidates)) or "(none: the tree has no 'kernel' or 'embedding' leaves of rank >= 2)"
+    raise ValueError(f"{field}={targets!r} matched no weight. Module paths that could match:\n  {listing}")
+  return sorted(chosen)
+
+
+# --------------------------------------------------------------------------- layouts
+
+Layout = Mapping[str, tuple[str, ...]]
+
+
+def kernel_roles(path: str, leaf_name: str, shape: tuple[int, ...], layout: Layout | None,
+                 boxed_names: tuple | None = None, scan_axis_names=("layers",)) -> tuple[int, tuple[str, ...]]:
+  """(number of leading stacked axes, roles of the remaining axes) for one kernel.
+
+  The roles come from, in order: an explicit layout (see `jlora.trace_layout`), the
+  kernel being 2-D, or Flax axis metadata naming the stacked (scan) axes. A kernel
+  that none of these decide is an error: guessing from shapes would silently adapt
+  the wrong axes.
+  """
+  if layout is not None and path in layout:
+    roles = tuple(layout[path])
+    n_lead = len(shape) - len(roles)
+    if n_lead < 0:
+      raise ValueError(f"layout[{path!r}]={roles} has more axes than the weight's shape {shape}.")
+    return n_lead, roles
+  if boxed_names is not None:
+    n_lead = 0
+    while n_lead < len(boxed_names) and boxed_names[n_lead] in scan_axis_names:
+      n_lead += 1
+    if len(shape) - n_lead == 2:
+      return n_lead, (IN, OUT)
+  elif len(shape) == 2:
+    return 0, (IN, OUT)
+  raise ValueError(
+    f"Cannot tell which axes of the {leaf_name} at {path!r} (shape {shape}) are inputs, outputs or stacked "
+    "layers. Pass layout=jlora.trace_layout(model, *example_inputs) (it traces the model abstractly, at "
+    "no FLOP cost), or pass params boxed with Flax axis metadata that names the scan axis 'layers'.")
