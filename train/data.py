@@ -71,8 +71,16 @@ def load_rows(spec: str, split_name: str = "train", field: str = "config.data.tr
             raise ValueError(f"{field} = {spec!r}: the file is empty, it has no rows")
         try:
             ds = datasets.load_dataset(LOCAL_EXTENSIONS[ext], data_files=spec, split="train")
-        except StopIteration:  # what the json builder raises on whitespace-only files
+        except StopIteration:  # what the json builder raises on a file of only whitespace
             raise ValueError(f"{field} = {spec!r}: the file is empty, it has no rows") from None
+        except ValueError as e:
+            # A file with zero records (e.g. "[]") yields no split at all.
+            if "corresponds to no data" in str(e):
+                raise ValueError(f"{field} = {spec!r}: the file is empty, it has no rows") from None
+            raise ValueError(f"{field} = {spec!r}: could not read it as {LOCAL_EXTENSIONS[ext]}: {e}") from e
+        except Exception as e:  # malformed json and the like; datasets' own types vary by version
+            raise ValueError(f"{field} = {spec!r}: could not read it as {LOCAL_EXTENSIONS[ext]}: "
+                             f"{type(e).__name__}: {e}") from e
         source = spec
     elif os.path.exists(spec):
         raise ValueError(
