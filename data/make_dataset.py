@@ -94,8 +94,11 @@ def _row(rng: random.Random, first_names, last_names, templates) -> dict:
         if job[0] in "aeiou":
             sentence = sentence.replace(f" a {job}", f" an {job}").replace(f"A {job}", f"An {job}")
     answer = json.dumps({k: fields[k] for k in KEYS})
+    # The instruction goes in a system message: templates like SmolLM2's otherwise inject a
+    # ~20-token default system prompt, which would make every row longer for nothing.
     return {"messages": [
-        {"role": "user", "content": f"{INSTRUCTION}\n\n{sentence}"},
+        {"role": "system", "content": INSTRUCTION},
+        {"role": "user", "content": sentence},
         {"role": "assistant", "content": answer},
     ]}
 
@@ -106,7 +109,7 @@ def generate(seed: int = 0, n_train: int = 1500, n_eval: int = 100) -> tuple[lis
     train, seen = [], set()
     while len(train) < n_train:
         row = _row(rng, FIRST_NAMES, LAST_NAMES, TRAIN_TEMPLATES)
-        key = row["messages"][0]["content"]
+        key = row["messages"][1]["content"]
         if key not in seen:  # duplicates would only reweight the data
             seen.add(key)
             train.append(row)

@@ -100,6 +100,36 @@ def test_chat_masks_all_assistant_turns(tok):
     np.testing.assert_array_equal(ex["targets"][:-1], ex["input_ids"][1:])
 
 
+# SmolLM2-135M-Instruct's template: injects a default system prompt when there is none.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_smollm2_template_default_system_prompt():
+    tok = _make_tokenizer(SMOLLM2_TEMPLATE)
+    (ex,), _ = D.tokenize_rows([PC_ROW], tok, max_length=256)
+    text = tok.decode(_full_tokens(ex).tolist())
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant")
+    assert _labels_text(tok, ex) == " Four.<|im_end|>"
+
+
+def test_history_rewriting_template_supervises_last_turn_only():
+    # A template that drops earlier assistant turns from history breaks the prefix
+    # property for them; only the final answer is then supervised.
+    template = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+        "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    tok = _make_tokenizer(template)
+    (ex,), _ = D.tokenize_rows([CHAT_ROW], tok, max_length=256)
+    assert _labels_text(tok, ex) == "Le chat dort.<|im_end|>"
+
+
 @pytest.mark.parametrize("row,prompt,answer", [
     (ALPACA_ROW, "Translate to French:\n\nthe cat sleeps.", "Le chat dort."),
     (PC_ROW, "What is two plus two?", " Four."),
@@ -412,17 +442,18 @@ def test_bundled_dataset_reproducible_and_disjoint(tmp_path):
     for split, rows in (("train", train), ("eval", ev)):
         names[split] = set()
         for row in rows:
-            user, asst = row["messages"]
-            assert (user["role"], asst["role"]) == ("user", "assistant")
+            system, user, asst = row["messages"]
+            assert (system["role"], user["role"], asst["role"]) == ("system", "user", "assistant")
+            assert "JSON" in system["content"]
             record = json.loads(asst["content"])
             assert list(record) == keys and asst["content"] == json.dumps(record)
-            sentence = user["content"].split("\n\n", 1)[1]
+            sentence = user["content"]
             for k in keys:
                 assert str(record[k]) in sentence
             assert D.exact_match(asst["content"], asst["content"])
             names[split].add(record["name"])
     assert not names["train"] & names["eval"]
-    assert not {r["messages"][0]["content"] for r in train} & {r["messages"][0]["content"] for r in ev}
+    assert not {r["messages"][1]["content"] for r in train} & {r["messages"][1]["content"] for r in ev}
 
 
 def test_bundled_dataset_through_pipeline(tok):
@@ -430,8 +461,8 @@ def test_bundled_dataset_through_pipeline(tok):
     examples, stats = D.tokenize_rows(rows, tok, max_length=256)
     assert stats["examples"] == 100 and stats["truncated"] == 0 and stats["skipped_prompt_too_long"] == 0
     for ex, row in zip(examples[:10], rows):
-        assert _labels_text(tok, ex) == row["messages"][1]["content"] + "<|im_end|>"
+        assert _labels_text(tok, ex) == row["messages"][-1]["content"] + "<|im_end|>"
     prompts = D.prompts_and_references(rows[:3], tok)
     for p, row in zip(prompts, rows):
         assert tok.decode(p["prompt_ids"]).endswith("<|im_start|>assistant\n")
-        assert p["reference"] == row["messages"][1]["content"]
+        assert p["reference"] == row["messages"][-1]["content"]
