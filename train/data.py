@@ -201,7 +201,7 @@ def chat_pieces(tokenizer, messages: list[dict], index: int = 0, source: str = "
                     f"prefix (with add_generation_prompt=True) as a prefix of the full conversation, "
                     f"so the assistant answer cannot be located")
             continue
-        if spans and len(prefix) < spans[-1][1]:
+        if spans and len(prefix) < spans[-1][1]:  # overlapping spans would double-label tokens
             continue
         spans.append((len(prefix), len(through)))
     pieces, pos = [], 0
