@@ -1,0 +1,625 @@
+"""Adapters in Hugging Face PEFT's on-disk format, and merged HF checkpoints.
+
+  save_adapter(dir, params, lora_cfg)    -> adapter_config.json + adapter_model.safetensors
+  load_adapter(dir, base_params)         -> params with LoraWeight nodes read from a PEFT adapter
+  export_merged(dir, params, model_cfg)  -> config.json + model.safetensors (+ tokenizer)
+
+Names. jlora's param trees mirror HF module names with '/' for '.', so the HF module
+of a flax module path is a rename:
+
+  model/layers/self_attn/q_proj   (scanned, leading layer axis L) -> model.layers.{i}.self_attn.q_proj
+  model/layers_3/self_attn/q_proj (unrolled)                       -> model.layers.3.self_attn.q_proj
+  model/embed_tokens, lm_head                                      -> model.embed_tokens, lm_head
+
+Layout. A flax kernel is [in, out] and a = [in, r], b = [r, out]; torch's Linear is
+[out, in], so PEFT's lora_A.weight = a.T [r, in] and lora_B.weight = b.T [out, r].
+Embeddings: lora_embedding_A = a.T [r, V], lora_embedding_B = b.T [D, r]. Keys carry the
+prefix 'base_model.model.' (PeftModel -> LoraModel -> the HF model).
+
+Scale. PEFT does not store the scale: it recomputes lora_alpha / r (or / sqrt(r) with
+use_rslora) per module, looking r and alpha up in rank_pattern / alpha_pattern with
+`re.match(rf"(.*\\.)?({key})$", module_name)`, first matching key wins. save_adapter
+derives each module's (r, alpha) from the node itself (r from the shapes, alpha from
+the node's scale) and writes patterns that make PEFT reproduce exactly those scales;
+it checks this by replaying PEFT's lookup before writing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen import meta
+
+from jlora import config as config_lib
+from jlora.config import EMBEDDING, IN, KERNEL, OUT, LoraConfig
+from jlora.lora import LoraWeight, dequantized, is_lora, merge
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+# vLLM's --max-lora-rank must be one of these; an adapter of another rank is padded or refused.
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# PEFT inits that change the base weights: such an adapter is only valid on the modified base.
+_BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq")
+_LINEAR_SUFFIXES = ("lora_A.weight", "lora_B.weight")
+_EMBED_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
+
+
+# --------------------------------------------------------------------------- names
+
+
+def hf_module_names(path: str, n_lead: int, n_layers: int = 0) -> list[str]:
+  """HF module names of the flax module at `path`: one, or one per layer of a scanned stack."""
+  parts = path.split("/")
+  if n_lead == 0:
+    return [".".join(re.sub(r"^layers_(\d+)$", r"layers.\1", p) for p in parts)]
+  if n_lead == 1 and "layers" in parts[:-1]:
+    i = parts.index("layers")
+    prefix, rest = ".".join(parts[: i + 1]), ".".join(parts[i + 1:])
+    return [f"{prefix}.{layer}.{rest}" for layer in range(n_layers)]
+  raise ValueError(f"{path!r} has {n_lead} stacked axes; only a single scanned 'layers' axis maps onto HF "
+                   "per-layer modules (model.layers.{i}...).")
+
+
+def _short_name(hf_name: str) -> str:
+  return hf_name.rpartition(".")[2]
+
+
+def peft_pattern_key(pattern_keys, module_name: str) -> str | None:
+  """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key): first key that matches."""
+  for key in pattern_keys:
+    if re.match(rf"(.*\.)?({key})$", module_name):
+      return key
+  return None
+
+
+def peft_rank_alpha(peft_cfg: Mapping[str, Any], module_name: str) -> tuple[int, float]:
+  rank_pattern = peft_cfg.get("rank_pattern") or {}
+  alpha_pattern = peft_cfg.get("alpha_pattern") or {}
+  r_key = peft_pattern_key(rank_pattern, module_name)
+  a_key = peft_pattern_key(alpha_pattern, module_name)
+  r = rank_pattern[r_key] if r_key is not None else peft_cfg.get("r", 8)
+  alpha = alpha_pattern[a_key] if a_key is not None else peft_cfg.get("lora_alpha", 8)
+  return int(r), float(alpha)
+
+
+def peft_scale(peft_cfg: Mapping[str, Any], module_name: str) -> float:
+  r, alpha = peft_rank_alpha(peft_cfg, module_name)
+  return alpha / math.sqrt(r) if peft_cfg.get("use_rslora", False) else alpha / r
+
+
+def peft_targets(peft_cfg: Mapping[str, Any], module_name: str, leaf_name: str = KERNEL) -> bool:
+  """PEFT's check_target_module_exists, for the options jlora accepts."""
+  exclude = peft_cfg.get("exclude_modules")
+  if exclude:
+    if isinstance(exclude, str):
+      if re.fullmatch(exclude, module_name):
+        return False
+    elif module_name in exclude or any(module_name.endswith("." + k) for k in exclude):
+      return False
+  targets = peft_cfg.get("target_modules")
+  if targets is None:
+    return False
+  if isinstance(targets, str):
+    if targets == "all-linear":
+      return leaf_name == KERNEL and _short_name(module_name) not in config_lib.OUTPUT_HEAD_NAMES
+    return re.fullmatch(targets, module_name) is not None
+  found = module_name in targets or any(module_name.endswith("." + t) for t in targets)
+  layers = peft_cfg.get("layers_to_transform")
+  if found and layers is not None and layers != []:
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    pattern = peft_cfg.get("layers_pattern")
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
+    match = None
+    if not patterns:
+      match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
+    for p in patterns:
+      match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module_name)
+      if match:
+        break
+    found = match is not None and int(match.group("idx")) in layers
+  return found
+
+
+# --------------------------------------------------------------------------- host arrays
+
+
+def _to_numpy(x, name: str) -> np.ndarray:
+  """A host copy of a (possibly sharded) array; never an empty or partial tensor."""
+  if isinstance(x, jax.Array):
+    if not x.is_fully_addressable:
+      raise ValueError(
+        f"{name} is sharded across processes (not fully addressable from this one), so this process "
+        "can't write it. Gather it first, e.g. jax.experimental.multihost_utils.process_allgather(x, "
+        "tiled=True), then save from process 0.")
+    x = jax.device_get(x)
+  out = np.asarray(x)
+  expected = tuple(getattr(x, "shape", out.shape))
+  if out.shape != expected or (out.size == 0 and math.prod(expected) != 0):
+    raise ValueError(f"{name}: gathered {out.shape} for an array of shape {expected}.")
+  return out
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+  """write(tmp_name) then rename over `path`: readers never see a half-written file."""
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _write_json(path: Path, obj) -> None:
+  _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+  from safetensors.numpy import save_file
+
+  tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+  _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _adapted_modules(params) -> dict[str, LoraWeight]:
+  found = {}
+
+  def visit(key_path, leaf):
+    if is_lora(leaf):
+      found[config_lib.path_str(key_path)] = leaf
+
+  jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_lora)
+  return found
+
+
+def _clean(x: float) -> float | int:
+  """alpha recomputed from a float scale: snap to a short decimal so the JSON stays readable."""
+  value = float(f"{x:.12g}")
+  return int(value) if value.is_integer() else value
+
+
+def _entries(params) -> list[dict]:
+  """One entry per HF module: name, kind, rank, scale, and where its a/b live."""
+  entries = []
+  for full, node in sorted(_adapted_modules(params).items()):
+    path, _, leaf_name = full.rpartition("/")
+    if tuple(node.roles) != (IN, OUT):
+      raise ValueError(f"{full}: kernel roles {node.roles} have no torch Linear/Embedding equivalent; PEFT "
+                       "adapters need 2-D weights per layer ([in, out]).")
+    n_lead = node.a.ndim - 2
+    n_layers = node.a.shape[0] if n_lead else 0
+    for layer, hf_name in enumerate(hf_module_names(path, n_lead, n_layers)):
+      entries.append(dict(flax=full, hf=hf_name, kind=leaf_name, node=node,
+                          layer=layer if n_lead else None, rank=int(node.a.shape[-1]), scale=float(node.scale)))
+  if not entries:
+    raise ValueError("save_adapter: the params hold no LoraWeight nodes (apply jlora.apply or load_adapter first).")
+  return entries
+
+
+def _patterns(entries, cfg: LoraConfig, use_rslora: bool) -> tuple[dict, dict]:
+  """rank_pattern / alpha_pattern (PEFT key syntax) that reproduce every module's rank and scale."""
+  want = {}
+  for e in entries:
+    r = e["rank"]
+    alpha = e["scale"] * (math.sqrt(r) if use_rslora else r)
+    if math.isclose(alpha, cfg.alpha, rel_tol=1e-6):
+      alpha = cfg.alpha
+    want[e["hf"]] = (r, alpha)
+  base = {"r": cfg.rank, "lora_alpha": cfg.alpha, "use_rslora": use_rslora}
+
+  def reproduces(rank_pattern, alpha_pattern) -> bool:
+    trial = {**base, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    for name, (r, alpha) in want.items():
+      got_r, got_alpha = peft_rank_alpha(trial, name)
+      if got_r != r or not math.isclose(got_alpha, alpha, rel_tol=1e-6):
+        return False
+    return True
+
+  # 1. The user's own patterns, with '/' (jlora's path separator) written as '\.'.
+  rank_pattern = {k.replace("/", r"\."): v for k, v in dict(cfg.rank_pattern).items()}
+  alpha_pattern = {k.replace("/", r"\."): v for k, v in dict(cfg.alpha_pattern).items()}
+  if reproduces(rank_pattern, alpha_pattern):
+    return rank_pattern, alpha_pattern
+
+  # 2. Per module type (the last name, e.g. v_proj) where all its modules agree, else per module.
+  by_short: dict[str, set] = {}
+  for name, value in want.items():
+    by_short.setdefault(_short_name(name), set()).add(value)
+  rank_pattern, alpha_pattern = {}, {}
+  for name, (r, alpha) in sorted(want.items()):
+    short = _short_name(name)
+    key = short if len(by_short[short]) == 1 else re.escape(name)
+    if r != cfg.rank:
+      rank_pattern[key] = r
+    if alpha != cfg.alpha:
+      alpha_pattern[key] = _clean(alpha)
+  # Full names go first: PEFT takes the first matching key.
+  order = lambda d: dict(sorted(d.items(), key=lambda kv: ("\\" not in kv[0], kv[0])))
+  rank_pattern, alpha_pattern = order(rank_pattern), order(alpha_pattern)
+  if not reproduces(rank_pattern, alpha_pattern):  # pragma: no cover - the construction above is exact
+    raise AssertionError("internal error: rank/alpha patterns do not reproduce the adapter's scales")
+  return rank_pattern, alpha_pattern
+
+
+def _target_modules(params, entries) -> list[str]:
+  """Module names (e.g. q_proj) when they select exactly the adapted modules, else full HF names."""
+  adapted = {e["flax"].rpartition("/")[0] for e in entries}
+  shorts = sorted({_short_name(e["hf"]) for e in entries})
+  candidates = {p for p in config_lib.candidate_leaves(params) if p.rpartition("/")[2] in shorts}
+  if candidates == adapted:
+    return shorts
+  return sorted({e["hf"] for e in entries})
+
+
+def peft_config_from_lora(cfg: LoraConfig, params, base_model_name_or_path: str | None = None) -> dict:
+  """The adapter_config.json content for the adapters in `params` (trained with `cfg`)."""
+  entries = _entries(params)
+  rank_pattern, alpha_pattern = _patterns(entries, cfg, bool(cfg.use_rslora))
+  return {
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "base_model_name_or_path": base_model_name_or_path,
+    "r": cfg.rank,
+    "lora_alpha": cfg.alpha,
+    "lora_dropout": cfg.dropout,
+    "use_rslora": bool(cfg.use_rslora),
+    "target_modules": _target_modules(params, entries),
+    "rank_pattern": rank_pattern,
+    "alpha_pattern": alpha_pattern,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "init_lora_weights": True,
+    "modules_to_save": None,
+    "use_dora": False,
+    "inference_mode": True,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+  }
+
+
+def save_adapter(directory, params, lora_cfg: LoraConfig, base_model_name_or_path: str | None = None) -> Path:
+  """Writes the adapters in `params` as a PEFT LoRA adapter (loadable by PEFT, transformers and vLLM).
+
+  Only a/b are written (unscaled; PEFT recomputes the scale from r/lora_alpha and the
+  patterns). Scanned stacks are unstacked into per-layer modules. Sharded arrays are
+  gathered; arrays spread over several processes are refused.
+  """
+  if lora_cfg.init == "pissa":
+    raise ValueError("save_adapter: a PiSSA adapter (init='pissa') is relative to a residual base that jlora "
+                     "modified, so PEFT would apply it to the wrong weights. Use export_merged instead.")
+  params = meta.unbox(params)
+  entries = _entries(params)
+  paths = set(config_lib.candidate_leaves(params))
+  for e in entries:
+    if e["kind"] == EMBEDDING and _short_name(e["hf"]) == "embed_tokens" and "lm_head" not in paths:
+      raise ValueError(
+        f"{e['flax']} is adapted and the output head is tied to it. jlora applies the embedding adapter to the "
+        "tied head too, but PEFT (and vLLM) apply it to the input lookup only, so the adapter would load with "
+        "different outputs. Exclude embed_tokens, or use export_merged.")
+  peft_cfg = peft_config_from_lora(lora_cfg, params, base_model_name_or_path)
+
+  tensors = {}
+  gathered: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+  for e in entries:
+    if e["flax"] not in gathered:
+      gathered[e["flax"]] = (_to_numpy(e["node"].a, e["flax"] + " (a)"), _to_numpy(e["node"].b, e["flax"] + " (b)"))
+    a, b = gathered[e["flax"]]
+    if e["layer"] is not None:
+      a, b = a[e["layer"]], b[e["layer"]]
+    prefix = KEY_PREFIX + e["hf"]
+    names = [f"{prefix}.{s}" for s in (_EMBED_SUFFIXES if e["kind"] == EMBEDDING else _LINEAR_SUFFIXES)]
+    tensors[names[0]], tensors[names[1]] = a.T, b.T
+
+  bad = sorted({e["rank"] for e in entries} - set(VLLM_RANKS))
+  if bad:
+    warnings.warn(f"save_adapter: rank(s) {bad} are not in vLLM's supported list {list(VLLM_RANKS)}; vLLM "
+                  "needs --max-lora-rank set to one of those (at least the adapter's rank) to serve it.",
+                  stacklevel=2)
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  _write_safetensors(directory / ADAPTER_WEIGHTS, tensors)
+  _write_json(directory / ADAPTER_CONFIG, peft_cfg)
+  return directory
+
+
+# --------------------------------------------------------------------------- load
+
+
+def read_peft_config(directory) -> dict:
+  """adapter_config.json, after refusing what jlora can't represent faithfully."""
+  directory = Path(directory)
+  config_file = directory / ADAPTER_CONFIG
+  if not config_file.is_file():
+    raise FileNotFoundError(f"{directory} has no {ADAPTER_CONFIG}; a PEFT adapter dir holds {ADAPTER_CONFIG} "
+                            f"and {ADAPTER_WEIGHTS}.")
+  cfg = json.loads(config_file.read_text())
+  check_peft_config(cfg)
+  return cfg
+
+
+def check_peft_config(cfg: Mapping[str, Any]) -> None:
+  problems = []
+  if cfg.get("peft_type", "LORA") != "LORA":
+    problems.append(f"peft_type={cfg.get('peft_type')!r} (only LORA adapters are supported)")
+  if cfg.get("use_dora"):
+    problems.append("use_dora=true (DoRA's magnitude vector has no jlora equivalent)")
+  if cfg.get("modules_to_save"):
+    problems.append(f"modules_to_save={cfg['modules_to_save']!r} (fully trained module copies are not LoRA)")
+  if cfg.get("bias", "none") != "none":
+    problems.append(f"bias={cfg['bias']!r} (trained biases are not supported; only bias='none')")
+  if cfg.get("fan_in_fan_out"):
+    problems.append("fan_in_fan_out=true (Conv1D-style GPT-2 weights are not supported)")
+  init = cfg.get("init_lora_weights", True)
+  if isinstance(init, str) and init.lower().split("_")[0] in _BASE_MODIFYING_INITS:
+    problems.append(f"init_lora_weights={init!r} (this init changes the base weights; convert the adapter to a "
+                    "plain LoRA with PEFT's path_initial_model_for_weight_conversion first)")
+  for field in ("lora_bias", "use_qalora"):
+    if cfg.get(field):
+      problems.append(f"{field}=true")
+  for field in ("target_parameters", "trainable_token_indices", "layer_replication", "alora_invocation_tokens"):
+    if cfg.get(field):
+      problems.append(f"{field}={cfg[field]!r}")
+  if problems:
+    raise ValueError("This PEFT adapter uses features jlora does not support: " + "; ".join(problems) + ".")
+
+
+def _base_modules(base_params, layout) -> dict[str, tuple[str, str, int | None, Any]]:
+  """HF module name -> (flax module path, leaf name, layer index or None, n_lead) for every adaptable weight."""
+  out = {}
+  for path, (leaf_name, leaf) in config_lib.candidate_leaves(base_params).items():
+    names = leaf.names if isinstance(leaf, meta.Partitioned) else None
+    shape = tuple(leaf.unbox().shape if isinstance(leaf, meta.AxisMetadata) else leaf.shape)
+    try:
+      n_lead, roles = config_lib.kernel_roles(path, leaf_name, shape, layout, names)
+    except ValueError:
+      # A 3-D weight in a 'layers' stack: PEFT files name each layer's 2-D weight, so the stacked
+      # axis is the layer index in the file's keys; shapes are checked against the file below.
+      if len(shape) == 3 and "layers" in path.split("/")[:-1]:
+        n_lead, roles = 1, (IN, OUT)
+      else:
+        continue
+    if tuple(roles) != (IN, OUT) or n_lead > 1:
+      continue
+    for layer, hf in enumerate(hf_module_names(path, n_lead, shape[0] if n_lead else 0)):
+      out[hf] = (path, leaf_name, layer if n_lead else None, n_lead)
+  return out
+
+
+def _read_adapter_tensors(directory: Path) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file
+
+  weights = directory / ADAPTER_WEIGHTS
+  if not weights.is_file():
+    pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+    if pickles:
+      raise ValueError(f"{directory} holds only pickled weights ({', '.join(pickles)}); jlora never loads pickles "
+                       f"(they can run code). Convert the adapter to {ADAPTER_WEIGHTS} (e.g. load it in PEFT and "
+                       "save_pretrained(..., safe_serialization=True)).")
+    raise FileNotFoundError(f"{directory} has no {ADAPTER_WEIGHTS}.")
+  return load_file(str(weights))
+
+
+def _module_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+  """{hf module name: {'A': [r, in], 'B': [out, r], 'kind': ...}} from PEFT state-dict keys."""
+  modules: dict[str, dict] = {}
+  unknown = []
+  for key, value in tensors.items():
+    name = key.removeprefix(KEY_PREFIX)
+    for kind, suffixes in ((KERNEL, _LINEAR_SUFFIXES), (EMBEDDING, _EMBED_SUFFIXES)):
+      hit = next((s for s in suffixes if name.endswith("." + s)), None)
+      if hit:
+        module = name[: -len(hit) - 1]
+        entry = modules.setdefault(module, {"kind": kind})
+        entry["A" if hit.startswith(("lora_A", "lora_embedding_A")) else "B"] = value
+        break
+    else:
+      unknown.append(key)
+  if unknown:
+    raise ValueError(f"The adapter holds tensors that are not LoRA A/B factors (e.g. DoRA magnitudes, biases or "
+                     f"saved modules): {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+  return modules
+
+
+def load_adapter(directory, base_params, *, layout: config_lib.Layout | None = None, dtype=jnp.float32,
+                 return_config: bool = False):
+  """Reads a PEFT LoRA adapter onto `base_params`: adapted weights become LoraWeight nodes.
+
+  The scale of every module follows PEFT (lora_alpha/r or /sqrt(r), rank_pattern and
+  alpha_pattern by PEFT's matching on HF module names). Layers of a scanned stack are
+  restacked; in a stack, layers the adapter skips (layers_to_transform) get zero factors.
+  With return_config=True, returns (params, LoraConfig) with the adapted module paths
+  spelled out exactly.
+  """
+  directory = Path(directory)
+  peft_cfg = read_peft_config(directory)
+  modules = _module_tensors(_read_adapter_tensors(directory))
+  index = _base_modules(base_params, layout)
+
+  unmatched = sorted(m for m in modules if m not in index)
+  if unmatched:
+    raise ValueError(f"Adapter modules that map onto no weight in base_params: {unmatched}. (Module names like "
+                     f"{sorted(index)[:4]} are available.) Is it an adapter for another architecture?")
+  untargeted = sorted(m for m in modules if not peft_targets(peft_cfg, m, modules[m]["kind"]))
+  if untargeted:
+    raise ValueError(f"The adapter holds weights for modules its target_modules do not select (PEFT would "
+                     f"ignore them): {untargeted}")
+  dropout = float(peft_cfg.get("lora_dropout", 0.0) or 0.0)
+
+  # Group per flax weight: {flax path: {layer or None: (hf name, a, b, scale)}}.
+  grouped: dict[str, dict] = {}
+  for hf, parts in modules.items():
+    if "A" not in parts or "B" not in parts:
+      raise ValueError(f"The adapter has only one of lora_A/lora_B for {hf}.")
+    path, leaf_name, layer, _ = index[hf]
+    kind = parts["kind"]
+    if (kind == EMBEDDING) != (leaf_name == EMBEDDING):
+      raise ValueError(f"{hf}: the adapter treats it as {'an embedding' if kind == EMBEDDING else 'a linear layer'}, "
+                       f"but base_params has a {leaf_name!r} there.")
+    a, b = np.asarray(parts["A"]).T, np.asarray(parts["B"]).T  # [in, r], [r, out]
+    r, _ = peft_rank_alpha(peft_cfg, hf)
+    if a.shape[1] != r or b.shape[0] != r:
+      raise ValueError(f"{hf}: lora_A {parts['A'].shape} / lora_B {parts['B'].shape} have rank {a.shape[1]}, but "
+                       f"adapter_config.json gives r={r} for this module.")
+    grouped.setdefault(path + "/" + leaf_name, {})[layer] = (hf, a, b, peft_scale(peft_cfg, hf))
+
+  nodes: dict[str, tuple] = {}
+  for full, per_layer in grouped.items():
+    scales = {round(v[3], 12) for v in per_layer.values()}
+    ranks = {v[1].shape[1] for v in per_layer.values()}
+    if len(scales) > 1 or len(ranks) > 1:
+      raise ValueError(f"{full} is a scanned stack, but the adapter gives its layers different ranks or scales "
+                       f"({sorted(ranks)}, {sorted(scales)}); load the model with scan_layers=False.")
+    nodes[full] = per_layer
+  for e in sorted(m for m in index if m not in modules and peft_targets(peft_cfg, m, index[m][1])):
+    warnings.warn(f"load_adapter: {e} is selected by target_modules but the adapter has no weights for it; "
+                  "it stays unadapted (as PEFT's zero-initialised B would leave it).", stacklevel=2)
+
+  scales_by_path: dict[str, tuple[int, float]] = {}
+
+  def adapt(key_path, leaf):
+    full = config_lib.path_str(key_path)
+    value = leaf.unbox() if isinstance(leaf, meta.AxisMetadata) else leaf
+    if full not in nodes:
+      return value
+    per_layer = nodes[full]
+    any_entry = next(iter(per_layer.values()))
+    _, a0, b0, scale = any_entry
+    if None in per_layer:
+      a, b = a0, b0
+    else:
+      n_layers = value.shape[0]
+      a = np.zeros((n_layers, *a0.shape), a0.dtype)
+      b = np.zeros((n_layers, *b0.shape), b0.dtype)
+      for layer, (_, la, lb, _) in per_layer.items():
+        a[layer], b[layer] = la, lb
+    per_layer_shape = value.shape[a.ndim - 2:]
+    if (a.shape[-2], b.shape[-1]) != tuple(per_layer_shape) or a.shape[:-2] != value.shape[:-2]:
+      raise ValueError(f"{full}: the adapter's factors imply a weight of shape {a.shape[:-1] + b.shape[-1:]}, but "
+                       f"base_params has {tuple(value.shape)}.")
+    scales_by_path[full.rpartition("/")[0]] = (a.shape[-1], scale)
+    return LoraWeight(base=value, a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype), scale=float(scale),
+                      roles=(IN, OUT), dropout=dropout)
+
+  params = jax.tree_util.tree_map_with_path(adapt, base_params, is_leaf=config_lib._is_opaque)
+  if not return_config:
+    return params
+  return params, _jlora_config(peft_cfg, scales_by_path, dtype)
+
+
+def _jlora_config(peft_cfg, scales_by_path: Mapping[str, tuple[int, float]], dtype) -> LoraConfig:
+  rank, alpha, rslora = int(peft_cfg.get("r", 8)), float(peft_cfg.get("lora_alpha", 8)), bool(peft_cfg.get("use_rslora"))
+  rank_pattern, alpha_pattern = {}, {}
+  for path, (r, scale) in sorted(scales_by_path.items()):
+    a = scale * (math.sqrt(r) if rslora else r)
+    if r != rank:
+      rank_pattern[re.escape(path)] = r
+    if not math.isclose(a, alpha, rel_tol=1e-9):
+      alpha_pattern[re.escape(path)] = _clean(a)
+  return LoraConfig(rank=rank, alpha=alpha, targets=tuple(sorted(scales_by_path)), dropout=float(
+    peft_cfg.get("lora_dropout", 0.0) or 0.0), use_rslora=rslora, rank_pattern=rank_pattern,
+    alpha_pattern=alpha_pattern, dtype=dtype)
+
+
+def lora_config_from_peft(peft_cfg: Mapping[str, Any], dtype=jnp.float32) -> LoraConfig:
+  """A LoraConfig equivalent to a PEFT config, for the plain cases: module-name lists and simple patterns.
+
+  jlora paths use '/' where HF names use '.', so list entries and pattern keys are
+  translated ('self_attn.q_proj' -> 'self_attn/q_proj'). Regex target_modules can't be
+  translated in general: use load_adapter(..., return_config=True), which resolves them.
+  """
+  check_peft_config(peft_cfg)
+  targets = peft_cfg.get("target_modules") or ("q_proj", "v_proj")
+  if isinstance(targets, str) and targets != "all-linear":
+    raise ValueError(f"target_modules={targets!r} is a regex over HF module names; use "
+                     "load_adapter(dir, params, return_config=True) to resolve it against a model.")
+  plain = lambda k: k.replace(r"\.", "/").replace(".", "/")
+  if not isinstance(targets, str):
+    targets = tuple(plain(t) for t in targets)
+  return LoraConfig(
+    rank=int(peft_cfg.get("r", 8)), alpha=float(peft_cfg.get("lora_alpha", 8)), targets=targets,
+    exclude=tuple(plain(t) for t in peft_cfg["exclude_modules"]) if isinstance(
+      peft_cfg.get("exclude_modules"), (list, tuple)) and peft_cfg["exclude_modules"] else None,
+    dropout=float(peft_cfg.get("lora_dropout", 0.0) or 0.0), use_rslora=bool(peft_cfg.get("use_rslora")),
+    rank_pattern={plain(k): int(v) for k, v in (peft_cfg.get("rank_pattern") or {}).items()},
+    alpha_pattern={plain(k): float(v) for k, v in (peft_cfg.get("alpha_pattern") or {}).items()},
+    dtype=dtype)
+
+
+# --------------------------------------------------------------------------- merged export
+
+_HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+def _hf_config_dict(model_config) -> dict:
+  if isinstance(model_config, Mapping):
+    return dict(model_config)
+  if hasattr(model_config, "to_hf_dict"):
+    return model_config.to_hf_dict()
+  if hasattr(model_config, "to_dict"):
+    return model_config.to_dict()
+  raise TypeError(f"model_config must be a jlora LlamaConfig, an HF config dict or a PretrainedConfig; got "
+                  f"{type(model_config).__name__}.")
+
+
+def export_merged(directory, params, model_config, tokenizer=None, *, dtype: str = "float32") -> Path:
+  """Merges the adapters and writes an HF checkpoint: config.json, model.safetensors, tokenizer files.
+
+  Quantized bases merge into their dequantized weights (the weights the adapter was
+  trained against). dtype: 'float32' or 'bfloat16' for the stored tensors.
+  """
+  import ml_dtypes
+
+  np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}.get(dtype)
+  if np_dtype is None:
+    raise ValueError(f"export_merged: dtype={dtype!r}; use 'float32' or 'bfloat16'.")
+  merged = merge(meta.unbox(params))
+  merged = jax.tree.map(dequantized, merged, is_leaf=lambda x: getattr(x, "is_jlora_node", False))
+  hf_config = _hf_config_dict(model_config)
+
+  tensors: dict[str, np.ndarray] = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(merged)[0]:
+    full = config_lib.path_str(key_path)
+    path, _, leaf_name = full.rpartition("/")
+    if leaf_name not in _HF_LEAF:
+      raise ValueError(f"export_merged: don't know the HF name of the param {full!r}.")
+    value = _to_numpy(leaf, full).astype(np_dtype)
+    parts = path.split("/")
+    stacked = "layers" in parts[:-1]
+    names = hf_module_names(path, 1 if stacked else 0, value.shape[0] if stacked else 0)
+    for i, name in enumerate(names):
+      w = value[i] if stacked else value
+      tensors[f"{name}.{_HF_LEAF[leaf_name]}"] = w.T if leaf_name == KERNEL else w
+
+  has_head = "lm_head.weight" in tensors
+  tied = bool(hf_config.get("tie_word_embeddings", False))
+  if tied and has_head:
+    raise ValueError("export_merged: the config ties the output head to the embeddings, but params have lm_head.")
+  if not tied and not has_head:
+    raise ValueError("export_merged: params have no lm_head, so the embeddings must be tied; the config says "
+                     "tie_word_embeddings=false.")
+  hf_config["torch_dtype"] = dtype
+  hf_config["dtype"] = dtype
+
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  _write_safetensors(directory / "model.safetensors", tensors)
+  _write_json(directory / "config.json", hf_config)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(directory))
+  return directory
