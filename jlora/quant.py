@@ -218,11 +218,16 @@ class QuantizedWeight:
     return jnp.stack([low, high], axis=-2).reshape(*lead, 2 * half, n_out)
 
   def dequantize(self) -> jax.Array:
-    """The weight, [*lead, *kernel_shape] in `dtype`. Pure jnp; works stacked or per layer."""
+    """The weight, [*lead, *kernel_shape] in `dtype`. Pure jnp; works stacked or per layer.
+
+    One jitted function (cached per structure and shape, inlined when traced inside jit).
+    """
+    return _dequantize_jit(self)
+
+  def _dequantize(self) -> jax.Array:
     n_in, n_out, in_axes, other = self._matrix_dims()
     lead = self.codes.shape[: self.n_lead]
-    table = jnp.asarray(code_table(self.kind))
-    values = table[self.code_indices()]  # [*lead, I, O] fp32
+    values = _decode(self.code_indices(), self.kind)  # [*lead, I, O] fp32
     bs = self.block_size
     values = values.reshape(*lead, n_in // bs, bs, n_out) * self.block_absmax()[..., :, None, :]
     moved = values.reshape(*lead, *(self.kernel_shape[i] for i in in_axes + other))
@@ -261,6 +266,20 @@ class QuantizedWeight:
       return self.replace(codes=codes, absmax=PartitionSpec(*lead, block_spec, out_spec))
     return self.replace(codes=codes, absmax=PartitionSpec(*lead, None),
                         absmax_scale=PartitionSpec(*lead, None), absmax_mean=PartitionSpec(*lead))
+
+
+_dequantize_jit = jax.jit(lambda q: q._dequantize())
+
+
+def _decode(idx: jax.Array, kind: str) -> jax.Array:
+  """Code indices -> table values, elementwise (no gather, so it follows any sharding of idx)."""
+  # A select chain over the 16 table constants: exact table values (an arithmetic decode
+  # of int4 could round differently from the table), fused into one elementwise loop.
+  values = jnp.zeros(idx.shape, jnp.float32)
+  for k, v in enumerate(code_table(kind)):
+    if v != 0.0:
+      values = jnp.where(idx == k, jnp.float32(v), values)
+  return values
 
 
 def _merge_axis_specs(entries) -> Any:
