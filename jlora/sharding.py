@@ -1,0 +1,98 @@
+"""Meshes, and shardings for trees that hold jlora nodes, derived from the base's.
+
+The base model names the logical axes of its params (nn.with_logical_partitioning);
+rules map them to the mesh axes data / fsdp / tensor. An adapter then shards like
+the weight it adapts: A takes the base's input-axis specs and an unsharded rank,
+B an unsharded rank and the base's output-axis specs. Nothing is replicated by fiat.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jlora.config import BATCH, IN, OUT
+from jlora.lora import is_lora
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; -1 in one axis takes the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  for name, size in sizes.items():
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      raise ValueError(f"mesh.{name}={size!r} is invalid: use a positive integer, or -1 for the remaining devices.")
+  free = [n for n, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ValueError(f"Only one mesh axis may be -1; got -1 for {', '.join('mesh.' + n for n in free)}.")
+  if free:
+    rest = math.prod(s for s in sizes.values() if s != -1)
+    if len(devices) % rest:
+      raise ValueError(f"{len(devices)} devices can't be split with the fixed mesh axes {sizes}.")
+    sizes[free[0]] = len(devices) // rest
+  total = math.prod(sizes.values())
+  if total != len(devices):
+    raise ValueError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = {total} "
+                     f"devices, but {len(devices)} are available ({jax.default_backend()}). Make the product "
+                     "equal the device count (one axis may be -1).")
+  # Auto axes: sharding is propagated by XLA from the annotated params and activations.
+  return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def logical_specs(boxed_params, rules) -> dict:
+  """PartitionSpecs over mesh axes for params boxed with logical axis names."""
+  return nn.logical_to_mesh(nn.get_partition_spec(boxed_params), rules)
+
+
+def _padded(spec, ndim: int) -> tuple:
+  spec = tuple(spec) if spec is not None else ()
+  return spec + (None,) * (ndim - len(spec))
+
+
+def adapter_specs(node, base_spec) -> object:
+  """The node's PartitionSpecs: A and B derived from the base's spec, as the module docstring says."""
+  spec = _padded(base_spec, node.ndim)
+  n_lead = node.ndim - len(node.roles)
+  lead, per_layer = spec[:n_lead], spec[n_lead:]
+  pick = lambda role: tuple(s for s, r in zip(per_layer, node.roles) if r == role)
+  a = PartitionSpec(*lead, *pick(BATCH), *pick(IN), None)
+  b = PartitionSpec(*lead, *pick(BATCH), None, *pick(OUT))
+  base = node.base
+  base_spec = base.partition_spec(PartitionSpec(*spec)) if hasattr(base, "partition_spec") else PartitionSpec(*spec)
+  return node.replace(base=base_spec, a=a, b=b)
+
+
+def param_specs(params, base_specs):
+  """Specs for `params` (which may hold LoraWeight / QuantizedWeight nodes) from the base's specs.
+
+  `base_specs` has the structure of the plain base tree, one PartitionSpec per weight.
+  Where `params` holds a node, the base's spec is expanded into the node's children.
+  """
+
+  def expand(spec, leaf):
+    if is_lora(leaf):
+      return adapter_specs(leaf, spec)
+    if hasattr(leaf, "partition_spec"):
+      return leaf.partition_spec(PartitionSpec(*_padded(spec, leaf.ndim)))
+    return spec if spec is not None else PartitionSpec()
+
+  is_spec = lambda x: x is None or isinstance(x, PartitionSpec)
+  return jax.tree.map(expand, base_specs, params, is_leaf=is_spec)
+
+
+def named(mesh: Mesh, specs):
+  """NamedShardings for a tree of PartitionSpecs (nodes included)."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def trainable_specs(specs):
+  """The specs of jlora.split's trainable half: only A and B."""
+  from jlora.lora import split
+  return split(specs)[0]
