@@ -415,12 +415,20 @@ def _read_adapter_tensors(directory: Path) -> dict[str, np.ndarray]:
   return load_file(str(weights))
 
 
-def _module_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-  """{hf module name: {'A': [r, in], 'B': [out, r], 'kind': ...}} from PEFT state-dict keys."""
+def _module_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+  """({hf module name: {'A': [r, in], 'B': [out, r], 'kind': ...}}, {hf module name: saved base weight}).
+
+  PEFT saves the whole base weight of an adapted embedding next to its factors
+  (save_embedding_layers, for resized vocabularies): those come back separately.
+  """
   modules: dict[str, dict] = {}
+  base_copies: dict[str, np.ndarray] = {}
   unknown = []
   for key, value in tensors.items():
     name = key.removeprefix(KEY_PREFIX)
+    if name.endswith(".base_layer.weight"):
+      base_copies[name.removesuffix(".base_layer.weight")] = value
+      continue
     for kind, suffixes in ((KERNEL, _LINEAR_SUFFIXES), (EMBEDDING, _EMBED_SUFFIXES)):
       hit = next((s for s in suffixes if name.endswith("." + s)), None)
       if hit:
@@ -433,7 +441,30 @@ def _module_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, dict[str, np
   if unknown:
     raise ValueError(f"The adapter holds tensors that are not LoRA A/B factors (e.g. DoRA magnitudes, biases or "
                      f"saved modules): {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
-  return modules
+  return modules, base_copies
+
+
+def _leaf_at(params, full: str):
+  node = params
+  for part in full.split("/"):
+    node = node[part]
+  return node.unbox() if isinstance(node, meta.AxisMetadata) else node
+
+
+def _check_base_copies(base_copies, index, base_params) -> None:
+  """A saved base weight is accepted only if it is the base we load onto (no resized vocabulary)."""
+  for hf, saved in sorted(base_copies.items()):
+    if hf not in index:
+      raise ValueError(f"The adapter saves a base weight for {hf}, which maps onto no weight in base_params.")
+    path, leaf_name, layer, _ = index[hf]
+    base = np.asarray(_leaf_at(base_params, f"{path}/{leaf_name}"), np.float32)
+    base = base[layer] if layer is not None else base
+    saved = np.asarray(saved, np.float32)
+    saved = saved.T if leaf_name == KERNEL else saved
+    if saved.shape != base.shape or not np.allclose(saved, base, rtol=1e-3, atol=1e-5):
+      raise ValueError(
+        f"The adapter replaces the base weight of {hf} (saved {saved.shape}, base {base.shape}), e.g. after "
+        "resizing the vocabulary. jlora loads LoRA factors only; load that weight into the base params first.")
 
 
 def load_adapter(directory, base_params, *, layout: config_lib.Layout | None = None, dtype=jnp.float32,
@@ -442,14 +473,17 @@ def load_adapter(directory, base_params, *, layout: config_lib.Layout | None = N
 
   The scale of every module follows PEFT (lora_alpha/r or /sqrt(r), rank_pattern and
   alpha_pattern by PEFT's matching on HF module names). Layers of a scanned stack are
-  restacked; in a stack, layers the adapter skips (layers_to_transform) get zero factors.
+  restacked: layers the adapter skips (layers_to_transform) get zero factors, layers of
+  smaller rank are zero-padded to the stack's largest, and a layer whose scale differs
+  from the stack's has the ratio folded into its B (each layer's W_eff stays exact).
   With return_config=True, returns (params, LoraConfig) with the adapted module paths
   spelled out exactly.
   """
   directory = Path(directory)
   peft_cfg = read_peft_config(directory)
-  modules = _module_tensors(_read_adapter_tensors(directory))
+  modules, base_copies = _module_tensors(_read_adapter_tensors(directory))
   index = _base_modules(base_params, layout)
+  _check_base_copies(base_copies, index, base_params)
 
   unmatched = sorted(m for m in modules if m not in index)
   if unmatched:
@@ -478,14 +512,24 @@ def load_adapter(directory, base_params, *, layout: config_lib.Layout | None = N
                        f"adapter_config.json gives r={r} for this module.")
     grouped.setdefault(path + "/" + leaf_name, {})[layer] = (hf, a, b, peft_scale(peft_cfg, hf))
 
-  nodes: dict[str, tuple] = {}
+  nodes: dict[str, dict] = {}
   for full, per_layer in grouped.items():
-    scales = {round(v[3], 12) for v in per_layer.values()}
-    ranks = {v[1].shape[1] for v in per_layer.values()}
-    if len(scales) > 1 or len(ranks) > 1:
-      raise ValueError(f"{full} is a scanned stack, but the adapter gives its layers different ranks or scales "
-                       f"({sorted(ranks)}, {sorted(scales)}); load the model with scan_layers=False.")
-    nodes[full] = per_layer
+    if None in per_layer:
+      nodes[full] = per_layer
+      continue
+    # A scanned stack holds one rank and one scale. Layers with a smaller rank are zero-padded (the
+    # padding stays zero under training: its gradients are zero), and a layer's own scale is folded
+    # into its B. Both keep W_eff of every layer exact.
+    rank = max(v[1].shape[1] for v in per_layer.values())
+    scales = [v[3] for v in per_layer.values()]
+    common = max(set(scales), key=scales.count)
+    fixed = {}
+    for layer, (hf, a, b, scale) in per_layer.items():
+      pad = rank - a.shape[1]
+      a = np.pad(a, ((0, 0), (0, pad)))
+      b = np.pad(b, ((0, pad), (0, 0))) * np.asarray(scale / common, b.dtype)
+      fixed[layer] = (hf, a, b, common)
+    nodes[full] = fixed
   for e in sorted(m for m in index if m not in modules and peft_targets(peft_cfg, m, index[m][1])):
     warnings.warn(f"load_adapter: {e} is selected by target_modules but the adapter has no weights for it; "
                   "it stays unadapted (as PEFT's zero-initialised B would leave it).", stacklevel=2)
