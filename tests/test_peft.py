@@ -224,6 +224,13 @@ def test_export_merged_loads_in_transformers(tied, base_dir, tied_dir, jbase, tm
   assert not np.allclose(theirs, _torch_logits(_hf(directory)), atol=1e-3)
   assert transformers.AutoTokenizer.from_pretrained(str(tmp_path)).convert_tokens_to_ids("t5") == 5
   assert not list(tmp_path.glob("*.tmp"))
+  if tied:  # bf16 export: stored and loaded as bf16
+    jpeft.export_merged(tmp_path / "bf16", lora, model.config, dtype="bfloat16")
+    cfg_json = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert cfg_json["torch_dtype"] == "bfloat16"
+    half = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16")).eval()
+    assert half.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert np.abs(_torch_logits(half.float()) - ours).max() < 0.1
 
 
 def test_tied_embedding_adapter_is_refused_for_peft(tied_dir, tmp_path):
