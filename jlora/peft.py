@@ -493,6 +493,13 @@ def load_adapter(directory, base_params, *, layout: config_lib.Layout | None = N
   if untargeted:
     raise ValueError(f"The adapter holds weights for modules its target_modules do not select (PEFT would "
                      f"ignore them): {untargeted}")
+  heads = {p for p in index.values() if p[0].rpartition("/")[2] == "lm_head"}
+  for m, parts in modules.items():
+    if parts["kind"] == EMBEDDING and _short_name(m) == "embed_tokens" and not heads:
+      raise ValueError(
+        f"The adapter adapts {m}, and this model's output head is tied to it. PEFT applies the embedding "
+        "adapter to the input lookup only, but jlora would apply it to the tied head too, so the outputs would "
+        "differ. Load it onto an untied model, or merge it with PEFT first.")
   dropout = float(peft_cfg.get("lora_dropout", 0.0) or 0.0)
 
   # Group per flax weight: {flax path: {layer or None: (hf name, a, b, scale)}}.

@@ -239,6 +239,11 @@ def test_tied_embedding_adapter_is_refused_for_peft(tied_dir, tmp_path):
   lora = jlora.apply(params, cfg, jax.random.key(0))
   with pytest.raises(ValueError, match="tied"):
     jpeft.save_adapter(tmp_path, lora, cfg)
+  # And the other way: a PEFT embedding adapter for a tied model.
+  config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["embed_tokens"], init_lora_weights=False)
+  peft.get_peft_model(_hf(tied_dir), config).save_pretrained(str(tmp_path / "peft"))
+  with pytest.raises(ValueError, match="tied to it"):
+    jpeft.load_adapter(tmp_path / "peft", params)
 
 
 # --------------------------------------------------------------------------- vLLM constraints
