@@ -432,10 +432,30 @@ def quantize(params, qcfg: QuantConfig, *, layout: config_lib.Layout | None = No
         f"divisible by QuantConfig.block_size={qcfg.block_size}. Valid block sizes for it: "
         f"{_valid_block_sizes(n_in)}; or exclude it "
         f"(QuantConfig.exclude=[{path.rpartition('/')[2]!r}]).")
-    return quantize_array(value, kind=qcfg.kind, block_size=qcfg.block_size, double_quant=qcfg.double_quant,
-                          roles=roles, n_lead=n_lead, scale_dtype=qcfg.scale_dtype, dtype=qcfg.dtype)
+    todo[full] = (value, n_lead, roles)
+    return value
 
-  return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_leaf)
+  todo: dict[str, tuple[Any, int, tuple[str, ...]]] = {}
+  unboxed = jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_leaf)
+  # One compiled program for all selected kernels (one compile instead of one per shape).
+  keys = sorted(todo)
+  outputs = _quantize_many(tuple(todo[k][0] for k in keys), tuple((todo[k][2], todo[k][1]) for k in keys),
+                           qcfg.kind, qcfg.block_size, qcfg.double_quant, jnp.dtype(qcfg.scale_dtype))
+  nodes = {}
+  for k, (codes, absmax, scale, mean) in zip(keys, outputs):
+    value, n_lead, roles = todo[k]
+    nodes[k] = QuantizedWeight(
+      codes=codes, absmax=absmax, absmax_scale=scale, absmax_mean=mean,
+      kernel_shape=tuple(int(d) for d in value.shape[n_lead:]), roles=roles, kind=qcfg.kind,
+      block_size=qcfg.block_size, dtype_name=jnp.dtype(qcfg.dtype if qcfg.dtype is not None else value.dtype).name)
+  return jax.tree_util.tree_map_with_path(lambda kp, v: nodes.get(config_lib.path_str(kp), v), unboxed,
+                                          is_leaf=_is_leaf)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _quantize_many(values, layouts, kind, block_size, double_quant, scale_dtype):
+  return tuple(_quantize_core(v, kind, block_size, double_quant, roles, n_lead, scale_dtype)
+               for v, (roles, n_lead) in zip(values, layouts))
 
 
 def _dequantize_leaf(x):
