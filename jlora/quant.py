@@ -46,9 +46,10 @@ Bytes per weight: 0.5 (codes) + 4/B without double quant (0.5625 at B=64);
 Sharding (`QuantizedWeight.partition_spec(kernel_spec, mesh=None)`): `codes` and
 the non-double-quant `absmax` shard like the kernel's leading (stacked) axes and
 like its non-"in" axes (merged into the O axis, several mesh axes combined). The
-kernel's "in"-axis sharding is carried to the I//2 and I//B axes only when a mesh
-is given and both sizes divide by the mesh axes' size; otherwise that axis is
-replicated. The double-quant arrays (absmax int8 codes, their scales, the mean)
+kernel's "in"-axis sharding is carried to the I//2 axis of `codes` and to the I//B
+axis of `absmax` only when the mesh is known (passed, or set with jax.set_mesh) and
+that size divides by the mesh axes' size (e.g. SmolLM2's I=576 has 9 blocks of 64:
+fsdp=2 shards the codes but not the absmax); otherwise that axis is replicated. The double-quant arrays (absmax int8 codes, their scales, the mean)
 are tiny (about 1/64 of the codes): they keep the lead-axis sharding, so per-layer
 slices stay local, and are replicated along their other axis.
 """
@@ -255,12 +256,15 @@ class QuantizedWeight:
     in_spec = _merge_axis_specs(per_layer[i] for i in in_axes)
     out_spec = _merge_axis_specs(per_layer[i] for i in other)
     half_spec = block_spec = None
+    if mesh is None:
+      current = jax.sharding.get_abstract_mesh()  # set by jax.set_mesh / jax.sharding.set_mesh
+      mesh = current if current is not None and not current.empty else None
     if in_spec is not None and mesh is not None:
       names = (in_spec,) if isinstance(in_spec, str) else in_spec
-      ways = math.prod(mesh.shape[a] for a in names)
+      ways = math.prod(dict(mesh.shape)[a] for a in names)
       n_in = self.codes.shape[-2] * 2
-      if (n_in // 2) % ways == 0 and (n_in // self.block_size) % ways == 0:
-        half_spec = block_spec = in_spec
+      half_spec = in_spec if (n_in // 2) % ways == 0 else None
+      block_spec = in_spec if (n_in // self.block_size) % ways == 0 else None
     codes = PartitionSpec(*lead, half_spec, out_spec)
     if not self.double_quant:
       return self.replace(codes=codes, absmax=PartitionSpec(*lead, block_spec, out_spec))

@@ -274,6 +274,13 @@ SHARDED_SCRIPT = textwrap.dedent("""
       "stacked_equal": bool(np.array_equal(np.asarray(jax.jit(lambda q: q.dequantize())(stacked)), ref)),
       "stacked_codes": str(stacked.codes.sharding.spec), "no_mesh": str(q.partition_spec(P(None, "fsdp", "tensor")).codes),
     }
+  # SmolLM2-like I = 576: 288 code rows split 2 ways, but its 9 absmax blocks can't be.
+  q = quant.quantize_array(jnp.ones((576, 64)), double_quant=False)
+  specs = q.partition_spec(P("fsdp", "tensor"), mesh=mesh)
+  result["odd_blocks"] = [str(specs.codes), str(specs.absmax)]
+  jax.device_put(q, named(specs))
+  with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else jax.set_mesh(mesh):
+    result["ambient_mesh"] = str(q.partition_spec(P("fsdp", "tensor")).codes)
   print(json.dumps(result))
 """)
 
@@ -293,6 +300,8 @@ def test_sharded_device_put_and_dequantize_on_a_2x4_mesh():
   assert plain["stacked_codes"] == "P('fsdp', None, 'tensor')"
   # Without a mesh the in-axis sharding is dropped (divisibility unknown).
   assert plain["no_mesh"] == "P(None, None, 'tensor')"
+  assert result["odd_blocks"] == ["P('fsdp', 'tensor')", "P(None, 'tensor')"]
+  assert result["ambient_mesh"] == "P('fsdp', 'tensor')"
   for r in (plain, dq):
     assert r["equal"] and r["stacked_equal"] and r["codes_shards"] == 8
 
