@@ -15,6 +15,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -42,6 +43,28 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: f
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+@functools.lru_cache(maxsize=16)
+def _decode_fns(apply_fn: Callable, temperature: float, top_p: float):
+    """Jitted (prefill, step), cached so repeated generate calls (e.g. eval during training) reuse them."""
+
+    def forward(params, ids, positions, segments, cache):
+        last = jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
+        logits, cache = apply_fn({"params": params}, ids, positions, segments, cache=cache, logits_at=last)
+        return logits[:, -1], cache
+
+    @jax.jit
+    def prefill(params, ids, positions, segments, cache, key):
+        logits, cache = forward(params, ids, positions, segments, cache)
+        return sample_token(logits, key, temperature, top_p), cache
+
+    @jax.jit
+    def step(params, token, position, cache, key):
+        logits, cache = forward(params, token[:, None], position[:, None], jnp.ones_like(token)[:, None], cache)
+        return sample_token(logits, key, temperature, top_p), cache
+
+    return prefill, step
+
+
 def generate_ids(
     model: LlamaForCausalLM,
     params,
@@ -67,21 +90,7 @@ def generate_ids(
     positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
     cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
 
-    def forward(params, ids, positions, segments, cache):
-        last = jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
-        logits, cache = apply_fn({"params": params}, ids, positions, segments, cache=cache, logits_at=last)
-        return logits[:, -1], cache
-
-    @jax.jit
-    def prefill(params, ids, positions, segments, cache, key):
-        logits, cache = forward(params, ids, positions, segments, cache)
-        return sample_token(logits, key, temperature, top_p), cache
-
-    @jax.jit
-    def step(params, token, position, cache, key):
-        logits, cache = forward(params, token[:, None], position[:, None], jnp.ones_like(token)[:, None], cache)
-        return sample_token(logits, key, temperature, top_p), cache
-
+    prefill, step = _decode_fns(apply_fn, float(temperature), float(top_p))
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
     token, cache = prefill(params, ids, positions, segments, cache, keys[0])
     position = jnp.asarray(positions[:, -1] + 1)

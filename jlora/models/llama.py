@@ -87,6 +87,11 @@ class LlamaConfig:
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
 
+    def __hash__(self):
+        # Modules holding this config get hashed (e.g. as static jit args); rope_scaling is a dict.
+        values = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, Mapping) else v for v in values))
+
     @classmethod
     def from_hf(cls, hf_config: Any, **overrides) -> "LlamaConfig":
         """Build from a HF `config.json` dict or a `transformers.PretrainedConfig`.
