@@ -56,6 +56,7 @@ def save_torch_checkpoint(directory: Path, model_type: str = "llama", seed: int 
     classes = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     }
     config_cls, model_cls = classes[model_type]
     defaults = dict(

@@ -187,6 +187,7 @@ PARITY_CASES = {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "qwen2_bias": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "mistral_sliding_window": ("mistral", dict(num_key_value_heads=2, sliding_window=5)),
 }
 
 
@@ -203,6 +204,8 @@ def test_logits_match_transformers(case, tmp_path):
     assert model.config.attention_bias == (model_type == "qwen2")
     if case == "llama3_rope":
         assert model.config.rope_scaling["rope_type"] == "llama3"
+    if case == "mistral_sliding_window":
+        assert model.config.sliding_window == 5  # shorter than the 24 tokens below, so it matters
 
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 24))
     ours = jit_apply(model)({"params": params}, jnp.asarray(ids))

@@ -90,10 +90,13 @@ def test_gguf_matches_hf_weights_and_is_cached(tmp_path, hf_dir, monkeypatch):
     np.testing.assert_array_equal(again["lm_head"]["kernel"], params["lm_head"]["kernel"])
 
 
-def test_gguf_tied_embeddings(tmp_path):
+def test_gguf_tied_embeddings_converted_into_shards(tmp_path, monkeypatch):
     config = dataclasses.replace(CONFIG, tie_word_embeddings=True, num_key_value_heads=1)
     state = random_hf_state(config)
+    monkeypatch.setattr(loading, "GGUF_SHARD_BYTES", 100_000)
     model, params, _ = from_pretrained(save_gguf(tmp_path / "tied.gguf", config, state), cache_dir=tmp_path)
+    [converted] = tmp_path.glob("tied-*")
+    assert (converted / "model.safetensors.index.json").is_file() and len(list(converted.glob("*.safetensors"))) > 1
     reference_model, reference_params, _ = from_pretrained(save_numpy_checkpoint(tmp_path / "hf", config, state))
     assert model.config.tie_word_embeddings and "lm_head" not in params
     assert np.abs(logits(model, params) - logits(reference_model, reference_params)).max() <= 1e-4

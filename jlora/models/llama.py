@@ -65,6 +65,7 @@ class LlamaConfig:
     attention_bias: bool = False  # Qwen2: bias on q/k/v (never on o_proj)
     mlp_bias: bool = False
     max_position_embeddings: int = 2048
+    sliding_window: int | None = None  # Mistral: attend only to the last `sliding_window` positions
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
     remat_policy: str = "none"
@@ -105,6 +106,11 @@ class LlamaConfig:
             raise ValueError(
                 f"Unsupported model_type {model_type!r}; jlora's Llama supports {list(SUPPORTED_MODEL_TYPES)}"
             )
+        sliding_window = d.get("sliding_window")
+        if model_type == "qwen2":
+            if d.get("use_sliding_window"):
+                raise ValueError("Qwen2 with use_sliding_window=True (per-layer windows) is not supported")
+            sliding_window = None  # Qwen2 configs carry a window they do not use
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_theta = rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
         rope_scaling = rope if _rope_type(rope) != "default" else None
@@ -124,6 +130,7 @@ class LlamaConfig:
             attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
             mlp_bias=bool(d.get("mlp_bias", False)),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
+            sliding_window=sliding_window,
             model_type=model_type,
         )
         kwargs.update(overrides)
@@ -151,6 +158,7 @@ class LlamaConfig:
             "attention_bias": self.attention_bias,
             "mlp_bias": self.mlp_bias,
             "max_position_embeddings": self.max_position_embeddings,
+            "sliding_window": self.sliding_window,
             "hidden_act": "silu",
             "torch_dtype": "float32",
         }
@@ -287,6 +295,8 @@ class LlamaAttention(nn.Module):
         kv_pos = jnp.arange(k.shape[1])
         causal = kv_pos[None, :] <= q_pos[:, None]  # [s, t]
         same_segment = (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] != 0)
+        if c.sliding_window is not None:
+            causal &= kv_pos[None, :] > q_pos[:, None] - c.sliding_window
         mask = causal[None] & same_segment  # [b, s, t]
         # A finite fill keeps fully masked rows (padding queries) free of NaNs.
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)

@@ -58,6 +58,8 @@ HUB_PATTERNS = [
 ]
 # Bump when the GGUF conversion output changes, so stale caches are not reused.
 _GGUF_CONVERTER_VERSION = 1
+# Converted GGUFs are written in safetensors shards of at most this many bytes.
+GGUF_SHARD_BYTES = 2 << 30
 # Tensors some checkpoints carry that the model recomputes.
 _IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -302,10 +304,9 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Write config.json, model.safetensors (fp32, HF names and layout) and tokenizer files."""
+    """Write config.json, fp32 safetensors (HF names and layout) and tokenizer files into out_dir."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
-    from safetensors.numpy import save_file
 
     reader = GGUFReader(str(gguf_path))
 
@@ -355,7 +356,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         model_type=model_type,
     )
 
-    state = {}
+    shards = _ShardWriter(out_dir, GGUF_SHARD_BYTES)
     for name, t in tensors.items():
         stem, kind = name.rsplit(".", 1)
         if stem.startswith("blk."):
@@ -371,11 +372,44 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         if permuted and stem.endswith((".attn_q", ".attn_k")):
             w = _unpermute(w, n_heads if stem.endswith(".attn_q") else n_kv)
-        state[hf] = w
-
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        shards.add(hf, w)
+    shards.close()
     (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
     gguf_tokenizer(gguf_path).save_pretrained(str(out_dir))
+
+
+class _ShardWriter:
+    """Writes fp32 tensors as safetensors shards of bounded size, so converting a large GGUF never
+    holds the whole dequantized model in memory. One shard is named model.safetensors; more get an index."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, np.ndarray] = {}
+        self.weight_map: dict[str, str] = {}
+        self.files: list[str] = []
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        if self.pending and sum(a.nbytes for a in self.pending.values()) + array.nbytes > self.max_bytes:
+            self._flush()
+        self.pending[name] = array
+
+    def _flush(self) -> None:
+        from safetensors.numpy import save_file
+
+        filename = f"model-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.directory / filename), metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(self.pending, filename))
+        self.files.append(filename)
+        self.pending = {}
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        if len(self.files) == 1:
+            os.rename(self.directory / self.files[0], self.directory / "model.safetensors")
+            return
+        index = {"metadata": {}, "weight_map": self.weight_map}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def gguf_tokenizer(gguf_path: Path):
