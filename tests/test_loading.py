@@ -42,6 +42,10 @@ def test_loaded_params_are_transposed_and_stacked(hf_dir):
     np.testing.assert_array_equal(params["model"]["embed_tokens"]["embedding"], state["model.embed_tokens.weight"])
     assert tokenizer.chat_template is not None
 
+    unscanned_model, unscanned, _ = from_pretrained(hf_dir, scan_layers=False)
+    np.testing.assert_array_equal(unscanned["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"], q[1])
+    np.testing.assert_allclose(logits(unscanned_model, unscanned), logits(model, params), atol=1e-5)
+
 
 def test_sharded_bf16_checkpoint_with_shardings(tmp_path, hf_dir):
     from safetensors.numpy import save_file
@@ -62,10 +66,12 @@ def test_sharded_bf16_checkpoint_with_shardings(tmp_path, hf_dir):
     abstract = jax.eval_shape(lambda: reference_params)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     model, params, _ = from_pretrained(
-        directory, param_dtype=jnp.bfloat16, shardings=jax.tree.map(lambda _: device, abstract))
+        directory, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, shardings=jax.tree.map(lambda _: device, abstract))
     assert all(x.dtype == jnp.bfloat16 and x.sharding == device for x in jax.tree.leaves(params))
-    # bf16 weights: same model up to bf16 rounding of the weights.
-    np.testing.assert_allclose(logits(model, params), logits(reference_model, reference_params), atol=0.1)
+    # bf16 weights and compute: the same model up to bf16 rounding.
+    ours, reference = logits(model, params), logits(reference_model, reference_params)
+    assert ours.dtype == jnp.bfloat16
+    np.testing.assert_allclose(ours.astype(np.float32), reference, atol=0.05 * np.abs(reference).max())
 
 
 def test_gguf_matches_hf_weights_and_is_cached(tmp_path, hf_dir, monkeypatch):
