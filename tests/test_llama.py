@@ -264,3 +264,13 @@ def test_smollm2_answers_and_matches_transformers(smollm):
     with torch.no_grad():
         theirs = reference.eval()(torch.tensor([ids])).logits[0, -1].numpy()
     assert np.abs(ours - theirs).max() <= 1e-3
+
+
+def test_generate_cli_runs_on_a_checkpoint_dir(tmp_path, capsys):
+    from tests.llama_fixtures import TINY_VOCAB_SIZE, random_hf_state, save_numpy_checkpoint
+    from train.generate import main
+
+    config = LlamaConfig(**{**TINY, "vocab_size": TINY_VOCAB_SIZE})
+    directory = save_numpy_checkpoint(tmp_path, config, random_hf_state(config))
+    main(["--model", str(directory), "--prompt", "the", "--max_new_tokens", "3"])
+    assert capsys.readouterr().out.strip()

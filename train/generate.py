@@ -170,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.adapter:
         import jlora  # the adapter API lives in the top-level package; only needed on this path
 
-        params = jlora.load_adapter(args.adapter, params)
+        # Unboxed scanned kernels are 3-D; the traced layout tells jlora which axis is the layer axis.
+        layout = jlora.trace_layout(model, jnp.zeros((1, 1), jnp.int32))
+        params = jlora.load_adapter(args.adapter, params, layout=layout)
         if args.merged:
             params = jlora.merge(params)
         else:
