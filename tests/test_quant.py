@@ -237,7 +237,9 @@ class Stack(nn.Module):
 def test_quantized_base_runs_inside_nn_scan():
   model = Stack()
   x = jnp.asarray(np.random.RandomState(4).randn(2, 5, 32).astype(np.float32))
-  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+  rng = np.random.RandomState(6)
+  params = jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype),
+                        jax.eval_shape(model.init, jax.random.key(0), x)["params"])
   layout = jlora.trace_layout(model, x)
   q = quant.quantize(params, QuantConfig(targets=".*", block_size=32), layout=layout)
   assert q["layers"]["up"]["kernel"].shape == (3, 32, 4, 16)
@@ -398,7 +400,8 @@ def _qlora(seed=0, rank=4, randomize=True):
   x = jnp.asarray(np.random.RandomState(seed).randn(4, 3, 64).astype(np.float32))
   base = jax.jit(model.init)(jax.random.key(seed), x)["params"]
   q = quant.quantize(base, QuantConfig())
-  params = jlora.apply(q, jlora.LoraConfig(rank=rank, alpha=8.0, targets="all-linear"), jax.random.key(seed + 1))
+  cfg = jlora.LoraConfig(rank=rank, alpha=8.0, targets="all-linear")
+  params = jax.jit(lambda q, key: jlora.apply(q, cfg, key))(q, jax.random.key(seed + 1))
   if randomize:
     rng = np.random.RandomState(seed + 2)  # numpy: no per-shape compiles
     params = jax.tree.map(
@@ -519,17 +522,22 @@ def test_qlora_on_scanned_boxed_llama():
                        num_attention_heads=4, num_key_value_heads=2)
   model = LlamaForCausalLM(config)
   ids = jnp.asarray(np.random.RandomState(8).randint(0, 128, (2, 8)))
-  boxed = jax.jit(model.init)(jax.random.key(0), ids)["params"]
+  # Random values in the boxed structure without running init (eval_shape: no compile).
+  rng = np.random.RandomState(0)
+  boxed = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype),
+                       jax.eval_shape(model.init, jax.random.key(0), ids)["params"])
+  assert type(boxed["model"]["layers"]["mlp"]["down_proj"]["kernel"]).__name__.endswith("Partitioned")
   q = quant.quantize(boxed, QuantConfig())  # the scan axis is read from the boxed metadata
   node = q["model"]["layers"]["mlp"]["down_proj"]["kernel"]
   assert isinstance(node, QuantizedWeight) and node.shape == (2, 128, 64) and node.n_lead == 1
   assert not isinstance(q["lm_head"]["kernel"], QuantizedWeight)
-  params = jlora.apply(q, jlora.LoraConfig(rank=4, targets="all-linear"), jax.random.key(1),
-                       layout=jlora.trace_layout(model, ids))
+  layout = jlora.trace_layout(model, ids)
+  cfg = jlora.LoraConfig(rank=4, targets="all-linear")
+  params = jax.jit(lambda q, key: jlora.apply(q, cfg, key, layout=layout))(q, jax.random.key(1))
   rng = np.random.RandomState(9)
   params = jax.tree.map(
     lambda n: n.replace(b=jnp.asarray(0.3 * rng.standard_normal(n.b.shape), n.b.dtype)) if jlora.is_lora(n) else n,
     params, is_leaf=jlora.is_lora)
   out = jax.jit(jlora.wrap(model.apply))({"params": params}, ids)
-  ref = jax.jit(model.apply)({"params": jlora.merge(quant.dequantize(params))}, ids)
+  ref = jax.jit(lambda p, ids: model.apply({"params": jlora.merge(quant.dequantize(p))}, ids))(params, ids)
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
