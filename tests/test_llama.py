@@ -58,6 +58,21 @@ def test_param_tree_names_shapes_and_logical_axes():
     assert shapes["model"]["layers"]["self_attn"]["k_proj"]["kernel"] == (2, 64, 32)
 
 
+def test_default_rules_map_params_onto_data_fsdp_tensor():
+    from jlora.models import DEFAULT_RULES
+
+    variables = jax.eval_shape(LlamaForCausalLM(LlamaConfig(**TINY)).init, jax.random.key(0),
+                               jnp.zeros((1, 4), jnp.int32))
+    specs = nn.logical_to_mesh(nn.get_partition_spec(variables), DEFAULT_RULES)["params"]
+    P = jax.sharding.PartitionSpec
+    assert specs["model"]["layers"]["self_attn"]["q_proj"]["kernel"] == P(None, "fsdp", "tensor")
+    assert specs["model"]["layers"]["mlp"]["down_proj"]["kernel"] == P(None, "tensor", "fsdp")
+    assert specs["model"]["embed_tokens"]["embedding"] == P("tensor", "fsdp")
+    assert specs["lm_head"]["kernel"] == P("fsdp", "tensor")
+    # Activations: batch takes fsdp, so embed (also fsdp) stays replicated; a mesh axis is used once.
+    assert nn.logical_to_mesh_axes(("batch", "seq", "embed"), DEFAULT_RULES) == P(("data", "fsdp"), None, None)
+
+
 def test_tied_model_has_no_lm_head_and_unscanned_layout():
     c = LlamaConfig(**TINY, tie_word_embeddings=True, scan_layers=False)
     params = random_params(LlamaForCausalLM(c))
@@ -91,6 +106,8 @@ def test_config_errors_name_the_value_and_options():
         LlamaConfig(**TINY, remat_policy="sometimes")
     with pytest.raises(ValueError, match=r"Unsupported model_type 'gpt2'.*'llama', 'mistral', 'qwen2'"):
         LlamaConfig.from_hf({"model_type": "gpt2", "vocab_size": 10})
+    with pytest.raises(ValueError, match=r"lacks required fields \['hidden_size'"):
+        LlamaConfig.from_hf({"model_type": "llama", "vocab_size": 10})
     with pytest.raises(ValueError, match=r"rope_scaling type 'yarn'"):
         LlamaConfig(**TINY, rope_scaling={"rope_type": "yarn", "factor": 2.0})
 

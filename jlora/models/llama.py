@@ -30,7 +30,9 @@ import flax.linen as nn
 
 Array = jax.Array
 
-# Logical axis name -> mesh axis, for a mesh with axes ("data", "fsdp", "tensor").
+# Logical axis name -> mesh axis, for a mesh with axes ("data", "fsdp", "tensor"). Use with
+# `nn.logical_axis_rules(DEFAULT_RULES)` (activation constraints) and
+# `nn.logical_to_mesh_sharding(nn.get_partition_spec(variables), mesh, DEFAULT_RULES)` (param shardings).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
@@ -111,6 +113,10 @@ class LlamaConfig:
             if d.get("use_sliding_window"):
                 raise ValueError("Qwen2 with use_sliding_window=True (per-layer windows) is not supported")
             sliding_window = None  # Qwen2 configs carry a window they do not use
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"HF config for model_type {model_type!r} lacks required fields {missing}")
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_theta = rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
         rope_scaling = rope if _rope_type(rope) != "default" else None

