@@ -72,6 +72,15 @@ def test_default_rules_map_params_onto_data_fsdp_tensor():
     # Activations: batch takes fsdp, so embed (also fsdp) stays replicated; a mesh axis is used once.
     assert nn.logical_to_mesh_axes(("batch", "seq", "embed"), DEFAULT_RULES) == P(("data", "fsdp"), None, None)
 
+    # The activation constraints must trace inside a mesh, under scan, with the cache too.
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    params = random_params(model)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        ids = jnp.ones((2, 4), jnp.int32)
+        logits, _ = jit_apply(model)({"params": params}, ids, cache=init_cache(model.config, 2, 8))
+    assert logits.shape == (2, 4, TINY["vocab_size"])
+
 
 def test_tied_model_has_no_lm_head_and_unscanned_layout():
     c = LlamaConfig(**TINY, tie_word_embeddings=True, scan_layers=False)
