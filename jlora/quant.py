@@ -41,7 +41,8 @@ Blocks are quantized with their exact absmax (as bitsandbytes does); double
 quantization then only perturbs the scale each block decodes with.
 
 Bytes per weight: 0.5 (codes) + 4/B without double quant (0.5625 at B=64);
-0.5 + 1/B + 4/(256 B) + padding with it (about 0.5159 at B=64, QLoRA's 4.127 bits).
+0.5 + 1/B + 4/(256 B) + (the mean and the padding to 256) with it: about 0.5159 at
+B=64, QLoRA's 4.127 bits. `scale_dtype` applies only without double quant.
 
 Sharding (`QuantizedWeight.partition_spec(kernel_spec, mesh=None)`): `codes` and
 the non-double-quant `absmax` shard like the kernel's leading (stacked) axes and
@@ -49,9 +50,18 @@ like its non-"in" axes (merged into the O axis, several mesh axes combined). The
 kernel's "in"-axis sharding is carried to the I//2 axis of `codes` and to the I//B
 axis of `absmax` only when the mesh is known (passed, or set with jax.set_mesh) and
 that size divides by the mesh axes' size (e.g. SmolLM2's I=576 has 9 blocks of 64:
-fsdp=2 shards the codes but not the absmax); otherwise that axis is replicated. The double-quant arrays (absmax int8 codes, their scales, the mean)
-are tiny (about 1/64 of the codes): they keep the lead-axis sharding, so per-layer
+fsdp=2 shards the codes but not the absmax); otherwise that axis is replicated.
+The double-quant arrays (absmax int8 codes, their scales, the mean) are tiny
+(about 1/32 of the codes' bytes): they keep the lead-axis sharding, so per-layer
 slices stay local, and are replicated along their other axis.
+
+Static (non-pytree) fields are per layer only: kernel_shape, roles, kind,
+block_size, dtype_name (the dequantized dtype). Leading dims come from the children
+(n_lead = codes.ndim - 2), so `jax.tree.map(lambda x: x[i], node)` and nn.scan's
+slicing give a valid one-layer node.
+
+No padding: an odd I, or I not divisible by block_size, is an error that names the
+module path, its input size and the block sizes that would work.
 """
 
 from __future__ import annotations

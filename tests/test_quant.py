@@ -28,8 +28,6 @@ import jlora
 from jlora import quant
 from jlora.quant import QuantConfig, QuantizedWeight
 
-SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
 # The code indices each kind actually produces (int4 never emits index 0 = -8/7).
 PRODUCED = {"nf4": np.arange(16), "int4": np.arange(1, 16)}
 # Indices of code values +-1 (they decode to exactly the block absmax).
