@@ -120,7 +120,10 @@ def apply(params, cfg: LoraConfig, key: jax.Array, *, layout: config_lib.Layout 
     value = leaf.unbox() if isinstance(leaf, meta.AxisMetadata) else leaf
     if path not in chosen or name not in config_lib.ADAPTABLE_LEAVES:
       return value
-    n_lead, roles = config_lib.kernel_roles(path, name, tuple(value.shape), layout, boxed_names)
+    if is_quantized(value):  # quantize already resolved the layout and kept it
+      n_lead, roles = value.n_lead, value.roles
+    else:
+      n_lead, roles = config_lib.kernel_roles(path, name, tuple(value.shape), layout, boxed_names)
     return _new_adapter(path, name, value, n_lead, roles, cfg, next(keys))
 
   return jax.tree_util.tree_map_with_path(adapt, params, is_leaf=config_lib._is_opaque)

@@ -22,7 +22,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; -1 in one axis takes the remaining devices."""
+  """A (data, fsdp, tensor) mesh over the first data*fsdp*tensor devices; -1 in one axis takes the rest."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
   for name, size in sizes.items():
@@ -37,10 +37,11 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence |
       raise ValueError(f"{len(devices)} devices can't be split with the fixed mesh axes {sizes}.")
     sizes[free[0]] = len(devices) // rest
   total = math.prod(sizes.values())
-  if total != len(devices):
+  if total > len(devices):
     raise ValueError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = {total} "
-                     f"devices, but {len(devices)} are available ({jax.default_backend()}). Make the product "
-                     "equal the device count (one axis may be -1).")
+                     f"devices, but only {len(devices)} are available ({jax.default_backend()}). Make the product "
+                     "at most the device count (one axis may be -1 to take the rest).")
+  devices = devices[:total]
   # Auto axes: sharding is propagated by XLA from the annotated params and activations.
   return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                        devices=devices)
@@ -92,7 +93,15 @@ def named(mesh: Mesh, specs):
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def trainable_specs(specs):
-  """The specs of jlora.split's trainable half: only A and B."""
-  from jlora.lora import split
-  return split(specs)[0]
+def follow_params(state, param_shardings, mesh: Mesh):
+  """Shardings for an optimizer state: every leaf that mirrors a param (optax's mu, nu, ...)
+  takes that param's sharding, matched by key path; counters and scalars are replicated."""
+  by_path = {jax.tree_util.keystr(p): s for p, s in
+             jax.tree_util.tree_leaves_with_path(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))}
+
+  def pick(path, _):
+    key = jax.tree_util.keystr(path)
+    matches = [p for p in by_path if key.endswith(p)]
+    return by_path[max(matches, key=len)] if matches else NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree_util.tree_map_with_path(pick, state)
