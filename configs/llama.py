@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.output_dir = "runs/llama-sft"
-  config.steps = 60
+  config.steps = 30
   config.export_merged = False
 
   config.model = ml_collections.ConfigDict()
@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 1e-3
-  config.optim.warmup_steps = 6
+  config.optim.warmup_steps = 3
   config.optim.weight_decay = 0.0
   config.optim.clip_norm = 1.0
 
@@ -62,8 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.tensor = 1
 
   config.log_every = 1
-  config.eval_every = 20
-  config.save_every = 20
+  config.eval_every = 15
+  config.save_every = 10
   config.eval_examples = 48  # eval rows for exact match and generation (0: all)
   config.samples = 3  # generations shown before and after training
   config.max_new_tokens = 48

@@ -177,6 +177,29 @@ def select(params, targets: Targets, exclude: Targets | None = None, *, field: s
 
 # --------------------------------------------------------------------------- layouts
 
+
+def map_selected(params, chosen, fn, layout=None):
+  """Unboxes `params` and replaces each selected kernel/embedding by fn(path, name, value, n_lead, roles).
+
+  jlora nodes already know their layout (n_lead, roles); other weights get it from
+  `kernel_roles`. Everything else comes back unboxed and unchanged.
+  """
+
+  def visit(key_path, leaf):
+    path, _, name = path_str(key_path).rpartition("/")
+    boxed_names = leaf.names if isinstance(leaf, meta.Partitioned) else None
+    value = leaf.unbox() if isinstance(leaf, meta.AxisMetadata) else leaf
+    if path not in chosen or name not in ADAPTABLE_LEAVES:
+      return value
+    if getattr(value, "is_jlora_node", False):
+      n_lead, roles = value.n_lead, value.roles
+    else:
+      n_lead, roles = kernel_roles(path, name, tuple(value.shape), layout, boxed_names)
+    return fn(path, name, value, n_lead, roles)
+
+  return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_opaque)
+
+
 Layout = Mapping[str, tuple[str, ...]]
 
 

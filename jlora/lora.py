@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from flax.linen import meta
 
 from jlora import config as config_lib
 from jlora.config import BATCH, EMBEDDING, IN, OUT, LoraConfig
@@ -51,6 +50,11 @@ class LoraWeight:
   @property
   def ndim(self) -> int:
     return len(self.shape)
+
+  @property
+  def n_lead(self) -> int:
+    """Stacked (scanned) axes in front of the per-layer kernel axes."""
+    return self.ndim - len(self.roles)
 
   def delta(self) -> jax.Array:
     """scale * A @ B, laid out like the base kernel."""
@@ -113,20 +117,10 @@ def apply(params, cfg: LoraConfig, key: jax.Array, *, layout: config_lib.Layout 
   chosen = set(config_lib.select(params, cfg.targets, cfg.exclude, field="LoraConfig.targets"))
   keys = iter(jax.random.split(key, max(len(chosen), 1)))
 
-  def adapt(key_path, leaf):
-    full = config_lib.path_str(key_path)
-    path, _, name = full.rpartition("/")
-    boxed_names = leaf.names if isinstance(leaf, meta.Partitioned) else None
-    value = leaf.unbox() if isinstance(leaf, meta.AxisMetadata) else leaf
-    if path not in chosen or name not in config_lib.ADAPTABLE_LEAVES:
-      return value
-    if is_quantized(value):  # quantize already resolved the layout and kept it
-      n_lead, roles = value.n_lead, value.roles
-    else:
-      n_lead, roles = config_lib.kernel_roles(path, name, tuple(value.shape), layout, boxed_names)
+  def adapt(path, name, value, n_lead, roles):
     return _new_adapter(path, name, value, n_lead, roles, cfg, next(keys))
 
-  return jax.tree_util.tree_map_with_path(adapt, params, is_leaf=config_lib._is_opaque)
+  return config_lib.map_selected(params, chosen, adapt, layout)
 
 
 def _new_adapter(path, name, base, n_lead, roles, cfg: LoraConfig, key) -> LoraWeight:
@@ -169,7 +163,7 @@ def _pissa(base, n_lead, roles, rank, scale, cfg, path) -> LoraWeight:
   if BATCH in roles:
     raise ValueError(f"LoraConfig.init='pissa' does not support kernels with batch axes ({path!r}, roles {roles}).")
   shape = base.shape
-  lead, per_layer = shape[:n_lead], shape[n_lead:]
+  lead = shape[:n_lead]
   in_axes = [n_lead + i for i, r in enumerate(roles) if r == IN]
   out_axes = [n_lead + i for i, r in enumerate(roles) if r == OUT]
   in_dims = [shape[i] for i in in_axes]

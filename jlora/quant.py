@@ -75,11 +75,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from flax.linen import meta
 from jax.sharding import PartitionSpec
 
 from jlora import config as config_lib
-from jlora.config import IN, KERNEL, Targets
+from jlora.config import IN, Targets
 
 KINDS = ("nf4", "int4")
 DQ_BLOCK = 256  # double-quant block: consecutive absmax values sharing one fp32 scale
@@ -355,12 +354,9 @@ def quantize_array(w, *, kind: str = "nf4", block_size: int = 64, double_quant: 
   if IN not in roles:
     raise ValueError(f"quantize_array: roles {roles} have no 'in' axis to quantize along.")
   dtype_name = jnp.dtype(dtype if dtype is not None else w.dtype).name
-  lead = w.shape[:n_lead]
   kernel_shape = tuple(int(d) for d in w.shape[n_lead:])
   in_axes = tuple(i for i, r in enumerate(roles) if r == IN)
-  other = tuple(i for i, r in enumerate(roles) if r != IN)
   n_in = math.prod(kernel_shape[i] for i in in_axes)
-  n_out = math.prod(kernel_shape[i] for i in other)
   if n_in % 2:
     raise ValueError(f"quantize_array: the input size {n_in} is odd; two codes are packed per byte along it.")
   if n_in % block_size:
@@ -420,20 +416,10 @@ def quantize(params, qcfg: QuantConfig, *, layout: config_lib.Layout | None = No
                        "Call jlora.quant.dequantize(params) first to re-quantize with other settings.")
   chosen = set(config_lib.select(params, qcfg.targets, qcfg.exclude, field="QuantConfig.targets"))
 
-  def visit(key_path, leaf):
-    full = config_lib.path_str(key_path)
-    path, _, name = full.rpartition("/")
-    boxed_names = leaf.names if isinstance(leaf, meta.Partitioned) else None
-    value = leaf.unbox() if isinstance(leaf, meta.AxisMetadata) else leaf
-    if path not in chosen or name not in config_lib.ADAPTABLE_LEAVES:
-      return value
+  def visit(path, name, value, n_lead, roles):
     if getattr(value, "is_jlora_node", False):
       raise ValueError(f"quantize: {path!r} already holds a {type(value).__name__}; quantize before jlora.apply.")
     shape = tuple(value.shape)
-    if name == KERNEL:
-      n_lead, roles = config_lib.kernel_roles(path, name, shape, layout, boxed_names)
-    else:  # an embedding [vocab, features], named explicitly: blocks run along the vocab axis
-      n_lead, roles = len(shape) - 2, (IN, "out")
     per_layer = shape[n_lead:]
     n_in = math.prod(d for d, r in zip(per_layer, roles) if r == IN)
     if n_in % 2:
@@ -446,11 +432,11 @@ def quantize(params, qcfg: QuantConfig, *, layout: config_lib.Layout | None = No
         f"divisible by QuantConfig.block_size={qcfg.block_size}. Valid block sizes for it: "
         f"{_valid_block_sizes(n_in)}; or exclude it "
         f"(QuantConfig.exclude=[{path.rpartition('/')[2]!r}]).")
-    todo[full] = (value, n_lead, roles)
+    todo[f"{path}/{name}"] = (value, n_lead, roles)
     return value
 
   todo: dict[str, tuple[Any, int, tuple[str, ...]]] = {}
-  unboxed = jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_leaf)
+  unboxed = config_lib.map_selected(params, chosen, visit, layout)
   # One compiled program for all selected kernels (one compile instead of one per shape).
   keys = sorted(todo)
   outputs = _quantize_many(tuple(todo[k][0] for k in keys), tuple((todo[k][2], todo[k][1]) for k in keys),

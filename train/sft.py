@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app
+from absl import logging as absl_logging
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 import jlora
 from jlora import sharding as shard_lib
-from jlora.lora import dequantized, is_lora
+from jlora.lora import is_lora
 from jlora.models.llama import DEFAULT_RULES, LlamaConfig, LlamaForCausalLM
 from jlora.models.loading import load_params, load_tokenizer, resolve_checkpoint
 from train import data as data_lib
@@ -175,10 +176,12 @@ class Evaluator:
                            self.config.max_new_tokens, eos_ids=eos, apply_fn=self.apply_fn)
     return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
 
-  def evaluate(self, trainable, frozen) -> dict:
+  def evaluate(self, trainable, frozen, eval_loss: float | None = None) -> dict:
     texts = self.generations(trainable, frozen)
     hits = [data_lib.exact_match(t, e["reference"]) for t, e in zip(texts, self.examples)]
-    return {"eval_loss": self.loss(trainable, frozen), "exact_match": float(np.mean(hits)) if hits else 0.0,
+    if eval_loss is None:
+      eval_loss = self.loss(trainable, frozen)
+    return {"eval_loss": eval_loss, "exact_match": float(np.mean(hits)) if hits else 0.0,
             "samples": texts[: self.config.samples]}
 
 
@@ -348,7 +351,8 @@ def run(config, progress: bool = True) -> dict:
 
     trainable = state["trainable"]
     log("evaluating the fine-tuned model ...")
-    after = evaluator.evaluate(trainable, frozen)
+    final_loss = rows[-1].get("eval_loss") if rows and rows[-1]["step"] == config.steps else None
+    after = evaluator.evaluate(trainable, frozen, eval_loss=final_loss)
     params = jlora.combine(trainable, frozen)
     cfg = lora_config(config)
     jlora.save_adapter(out, params, cfg, base_model_name_or_path=str(config.model.path))
@@ -387,6 +391,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/llama.py", "Path to
 
 
 def main(argv) -> None:
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file operation at INFO
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}. Override fields as --config.FIELD=VALUE.")
   try:

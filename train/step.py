@@ -6,7 +6,6 @@ so XLA never computes a weight gradient for the base and optax holds no state fo
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
