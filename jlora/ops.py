@@ -108,7 +108,14 @@ def _low_rank(module, method: str, node, x, call_kwargs, dropout_on: bool) -> ja
   if dropout_on and node.dropout > 0:
     keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - node.dropout, x.shape)
     x = jnp.where(keep, x / (1.0 - node.dropout), 0).astype(x.dtype)
-  return jnp.einsum(f"{x_sub},{a_sub},{b_sub}->{y_sub}", x, a, b, optimize=True)
+  # Two contractions, input first, so the only activation-sized intermediate is [..., rank].
+  # x meets the factor it shares axes with: A for a matmul, B for Embed.attend.
+  (first, first_sub), (second, second_sub) = (a, a_sub), (b, b_sub)
+  if not set(first_sub) & set(x_sub):
+    (first, first_sub), (second, second_sub) = (second, second_sub), (first, first_sub)
+  mid_sub = "".join(c for c in x_sub if c not in first_sub or c in y_sub) + rank
+  low = jnp.einsum(f"{x_sub},{first_sub}->{mid_sub}", x, first)
+  return jnp.einsum(f"{mid_sub},{second_sub}->{y_sub}", low, second)
 
 
 def _interceptor(dropout_on: bool):
