@@ -201,7 +201,7 @@ def main(argv=None) -> None:
               for name, m in mem.items()]
   mem_table = common.markdown_table(["step (scanned, 30 layers)", "arguments MiB", "temp MiB", "outputs MiB",
                                      "aliased (donated) MiB"], mem_rows)
-  comp_rows = [[name, f"{v.get('lower_s', float('nan')):.1f}", f"{v['compile_s']:.1f}",
+  comp_rows = [[name, f"{v['lower_s']:.1f}" if "lower_s" in v else "not timed", f"{v['compile_s']:.1f}",
                 f"{v.get('total_s', v['compile_s']):.1f}"] for name, v in comp_s.items()]
   comp_table = common.markdown_table(["real step (scanned, 30 layers)", "lower s", "compile s", "total s"],
                                      comp_rows)

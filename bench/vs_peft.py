@@ -91,7 +91,7 @@ def worker_jlora(config: str, steps: int, warmup: int, qlora: bool) -> dict:
     elapsed = time.perf_counter() - tick
     losses.append(loss)
     (times if i >= warmup else warm).append(elapsed)
-  return {"framework": "jlora-qlora-nf4" if qlora else "jlora", "config": config, "load_s": load_s,
+  return {"framework": "jlora-qlora" if qlora else "jlora", "config": config, "load_s": load_s,
           "warmup_times": warm, "times": times, "losses": losses,
           "trainable_params": int(jlora.adapter_count(trainable)), "label_tokens": int(host["loss_mask"].sum()),
           "real_tokens": int((host["segment_ids"] > 0).sum())}
@@ -220,10 +220,13 @@ def main(argv=None) -> None:
   for config in configs:
     for framework in frameworks:  # sequential: never two timing runs at once
       tick = time.time()
+      load_before = os.getloadavg()[0]
       r = summarize(run_one(framework, config, args.steps, args.warmup))
+      r["loadavg_1min_before"], r["loadavg_1min_after"] = load_before, os.getloadavg()[0]
       results.append(r)
       status = "ERROR" if "error" in r else f"median {r['median_step_s']:.3f} s/step, rss {r['peak_rss_mib']:.0f} MiB"
-      print(f"  {config:8s} {framework:12s} {status} ({time.time() - tick:.0f} s wall)", flush=True)
+      print(f"  {config:8s} {framework:12s} {status} ({time.time() - tick:.0f} s wall, load "
+            f"{load_before:.2f} -> {r['loadavg_1min_after']:.2f})", flush=True)
       if "error" in r:
         print(r["error"], file=sys.stderr)
 
@@ -243,7 +246,7 @@ def main(argv=None) -> None:
         r["step0_loss_agrees_1e-3"] = r["step0_loss_diff_vs_peft"] <= 1e-3
         ratio = f"{r['ratio_vs_peft_steps_per_s']:.2f}x"
         loss_ok = (f"{'yes' if r['step0_loss_agrees_1e-3'] else 'NO'} "
-                   f"(|d|={r['step0_loss_diff_vs_peft']:.1e})")
+                   f"(diff {r['step0_loss_diff_vs_peft']:.1e})")
         if framework == "jlora-qlora":
           loss_ok += " (nf4 base: not expected to match)"
       elif framework == "peft":
