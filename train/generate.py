@@ -114,10 +114,9 @@ def generate_ids(
     return results
 
 
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    encoded = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-    )
+def chat_prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     # transformers 5 returns a BatchEncoding here; 4.x returned the id list.
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
@@ -132,13 +131,14 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     apply_fn: Callable | None = None,
+    system: str | None = None,
 ) -> list[str]:
-    """Chat-format each prompt as a user turn and return the decoded replies (eos stripped)."""
+    """Chat-format each prompt as a user turn (after an optional system message); return the replies."""
     eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     new_ids = generate_ids(
         model,
         params,
-        [chat_prompt_ids(tokenizer, p) for p in prompts],
+        [chat_prompt_ids(tokenizer, p, system) for p in prompts],
         max_new_tokens,
         eos_ids=eos_ids,
         temperature=temperature,
@@ -157,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--adapter", help="PEFT adapter dir (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("--merged", action="store_true", help="merge the adapter into the base before generating")
     parser.add_argument("--prompt", action="append", required=True, help="user message; repeat for a batch")
+    parser.add_argument("--system", help="system message placed before each prompt")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top_p", type=float, default=1.0)
@@ -179,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             apply_fn = jlora.wrap(model.apply)
 
     replies = generate(
-        model, params, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, apply_fn
+        model, params, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, apply_fn,
+        args.system,
     )
     for prompt, reply in zip(args.prompt, replies):
         if len(args.prompt) > 1:
