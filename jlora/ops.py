@@ -130,10 +130,18 @@ def _interceptor(dropout_on: bool):
     if context.method_name == "setup":
       # nn.Embed creates its param in setup; the node is consumed below instead.
       return None
-    base = dequantized(weight.base if is_lora(weight) else weight)
     plain = module.clone(parent=None)
-    y = plain.apply({"params": {**params, _weight_name(module): base}}, *args,
-                    method=context.method_name, **kwargs)
+
+    def base_layer(base, *args):
+      return plain.apply({"params": {**params, _weight_name(module): dequantized(base)}}, *args,
+                         method=context.method_name, **kwargs)
+
+    base = weight.base if is_lora(weight) else weight
+    if hasattr(base, "dequantize"):
+      # Rematerialised, so the backward re-dequantizes instead of keeping every layer's
+      # full-precision weight alive from the forward: only the 4-bit codes are stored.
+      base_layer = jax.checkpoint(base_layer)
+    y = base_layer(base, *args)
     if not is_lora(weight):
       return y
     lora = _low_rank(module, context.method_name, weight, args[0], kwargs, dropout_on)

@@ -212,3 +212,12 @@ def test_unknown_config_key_is_rejected_by_the_cli(files, tmp_path):
                           cwd=tiny.REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert "rnak" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["llama", "llama3", "qlora"])
+def test_shipped_configs_load_and_validate(name):
+  import importlib
+  config = importlib.import_module(f"configs.{name}").get_config()
+  sft.check_config(config)
+  sft.lora_config(config)
+  assert config.quant.kind in sft.QUANT_KINDS

@@ -72,12 +72,15 @@ def loss_sum(apply_fn, model_cls, params, batch, rngs=None) -> tuple[jax.Array, 
     flat_m = jnp.pad(flat_m, (0, pad))
   chunks = (flat_h.reshape(-1, chunk, dim), flat_t.reshape(-1, chunk), flat_m.reshape(-1, chunk))
 
-  # Rematerialised per chunk: the backward pass recomputes one chunk's logits at a time.
-  @jax.checkpoint
   def chunk_loss(h, t, m):
     logits = apply_fn({"params": params}, h[None], method=model_cls.logits)[0].astype(jnp.float32)
     picked_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
     return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked_logit) * m)
+
+  # With several chunks, rematerialise each: the backward recomputes one chunk's logits at a
+  # time instead of keeping all of them. With one chunk that would only add a head forward.
+  if len(chunks[0]) > 1:
+    chunk_loss = jax.checkpoint(chunk_loss)
 
   def body(total, xs):
     return total + chunk_loss(*xs), None
