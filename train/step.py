@@ -122,7 +122,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, accum_steps: int
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     loss = total / count
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
