@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -44,6 +45,13 @@ def machine() -> dict:
 def machine_line(m: dict) -> str:
   return (f"machine: {m['nproc']} x {m['cpu']} (nproc={m['nproc']}), load avg at start {m['loadavg_at_start'][0]}; "
           f"jax {m.get('jax')}, torch {m.get('torch')}, transformers {m.get('transformers')}, peft {m.get('peft')}")
+
+
+def write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=1)
+  print(f"wrote {path}")
 
 
 def peak_rss_mib() -> float:

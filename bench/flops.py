@@ -26,9 +26,7 @@ with the trainer's label gathering (the LM head runs only at the label-budget sl
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 
 from bench import common
@@ -230,10 +228,7 @@ def main(argv=None) -> None:
                   "analytic_flops": analytic, "textbook": textbook, "checks": checks,
                   "lora_step_over_forward_qv_r8": lora_ratio, "method": __doc__,
                   "tables_markdown": {"flops": flops_table, "memory": mem_table, "compile": comp_table}})
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=1)
-  print(f"wrote {args.out}")
+  common.write_json(args.out, results)
 
 
 if __name__ == "__main__":

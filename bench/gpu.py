@@ -92,7 +92,6 @@ def model_flops(layers: int, seq: int, lengths: list[int], batch: int, vocab: in
 def worker_jlora(args, qlora: bool) -> dict:
   import jax
   import jax.numpy as jnp
-  import numpy as np
   import optax
   from flax.linen import meta
 
@@ -300,11 +299,8 @@ def main(argv=None) -> None:
   print("PEFT QLoRA (bitsandbytes 4-bit) is not run by this script; the QLoRA ratio is against PEFT's bf16 LoRA.")
   out = args.out or (None if backend != "gpu" else "bench/results/gpu.json")
   if out:
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-      json.dump({"benchmark": "gpu", "machine": machine, "args": vars(args), "peak_flops": peak,
-                 "model_flops": flops, "table_markdown": table, "results": results, "method": __doc__}, f, indent=1)
-    print(f"wrote {out}")
+    common.write_json(out, {"benchmark": "gpu", "machine": machine, "args": vars(args), "peak_flops": peak,
+                            "model_flops": flops, "table_markdown": table, "results": results, "method": __doc__})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import common
 from jlora import quant
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -151,10 +151,7 @@ def main(argv=None) -> dict:
              "input": "x ~ N(0,1), [64, in], numpy RandomState(0)", "rows": results,
              "jax_version": jax.__version__}
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(payload, f, indent=2)
-    print(f"\nwrote {args.out}")
+    common.write_json(args.out, payload)
   return payload
 
 

@@ -268,10 +268,7 @@ def main(argv=None) -> None:
   out = {"benchmark": "vs_peft", "machine": machine, "model": common.MODEL, "batch": [ROWS, SEQ], "lr": LR,
          "steps_timed": args.steps, "warmup": args.warmup, "wall_s": time.time() - started,
          "method": __doc__, "table_markdown": table, "results": results}
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=1)
-  print(f"wrote {args.out}")
+  common.write_json(args.out, out)
 
 
 if __name__ == "__main__":
