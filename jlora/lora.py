@@ -26,6 +26,7 @@ from flax import struct
 
 from jlora import config as config_lib
 from jlora.config import BATCH, EMBEDDING, IN, OUT, LoraConfig
+from jlora.quant import dequantized, is_quantized
 
 
 @struct.dataclass
@@ -58,8 +59,11 @@ class LoraWeight:
 
   def delta(self) -> jax.Array:
     """scale * A @ B, laid out like the base kernel."""
-    a_sub, b_sub, w_sub = _factor_subscripts(self.roles, self.b.ndim - 1 - self.roles.count(OUT) - self.roles.count(BATCH))
-    return self.scale * jnp.einsum(f"{a_sub},{b_sub}->{w_sub}", self.a, self.b)
+    # Stacked axes are counted on B, not the base: split()'s trainable half has base=None.
+    lead = string.ascii_uppercase[: self.b.ndim - 1 - self.roles.count(OUT) - self.roles.count(BATCH)]
+    axes = string.ascii_lowercase[: len(self.roles)]
+    a_sub, b_sub = ("".join(s) for s in factor_axes(axes, self.roles, "z"))
+    return self.scale * jnp.einsum(f"{lead}{a_sub},{lead}{b_sub}->{lead}{axes}", self.a, self.b)
 
   def __jax_array__(self):
     # Reached only by code that uses the weight as a plain array (a custom layer that
@@ -73,14 +77,6 @@ def is_lora(x) -> bool:
   return isinstance(x, LoraWeight)
 
 
-def is_quantized(x) -> bool:
-  return hasattr(x, "dequantize") and getattr(x, "is_jlora_node", False)
-
-
-def dequantized(weight):
-  return weight.dequantize() if is_quantized(weight) else weight
-
-
 _warned: set[str] = set()
 
 
@@ -90,15 +86,14 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def _factor_subscripts(roles: tuple[str, ...], n_lead: int) -> tuple[str, str, str]:
-  """Einsum subscripts of A, B and the kernel, for `roles` after `n_lead` stacked axes."""
-  lead = string.ascii_uppercase[:n_lead]
-  axes = string.ascii_lowercase[: len(roles)]
-  pick = lambda role: "".join(c for c, r in zip(axes, roles) if r == role)
-  rank = "z"
-  a_sub = lead + pick(BATCH) + pick(IN) + rank
-  b_sub = lead + pick(BATCH) + rank + pick(OUT)
-  return a_sub, b_sub, lead + axes
+def factor_axes(kernel_axes, roles: tuple[str, ...], rank) -> tuple[list, list]:
+  """How A and B lay out a per-layer kernel's axes: A = batch + in + rank, B = batch + rank + out.
+
+  `kernel_axes` is anything per kernel axis (sizes, einsum letters, partition specs), so
+  shapes, contractions and shardings all follow this one rule.
+  """
+  pick = lambda role: [x for x, r in zip(kernel_axes, roles) if r == role]
+  return pick(BATCH) + pick(IN) + [rank], pick(BATCH) + [rank] + pick(OUT)
 
 
 # --------------------------------------------------------------------------- apply
@@ -126,16 +121,16 @@ def apply(params, cfg: LoraConfig, key: jax.Array, *, layout: config_lib.Layout 
 def _new_adapter(path, name, base, n_lead, roles, cfg: LoraConfig, key) -> LoraWeight:
   shape = tuple(base.shape)
   lead, per_layer = shape[:n_lead], shape[n_lead:]
-  dims = lambda role: [d for d, r in zip(per_layer, roles) if r == role]
-  batch, fan_in, fan_out = dims(BATCH), dims(IN), dims(OUT)
+  fan_in = [d for d, r in zip(per_layer, roles) if r == IN]
+  fan_out = [d for d, r in zip(per_layer, roles) if r == OUT]
   rank = cfg.rank_for(path)
   max_rank = min(math.prod(fan_in), math.prod(fan_out))
   if rank > max_rank:
     raise ValueError(f"LoraConfig rank {rank} for {path!r} exceeds the weight's smaller side {max_rank} "
                      f"(shape {per_layer}); use rank <= {max_rank}, e.g. via rank_pattern={{{path.rpartition('/')[2]!r}: {max_rank}}}.")
   scale = cfg.scale_for(path)
-  a_shape = (*lead, *batch, *fan_in, rank)
-  b_shape = (*lead, *batch, rank, *fan_out)
+  a_axes, b_axes = factor_axes(per_layer, roles, rank)
+  a_shape, b_shape = (*lead, *a_axes), (*lead, *b_axes)
   dtype = jnp.dtype(cfg.dtype)
   key_a, key_b = jax.random.split(key)
   if name == EMBEDDING:

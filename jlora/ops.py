@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jlora.config import BATCH, EMBEDDING, IN, KERNEL, OUT
-from jlora.lora import dequantized, is_lora
+from jlora.lora import factor_axes, is_lora
+from jlora.quant import dequantized, is_quantized
 
 LAYERS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed)
 
@@ -101,10 +102,8 @@ def _low_rank(module, method: str, node, x, call_kwargs, dropout_on: bool) -> ja
       raise ValueError(f"The adapter at {'/'.join(module.path)} was built for kernel roles {node.roles}, but the "
                        f"layer contracts as {x_sub},{k_sub}->{y_sub} (roles {expected}). Rebuild it with "
                        "layout=jlora.trace_layout(model, ...).")
-  pick = lambda role: "".join(c for c, r in zip(k_sub, node.roles) if r == role)
   rank = _fresh_letters(x_sub + k_sub + y_sub, 1)
-  a_sub = pick(BATCH) + pick(IN) + rank
-  b_sub = pick(BATCH) + rank + pick(OUT)
+  a_sub, b_sub = ("".join(s) for s in factor_axes(k_sub, node.roles, rank))
   if dropout_on and node.dropout > 0:
     keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - node.dropout, x.shape)
     x = jnp.where(keep, x / (1.0 - node.dropout), 0).astype(x.dtype)
@@ -137,7 +136,7 @@ def _interceptor(dropout_on: bool):
                          method=context.method_name, **kwargs)
 
     base = weight.base if is_lora(weight) else weight
-    if hasattr(base, "dequantize"):
+    if is_quantized(base):
       # Rematerialised, so the backward re-dequantizes instead of keeping every layer's
       # full-precision weight alive from the forward: only the 4-bit codes are stored.
       base_layer = jax.checkpoint(base_layer)

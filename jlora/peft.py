@@ -42,7 +42,8 @@ from flax.linen import meta
 
 from jlora import config as config_lib
 from jlora.config import EMBEDDING, IN, KERNEL, OUT, LoraConfig
-from jlora.lora import LoraWeight, dequantized, is_lora, merge
+from jlora.lora import LoraWeight, is_lora, merge
+from jlora.quant import dequantize
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -639,8 +640,8 @@ def export_merged(directory, params, model_config, tokenizer=None, *, dtype: str
   np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}.get(dtype)
   if np_dtype is None:
     raise ValueError(f"export_merged: dtype={dtype!r}; use 'float32' or 'bfloat16'.")
-  merged = merge(meta.unbox(params))
-  merged = jax.tree.map(dequantized, merged, is_leaf=lambda x: getattr(x, "is_jlora_node", False))
+  # merge handles adapted weights; quantized weights without an adapter are decoded too.
+  merged = dequantize(merge(meta.unbox(params)))
   hf_config = _hf_config_dict(model_config)
 
   tensors: dict[str, np.ndarray] = {}

@@ -310,6 +310,11 @@ def is_quantized(x) -> bool:
   return isinstance(x, QuantizedWeight)
 
 
+def dequantized(weight):
+  """The weight as a plain array: quantized nodes are decoded, anything else passes through."""
+  return weight.dequantize() if is_quantized(weight) else weight
+
+
 # --------------------------------------------------------------------------- one array
 
 
@@ -459,12 +464,10 @@ def _quantize_many(values, layouts, kind, block_size, double_quant, scale_dtype)
 
 
 def _dequantize_leaf(x):
-  if is_quantized(x):
-    return x.dequantize()
   base = getattr(x, "base", None)
   if getattr(x, "is_jlora_node", False) and is_quantized(base):
     return x.replace(base=base.dequantize())
-  return x
+  return dequantized(x)
 
 
 def dequantize(params):

@@ -15,8 +15,7 @@ import jax
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jlora.config import BATCH, IN, OUT
-from jlora.lora import is_lora
+from jlora.lora import factor_axes, is_lora
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -62,9 +61,8 @@ def adapter_specs(node, base_spec) -> object:
   spec = _padded(base_spec, node.ndim)
   n_lead = node.ndim - len(node.roles)
   lead, per_layer = spec[:n_lead], spec[n_lead:]
-  pick = lambda role: tuple(s for s, r in zip(per_layer, node.roles) if r == role)
-  a = PartitionSpec(*lead, *pick(BATCH), *pick(IN), None)
-  b = PartitionSpec(*lead, *pick(BATCH), None, *pick(OUT))
+  a_axes, b_axes = factor_axes(per_layer, node.roles, None)  # the rank axis is never sharded
+  a, b = PartitionSpec(*lead, *a_axes), PartitionSpec(*lead, *b_axes)
   base = node.base
   base_spec = base.partition_spec(PartitionSpec(*spec)) if hasattr(base, "partition_spec") else PartitionSpec(*spec)
   return node.replace(base=base_spec, a=a, b=b)

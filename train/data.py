@@ -369,9 +369,14 @@ def prepare(
     use_chat_template: bool = True,
     train_on_prompt: bool = False,
     seed: int = 0,
+    rows: Sequence[dict] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """load_rows + tokenize_rows + pack/pad: row arrays [rows, max_length] and stats."""
-    rows = load_rows(spec, split_name, field)
+    """load_rows + tokenize_rows + pack/pad: row arrays [rows, max_length] and stats.
+
+    `rows`: the rows of `spec` when the caller has already loaded them (they are not read again).
+    """
+    if rows is None:
+        rows = load_rows(spec, split_name, field)
     examples, stats = tokenize_rows(
         rows, tokenizer, max_length=max_length, use_chat_template=use_chat_template,
         train_on_prompt=train_on_prompt, source=f"{field} = {spec!r}")

@@ -33,6 +33,7 @@ from tqdm import tqdm
 import jlora
 from jlora import sharding as shard_lib
 from jlora.lora import is_lora
+from jlora.quant import is_quantized
 from jlora.models.llama import DEFAULT_RULES, LlamaConfig, LlamaForCausalLM
 from jlora.models.loading import load_params, load_tokenizer, resolve_checkpoint
 from train import data as data_lib
@@ -133,7 +134,7 @@ def param_summary(params) -> str:
   """The line PEFT's print_trainable_parameters prints."""
   trainable = jlora.adapter_count(params)
   base = sum(math.prod(leaf.base.shape if is_lora(leaf) else leaf.shape)
-             for leaf in jax.tree.leaves(params, is_leaf=lambda x: is_lora(x) or hasattr(x, "dequantize")))
+             for leaf in jax.tree.leaves(params, is_leaf=lambda x: is_lora(x) or is_quantized(x)))
   total = base + trainable
   return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
@@ -150,12 +151,12 @@ class Evaluator:
 
   def __init__(self, config, model, tokenizer, mesh):
     self.config, self.model, self.tokenizer, self.mesh = config, model, tokenizer, mesh
+    rows = data_lib.load_rows(config.data.eval, "validation", field="config.data.eval")
     self.arrays, self.stats = data_lib.prepare(
       config.data.eval, tokenizer, max_length=config.data.max_length, field="config.data.eval",
       split_name="validation", pack=config.data.pack, use_chat_template=config.data.use_chat_template,
-      train_on_prompt=config.data.train_on_prompt, seed=config.seed)
+      train_on_prompt=config.data.train_on_prompt, seed=config.seed, rows=rows)
     self.budget = step_lib.label_budget(self.arrays["loss_mask"])
-    rows = data_lib.load_rows(config.data.eval, "validation", field="config.data.eval")
     if config.eval_examples:
       rows = rows[: config.eval_examples]
     self.examples = data_lib.prompts_and_references(rows, tokenizer, use_chat_template=config.data.use_chat_template)
