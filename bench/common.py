@@ -38,13 +38,19 @@ def versions() -> dict:
 
 def machine() -> dict:
   load = os.getloadavg()
-  return {"nproc": os.cpu_count(), "cpu": cpu_model(), "loadavg_at_start": [round(x, 2) for x in load],
-          **versions()}
+  return {
+    "nproc": os.cpu_count(),
+    "cpu": cpu_model(),
+    "loadavg_at_start": [round(x, 2) for x in load],
+    **versions(),
+  }
 
 
 def machine_line(m: dict) -> str:
-  return (f"machine: {m['nproc']} x {m['cpu']} (nproc={m['nproc']}), load avg at start {m['loadavg_at_start'][0]}; "
-          f"jax {m.get('jax')}, torch {m.get('torch')}, transformers {m.get('transformers')}, peft {m.get('peft')}")
+  return (
+    f"machine: {m['nproc']} x {m['cpu']} (nproc={m['nproc']}), load avg at start {m['loadavg_at_start'][0]}; "
+    f"jax {m.get('jax')}, torch {m.get('torch')}, transformers {m.get('transformers')}, peft {m.get('peft')}"
+  )
 
 
 def write_json(path: str, obj) -> None:
@@ -69,7 +75,9 @@ def bench_batch(tokenizer, rows: int = 4, max_length: int = 128) -> dict:
 
   arrays, _ = data_lib.prepare(DATA, tokenizer, max_length=max_length, pack=True)
   if len(arrays["input_ids"]) < rows:
-    raise SystemExit(f"{DATA} packs into only {len(arrays['input_ids'])} rows of {max_length}; need {rows}.")
+    raise SystemExit(
+      f"{DATA} packs into only {len(arrays['input_ids'])} rows of {max_length}; need {rows}."
+    )
   return {k: v[:rows].copy() for k, v in arrays.items()}
 
 

@@ -45,8 +45,12 @@ def flops_of(compiled) -> float:
 
 def memory_of(compiled) -> dict:
   m = compiled.memory_analysis()
-  return {"argument_bytes": int(m.argument_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
-          "output_bytes": int(m.output_size_in_bytes), "alias_bytes": int(getattr(m, "alias_size_in_bytes", 0))}
+  return {
+    "argument_bytes": int(m.argument_size_in_bytes),
+    "temp_bytes": int(m.temp_size_in_bytes),
+    "output_bytes": int(m.output_size_in_bytes),
+    "alias_bytes": int(getattr(m, "alias_size_in_bytes", 0)),
+  }
 
 
 def mib(n: float) -> str:
@@ -54,7 +58,9 @@ def mib(n: float) -> str:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--out", default="bench/results/flops.json")
   args = parser.parse_args(argv)
 
@@ -92,10 +98,12 @@ def main(argv=None) -> None:
   def full_step(model, params, batch):
     def step(params, opt_state, batch):
       (total, n), grads = jax.value_and_grad(
-        lambda p: step_lib.loss_sum(model.apply, type(model), p, batch), has_aux=True)(params)
+        lambda p: step_lib.loss_sum(model.apply, type(model), p, batch), has_aux=True
+      )(params)
       grads = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), grads)
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, total / n
+
     fn = jax.jit(step, donate_argnums=(0, 1))
     return fn.lower(params, tx.init(params), batch)
 
@@ -104,7 +112,9 @@ def main(argv=None) -> None:
   c = model_u.config
   host = common.bench_batch(tokenizer, ROWS, SEQ)
   budget = step_lib.label_budget(host["loss_mask"])
-  batch = jax.device_put({k: np.asarray(v) for k, v in step_lib.gather_labels(host, budget).items()})
+  batch = jax.device_put(
+    {k: np.asarray(v) for k, v in step_lib.gather_labels(host, budget).items()}
+  )
   T = ROWS * SEQ
   slots = ROWS * budget
   labels = int(host["loss_mask"].sum())
@@ -121,11 +131,16 @@ def main(argv=None) -> None:
   d_attn = c.num_attention_heads * c.head_dim
   L, d, V = c.num_hidden_layers, c.hidden_size, c.vocab_size
   head_fwd = 2 * d * V * slots  # per forward pass of the head over the label slots
-  attn_fwd = L * 4 * SEQ * d_attn * T  # QK^T and PV over all s x s pairs (jlora computes them densely)
+  attn_fwd = (
+    L * 4 * SEQ * d_attn * T
+  )  # QK^T and PV over all s x s pairs (jlora computes them densely)
 
   results = {"flops": {}, "memory": {}, "compile_s": {}}
-  print(f"N (non-embedding) = {N:,}; all params = {N_total:,}; T = {T} tokens; label slots = {slots} "
-        f"({labels} labelled tokens, budget {budget}/row)", flush=True)
+  print(
+    f"N (non-embedding) = {N:,}; all params = {N_total:,}; T = {T} tokens; label slots = {slots} "
+    f"({labels} labelled tokens, budget {budget}/row)",
+    flush=True,
+  )
 
   def timed_compile(lowered):
     tick = time.perf_counter()
@@ -137,10 +152,16 @@ def main(argv=None) -> None:
     trainable, frozen = adapted(model_u, params_u, lora)
     comp, secs = timed_compile(forward(model_u, trainable, frozen, batch))
     fl[f"forward ({lora} LoRA params)"] = flops_of(comp)
-    print(f"  forward {lora}: {fl[f'forward ({lora} LoRA params)']:.4g} flops (compile {secs:.1f} s)", flush=True)
+    print(
+      f"  forward {lora}: {fl[f'forward ({lora} LoRA params)']:.4g} flops (compile {secs:.1f} s)",
+      flush=True,
+    )
     comp, secs = timed_compile(lora_step(model_u, trainable, frozen, batch))
     fl[f"LoRA step ({lora})"] = flops_of(comp)
-    print(f"  LoRA step {lora}: {fl[f'LoRA step ({lora})']:.4g} flops (compile {secs:.1f} s)", flush=True)
+    print(
+      f"  LoRA step {lora}: {fl[f'LoRA step ({lora})']:.4g} flops (compile {secs:.1f} s)",
+      flush=True,
+    )
     del trainable, frozen
   comp, secs = timed_compile(full_step(model_u, params_u, batch))
   fl["full FT step"] = flops_of(comp)
@@ -165,7 +186,11 @@ def main(argv=None) -> None:
     lowered = lora_step(model_s, trainable, frozen, batch)
     lower_s = time.perf_counter() - tick
     compiled, secs = timed_compile(lowered)
-    comp_s[f"LoRA step ({lora})"] = {"lower_s": lower_s, "compile_s": secs, "total_s": lower_s + secs}
+    comp_s[f"LoRA step ({lora})"] = {
+      "lower_s": lower_s,
+      "compile_s": secs,
+      "total_s": lower_s + secs,
+    }
     mem[f"LoRA ({lora})"] = memory_of(compiled)
     print(f"  scanned LoRA step {lora}: lower {lower_s:.1f} s + compile {secs:.1f} s", flush=True)
     del trainable, frozen, compiled
@@ -184,31 +209,83 @@ def main(argv=None) -> None:
   fwd = fl["forward (qv-r8 LoRA params)"]
   rows = []
   for name, value in fl.items():
-    kind = "forward" if name.startswith("forward") else ("full FT step" if name.startswith("full") else "LoRA step")
-    base = fl[f"forward ({name.split('(')[1].rstrip(')')} LoRA params)"] if kind == "LoRA step" else fwd
-    rows.append([name, f"{value / 1e9:,.1f}", f"{value / base:.2f}x", f"{value / T / 1e6:,.1f}",
-                 f"{value / T / N:.2f} N", f"{analytic[kind] / 1e9:,.1f}", f"{value / analytic[kind]:.3f}"])
+    kind = (
+      "forward"
+      if name.startswith("forward")
+      else ("full FT step" if name.startswith("full") else "LoRA step")
+    )
+    base = (
+      fl[f"forward ({name.split('(')[1].rstrip(')')} LoRA params)"] if kind == "LoRA step" else fwd
+    )
+    rows.append(
+      [
+        name,
+        f"{value / 1e9:,.1f}",
+        f"{value / base:.2f}x",
+        f"{value / T / 1e6:,.1f}",
+        f"{value / T / N:.2f} N",
+        f"{analytic[kind] / 1e9:,.1f}",
+        f"{value / analytic[kind]:.3f}",
+      ]
+    )
   flops_table = common.markdown_table(
-    ["computation", "XLA GFLOP/step", "vs forward", "MFLOP/token", "FLOP/token in N", "analytic GFLOP",
-     "XLA / analytic"], rows)
-  textbook = (f"textbook per token: 2N = {2 * N / 1e6:,.0f} M, 4N = {4 * N / 1e6:,.0f} M, 6N = {6 * N / 1e6:,.0f} M "
-              f"(N = {N / 1e6:.1f} M non-embedding params). Analytic = linears (2N/4N/6N per token) + LM head "
-              f"{head_fwd / 1e9:.2f} GFLOP per pass over {slots} label slots (x1 fwd, x3 LoRA: fwd + remat fwd + "
-              f"activation grad, x4 full) + dense attention {attn_fwd / 1e9:.2f} GFLOP fwd (x3 in a train step).")
-  mem_rows = [[name, mib(m["argument_bytes"]), mib(m["temp_bytes"]), mib(m["output_bytes"]), mib(m["alias_bytes"])]
-              for name, m in mem.items()]
-  mem_table = common.markdown_table(["step (scanned, 30 layers)", "arguments MiB", "temp MiB", "outputs MiB",
-                                     "aliased (donated) MiB"], mem_rows)
-  comp_rows = [[name, f"{v['lower_s']:.1f}" if "lower_s" in v else "not timed", f"{v['compile_s']:.1f}",
-                f"{v.get('total_s', v['compile_s']):.1f}"] for name, v in comp_s.items()]
-  comp_table = common.markdown_table(["real step (scanned, 30 layers)", "lower s", "compile s", "total s"],
-                                     comp_rows)
+    [
+      "computation",
+      "XLA GFLOP/step",
+      "vs forward",
+      "MFLOP/token",
+      "FLOP/token in N",
+      "analytic GFLOP",
+      "XLA / analytic",
+    ],
+    rows,
+  )
+  textbook = (
+    f"textbook per token: 2N = {2 * N / 1e6:,.0f} M, 4N = {4 * N / 1e6:,.0f} M, 6N = {6 * N / 1e6:,.0f} M "
+    f"(N = {N / 1e6:.1f} M non-embedding params). Analytic = linears (2N/4N/6N per token) + LM head "
+    f"{head_fwd / 1e9:.2f} GFLOP per pass over {slots} label slots (x1 fwd, x3 LoRA: fwd + remat fwd + "
+    f"activation grad, x4 full) + dense attention {attn_fwd / 1e9:.2f} GFLOP fwd (x3 in a train step)."
+  )
+  mem_rows = [
+    [
+      name,
+      mib(m["argument_bytes"]),
+      mib(m["temp_bytes"]),
+      mib(m["output_bytes"]),
+      mib(m["alias_bytes"]),
+    ]
+    for name, m in mem.items()
+  ]
+  mem_table = common.markdown_table(
+    [
+      "step (scanned, 30 layers)",
+      "arguments MiB",
+      "temp MiB",
+      "outputs MiB",
+      "aliased (donated) MiB",
+    ],
+    mem_rows,
+  )
+  comp_rows = [
+    [
+      name,
+      f"{v['lower_s']:.1f}" if "lower_s" in v else "not timed",
+      f"{v['compile_s']:.1f}",
+      f"{v.get('total_s', v['compile_s']):.1f}",
+    ]
+    for name, v in comp_s.items()
+  ]
+  comp_table = common.markdown_table(
+    ["real step (scanned, 30 layers)", "lower s", "compile s", "total s"], comp_rows
+  )
 
   lora_ratio = fl["LoRA step (qv-r8)"] / fwd
   default_compile = comp_s["LoRA step (all-r16)"]["total_s"]
-  checks = {"lora_step_le_2.2x_forward (qv-r8)": lora_ratio <= 2.2,
-            "compile_le_30s (all-r16, the trainer default)": default_compile <= 30.0,
-            "compile_le_30s (qv-r8)": comp_s["LoRA step (qv-r8)"]["total_s"] <= 30.0}
+  checks = {
+    "lora_step_le_2.2x_forward (qv-r8)": lora_ratio <= 2.2,
+    "compile_le_30s (all-r16, the trainer default)": default_compile <= 30.0,
+    "compile_le_30s (qv-r8)": comp_s["LoRA step (qv-r8)"]["total_s"] <= 30.0,
+  }
   print()
   print(f"FLOPs per training step, SmolLM2-135M unrolled (scan_layers=False), batch {ROWS}x{SEQ}:")
   print(flops_table)
@@ -217,17 +294,32 @@ def main(argv=None) -> None:
   print("Compiled memory (memory_analysis), default scanned model, same batch:")
   print(mem_table)
   print()
-  print("Compile time of the real train step (jit(make_train_step).lower().compile(), no compilation cache):")
+  print(
+    "Compile time of the real train step (jit(make_train_step).lower().compile(), no compilation cache):"
+  )
   print(comp_table)
   print()
   for k, v in checks.items():
     print(f"  target {k}: {'met' if v else 'NOT met'}")
 
-  results.update({"benchmark": "flops", "machine": machine, "model": common.MODEL, "batch": [ROWS, SEQ],
-                  "label_slots": slots, "labelled_tokens": labels, "N_non_embedding": N, "N_all": N_total,
-                  "analytic_flops": analytic, "textbook": textbook, "checks": checks,
-                  "lora_step_over_forward_qv_r8": lora_ratio, "method": __doc__,
-                  "tables_markdown": {"flops": flops_table, "memory": mem_table, "compile": comp_table}})
+  results.update(
+    {
+      "benchmark": "flops",
+      "machine": machine,
+      "model": common.MODEL,
+      "batch": [ROWS, SEQ],
+      "label_slots": slots,
+      "labelled_tokens": labels,
+      "N_non_embedding": N,
+      "N_all": N_total,
+      "analytic_flops": analytic,
+      "textbook": textbook,
+      "checks": checks,
+      "lora_step_over_forward_qv_r8": lora_ratio,
+      "method": __doc__,
+      "tables_markdown": {"flops": flops_table, "memory": mem_table, "compile": comp_table},
+    }
+  )
   common.write_json(args.out, results)
 
 

@@ -36,8 +36,15 @@ LAYERS = [
   ("blk.0 ffn_gate [576, 1536]", "mlp/gate_proj", "blk.0.ffn_gate.weight"),
   ("blk.0 ffn_down [1536, 576]", "mlp/down_proj", "blk.0.ffn_down.weight"),
 ]
-ALL_LINEAR = ["self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
-              "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj"]
+ALL_LINEAR = [
+  "self_attn/q_proj",
+  "self_attn/k_proj",
+  "self_attn/v_proj",
+  "self_attn/o_proj",
+  "mlp/gate_proj",
+  "mlp/up_proj",
+  "mlp/down_proj",
+]
 SETTINGS = [("nf4", True), ("nf4", False), ("int4", True), ("int4", False)]
 
 
@@ -52,6 +59,7 @@ def load_weights(all_layers: bool) -> tuple[dict[str, np.ndarray], str]:
   """{flax sub-path: [L, in, out] fp32} (L = 1 unless all_layers), and how they were read."""
   try:
     from jlora.models import loading  # the project's loader (GGUF -> fp32 HF dir, cached)
+
     _, params, _ = loading.from_pretrained("smollm2-135m-instruct")
     layers = params["model"]["layers"]
     get = lambda sub: layers[sub.split("/")[0]][sub.split("/")[1]]["kernel"]
@@ -59,18 +67,29 @@ def load_weights(all_layers: bool) -> tuple[dict[str, np.ndarray], str]:
     out = {sub: np.asarray(get(sub), np.float32) for sub in names}
     if not all_layers:
       out = {k: v[:1] for k, v in out.items()}
-    return out, "jlora.models.from_pretrained('smollm2-135m-instruct') (GGUF Q4_1, dequantized to fp32)"
+    return (
+      out,
+      "jlora.models.from_pretrained('smollm2-135m-instruct') (GGUF Q4_1, dequantized to fp32)",
+    )
   except Exception as e:  # the loader missing or failing: read the GGUF tensors directly
-    print(f"[quant_table] from_pretrained unavailable ({type(e).__name__}: {e}); reading the GGUF directly",
-          file=sys.stderr)
+    print(
+      f"[quant_table] from_pretrained unavailable ({type(e).__name__}: {e}); reading the GGUF directly",
+      file=sys.stderr,
+    )
   from gguf import GGUFReader
   from gguf.quants import dequantize
 
   reader = GGUFReader(gguf_path())
   tensors = {t.name: t for t in reader.tensors}
-  gguf_names = {"self_attn/q_proj": "attn_q", "self_attn/k_proj": "attn_k", "self_attn/v_proj": "attn_v",
-                "self_attn/o_proj": "attn_output", "mlp/gate_proj": "ffn_gate", "mlp/up_proj": "ffn_up",
-                "mlp/down_proj": "ffn_down"}
+  gguf_names = {
+    "self_attn/q_proj": "attn_q",
+    "self_attn/k_proj": "attn_k",
+    "self_attn/v_proj": "attn_v",
+    "self_attn/o_proj": "attn_output",
+    "mlp/gate_proj": "ffn_gate",
+    "mlp/up_proj": "ffn_up",
+    "mlp/down_proj": "ffn_down",
+  }
   n_layers = sum(1 for n in tensors if n.endswith(".attn_q.weight")) if all_layers else 1
   names = ALL_LINEAR if all_layers else [p for _, p, _ in LAYERS]
   out = {}
@@ -86,7 +105,9 @@ def load_weights(all_layers: bool) -> tuple[dict[str, np.ndarray], str]:
 
 def measure(w: np.ndarray, kind: str, double_quant: bool, x_cache: dict) -> dict:
   """w: [L, in, out]. Per-layer quantization; errors pooled over layers."""
-  q = quant.quantize_array(jnp.asarray(w), kind=kind, block_size=64, double_quant=double_quant, n_lead=1)
+  q = quant.quantize_array(
+    jnp.asarray(w), kind=kind, block_size=64, double_quant=double_quant, n_lead=1
+  )
   wq = np.asarray(q.dequantize(), np.float32)
   n_in = w.shape[1]
   if n_in not in x_cache:
@@ -108,8 +129,12 @@ def measure(w: np.ndarray, kind: str, double_quant: bool, x_cache: dict) -> dict
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default="bench/results/quant_table.json")
-  parser.add_argument("--no-all-layers", dest="all_layers", action="store_false",
-                      help="only the four layer-0 rows (skip quantizing all 30 layers)")
+  parser.add_argument(
+    "--no-all-layers",
+    dest="all_layers",
+    action="store_false",
+    help="only the four layer-0 rows (skip quantizing all 30 layers)",
+  )
   args = parser.parse_args(argv)
 
   weights, source = load_weights(args.all_layers)
@@ -125,7 +150,10 @@ def main(argv=None) -> dict:
       parts = [measure(w, kind, dq, x_cache) for w in group.values()]
       n = sum(p["weights"] for p in parts)
       pooled = {
-        "layer": label, "kind": kind, "double_quant": dq, "weights": n,
+        "layer": label,
+        "kind": kind,
+        "double_quant": dq,
+        "weights": n,
         "bytes_per_weight": sum(p["bytes_per_weight"] * p["weights"] for p in parts) / n,
         # For the pooled row: the weight-count-weighted mean of the per-tensor relative errors.
         "forward_rel_error": sum(p["forward_rel_error"] * p["weights"] for p in parts) / n,
@@ -135,21 +163,34 @@ def main(argv=None) -> dict:
       }
       results.append(pooled)
 
-  header = ("| layer | kind | double quant | bytes/weight | fwd rel. error | max abs w error | mean abs w error | "
-            "layer absmax |")
-  lines = [f"Source weights: {source}.",
-           "Block size 64; double quant: int8 absmax codes in blocks of 256 (mean subtracted), fp32 scales.",
-           "Forward error: ||x Wq - x W||_F / ||x W||_F, x ~ N(0, 1) of shape [64, in], seed 0.", "",
-           header, "|---|---|---|---|---|---|---|---|"]
+  header = (
+    "| layer | kind | double quant | bytes/weight | fwd rel. error | max abs w error | mean abs w error | "
+    "layer absmax |"
+  )
+  lines = [
+    f"Source weights: {source}.",
+    "Block size 64; double quant: int8 absmax codes in blocks of 256 (mean subtracted), fp32 scales.",
+    "Forward error: ||x Wq - x W||_F / ||x W||_F, x ~ N(0, 1) of shape [64, in], seed 0.",
+    "",
+    header,
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for r in results:
-    lines.append(f"| {r['layer']} | {r['kind']} | {'yes' if r['double_quant'] else 'no'} | "
-                 f"{r['bytes_per_weight']:.4f} | {r['forward_rel_error']:.4f} | {r['max_abs_weight_error']:.4g} | "
-                 f"{r['mean_abs_weight_error']:.4g} | {r['weight_absmax']:.4g} |")
+    lines.append(
+      f"| {r['layer']} | {r['kind']} | {'yes' if r['double_quant'] else 'no'} | "
+      f"{r['bytes_per_weight']:.4f} | {r['forward_rel_error']:.4f} | {r['max_abs_weight_error']:.4g} | "
+      f"{r['mean_abs_weight_error']:.4g} | {r['weight_absmax']:.4g} |"
+    )
   print("\n".join(lines))
 
-  payload = {"source": source, "block_size": 64, "double_quant_block": quant.DQ_BLOCK,
-             "input": "x ~ N(0,1), [64, in], numpy RandomState(0)", "rows": results,
-             "jax_version": jax.__version__}
+  payload = {
+    "source": source,
+    "block_size": 64,
+    "double_quant_block": quant.DQ_BLOCK,
+    "input": "x ~ N(0,1), [64, in], numpy RandomState(0)",
+    "rows": results,
+    "jax_version": jax.__version__,
+  }
   if args.out:
     common.write_json(args.out, payload)
   return payload

@@ -53,9 +53,9 @@ def vs_peft_section(v: dict, f: dict) -> str:
 """
   return f"""## 1. The same LoRA training step: jlora vs PEFT + transformers (CPU, fp32)
 
-`python -m bench.vs_peft --warmup {v['warmup']}` ({v['wall_s'] / 60:.0f} min). {common.machine_line(v['machine'])}, no GPU.
+`python -m bench.vs_peft --warmup {v["warmup"]}` ({v["wall_s"] / 60:.0f} min). {common.machine_line(v["machine"])}, no GPU.
 
-{v['table_markdown'].strip()}
+{v["table_markdown"].strip()}
 
 {verdict}- **QLoRA rows.** bitsandbytes has no CPU 4-bit training path, so they compare jlora's NF4 base against
   PEFT's fp32 LoRA. On CPU, dequantizing inside the step costs time. What QLoRA buys is memory, not CPU
@@ -69,15 +69,15 @@ def flops_section(f: dict) -> str:
   t = f["tables_markdown"]
   return f"""## 2. XLA cost analysis of one training step (SmolLM2-135M, batch 4 × 128)
 
-`python -m bench.flops`. {common.machine_line(f['machine'])}, no GPU. FLOPs are counted on the model unrolled
+`python -m bench.flops`. {common.machine_line(f["machine"])}, no GPU. FLOPs are counted on the model unrolled
 (`scan_layers=False`) so that XLA counts every layer; memory and compile time are for the real scanned
 30-layer step.
 
-{t['flops'].strip()}
+{t["flops"].strip()}
 
-{t['memory'].strip()}
+{t["memory"].strip()}
 
-{t['compile'].strip()}
+{t["compile"].strip()}
 
 - **LoRA step ≤ 2.2 × forward: met.** A LoRA step is about 2× the forward: the forward plus activation
   gradients, with no weight gradients for the base. Full fine-tuning is about 3×.
@@ -93,11 +93,12 @@ def quant_section(q: dict) -> str:
   rows = "\n".join(
     f"| {r['layer']} | {r['kind']} | {'yes' if r['double_quant'] else 'no'} | {r['bytes_per_weight']:.4f} | "
     f"{r['forward_rel_error']:.4f} | {r['max_abs_weight_error']:.4f} | {r['mean_abs_weight_error']:.5f} |"
-    for r in q["rows"])
+    for r in q["rows"]
+  )
   return f"""## 3. 4-bit base: bytes per weight and error on real weights
 
-`python -m bench.quant_table`. Source: {q['source']}; blocks of {q['block_size']}, double quantization in
-blocks of {q['double_quant_block']}; input {q['input']}. These numbers don't depend on the machine.
+`python -m bench.quant_table`. Source: {q["source"]}; blocks of {q["block_size"]}, double quantization in
+blocks of {q["double_quant_block"]}; input {q["input"]}. These numbers don't depend on the machine.
 
 | weights | kind | double quant | bytes / weight | forward rel. error | max abs weight error | mean abs weight error |
 |---|---|---|---|---|---|---|
@@ -122,18 +123,18 @@ def default_run_section(d: dict) -> str:
   before, after = d["before"], d["after"]
   return f"""## 5. The default fine-tuning run
 
-`{d['command']}` at commit {d['commit']}. Machine: {d['machine']}.
+`{d["command"]}` at commit {d["commit"]}. Machine: {d["machine"]}.
 
 SmolLM2-135M-Instruct (fp32), LoRA r=16 on all linear layers, 30 steps of 4 packed rows × 256 tokens, on
 the bundled extraction task. The GGUF had already been converted and cached by an earlier run.
 
 | | value |
 |---|---|
-| wall time of the whole command (`time`) | {d['wall_s_time_command']:.1f} s |
-| of which the 30 training steps (progress bar) | {d['training_progress_bar_s']} s |
-| training throughput (non-padding tokens per second, steps 2-30) | {d['train_tokens_per_s']:.0f} tokens/s |
-| eval loss, before → after | {before['eval_loss']:.4f} → {after['eval_loss']:.4f} |
-| exact match on 48 held-out eval rows, before → after | {before['exact_match']:.1%} → {after['exact_match']:.1%} |
+| wall time of the whole command (`time`) | {d["wall_s_time_command"]:.1f} s |
+| of which the 30 training steps (progress bar) | {d["training_progress_bar_s"]} s |
+| training throughput (non-padding tokens per second, steps 2-30) | {d["train_tokens_per_s"]:.0f} tokens/s |
+| eval loss, before → after | {before["eval_loss"]:.4f} → {after["eval_loss"]:.4f} |
+| exact match on 48 held-out eval rows, before → after | {before["exact_match"]:.1%} → {after["exact_match"]:.1%} |
 
 The rest of the wall time is evaluation: the eval loss on the eval split, and greedy generation of 48
 answers, before and after training.

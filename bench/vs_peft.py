@@ -69,7 +69,9 @@ def worker_jlora(config: str, steps: int, warmup: int, qlora: bool) -> dict:
   layout = jlora.trace_layout(model, jnp.zeros((1, 8), jnp.int32))
   if qlora:
     params = jlora.quantize(params, jlora.QuantConfig(kind="nf4"), layout=layout)
-  cfg = jlora.LoraConfig(rank=rank, alpha=2.0 * rank, targets=("q_proj", "v_proj") if targets == "qv" else targets)
+  cfg = jlora.LoraConfig(
+    rank=rank, alpha=2.0 * rank, targets=("q_proj", "v_proj") if targets == "qv" else targets
+  )
   params = jlora.apply(params, cfg, jax.random.key(0), layout=layout)
   trainable, frozen = jlora.split(params)
   del params
@@ -91,10 +93,17 @@ def worker_jlora(config: str, steps: int, warmup: int, qlora: bool) -> dict:
     elapsed = time.perf_counter() - tick
     losses.append(loss)
     (times if i >= warmup else warm).append(elapsed)
-  return {"framework": "jlora-qlora" if qlora else "jlora", "config": config, "load_s": load_s,
-          "warmup_times": warm, "times": times, "losses": losses,
-          "trainable_params": int(jlora.adapter_count(trainable)), "label_tokens": int(host["loss_mask"].sum()),
-          "real_tokens": int((host["segment_ids"] > 0).sum())}
+  return {
+    "framework": "jlora-qlora" if qlora else "jlora",
+    "config": config,
+    "load_s": load_s,
+    "warmup_times": warm,
+    "times": times,
+    "losses": losses,
+    "trainable_params": int(jlora.adapter_count(trainable)),
+    "label_tokens": int(host["loss_mask"].sum()),
+    "real_tokens": int((host["segment_ids"] > 0).sum()),
+  }
 
 
 def hf_inputs(host: dict):
@@ -106,15 +115,19 @@ def hf_inputs(host: dict):
   rows, seq = seg.shape
   causal = np.tril(np.ones((seq, seq), bool))
   mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & causal[None]
-  mask |= np.eye(seq, dtype=bool)[None]  # padding queries attend to themselves (no NaN rows); unused by the loss
+  mask |= np.eye(seq, dtype=bool)[
+    None
+  ]  # padding queries attend to themselves (no NaN rows); unused by the loss
   m = host["loss_mask"].astype(bool)
   labels = np.full((rows, seq), -100, np.int64)
   labels[:, 1:] = np.where(m[:, :-1], host["targets"][:, :-1], -100)
   shift_labels = np.where(m, host["targets"], -100).astype(np.int64)
-  out = {"input_ids": torch.from_numpy(host["input_ids"].astype(np.int64)),
-         "attention_mask": torch.from_numpy(mask[:, None]),
-         "position_ids": torch.from_numpy(host["positions"].astype(np.int64)),
-         "labels": torch.from_numpy(labels)}
+  out = {
+    "input_ids": torch.from_numpy(host["input_ids"].astype(np.int64)),
+    "attention_mask": torch.from_numpy(mask[:, None]),
+    "position_ids": torch.from_numpy(host["positions"].astype(np.int64)),
+    "labels": torch.from_numpy(labels),
+  }
   if m[:, -1].any():  # a target the shifted labels cannot hold
     out["shift_labels"] = torch.from_numpy(shift_labels)
   return out
@@ -131,9 +144,17 @@ def worker_peft(config: str, steps: int, warmup: int) -> dict:
   targets, rank = CONFIGS[config]
   t0 = time.perf_counter()
   directory = resolve_checkpoint(common.MODEL)
-  model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, attn_implementation="sdpa")
-  cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                   target_modules=["q_proj", "v_proj"] if targets == "qv" else "all-linear")
+  model = AutoModelForCausalLM.from_pretrained(
+    str(directory), dtype=torch.float32, attn_implementation="sdpa"
+  )
+  cfg = LoraConfig(
+    r=rank,
+    lora_alpha=2 * rank,
+    lora_dropout=0.0,
+    bias="none",
+    task_type="CAUSAL_LM",
+    target_modules=["q_proj", "v_proj"] if targets == "qv" else "all-linear",
+  )
   model = get_peft_model(model, cfg)
   model.train()
   load_s = time.perf_counter() - t0
@@ -153,10 +174,19 @@ def worker_peft(config: str, steps: int, warmup: int) -> dict:
     elapsed = time.perf_counter() - tick
     losses.append(value)
     (times if i >= warmup else warm).append(elapsed)
-  return {"framework": "peft", "config": config, "load_s": load_s, "warmup_times": warm, "times": times, "losses": losses,
-          "trainable_params": int(sum(p.numel() for p in params)), "label_tokens": int(host["loss_mask"].sum()),
-          "real_tokens": int((host["segment_ids"] > 0).sum()), "torch_threads": torch.get_num_threads(),
-          "shift_labels_used": "shift_labels" in inputs}
+  return {
+    "framework": "peft",
+    "config": config,
+    "load_s": load_s,
+    "warmup_times": warm,
+    "times": times,
+    "losses": losses,
+    "trainable_params": int(sum(p.numel() for p in params)),
+    "label_tokens": int(host["loss_mask"].sum()),
+    "real_tokens": int((host["segment_ids"] > 0).sum()),
+    "torch_threads": torch.get_num_threads(),
+    "shift_labels_used": "shift_labels" in inputs,
+  }
 
 
 # --------------------------------------------------------------------------- driver
@@ -166,8 +196,22 @@ def run_one(framework: str, config: str, steps: int, warmup: int) -> dict:
   with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
     path = f.name
   try:
-    rc, output = common.run_child(["-m", "bench.vs_peft", "--worker", framework, "--configs", config,
-                                   "--steps", str(steps), "--warmup", str(warmup), "--worker-out", path])
+    rc, output = common.run_child(
+      [
+        "-m",
+        "bench.vs_peft",
+        "--worker",
+        framework,
+        "--configs",
+        config,
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        "--worker-out",
+        path,
+      ]
+    )
     if rc != 0:
       return {"framework": framework, "config": config, "error": output[-3000:]}
     with open(path) as f:
@@ -180,15 +224,27 @@ def summarize(result: dict) -> dict:
   if "error" in result:
     return result
   step_s = common.median(result["times"])
-  return {**result, "median_step_s": step_s, "steps_per_s": 1.0 / step_s, "tokens_per_s": ROWS * SEQ / step_s,
-          "min_step_s": min(result["times"]), "max_step_s": max(result["times"])}
+  return {
+    **result,
+    "median_step_s": step_s,
+    "steps_per_s": 1.0 / step_s,
+    "tokens_per_s": ROWS * SEQ / step_s,
+    "min_step_s": min(result["times"]),
+    "max_step_s": max(result["times"]),
+  }
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}")
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}"
+  )
   parser.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (jlora's first one compiles)")
+  parser.add_argument(
+    "--warmup", type=int, default=2, help="untimed steps first (jlora's first one compiles)"
+  )
   parser.add_argument("--no-qlora", action="store_true", help="skip the jlora QLoRA (nf4) rows")
   parser.add_argument("--out", default="bench/results/vs_peft.json")
   parser.add_argument("--worker", choices=["jlora", "jlora-qlora", "peft"], help=argparse.SUPPRESS)
@@ -224,9 +280,16 @@ def main(argv=None) -> None:
       r = summarize(run_one(framework, config, args.steps, args.warmup))
       r["loadavg_1min_before"], r["loadavg_1min_after"] = load_before, os.getloadavg()[0]
       results.append(r)
-      status = "ERROR" if "error" in r else f"median {r['median_step_s']:.3f} s/step, rss {r['peak_rss_mib']:.0f} MiB"
-      print(f"  {config:8s} {framework:12s} {status} ({time.time() - tick:.0f} s wall, load "
-            f"{load_before:.2f} -> {r['loadavg_1min_after']:.2f})", flush=True)
+      status = (
+        "ERROR"
+        if "error" in r
+        else f"median {r['median_step_s']:.3f} s/step, rss {r['peak_rss_mib']:.0f} MiB"
+      )
+      print(
+        f"  {config:8s} {framework:12s} {status} ({time.time() - tick:.0f} s wall, load "
+        f"{load_before:.2f} -> {r['loadavg_1min_after']:.2f})",
+        flush=True,
+      )
       if "error" in r:
         print(r["error"], file=sys.stderr)
 
@@ -245,29 +308,69 @@ def main(argv=None) -> None:
         r["step0_loss_diff_vs_peft"] = abs(r["losses"][0] - peft["losses"][0])
         r["step0_loss_agrees_1e-3"] = r["step0_loss_diff_vs_peft"] <= 1e-3
         ratio = f"{r['ratio_vs_peft_steps_per_s']:.2f}x"
-        loss_ok = (f"{'yes' if r['step0_loss_agrees_1e-3'] else 'NO'} "
-                   f"(diff {r['step0_loss_diff_vs_peft']:.1e})")
+        loss_ok = (
+          f"{'yes' if r['step0_loss_agrees_1e-3'] else 'NO'} "
+          f"(diff {r['step0_loss_diff_vs_peft']:.1e})"
+        )
         if framework == "jlora-qlora":
           loss_ok += " (nf4 base: not expected to match)"
       elif framework == "peft":
         ratio = "1.00x"
-      note = {"peft": "torch fp32 LoRA, sdpa", "jlora": "fp32 LoRA, train/step.py",
-              "jlora-qlora": "nf4 base + fp32 LoRA; PEFT row is fp32 LoRA (bitsandbytes: no CPU 4-bit training)"}
-      rows.append([config, framework, f"{r['median_step_s']:.3f}", f"{r['steps_per_s']:.3f}",
-                   f"{r['tokens_per_s']:,.0f}", ratio, f"{r['peak_rss_mib']:,.0f}", f"{r['losses'][0]:.4f}",
-                   loss_ok, note[framework]])
-  header = ["config", "framework", "median s/step", "steps/s", "tokens/s", "jlora/PEFT (steps/s)",
-            "peak RSS MiB", "step-0 loss", "step-0 loss = PEFT (<=1e-3)", "notes"]
+      note = {
+        "peft": "torch fp32 LoRA, sdpa",
+        "jlora": "fp32 LoRA, train/step.py",
+        "jlora-qlora": "nf4 base + fp32 LoRA; PEFT row is fp32 LoRA (bitsandbytes: no CPU 4-bit training)",
+      }
+      rows.append(
+        [
+          config,
+          framework,
+          f"{r['median_step_s']:.3f}",
+          f"{r['steps_per_s']:.3f}",
+          f"{r['tokens_per_s']:,.0f}",
+          ratio,
+          f"{r['peak_rss_mib']:,.0f}",
+          f"{r['losses'][0]:.4f}",
+          loss_ok,
+          note[framework],
+        ]
+      )
+  header = [
+    "config",
+    "framework",
+    "median s/step",
+    "steps/s",
+    "tokens/s",
+    "jlora/PEFT (steps/s)",
+    "peak RSS MiB",
+    "step-0 loss",
+    "step-0 loss = PEFT (<=1e-3)",
+    "notes",
+  ]
   table = common.markdown_table(header, rows)
   print()
-  print(f"SmolLM2-135M, batch {ROWS}x{SEQ} tokens, fp32, AdamW lr {LR}, median of {args.steps} steps after "
-        f"{args.warmup} warm-up; tokens/s counts all {ROWS * SEQ} positions per step")
+  print(
+    f"SmolLM2-135M, batch {ROWS}x{SEQ} tokens, fp32, AdamW lr {LR}, median of {args.steps} steps after "
+    f"{args.warmup} warm-up; tokens/s counts all {ROWS * SEQ} positions per step"
+  )
   print(table)
-  print("QLoRA: bitsandbytes has no CPU 4-bit training path here, so nf4 QLoRA is jlora-only; its ratio is "
-        "against PEFT's fp32 LoRA on the same config.")
-  out = {"benchmark": "vs_peft", "machine": machine, "model": common.MODEL, "batch": [ROWS, SEQ], "lr": LR,
-         "steps_timed": args.steps, "warmup": args.warmup, "wall_s": time.time() - started,
-         "method": __doc__, "table_markdown": table, "results": results}
+  print(
+    "QLoRA: bitsandbytes has no CPU 4-bit training path here, so nf4 QLoRA is jlora-only; its ratio is "
+    "against PEFT's fp32 LoRA on the same config."
+  )
+  out = {
+    "benchmark": "vs_peft",
+    "machine": machine,
+    "model": common.MODEL,
+    "batch": [ROWS, SEQ],
+    "lr": LR,
+    "steps_timed": args.steps,
+    "warmup": args.warmup,
+    "wall_s": time.time() - started,
+    "method": __doc__,
+    "table_markdown": table,
+    "results": results,
+  }
   common.write_json(args.out, out)
 
 

@@ -10,7 +10,9 @@ from configs import llama
 
 def get_config():
   config = llama.get_config()
-  config.model.path = "meta-llama/Llama-3.2-1B-Instruct"  # a hub id (needs network and access) or a local dir
+  config.model.path = (
+    "meta-llama/Llama-3.2-1B-Instruct"  # a hub id (needs network and access) or a local dir
+  )
   config.model.dtype = "bfloat16"
   config.model.remat_policy = "dots_with_no_batch_dims_saveable"
   config.output_dir = "runs/llama3-sft"

@@ -1,6 +1,6 @@
 """QLoRA on the default model and task: an NF4, double-quantized base (0.516 bytes per weight).
 
-  python -m train.sft --config configs/qlora.py
+python -m train.sft --config configs/qlora.py
 """
 
 from configs import llama

@@ -8,7 +8,24 @@ from jlora.peft import export_merged, load_adapter, save_adapter
 from jlora.quant import QuantConfig, QuantizedWeight, bytes_per_weight, dequantize, quantize
 
 __all__ = [
-  "LoraConfig", "LoraWeight", "QuantConfig", "QuantizedWeight", "adapter_count", "apply", "bytes_per_weight",
-  "combine", "dequantize", "export_merged", "is_lora", "load_adapter", "merge", "optimizer", "quantize",
-  "save_adapter", "split", "trace_layout", "unmerge", "wrap",
+  "LoraConfig",
+  "LoraWeight",
+  "QuantConfig",
+  "QuantizedWeight",
+  "adapter_count",
+  "apply",
+  "bytes_per_weight",
+  "combine",
+  "dequantize",
+  "export_merged",
+  "is_lora",
+  "load_adapter",
+  "merge",
+  "optimizer",
+  "quantize",
+  "save_adapter",
+  "split",
+  "trace_layout",
+  "unmerge",
+  "wrap",
 ]

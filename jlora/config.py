@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax.linen import meta
 
-Targets = Union[str, Sequence[str]]
+Targets = str | Sequence[str]
 
 KERNEL = "kernel"
 EMBEDDING = "embedding"
@@ -55,16 +56,22 @@ class LoraConfig:
     for key, value in dict(self.alpha_pattern).items():
       _check_alpha(f"alpha_pattern[{key!r}]", value)
     if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-      raise ValueError(f"LoraConfig.dropout={self.dropout!r} is invalid: it must be a float in [0, 1).")
+      raise ValueError(
+        f"LoraConfig.dropout={self.dropout!r} is invalid: it must be a float in [0, 1)."
+      )
     if self.init not in INITS:
-      raise ValueError(f"LoraConfig.init={self.init!r} is unknown: valid values are {', '.join(map(repr, INITS))}.")
+      raise ValueError(
+        f"LoraConfig.init={self.init!r} is unknown: valid values are {', '.join(map(repr, INITS))}."
+      )
     _check_targets("LoraConfig.targets", self.targets)
     if self.exclude is not None:
       _check_targets("LoraConfig.exclude", self.exclude)
     try:
       jnp.dtype(self.dtype)
     except TypeError as e:
-      raise ValueError(f"LoraConfig.dtype={self.dtype!r} is not a dtype (use e.g. jnp.float32 or 'bfloat16').") from e
+      raise ValueError(
+        f"LoraConfig.dtype={self.dtype!r} is not a dtype (use e.g. jnp.float32 or 'bfloat16')."
+      ) from e
 
   def rank_for(self, path: str) -> int:
     return _pattern_value(self.rank_pattern, path, self.rank)
@@ -80,7 +87,9 @@ class LoraConfig:
 
 def _check_rank(field: str, value) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ValueError(f"LoraConfig.{field}={value!r} is invalid: the rank must be a positive integer.")
+    raise ValueError(
+      f"LoraConfig.{field}={value!r} is invalid: the rank must be a positive integer."
+    )
 
 
 def _check_alpha(field: str, value) -> None:
@@ -99,7 +108,8 @@ def _check_targets(field: str, targets) -> None:
   if not targets or not all(isinstance(t, str) and t for t in targets):
     raise ValueError(
       f"{field}={targets!r} is invalid: use a regex string matched against the module path, a non-empty list "
-      "of module names or path suffixes, or 'all-linear'.")
+      "of module names or path suffixes, or 'all-linear'."
+    )
 
 
 def _suffix_regex(key: str) -> str:
@@ -162,16 +172,24 @@ def _matches(path: str, leaf_name: str, targets: Targets) -> bool:
   return any(path == t or path.endswith("/" + t) for t in targets)
 
 
-def select(params, targets: Targets, exclude: Targets | None = None, *, field: str = "targets") -> list[str]:
+def select(
+  params, targets: Targets, exclude: Targets | None = None, *, field: str = "targets"
+) -> list[str]:
   """Module paths selected by `targets` minus `exclude`; an error if nothing matches."""
   candidates = candidate_leaves(params)
   chosen = [
-    path for path, (name, _) in candidates.items()
+    path
+    for path, (name, _) in candidates.items()
     if _matches(path, name, targets) and not (exclude is not None and _matches(path, name, exclude))
   ]
   if not chosen:
-    listing = "\n  ".join(sorted(candidates)) or "(none: the tree has no 'kernel' or 'embedding' leaves of rank >= 2)"
-    raise ValueError(f"{field}={targets!r} matched no weight. Module paths that could match:\n  {listing}")
+    listing = (
+      "\n  ".join(sorted(candidates))
+      or "(none: the tree has no 'kernel' or 'embedding' leaves of rank >= 2)"
+    )
+    raise ValueError(
+      f"{field}={targets!r} matched no weight. Module paths that could match:\n  {listing}"
+    )
   return sorted(chosen)
 
 
@@ -203,8 +221,14 @@ def map_selected(params, chosen, fn, layout=None):
 Layout = Mapping[str, tuple[str, ...]]
 
 
-def kernel_roles(path: str, leaf_name: str, shape: tuple[int, ...], layout: Layout | None,
-                 boxed_names: tuple | None = None, scan_axis_names=("layers",)) -> tuple[int, tuple[str, ...]]:
+def kernel_roles(
+  path: str,
+  leaf_name: str,
+  shape: tuple[int, ...],
+  layout: Layout | None,
+  boxed_names: tuple | None = None,
+  scan_axis_names=("layers",),
+) -> tuple[int, tuple[str, ...]]:
   """(number of leading stacked axes, roles of the remaining axes) for one kernel.
 
   The roles come from, in order: an explicit layout (see `jlora.trace_layout`), the
@@ -229,4 +253,5 @@ def kernel_roles(path: str, leaf_name: str, shape: tuple[int, ...], layout: Layo
   raise ValueError(
     f"Cannot tell which axes of the {leaf_name} at {path!r} (shape {shape}) are inputs, outputs or stacked "
     "layers. Pass layout=jlora.trace_layout(model, *example_inputs) (it traces the model abstractly, at "
-    "no FLOP cost), or pass params boxed with Flax axis metadata that names the scan axis 'layers'.")
+    "no FLOP cost), or pass params boxed with Flax axis metadata that names the scan axis 'layers'."
+  )

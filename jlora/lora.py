@@ -60,7 +60,9 @@ class LoraWeight:
   def delta(self) -> jax.Array:
     """scale * A @ B, laid out like the base kernel."""
     # Stacked axes are counted on B, not the base: split()'s trainable half has base=None.
-    lead = string.ascii_uppercase[: self.b.ndim - 1 - self.roles.count(OUT) - self.roles.count(BATCH)]
+    lead = string.ascii_uppercase[
+      : self.b.ndim - 1 - self.roles.count(OUT) - self.roles.count(BATCH)
+    ]
     axes = string.ascii_lowercase[: len(self.roles)]
     a_sub, b_sub = ("".join(s) for s in factor_axes(axes, self.roles, "z"))
     return self.scale * jnp.einsum(f"{lead}{a_sub},{lead}{b_sub}->{lead}{axes}", self.a, self.b)
@@ -68,8 +70,10 @@ class LoraWeight:
   def __jax_array__(self):
     # Reached only by code that uses the weight as a plain array (a custom layer that
     # jlora.wrap does not intercept). Correct, but it forms W + BA, so say so once.
-    _warn_once("A LoraWeight was used as a plain array outside nn.Dense/DenseGeneral/Einsum/Embed; "
-               "it was merged (W + scale*A@B), which costs a full weight-sized matmul per call.")
+    _warn_once(
+      "A LoraWeight was used as a plain array outside nn.Dense/DenseGeneral/Einsum/Embed; "
+      "it was merged (W + scale*A@B), which costs a full weight-sized matmul per call."
+    )
     return merge_weight(self)
 
 
@@ -107,8 +111,10 @@ def apply(params, cfg: LoraConfig, key: jax.Array, *, layout: config_lib.Layout 
   `layout` (see `jlora.trace_layout`) or from axis metadata naming the scan axis.
   """
   if any(is_lora(x) for x in jax.tree.leaves(params, is_leaf=is_lora)):
-    raise ValueError("apply: the params already hold LoRA adapters. Merge them first (jlora.merge), "
-                     "or split/combine to train the existing ones.")
+    raise ValueError(
+      "apply: the params already hold LoRA adapters. Merge them first (jlora.merge), "
+      "or split/combine to train the existing ones."
+    )
   chosen = set(config_lib.select(params, cfg.targets, cfg.exclude, field="LoraConfig.targets"))
   keys = iter(jax.random.split(key, max(len(chosen), 1)))
 
@@ -126,8 +132,10 @@ def _new_adapter(path, name, base, n_lead, roles, cfg: LoraConfig, key) -> LoraW
   rank = cfg.rank_for(path)
   max_rank = min(math.prod(fan_in), math.prod(fan_out))
   if rank > max_rank:
-    raise ValueError(f"LoraConfig rank {rank} for {path!r} exceeds the weight's smaller side {max_rank} "
-                     f"(shape {per_layer}); use rank <= {max_rank}, e.g. via rank_pattern={{{path.rpartition('/')[2]!r}: {max_rank}}}.")
+    raise ValueError(
+      f"LoraConfig rank {rank} for {path!r} exceeds the weight's smaller side {max_rank} "
+      f"(shape {per_layer}); use rank <= {max_rank}, e.g. via rank_pattern={{{path.rpartition('/')[2]!r}: {max_rank}}}."
+    )
   scale = cfg.scale_for(path)
   a_axes, b_axes = factor_axes(per_layer, roles, rank)
   a_shape, b_shape = (*lead, *a_axes), (*lead, *b_axes)
@@ -153,10 +161,14 @@ def _new_adapter(path, name, base, n_lead, roles, cfg: LoraConfig, key) -> LoraW
 def _pissa(base, n_lead, roles, rank, scale, cfg, path) -> LoraWeight:
   """PiSSA: the top-r singular directions move into A and B; the base keeps the residual."""
   if is_quantized(base):
-    raise ValueError(f"LoraConfig.init='pissa' needs a full-precision base, but {path!r} is quantized. "
-                     "Apply PiSSA before jlora.quantize, or use init='default'.")
+    raise ValueError(
+      f"LoraConfig.init='pissa' needs a full-precision base, but {path!r} is quantized. "
+      "Apply PiSSA before jlora.quantize, or use init='default'."
+    )
   if BATCH in roles:
-    raise ValueError(f"LoraConfig.init='pissa' does not support kernels with batch axes ({path!r}, roles {roles}).")
+    raise ValueError(
+      f"LoraConfig.init='pissa' does not support kernels with batch axes ({path!r}, roles {roles})."
+    )
   shape = base.shape
   lead = shape[:n_lead]
   in_axes = [n_lead + i for i, r in enumerate(roles) if r == IN]
@@ -182,8 +194,12 @@ def split(params):
   trainable holds LoraWeight(None, a, b) and None elsewhere; frozen holds
   LoraWeight(base, None, None) and every other leaf. Differentiate only trainable.
   """
-  trainable = jax.tree.map(lambda x: x.replace(base=None) if is_lora(x) else None, params, is_leaf=is_lora)
-  frozen = jax.tree.map(lambda x: x.replace(a=None, b=None) if is_lora(x) else x, params, is_leaf=is_lora)
+  trainable = jax.tree.map(
+    lambda x: x.replace(base=None) if is_lora(x) else None, params, is_leaf=is_lora
+  )
+  frozen = jax.tree.map(
+    lambda x: x.replace(a=None, b=None) if is_lora(x) else x, params, is_leaf=is_lora
+  )
   return trainable, frozen
 
 
@@ -222,5 +238,8 @@ def unmerge(merged, trainable):
 
 def adapter_count(params) -> int:
   """Number of trainable adapter values (A and B entries)."""
-  return sum(int(np.prod(n.a.shape)) + int(np.prod(n.b.shape))
-             for n in jax.tree.leaves(params, is_leaf=is_lora) if is_lora(n))
+  return sum(
+    int(np.prod(n.a.shape)) + int(np.prod(n.b.shape))
+    for n in jax.tree.leaves(params, is_leaf=is_lora)
+    if is_lora(n)
+  )

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import string
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,13 +58,17 @@ def _layer_equation(module, method: str, x: jax.Array, call_kwargs) -> tuple[str
   # nn.DenseGeneral: kernel = batch_shape + contracted input shape + features; its
   # dot_general output is (batch dims, remaining input dims, features).
   ndim = x.ndim
-  norm = lambda axes: tuple(a % ndim for a in (axes if isinstance(axes, (tuple, list)) else (axes,)))
+  norm = lambda axes: tuple(
+    a % ndim for a in (axes if isinstance(axes, (tuple, list)) else (axes,))
+  )
   axis, batch_dims = norm(module.axis), norm(module.batch_dims)
   n_features = len(module.features) if isinstance(module.features, (tuple, list)) else 1
   letters = iter(string.ascii_letters)
   x_letters = [next(letters) for _ in range(ndim)]
   out_letters = "".join(next(letters) for _ in range(n_features))
-  k_sub = "".join(x_letters[i] for i in batch_dims) + "".join(x_letters[i] for i in axis) + out_letters
+  k_sub = (
+    "".join(x_letters[i] for i in batch_dims) + "".join(x_letters[i] for i in axis) + out_letters
+  )
   free = "".join(x_letters[i] for i in range(ndim) if i not in axis and i not in batch_dims)
   y_sub = "".join(x_letters[i] for i in batch_dims) + free + out_letters
   return "".join(x_letters), k_sub, y_sub
@@ -80,7 +85,9 @@ def roles_from_equation(x_sub: str, k_sub: str, y_sub: str) -> tuple[str, ...]:
     elif in_y:
       roles.append(OUT)
     else:
-      raise ValueError(f"Kernel axis {c!r} of einsum {x_sub},{k_sub}->{y_sub} is summed out; jlora can't adapt it.")
+      raise ValueError(
+        f"Kernel axis {c!r} of einsum {x_sub},{k_sub}->{y_sub} is summed out; jlora can't adapt it."
+      )
   return tuple(roles)
 
 
@@ -99,9 +106,11 @@ def _low_rank(module, method: str, node, x, call_kwargs, dropout_on: bool) -> ja
   if not isinstance(module, nn.Embed):
     expected = roles_from_equation(x_sub, k_sub, y_sub)
     if expected != node.roles:
-      raise ValueError(f"The adapter at {'/'.join(module.path)} was built for kernel roles {node.roles}, but the "
-                       f"layer contracts as {x_sub},{k_sub}->{y_sub} (roles {expected}). Rebuild it with "
-                       "layout=jlora.trace_layout(model, ...).")
+      raise ValueError(
+        f"The adapter at {'/'.join(module.path)} was built for kernel roles {node.roles}, but the "
+        f"layer contracts as {x_sub},{k_sub}->{y_sub} (roles {expected}). Rebuild it with "
+        "layout=jlora.trace_layout(model, ...)."
+      )
   rank = _fresh_letters(x_sub + k_sub + y_sub, 1)
   a_sub, b_sub = ("".join(s) for s in factor_axes(k_sub, node.roles, rank))
   if dropout_on and node.dropout > 0:
@@ -132,8 +141,12 @@ def _interceptor(dropout_on: bool):
     plain = module.clone(parent=None)
 
     def base_layer(base, *args):
-      return plain.apply({"params": {**params, _weight_name(module): dequantized(base)}}, *args,
-                         method=context.method_name, **kwargs)
+      return plain.apply(
+        {"params": {**params, _weight_name(module): dequantized(base)}},
+        *args,
+        method=context.method_name,
+        **kwargs,
+      )
 
     base = weight.base if is_lora(weight) else weight
     if is_quantized(base):
@@ -159,8 +172,11 @@ def wrap(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   @functools.wraps(apply_fn)
   def wrapped(variables, *args, **kwargs):
     rngs = kwargs.get("rngs") or {}
-    dropout_on = ("dropout" in rngs and kwargs.get("deterministic") is not True
-                  and kwargs.get("train") is not False)
+    dropout_on = (
+      "dropout" in rngs
+      and kwargs.get("deterministic") is not True
+      and kwargs.get("train") is not False
+    )
     with nn.intercept_methods(_interceptor(dropout_on)):
       return apply_fn(variables, *args, **kwargs)
 
@@ -179,7 +195,9 @@ def trace_layout(model: nn.Module, *args, method=None, **kwargs) -> dict[str, tu
   def record(next_fun, call_args, call_kwargs, context):
     module = context.module
     if isinstance(module, LAYERS) and context.method_name in ("__call__", "attend") and call_args:
-      layout["/".join(module.path)] = _layer_roles(module, context.method_name, call_args[0], call_kwargs)
+      layout["/".join(module.path)] = _layer_roles(
+        module, context.method_name, call_args[0], call_kwargs
+      )
     return next_fun(*call_args, **call_kwargs)
 
   key = jax.random.key(0)

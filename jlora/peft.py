@@ -32,8 +32,9 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,10 +67,12 @@ def hf_module_names(path: str, n_lead: int, n_layers: int = 0) -> list[str]:
     return [".".join(re.sub(r"^layers_(\d+)$", r"layers.\1", p) for p in parts)]
   if n_lead == 1 and "layers" in parts[:-1]:
     i = parts.index("layers")
-    prefix, rest = ".".join(parts[: i + 1]), ".".join(parts[i + 1:])
+    prefix, rest = ".".join(parts[: i + 1]), ".".join(parts[i + 1 :])
     return [f"{prefix}.{layer}.{rest}" for layer in range(n_layers)]
-  raise ValueError(f"{path!r} has {n_lead} stacked axes; only a single scanned 'layers' axis maps onto HF "
-                   "per-layer modules (model.layers.{i}...).")
+  raise ValueError(
+    f"{path!r} has {n_lead} stacked axes; only a single scanned 'layers' axis maps onto HF "
+    "per-layer modules (model.layers.{i}...)."
+  )
 
 
 def _short_name(hf_name: str) -> str:
@@ -142,7 +145,8 @@ def _to_numpy(x, name: str) -> np.ndarray:
       raise ValueError(
         f"{name} is sharded across processes (not fully addressable from this one), so this process "
         "can't write it. Gather it first, e.g. jax.experimental.multihost_utils.process_allgather(x, "
-        "tiled=True), then save from process 0.")
+        "tiled=True), then save from process 0."
+      )
     x = jax.device_get(x)
   out = np.asarray(x)
   expected = tuple(getattr(x, "shape", out.shape))
@@ -165,7 +169,9 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-  _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+  _atomic_write(
+    path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+  )
 
 
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -201,15 +207,28 @@ def _entries(params) -> list[dict]:
   for full, node in sorted(_adapted_modules(params).items()):
     path, _, leaf_name = full.rpartition("/")
     if tuple(node.roles) != (IN, OUT):
-      raise ValueError(f"{full}: kernel roles {node.roles} have no torch Linear/Embedding equivalent; PEFT "
-                       "adapters need 2-D weights per layer ([in, out]).")
+      raise ValueError(
+        f"{full}: kernel roles {node.roles} have no torch Linear/Embedding equivalent; PEFT "
+        "adapters need 2-D weights per layer ([in, out])."
+      )
     n_lead = node.a.ndim - 2
     n_layers = node.a.shape[0] if n_lead else 0
     for layer, hf_name in enumerate(hf_module_names(path, n_lead, n_layers)):
-      entries.append(dict(flax=full, hf=hf_name, kind=leaf_name, node=node,
-                          layer=layer if n_lead else None, rank=int(node.a.shape[-1]), scale=float(node.scale)))
+      entries.append(
+        dict(
+          flax=full,
+          hf=hf_name,
+          kind=leaf_name,
+          node=node,
+          layer=layer if n_lead else None,
+          rank=int(node.a.shape[-1]),
+          scale=float(node.scale),
+        )
+      )
   if not entries:
-    raise ValueError("save_adapter: the params hold no LoraWeight nodes (apply jlora.apply or load_adapter first).")
+    raise ValueError(
+      "save_adapter: the params hold no LoraWeight nodes (apply jlora.apply or load_adapter first)."
+    )
   return entries
 
 
@@ -253,8 +272,12 @@ def _patterns(entries, cfg: LoraConfig, use_rslora: bool) -> tuple[dict, dict]:
   # Full names go first: PEFT takes the first matching key.
   order = lambda d: dict(sorted(d.items(), key=lambda kv: ("\\" not in kv[0], kv[0])))
   rank_pattern, alpha_pattern = order(rank_pattern), order(alpha_pattern)
-  if not reproduces(rank_pattern, alpha_pattern):  # pragma: no cover - the construction above is exact
-    raise AssertionError("internal error: rank/alpha patterns do not reproduce the adapter's scales")
+  if not reproduces(
+    rank_pattern, alpha_pattern
+  ):  # pragma: no cover - the construction above is exact
+    raise AssertionError(
+      "internal error: rank/alpha patterns do not reproduce the adapter's scales"
+    )
   return rank_pattern, alpha_pattern
 
 
@@ -268,7 +291,9 @@ def _target_modules(params, entries) -> list[str]:
   return sorted({e["hf"] for e in entries})
 
 
-def peft_config_from_lora(cfg: LoraConfig, params, base_model_name_or_path: str | None = None) -> dict:
+def peft_config_from_lora(
+  cfg: LoraConfig, params, base_model_name_or_path: str | None = None
+) -> dict:
   """The adapter_config.json content for the adapters in `params` (trained with `cfg`)."""
   entries = _entries(params)
   rank_pattern, alpha_pattern = _patterns(entries, cfg, bool(cfg.use_rslora))
@@ -294,7 +319,9 @@ def peft_config_from_lora(cfg: LoraConfig, params, base_model_name_or_path: str 
   }
 
 
-def save_adapter(directory, params, lora_cfg: LoraConfig, base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(
+  directory, params, lora_cfg: LoraConfig, base_model_name_or_path: str | None = None
+) -> Path:
   """Writes the adapters in `params` as a PEFT LoRA adapter (loadable by PEFT, transformers and vLLM).
 
   Only a/b are written (unscaled; PEFT recomputes the scale from r/lora_alpha and the
@@ -302,8 +329,10 @@ def save_adapter(directory, params, lora_cfg: LoraConfig, base_model_name_or_pat
   gathered; arrays spread over several processes are refused.
   """
   if lora_cfg.init == "pissa":
-    raise ValueError("save_adapter: a PiSSA adapter (init='pissa') is relative to a residual base that jlora "
-                     "modified, so PEFT would apply it to the wrong weights. Use export_merged instead.")
+    raise ValueError(
+      "save_adapter: a PiSSA adapter (init='pissa') is relative to a residual base that jlora "
+      "modified, so PEFT would apply it to the wrong weights. Use export_merged instead."
+    )
   params = meta.unbox(params)
   entries = _entries(params)
   paths = set(config_lib.candidate_leaves(params))
@@ -312,26 +341,34 @@ def save_adapter(directory, params, lora_cfg: LoraConfig, base_model_name_or_pat
       raise ValueError(
         f"{e['flax']} is adapted and the output head is tied to it. jlora applies the embedding adapter to the "
         "tied head too, but PEFT (and vLLM) apply it to the input lookup only, so the adapter would load with "
-        "different outputs. Exclude embed_tokens, or use export_merged.")
+        "different outputs. Exclude embed_tokens, or use export_merged."
+      )
   peft_cfg = peft_config_from_lora(lora_cfg, params, base_model_name_or_path)
 
   tensors = {}
   gathered: dict[str, tuple[np.ndarray, np.ndarray]] = {}
   for e in entries:
     if e["flax"] not in gathered:
-      gathered[e["flax"]] = (_to_numpy(e["node"].a, e["flax"] + " (a)"), _to_numpy(e["node"].b, e["flax"] + " (b)"))
+      gathered[e["flax"]] = (
+        _to_numpy(e["node"].a, e["flax"] + " (a)"),
+        _to_numpy(e["node"].b, e["flax"] + " (b)"),
+      )
     a, b = gathered[e["flax"]]
     if e["layer"] is not None:
       a, b = a[e["layer"]], b[e["layer"]]
     prefix = KEY_PREFIX + e["hf"]
-    names = [f"{prefix}.{s}" for s in (_EMBED_SUFFIXES if e["kind"] == EMBEDDING else _LINEAR_SUFFIXES)]
+    names = [
+      f"{prefix}.{s}" for s in (_EMBED_SUFFIXES if e["kind"] == EMBEDDING else _LINEAR_SUFFIXES)
+    ]
     tensors[names[0]], tensors[names[1]] = a.T, b.T
 
   bad = sorted({e["rank"] for e in entries} - set(VLLM_RANKS))
   if bad:
-    warnings.warn(f"save_adapter: rank(s) {bad} are not in vLLM's supported list {list(VLLM_RANKS)}; vLLM "
-                  "needs --max-lora-rank set to one of those (at least the adapter's rank) to serve it.",
-                  stacklevel=2)
+    warnings.warn(
+      f"save_adapter: rank(s) {bad} are not in vLLM's supported list {list(VLLM_RANKS)}; vLLM "
+      "needs --max-lora-rank set to one of those (at least the adapter's rank) to serve it.",
+      stacklevel=2,
+    )
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   _write_safetensors(directory / ADAPTER_WEIGHTS, tensors)
@@ -347,8 +384,10 @@ def read_peft_config(directory) -> dict:
   directory = Path(directory)
   config_file = directory / ADAPTER_CONFIG
   if not config_file.is_file():
-    raise FileNotFoundError(f"{directory} has no {ADAPTER_CONFIG}; a PEFT adapter dir holds {ADAPTER_CONFIG} "
-                            f"and {ADAPTER_WEIGHTS}.")
+    raise FileNotFoundError(
+      f"{directory} has no {ADAPTER_CONFIG}; a PEFT adapter dir holds {ADAPTER_CONFIG} "
+      f"and {ADAPTER_WEIGHTS}."
+    )
   cfg = json.loads(config_file.read_text())
   check_peft_config(cfg)
   return cfg
@@ -361,23 +400,34 @@ def check_peft_config(cfg: Mapping[str, Any]) -> None:
   if cfg.get("use_dora"):
     problems.append("use_dora=true (DoRA's magnitude vector has no jlora equivalent)")
   if cfg.get("modules_to_save"):
-    problems.append(f"modules_to_save={cfg['modules_to_save']!r} (fully trained module copies are not LoRA)")
+    problems.append(
+      f"modules_to_save={cfg['modules_to_save']!r} (fully trained module copies are not LoRA)"
+    )
   if cfg.get("bias", "none") != "none":
     problems.append(f"bias={cfg['bias']!r} (trained biases are not supported; only bias='none')")
   if cfg.get("fan_in_fan_out"):
     problems.append("fan_in_fan_out=true (Conv1D-style GPT-2 weights are not supported)")
   init = cfg.get("init_lora_weights", True)
   if isinstance(init, str) and init.lower().split("_")[0] in _BASE_MODIFYING_INITS:
-    problems.append(f"init_lora_weights={init!r} (this init changes the base weights; convert the adapter to a "
-                    "plain LoRA with PEFT's path_initial_model_for_weight_conversion first)")
+    problems.append(
+      f"init_lora_weights={init!r} (this init changes the base weights; convert the adapter to a "
+      "plain LoRA with PEFT's path_initial_model_for_weight_conversion first)"
+    )
   for field in ("lora_bias", "use_qalora"):
     if cfg.get(field):
       problems.append(f"{field}=true")
-  for field in ("target_parameters", "trainable_token_indices", "layer_replication", "alora_invocation_tokens"):
+  for field in (
+    "target_parameters",
+    "trainable_token_indices",
+    "layer_replication",
+    "alora_invocation_tokens",
+  ):
     if cfg.get(field):
       problems.append(f"{field}={cfg[field]!r}")
   if problems:
-    raise ValueError("This PEFT adapter uses features jlora does not support: " + "; ".join(problems) + ".")
+    raise ValueError(
+      "This PEFT adapter uses features jlora does not support: " + "; ".join(problems) + "."
+    )
 
 
 def _base_modules(base_params, layout) -> dict[str, tuple[str, str, int | None, Any]]:
@@ -407,16 +457,22 @@ def _read_adapter_tensors(directory: Path) -> dict[str, np.ndarray]:
 
   weights = directory / ADAPTER_WEIGHTS
   if not weights.is_file():
-    pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+    pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(
+      p.name for p in directory.glob("*.pt")
+    )
     if pickles:
-      raise ValueError(f"{directory} holds only pickled weights ({', '.join(pickles)}); jlora never loads pickles "
-                       f"(they can run code). Convert the adapter to {ADAPTER_WEIGHTS} (e.g. load it in PEFT and "
-                       "save_pretrained(..., safe_serialization=True)).")
+      raise ValueError(
+        f"{directory} holds only pickled weights ({', '.join(pickles)}); jlora never loads pickles "
+        f"(they can run code). Convert the adapter to {ADAPTER_WEIGHTS} (e.g. load it in PEFT and "
+        "save_pretrained(..., safe_serialization=True))."
+      )
     raise FileNotFoundError(f"{directory} has no {ADAPTER_WEIGHTS}.")
   return load_file(str(weights))
 
 
-def _module_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+def _module_tensors(
+  tensors: Mapping[str, np.ndarray],
+) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
   """({hf module name: {'A': [r, in], 'B': [out, r], 'kind': ...}}, {hf module name: saved base weight}).
 
   PEFT saves the whole base weight of an adapted embedding next to its factors
@@ -440,8 +496,10 @@ def _module_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, dict],
     else:
       unknown.append(key)
   if unknown:
-    raise ValueError(f"The adapter holds tensors that are not LoRA A/B factors (e.g. DoRA magnitudes, biases or "
-                     f"saved modules): {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+    raise ValueError(
+      f"The adapter holds tensors that are not LoRA A/B factors (e.g. DoRA magnitudes, biases or "
+      f"saved modules): {unknown[:8]}{' ...' if len(unknown) > 8 else ''}"
+    )
   return modules, base_copies
 
 
@@ -456,7 +514,9 @@ def _check_base_copies(base_copies, index, base_params) -> None:
   """A saved base weight is accepted only if it is the base we load onto (no resized vocabulary)."""
   for hf, saved in sorted(base_copies.items()):
     if hf not in index:
-      raise ValueError(f"The adapter saves a base weight for {hf}, which maps onto no weight in base_params.")
+      raise ValueError(
+        f"The adapter saves a base weight for {hf}, which maps onto no weight in base_params."
+      )
     path, leaf_name, layer, _ = index[hf]
     base = np.asarray(_leaf_at(base_params, f"{path}/{leaf_name}"), np.float32)
     base = base[layer] if layer is not None else base
@@ -465,11 +525,18 @@ def _check_base_copies(base_copies, index, base_params) -> None:
     if saved.shape != base.shape or not np.allclose(saved, base, rtol=1e-3, atol=1e-5):
       raise ValueError(
         f"The adapter replaces the base weight of {hf} (saved {saved.shape}, base {base.shape}), e.g. after "
-        "resizing the vocabulary. jlora loads LoRA factors only; load that weight into the base params first.")
+        "resizing the vocabulary. jlora loads LoRA factors only; load that weight into the base params first."
+      )
 
 
-def load_adapter(directory, base_params, *, layout: config_lib.Layout | None = None, dtype=jnp.float32,
-                 return_config: bool = False):
+def load_adapter(
+  directory,
+  base_params,
+  *,
+  layout: config_lib.Layout | None = None,
+  dtype=jnp.float32,
+  return_config: bool = False,
+):
   """Reads a PEFT LoRA adapter onto `base_params`: adapted weights become LoraWeight nodes.
 
   The scale of every module follows PEFT (lora_alpha/r or /sqrt(r), rank_pattern and
@@ -488,19 +555,24 @@ def load_adapter(directory, base_params, *, layout: config_lib.Layout | None = N
 
   unmatched = sorted(m for m in modules if m not in index)
   if unmatched:
-    raise ValueError(f"Adapter modules that map onto no weight in base_params: {unmatched}. (Module names like "
-                     f"{sorted(index)[:4]} are available.) Is it an adapter for another architecture?")
+    raise ValueError(
+      f"Adapter modules that map onto no weight in base_params: {unmatched}. (Module names like "
+      f"{sorted(index)[:4]} are available.) Is it an adapter for another architecture?"
+    )
   untargeted = sorted(m for m in modules if not peft_targets(peft_cfg, m, modules[m]["kind"]))
   if untargeted:
-    raise ValueError(f"The adapter holds weights for modules its target_modules do not select (PEFT would "
-                     f"ignore them): {untargeted}")
+    raise ValueError(
+      f"The adapter holds weights for modules its target_modules do not select (PEFT would "
+      f"ignore them): {untargeted}"
+    )
   heads = {p for p in index.values() if p[0].rpartition("/")[2] == "lm_head"}
   for m, parts in modules.items():
     if parts["kind"] == EMBEDDING and _short_name(m) == "embed_tokens" and not heads:
       raise ValueError(
         f"The adapter adapts {m}, and this model's output head is tied to it. PEFT applies the embedding "
         "adapter to the input lookup only, but jlora would apply it to the tied head too, so the outputs would "
-        "differ. Load it onto an untied model, or merge it with PEFT first.")
+        "differ. Load it onto an untied model, or merge it with PEFT first."
+      )
   dropout = float(peft_cfg.get("lora_dropout", 0.0) or 0.0)
 
   # Group per flax weight: {flax path: {layer or None: (hf name, a, b, scale)}}.
@@ -511,13 +583,17 @@ def load_adapter(directory, base_params, *, layout: config_lib.Layout | None = N
     path, leaf_name, layer, _ = index[hf]
     kind = parts["kind"]
     if (kind == EMBEDDING) != (leaf_name == EMBEDDING):
-      raise ValueError(f"{hf}: the adapter treats it as {'an embedding' if kind == EMBEDDING else 'a linear layer'}, "
-                       f"but base_params has a {leaf_name!r} there.")
+      raise ValueError(
+        f"{hf}: the adapter treats it as {'an embedding' if kind == EMBEDDING else 'a linear layer'}, "
+        f"but base_params has a {leaf_name!r} there."
+      )
     a, b = np.asarray(parts["A"]).T, np.asarray(parts["B"]).T  # [in, r], [r, out]
     r, _ = peft_rank_alpha(peft_cfg, hf)
     if a.shape[1] != r or b.shape[0] != r:
-      raise ValueError(f"{hf}: lora_A {parts['A'].shape} / lora_B {parts['B'].shape} have rank {a.shape[1]}, but "
-                       f"adapter_config.json gives r={r} for this module.")
+      raise ValueError(
+        f"{hf}: lora_A {parts['A'].shape} / lora_B {parts['B'].shape} have rank {a.shape[1]}, but "
+        f"adapter_config.json gives r={r} for this module."
+      )
     grouped.setdefault(path + "/" + leaf_name, {})[layer] = (hf, a, b, peft_scale(peft_cfg, hf))
 
   nodes: dict[str, dict] = {}
@@ -539,8 +615,11 @@ def load_adapter(directory, base_params, *, layout: config_lib.Layout | None = N
       fixed[layer] = (hf, a, b, common)
     nodes[full] = fixed
   for e in sorted(m for m in index if m not in modules and peft_targets(peft_cfg, m, index[m][1])):
-    warnings.warn(f"load_adapter: {e} is selected by target_modules but the adapter has no weights for it; "
-                  "it stays unadapted (as PEFT's zero-initialised B would leave it).", stacklevel=2)
+    warnings.warn(
+      f"load_adapter: {e} is selected by target_modules but the adapter has no weights for it; "
+      "it stays unadapted (as PEFT's zero-initialised B would leave it).",
+      stacklevel=2,
+    )
 
   scales_by_path: dict[str, tuple[int, float]] = {}
 
@@ -560,13 +639,21 @@ def load_adapter(directory, base_params, *, layout: config_lib.Layout | None = N
       b = np.zeros((n_layers, *b0.shape), b0.dtype)
       for layer, (_, la, lb, _) in per_layer.items():
         a[layer], b[layer] = la, lb
-    per_layer_shape = value.shape[a.ndim - 2:]
+    per_layer_shape = value.shape[a.ndim - 2 :]
     if (a.shape[-2], b.shape[-1]) != tuple(per_layer_shape) or a.shape[:-2] != value.shape[:-2]:
-      raise ValueError(f"{full}: the adapter's factors imply a weight of shape {a.shape[:-1] + b.shape[-1:]}, but "
-                       f"base_params has {tuple(value.shape)}.")
+      raise ValueError(
+        f"{full}: the adapter's factors imply a weight of shape {a.shape[:-1] + b.shape[-1:]}, but "
+        f"base_params has {tuple(value.shape)}."
+      )
     scales_by_path[full.rpartition("/")[0]] = (a.shape[-1], scale)
-    return LoraWeight(base=value, a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype), scale=float(scale),
-                      roles=(IN, OUT), dropout=dropout)
+    return LoraWeight(
+      base=value,
+      a=jnp.asarray(a, dtype),
+      b=jnp.asarray(b, dtype),
+      scale=float(scale),
+      roles=(IN, OUT),
+      dropout=dropout,
+    )
 
   params = jax.tree_util.tree_map_with_path(adapt, base_params, is_leaf=config_lib._is_opaque)
   if not return_config:
@@ -575,7 +662,11 @@ def load_adapter(directory, base_params, *, layout: config_lib.Layout | None = N
 
 
 def _jlora_config(peft_cfg, scales_by_path: Mapping[str, tuple[int, float]], dtype) -> LoraConfig:
-  rank, alpha, rslora = int(peft_cfg.get("r", 8)), float(peft_cfg.get("lora_alpha", 8)), bool(peft_cfg.get("use_rslora"))
+  rank, alpha, rslora = (
+    int(peft_cfg.get("r", 8)),
+    float(peft_cfg.get("lora_alpha", 8)),
+    bool(peft_cfg.get("use_rslora")),
+  )
   rank_pattern, alpha_pattern = {}, {}
   for path, (r, scale) in sorted(scales_by_path.items()):
     a = scale * (math.sqrt(r) if rslora else r)
@@ -583,9 +674,16 @@ def _jlora_config(peft_cfg, scales_by_path: Mapping[str, tuple[int, float]], dty
       rank_pattern[re.escape(path)] = r
     if not math.isclose(a, alpha, rel_tol=1e-9):
       alpha_pattern[re.escape(path)] = _clean(a)
-  return LoraConfig(rank=rank, alpha=alpha, targets=tuple(sorted(scales_by_path)), dropout=float(
-    peft_cfg.get("lora_dropout", 0.0) or 0.0), use_rslora=rslora, rank_pattern=rank_pattern,
-    alpha_pattern=alpha_pattern, dtype=dtype)
+  return LoraConfig(
+    rank=rank,
+    alpha=alpha,
+    targets=tuple(sorted(scales_by_path)),
+    dropout=float(peft_cfg.get("lora_dropout", 0.0) or 0.0),
+    use_rslora=rslora,
+    rank_pattern=rank_pattern,
+    alpha_pattern=alpha_pattern,
+    dtype=dtype,
+  )
 
 
 def lora_config_from_peft(peft_cfg: Mapping[str, Any], dtype=jnp.float32) -> LoraConfig:
@@ -598,19 +696,26 @@ def lora_config_from_peft(peft_cfg: Mapping[str, Any], dtype=jnp.float32) -> Lor
   check_peft_config(peft_cfg)
   targets = peft_cfg.get("target_modules") or ("q_proj", "v_proj")
   if isinstance(targets, str) and targets != "all-linear":
-    raise ValueError(f"target_modules={targets!r} is a regex over HF module names; use "
-                     "load_adapter(dir, params, return_config=True) to resolve it against a model.")
+    raise ValueError(
+      f"target_modules={targets!r} is a regex over HF module names; use "
+      "load_adapter(dir, params, return_config=True) to resolve it against a model."
+    )
   plain = lambda k: k.replace(r"\.", "/").replace(".", "/")
   if not isinstance(targets, str):
     targets = tuple(plain(t) for t in targets)
   return LoraConfig(
-    rank=int(peft_cfg.get("r", 8)), alpha=float(peft_cfg.get("lora_alpha", 8)), targets=targets,
-    exclude=tuple(plain(t) for t in peft_cfg["exclude_modules"]) if isinstance(
-      peft_cfg.get("exclude_modules"), (list, tuple)) and peft_cfg["exclude_modules"] else None,
-    dropout=float(peft_cfg.get("lora_dropout", 0.0) or 0.0), use_rslora=bool(peft_cfg.get("use_rslora")),
+    rank=int(peft_cfg.get("r", 8)),
+    alpha=float(peft_cfg.get("lora_alpha", 8)),
+    targets=targets,
+    exclude=tuple(plain(t) for t in peft_cfg["exclude_modules"])
+    if isinstance(peft_cfg.get("exclude_modules"), (list, tuple)) and peft_cfg["exclude_modules"]
+    else None,
+    dropout=float(peft_cfg.get("lora_dropout", 0.0) or 0.0),
+    use_rslora=bool(peft_cfg.get("use_rslora")),
     rank_pattern={plain(k): int(v) for k, v in (peft_cfg.get("rank_pattern") or {}).items()},
     alpha_pattern={plain(k): float(v) for k, v in (peft_cfg.get("alpha_pattern") or {}).items()},
-    dtype=dtype)
+    dtype=dtype,
+  )
 
 
 # --------------------------------------------------------------------------- merged export
@@ -625,11 +730,15 @@ def _hf_config_dict(model_config) -> dict:
     return model_config.to_hf_dict()
   if hasattr(model_config, "to_dict"):
     return model_config.to_dict()
-  raise TypeError(f"model_config must be a jlora LlamaConfig, an HF config dict or a PretrainedConfig; got "
-                  f"{type(model_config).__name__}.")
+  raise TypeError(
+    f"model_config must be a jlora LlamaConfig, an HF config dict or a PretrainedConfig; got "
+    f"{type(model_config).__name__}."
+  )
 
 
-def export_merged(directory, params, model_config, tokenizer=None, *, dtype: str = "float32") -> Path:
+def export_merged(
+  directory, params, model_config, tokenizer=None, *, dtype: str = "float32"
+) -> Path:
   """Merges the adapters and writes an HF checkpoint: config.json, model.safetensors, tokenizer files.
 
   Quantized bases merge into their dequantized weights (the weights the adapter was
@@ -661,10 +770,14 @@ def export_merged(directory, params, model_config, tokenizer=None, *, dtype: str
   has_head = "lm_head.weight" in tensors
   tied = bool(hf_config.get("tie_word_embeddings", False))
   if tied and has_head:
-    raise ValueError("export_merged: the config ties the output head to the embeddings, but params have lm_head.")
+    raise ValueError(
+      "export_merged: the config ties the output head to the embeddings, but params have lm_head."
+    )
   if not tied and not has_head:
-    raise ValueError("export_merged: params have no lm_head, so the embeddings must be tied; the config says "
-                     "tie_word_embeddings=false.")
+    raise ValueError(
+      "export_merged: params have no lm_head, so the embeddings must be tied; the config says "
+      "tie_word_embeddings=false."
+    )
   hf_config["torch_dtype"] = dtype
   hf_config["dtype"] = dtype
 

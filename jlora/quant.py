@@ -69,7 +69,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,12 +85,27 @@ KINDS = ("nf4", "int4")
 DQ_BLOCK = 256  # double-quant block: consecutive absmax values sharing one fp32 scale
 
 # bitsandbytes' NF4 table (bitsandbytes/functional.py, get_4bit_type("nf4")).
-NF4_TABLE = np.array([
-  -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-  -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-  0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-  0.7229568362236023, 1.0,
-], dtype=np.float32)
+NF4_TABLE = np.array(
+  [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+  ],
+  dtype=np.float32,
+)
 INT4_TABLE = (np.arange(16, dtype=np.float32) - 8.0) / 7.0
 
 
@@ -105,18 +121,26 @@ def _check_kind(kind, field: str) -> None:
 
 
 def _check_block_size(block_size, field: str) -> None:
-  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0:
-    raise ValueError(f"{field}={block_size!r} is invalid: it must be a positive integer "
-                     "(e.g. 32, 64, 128; QLoRA uses 64).")
+  if (
+    isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0
+  ):
+    raise ValueError(
+      f"{field}={block_size!r} is invalid: it must be a positive integer "
+      "(e.g. 32, 64, 128; QLoRA uses 64)."
+    )
 
 
 def _check_dtype(value, field: str, *, floating: bool = True) -> None:
   try:
     dt = jnp.dtype(value)
   except TypeError as e:
-    raise ValueError(f"{field}={value!r} is not a dtype (use e.g. jnp.float32 or 'bfloat16').") from e
+    raise ValueError(
+      f"{field}={value!r} is not a dtype (use e.g. jnp.float32 or 'bfloat16')."
+    ) from e
   if floating and not jnp.issubdtype(dt, jnp.floating):
-    raise ValueError(f"{field}={value!r} is invalid: it must be a floating dtype (e.g. float32, bfloat16).")
+    raise ValueError(
+      f"{field}={value!r} is invalid: it must be a floating dtype (e.g. float32, bfloat16)."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +167,9 @@ class QuantConfig:
     _check_kind(self.kind, "QuantConfig.kind")
     _check_block_size(self.block_size, "QuantConfig.block_size")
     if not isinstance(self.double_quant, bool):
-      raise ValueError(f"QuantConfig.double_quant={self.double_quant!r} is invalid: it must be True or False.")
+      raise ValueError(
+        f"QuantConfig.double_quant={self.double_quant!r} is invalid: it must be True or False."
+      )
     config_lib._check_targets("QuantConfig.targets", self.targets)
     if self.exclude is not None:
       config_lib._check_targets("QuantConfig.exclude", self.exclude)
@@ -252,13 +278,15 @@ class QuantizedWeight:
 
   # ------------------------------------------------------------------ sharding
 
-  def partition_spec(self, kernel_spec, mesh=None) -> "QuantizedWeight":
+  def partition_spec(self, kernel_spec, mesh=None) -> QuantizedWeight:
     """PartitionSpecs for the children, derived from the full kernel's spec (see the module docstring)."""
     spec = tuple(kernel_spec) if kernel_spec is not None else ()
     spec = spec + (None,) * (self.ndim - len(spec))
     if len(spec) != self.ndim:
-      raise ValueError(f"partition_spec: kernel spec {kernel_spec} has more entries than the weight has axes "
-                       f"({self.shape}).")
+      raise ValueError(
+        f"partition_spec: kernel spec {kernel_spec} has more entries than the weight has axes "
+        f"({self.shape})."
+      )
     n = self.n_lead
     lead, per_layer = spec[:n], spec[n:]
     _, _, in_axes, other = self._matrix_dims()
@@ -277,8 +305,12 @@ class QuantizedWeight:
     codes = PartitionSpec(*lead, half_spec, out_spec)
     if not self.double_quant:
       return self.replace(codes=codes, absmax=PartitionSpec(*lead, block_spec, out_spec))
-    return self.replace(codes=codes, absmax=PartitionSpec(*lead, None),
-                        absmax_scale=PartitionSpec(*lead, None), absmax_mean=PartitionSpec(*lead))
+    return self.replace(
+      codes=codes,
+      absmax=PartitionSpec(*lead, None),
+      absmax_scale=PartitionSpec(*lead, None),
+      absmax_mean=PartitionSpec(*lead),
+    )
 
 
 _dequantize_jit = jax.jit(lambda q: q._dequantize())
@@ -345,17 +377,32 @@ def _double_quantize(absmax: jax.Array, n_lead: int):
   return q.reshape(*lead, -1), scale.astype(jnp.float32), mean.astype(jnp.float32)
 
 
-def quantize_array(w, *, kind: str = "nf4", block_size: int = 64, double_quant: bool = True,
-                   roles: Sequence[str] = ("in", "out"), n_lead: int = 0, scale_dtype=jnp.float32,
-                   dtype=None) -> QuantizedWeight:
+def quantize_array(
+  w,
+  *,
+  kind: str = "nf4",
+  block_size: int = 64,
+  double_quant: bool = True,
+  roles: Sequence[str] = ("in", "out"),
+  n_lead: int = 0,
+  scale_dtype=jnp.float32,
+  dtype=None,
+) -> QuantizedWeight:
   """Quantizes one kernel `w` of shape [*lead, *per_layer] (per_layer axes have `roles`)."""
   _check_kind(kind, "kind")
   _check_block_size(block_size, "block_size")
   roles = tuple(roles)
   w = jnp.asarray(w)
-  if isinstance(n_lead, bool) or not isinstance(n_lead, int) or n_lead < 0 or n_lead + len(roles) != w.ndim:
-    raise ValueError(f"quantize_array: shape {w.shape} does not have n_lead={n_lead!r} leading axes plus one "
-                     f"axis per role {roles}.")
+  if (
+    isinstance(n_lead, bool)
+    or not isinstance(n_lead, int)
+    or n_lead < 0
+    or n_lead + len(roles) != w.ndim
+  ):
+    raise ValueError(
+      f"quantize_array: shape {w.shape} does not have n_lead={n_lead!r} leading axes plus one "
+      f"axis per role {roles}."
+    )
   if IN not in roles:
     raise ValueError(f"quantize_array: roles {roles} have no 'in' axis to quantize along.")
   dtype_name = jnp.dtype(dtype if dtype is not None else w.dtype).name
@@ -363,15 +410,28 @@ def quantize_array(w, *, kind: str = "nf4", block_size: int = 64, double_quant: 
   in_axes = tuple(i for i, r in enumerate(roles) if r == IN)
   n_in = math.prod(kernel_shape[i] for i in in_axes)
   if n_in % 2:
-    raise ValueError(f"quantize_array: the input size {n_in} is odd; two codes are packed per byte along it.")
+    raise ValueError(
+      f"quantize_array: the input size {n_in} is odd; two codes are packed per byte along it."
+    )
   if n_in % block_size:
-    raise ValueError(f"quantize_array: the input size {n_in} is not divisible by block_size={block_size}; "
-                     f"valid block sizes: {_valid_block_sizes(n_in)}.")
-  codes, absmax, scale, mean = _quantize_core(w, kind, int(block_size), bool(double_quant), roles, n_lead,
-                                              jnp.dtype(scale_dtype))
-  return QuantizedWeight(codes=codes, absmax=absmax, absmax_scale=scale, absmax_mean=mean,
-                         kernel_shape=kernel_shape, roles=roles, kind=kind, block_size=int(block_size),
-                         dtype_name=dtype_name)
+    raise ValueError(
+      f"quantize_array: the input size {n_in} is not divisible by block_size={block_size}; "
+      f"valid block sizes: {_valid_block_sizes(n_in)}."
+    )
+  codes, absmax, scale, mean = _quantize_core(
+    w, kind, int(block_size), bool(double_quant), roles, n_lead, jnp.dtype(scale_dtype)
+  )
+  return QuantizedWeight(
+    codes=codes,
+    absmax=absmax,
+    absmax_scale=scale,
+    absmax_mean=mean,
+    kernel_shape=kernel_shape,
+    roles=roles,
+    kind=kind,
+    block_size=int(block_size),
+    dtype_name=dtype_name,
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
@@ -383,7 +443,9 @@ def _quantize_core(w, kind, block_size, double_quant, roles, n_lead, scale_dtype
   n_in = math.prod(kernel_shape[i] for i in in_axes)
   n_out = math.prod(kernel_shape[i] for i in other)
   perm = (*range(n_lead), *(n_lead + i for i in in_axes + other))
-  matrix = jnp.transpose(w, perm).astype(jnp.float32).reshape(*lead, n_in // block_size, block_size, n_out)
+  matrix = (
+    jnp.transpose(w, perm).astype(jnp.float32).reshape(*lead, n_in // block_size, block_size, n_out)
+  )
   absmax = jnp.max(jnp.abs(matrix), axis=-2)  # [*lead, nb, O]
   safe = jnp.where(absmax > 0, absmax, 1.0)
   idx = _nearest_code(matrix / safe[..., None, :], kind).reshape(*lead, n_in // 2, 2, n_out)
@@ -417,26 +479,32 @@ def quantize(params, qcfg: QuantConfig, *, layout: config_lib.Layout | None = No
     raise TypeError(f"quantize: expected a QuantConfig, got {type(qcfg).__name__}.")
   for leaf in jax.tree.leaves(params, is_leaf=_is_leaf):
     if is_quantized(leaf) or is_quantized(getattr(leaf, "base", None)):
-      raise ValueError("quantize: the params are already quantized (they hold QuantizedWeight nodes). "
-                       "Call jlora.quant.dequantize(params) first to re-quantize with other settings.")
+      raise ValueError(
+        "quantize: the params are already quantized (they hold QuantizedWeight nodes). "
+        "Call jlora.quant.dequantize(params) first to re-quantize with other settings."
+      )
   chosen = set(config_lib.select(params, qcfg.targets, qcfg.exclude, field="QuantConfig.targets"))
 
   def visit(path, name, value, n_lead, roles):
     if getattr(value, "is_jlora_node", False):
-      raise ValueError(f"quantize: {path!r} already holds a {type(value).__name__}; quantize before jlora.apply.")
+      raise ValueError(
+        f"quantize: {path!r} already holds a {type(value).__name__}; quantize before jlora.apply."
+      )
     shape = tuple(value.shape)
     per_layer = shape[n_lead:]
     n_in = math.prod(d for d, r in zip(per_layer, roles) if r == IN)
     if n_in % 2:
       raise ValueError(
         f"quantize: {path}/{name} has an odd input size {n_in} (shape {per_layer}, roles {roles}); 4-bit codes "
-        f"are packed in pairs along it. Exclude it (QuantConfig.exclude=[{path.rpartition('/')[2]!r}]).")
+        f"are packed in pairs along it. Exclude it (QuantConfig.exclude=[{path.rpartition('/')[2]!r}])."
+      )
     if n_in % qcfg.block_size:
       raise ValueError(
         f"quantize: {path}/{name} has input size {n_in} (shape {per_layer}, roles {roles}), which is not "
         f"divisible by QuantConfig.block_size={qcfg.block_size}. Valid block sizes for it: "
         f"{_valid_block_sizes(n_in)}; or exclude it "
-        f"(QuantConfig.exclude=[{path.rpartition('/')[2]!r}]).")
+        f"(QuantConfig.exclude=[{path.rpartition('/')[2]!r}])."
+      )
     todo[f"{path}/{name}"] = (value, n_lead, roles)
     return value
 
@@ -444,23 +512,39 @@ def quantize(params, qcfg: QuantConfig, *, layout: config_lib.Layout | None = No
   unboxed = config_lib.map_selected(params, chosen, visit, layout)
   # One compiled program for all selected kernels (one compile instead of one per shape).
   keys = sorted(todo)
-  outputs = _quantize_many(tuple(todo[k][0] for k in keys), tuple((todo[k][2], todo[k][1]) for k in keys),
-                           qcfg.kind, qcfg.block_size, qcfg.double_quant, jnp.dtype(qcfg.scale_dtype))
+  outputs = _quantize_many(
+    tuple(todo[k][0] for k in keys),
+    tuple((todo[k][2], todo[k][1]) for k in keys),
+    qcfg.kind,
+    qcfg.block_size,
+    qcfg.double_quant,
+    jnp.dtype(qcfg.scale_dtype),
+  )
   nodes = {}
   for k, (codes, absmax, scale, mean) in zip(keys, outputs):
     value, n_lead, roles = todo[k]
     nodes[k] = QuantizedWeight(
-      codes=codes, absmax=absmax, absmax_scale=scale, absmax_mean=mean,
-      kernel_shape=tuple(int(d) for d in value.shape[n_lead:]), roles=roles, kind=qcfg.kind,
-      block_size=qcfg.block_size, dtype_name=jnp.dtype(qcfg.dtype if qcfg.dtype is not None else value.dtype).name)
-  return jax.tree_util.tree_map_with_path(lambda kp, v: nodes.get(config_lib.path_str(kp), v), unboxed,
-                                          is_leaf=_is_leaf)
+      codes=codes,
+      absmax=absmax,
+      absmax_scale=scale,
+      absmax_mean=mean,
+      kernel_shape=tuple(int(d) for d in value.shape[n_lead:]),
+      roles=roles,
+      kind=qcfg.kind,
+      block_size=qcfg.block_size,
+      dtype_name=jnp.dtype(qcfg.dtype if qcfg.dtype is not None else value.dtype).name,
+    )
+  return jax.tree_util.tree_map_with_path(
+    lambda kp, v: nodes.get(config_lib.path_str(kp), v), unboxed, is_leaf=_is_leaf
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def _quantize_many(values, layouts, kind, block_size, double_quant, scale_dtype):
-  return tuple(_quantize_core(v, kind, block_size, double_quant, roles, n_lead, scale_dtype)
-               for v, (roles, n_lead) in zip(values, layouts))
+  return tuple(
+    _quantize_core(v, kind, block_size, double_quant, roles, n_lead, scale_dtype)
+    for v, (roles, n_lead) in zip(values, layouts)
+  )
 
 
 def _dequantize_leaf(x):

@@ -9,7 +9,7 @@ B an unsharded rank and the base's output-axis specs. Nothing is replicated by f
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 from flax import linen as nn
@@ -20,16 +20,22 @@ from jlora.lora import factor_axes, is_lora
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+def make_mesh(
+  data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None
+) -> Mesh:
   """A (data, fsdp, tensor) mesh over the first data*fsdp*tensor devices; -1 in one axis takes the rest."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
   for name, size in sizes.items():
     if not isinstance(size, int) or (size < 1 and size != -1):
-      raise ValueError(f"mesh.{name}={size!r} is invalid: use a positive integer, or -1 for the remaining devices.")
+      raise ValueError(
+        f"mesh.{name}={size!r} is invalid: use a positive integer, or -1 for the remaining devices."
+      )
   free = [n for n, s in sizes.items() if s == -1]
   if len(free) > 1:
-    raise ValueError(f"Only one mesh axis may be -1; got -1 for {', '.join('mesh.' + n for n in free)}.")
+    raise ValueError(
+      f"Only one mesh axis may be -1; got -1 for {', '.join('mesh.' + n for n in free)}."
+    )
   if free:
     rest = math.prod(s for s in sizes.values() if s != -1)
     if len(devices) % rest:
@@ -37,13 +43,16 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence |
     sizes[free[0]] = len(devices) // rest
   total = math.prod(sizes.values())
   if total > len(devices):
-    raise ValueError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = {total} "
-                     f"devices, but only {len(devices)} are available ({jax.default_backend()}). Make the product "
-                     "at most the device count (one axis may be -1 to take the rest).")
+    raise ValueError(
+      f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = {total} "
+      f"devices, but only {len(devices)} are available ({jax.default_backend()}). Make the product "
+      "at most the device count (one axis may be -1 to take the rest)."
+    )
   devices = devices[:total]
   # Auto axes: sharding is propagated by XLA from the annotated params and activations.
-  return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                       devices=devices)
+  return jax.make_mesh(
+    tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
+  )
 
 
 def logical_specs(boxed_params, rules) -> dict:
@@ -64,7 +73,11 @@ def adapter_specs(node, base_spec) -> object:
   a_axes, b_axes = factor_axes(per_layer, node.roles, None)  # the rank axis is never sharded
   a, b = PartitionSpec(*lead, *a_axes), PartitionSpec(*lead, *b_axes)
   base = node.base
-  base_spec = base.partition_spec(PartitionSpec(*spec)) if hasattr(base, "partition_spec") else PartitionSpec(*spec)
+  base_spec = (
+    base.partition_spec(PartitionSpec(*spec))
+    if hasattr(base, "partition_spec")
+    else PartitionSpec(*spec)
+  )
   return node.replace(base=base_spec, a=a, b=b)
 
 
@@ -88,14 +101,20 @@ def param_specs(params, base_specs):
 
 def named(mesh: Mesh, specs):
   """NamedShardings for a tree of PartitionSpecs (nodes included)."""
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return jax.tree.map(
+    lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+  )
 
 
 def follow_params(state, param_shardings, mesh: Mesh):
   """Shardings for an optimizer state: every leaf that mirrors a param (optax's mu, nu, ...)
   takes that param's sharding, matched by key path; counters and scalars are replicated."""
-  by_path = {jax.tree_util.keystr(p): s for p, s in
-             jax.tree_util.tree_leaves_with_path(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))}
+  by_path = {
+    jax.tree_util.keystr(p): s
+    for p, s in jax.tree_util.tree_leaves_with_path(
+      param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
+    )
+  }
 
   def pick(path, _):
     key = jax.tree_util.keystr(path)

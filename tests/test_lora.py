@@ -60,7 +60,9 @@ class TinyTransformer(nn.Module):
     for i in range(self.layers):
       x = x + Attention(name=f"attn_{i}")(nn.RMSNorm(name=f"ln1_{i}")(x))
       h = nn.RMSNorm(name=f"ln2_{i}")(x)
-      x = x + nn.Dense(self.dim, name=f"mlp_down_{i}")(nn.gelu(nn.Dense(4 * self.dim, name=f"mlp_up_{i}")(h)))
+      x = x + nn.Dense(self.dim, name=f"mlp_down_{i}")(
+        nn.gelu(nn.Dense(4 * self.dim, name=f"mlp_up_{i}")(h))
+      )
     return nn.Dense(self.vocab, name="lm_head")(nn.RMSNorm(name="final_norm")(x))
 
 
@@ -100,13 +102,25 @@ def randomize(params, seed, b_only=False):
 
 
 MODELS = {
-  "mlp": (MLP(), lambda: jnp.asarray(np.random.RandomState(0).randn(3, 5, 12), jnp.float32), ["up", "down"]),
-  "transformer": (TinyTransformer(), lambda: jnp.asarray(np.random.RandomState(1).randint(0, 64, (2, 6))), "all-linear"),
-  "scanned": (ScannedStack(), lambda: jnp.asarray(np.random.RandomState(2).randint(0, 40, (2, 7))), ".*"),
+  "mlp": (
+    MLP(),
+    lambda: jnp.asarray(np.random.RandomState(0).randn(3, 5, 12), jnp.float32),
+    ["up", "down"],
+  ),
+  "transformer": (
+    TinyTransformer(),
+    lambda: jnp.asarray(np.random.RandomState(1).randint(0, 64, (2, 6))),
+    "all-linear",
+  ),
+  "scanned": (
+    ScannedStack(),
+    lambda: jnp.asarray(np.random.RandomState(2).randint(0, 40, (2, 7))),
+    ".*",
+  ),
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_of(name):
   """(model, x, base params, layout): built once per model, since only the adapters vary."""
   model, make_x, _ = MODELS[name]
@@ -130,16 +144,24 @@ def test_init_output_equals_base_exactly(name):
     # Embedding adapters start with A = 0 (PEFT's convention), B random: still a no-op.
     emb = params["embed"]["embedding"]
     assert not np.any(emb.a) and np.any(emb.b)
-  np.testing.assert_array_equal(jlora.wrap(model.apply)({"params": params}, x), model.apply({"params": base}, x))
+  np.testing.assert_array_equal(
+    jlora.wrap(model.apply)({"params": params}, x), model.apply({"params": base}, x)
+  )
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 @SETTINGS
-@given(rank=st.sampled_from([1, 5]), alpha=st.floats(0.5, 32.0), seed=st.integers(0, 2**16), rslora=st.booleans())
+@given(
+  rank=st.sampled_from([1, 5]),
+  alpha=st.floats(0.5, 32.0),
+  seed=st.integers(0, 2**16),
+  rslora=st.booleans(),
+)
 def test_wrapped_equals_materialised_merge(name, rank, alpha, seed, rslora):
   model, x, base, params = adapted(name, rank, alpha, seed, use_rslora=rslora)
   params = randomize(params, seed)
   wrapped = jlora.wrap(model.apply)({"params": params}, x)
+
   # Reference: W + scale*A@B materialised by hand (numpy), through the unmodified model.
   def materialise(n):
     if not jlora.is_lora(n):
@@ -151,16 +173,24 @@ def test_wrapped_equals_materialised_merge(name, rank, alpha, seed, rslora):
     b2 = b.reshape(*lead, b.shape[n_lead], -1)
     in_axes = [i for i, r in enumerate(n.roles) if r == "in"]
     out_axes = [i for i, r in enumerate(n.roles) if r == "out"]
-    assert in_axes + out_axes == sorted(in_axes + out_axes), "test models keep in-axes before out-axes"
+    assert in_axes + out_axes == sorted(in_axes + out_axes), (
+      "test models keep in-axes before out-axes"
+    )
     delta = (a2 @ b2).reshape(n.shape)
     expected_scale = alpha / math.sqrt(rank) if rslora else alpha / rank
     assert n.scale == pytest.approx(expected_scale)
     return jnp.asarray(np.asarray(n.base, np.float64) + expected_scale * delta, jnp.float32)
 
   reference = model.apply({"params": jax.tree.map(materialise, params, is_leaf=jlora.is_lora)}, x)
-  np.testing.assert_allclose(wrapped, reference, atol=1e-5 * max(1.0, float(np.abs(reference).max())), rtol=1e-5)
-  np.testing.assert_allclose(model.apply({"params": jlora.merge(params)}, x), reference,
-                             atol=1e-5 * max(1.0, float(np.abs(reference).max())), rtol=1e-5)
+  np.testing.assert_allclose(
+    wrapped, reference, atol=1e-5 * max(1.0, float(np.abs(reference).max())), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    model.apply({"params": jlora.merge(params)}, x),
+    reference,
+    atol=1e-5 * max(1.0, float(np.abs(reference).max())),
+    rtol=1e-5,
+  )
   assert not np.allclose(wrapped, model.apply({"params": base}, x), atol=1e-3)
 
 
@@ -181,13 +211,21 @@ def test_merge_unmerge_split_combine_round_trip(name, seed):
     else:
       assert t is None and f is not None
   restored = jlora.unmerge(jlora.merge(params), trainable)
-  chex.assert_trees_all_close(jlora.merge(jax.tree.map(lambda n: n.base if jlora.is_lora(n) else n, restored,
-                                                       is_leaf=jlora.is_lora)), base, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(
+    jlora.merge(
+      jax.tree.map(lambda n: n.base if jlora.is_lora(n) else n, restored, is_leaf=jlora.is_lora)
+    ),
+    base,
+    atol=1e-5,
+    rtol=1e-5,
+  )
   chex.assert_trees_all_equal(jlora.split(restored)[0], trainable)
 
 
 def test_rank_and_alpha_patterns_set_hand_computed_scales():
-  model, x, base, params = adapted("mlp", rank=8, alpha=16, rank_pattern={"down": 2}, alpha_pattern={"up": 4.0})
+  model, x, base, params = adapted(
+    "mlp", rank=8, alpha=16, rank_pattern={"down": 2}, alpha_pattern={"up": 4.0}
+  )
   up, down = params["up"]["kernel"], params["down"]["kernel"]
   assert (up.a.shape[-1], up.scale) == (8, 4.0 / 8)
   assert (down.a.shape[-1], down.scale) == (2, 16.0 / 2)
@@ -198,8 +236,9 @@ def test_rank_and_alpha_patterns_set_hand_computed_scales():
   params = randomize(params, 3)
   only_down = dict(params, up={**params["up"], "kernel": params["up"]["kernel"].base})
   y = jlora.wrap(model.apply)({"params": only_down}, x) - model.apply({"params": base}, x)
-  intermediate = jax.nn.relu(nn.Dense(32).apply({"params": base["up"]},
-                                                nn.LayerNorm().apply({"params": base["norm"]}, x)))
+  intermediate = jax.nn.relu(
+    nn.Dense(32).apply({"params": base["up"]}, nn.LayerNorm().apply({"params": base["norm"]}, x))
+  )
   down = params["down"]["kernel"]
   expected = 8.0 * np.asarray(intermediate) @ np.asarray(down.a) @ np.asarray(down.b)
   np.testing.assert_allclose(y, expected, atol=1e-4, rtol=1e-4)
@@ -217,8 +256,10 @@ def test_dropout_only_on_lora_branch():
   model, x, base, params = adapted("mlp", dropout=0.5)
   run = jlora.wrap(model.apply)
   # At init B = 0, so even with dropout active the output is exactly the base's: the base path has none.
-  np.testing.assert_array_equal(run({"params": params}, x, rngs={"dropout": jax.random.key(0)}),
-                                model.apply({"params": base}, x))
+  np.testing.assert_array_equal(
+    run({"params": params}, x, rngs={"dropout": jax.random.key(0)}),
+    model.apply({"params": base}, x),
+  )
   params = randomize(params, 1)
   plain = run({"params": params}, x)
   dropped = run({"params": params}, x, rngs={"dropout": jax.random.key(0)})
@@ -235,7 +276,11 @@ def test_gaussian_and_default_inits_follow_peft():
   assert abs(a.std() - 1 / 8) < 0.02 and not np.any(params["mlp_up_0"]["kernel"].b)
   _, _, _, params = adapted("transformer", rank=8)
   a = np.asarray(params["mlp_up_0"]["kernel"].a)  # fan_in 32: U(-1/sqrt(32), 1/sqrt(32))
-  assert a.max() <= 1 / math.sqrt(32) and a.min() >= -1 / math.sqrt(32) and a.std() > 0.6 / math.sqrt(3 * 32)
+  assert (
+    a.max() <= 1 / math.sqrt(32)
+    and a.min() >= -1 / math.sqrt(32)
+    and a.std() > 0.6 / math.sqrt(3 * 32)
+  )
 
 
 @pytest.mark.parametrize("name", ["mlp", "scanned"])
@@ -246,11 +291,16 @@ def test_pissa_keeps_model_and_moves_principal_directions(name):
   targets = ["up"] if name == "mlp" else ["ff_out"]
   cfg = jlora.LoraConfig(rank=2, alpha=4, targets=targets, init="pissa")
   params = jlora.apply(base, cfg, jax.random.key(0), layout=jlora.trace_layout(model, x))
-  np.testing.assert_allclose(jlora.wrap(model.apply)({"params": params}, x), model.apply({"params": base}, x),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    jlora.wrap(model.apply)({"params": params}, x), model.apply({"params": base}, x), atol=1e-5
+  )
   node = jax.tree.leaves(params, is_leaf=jlora.is_lora)
   node = next(n for n in node if jlora.is_lora(n))
-  w = np.asarray(jlora.merge(params)["up"]["kernel"] if name == "mlp" else jlora.merge(params)["layers"]["ff_out"]["kernel"])
+  w = np.asarray(
+    jlora.merge(params)["up"]["kernel"]
+    if name == "mlp"
+    else jlora.merge(params)["layers"]["ff_out"]["kernel"]
+  )
   w = w.reshape(-1, *w.shape[-2:])
   delta = np.asarray(node.delta()).reshape(w.shape)
   for layer in range(w.shape[0]):
@@ -321,17 +371,25 @@ def test_lora_step_flops_from_xla_cost_analysis(capsys):
   model = TinyTransformer(vocab=256, dim=128, layers=2)
   x = jnp.zeros((8, 64), jnp.int32)
   base = init(model, x)
-  params = jlora.apply(base, jlora.LoraConfig(rank=8, alpha=16, targets="all-linear"), jax.random.key(0),
-                       layout=jlora.trace_layout(model, x))
+  params = jlora.apply(
+    base,
+    jlora.LoraConfig(rank=8, alpha=16, targets="all-linear"),
+    jax.random.key(0),
+    layout=jlora.trace_layout(model, x),
+  )
   trainable, frozen = jlora.split(params)
   run = jlora.wrap(model.apply)
   loss = lambda logits: jnp.mean(jax.nn.logsumexp(logits, axis=-1))
   forward = _flops(lambda p: loss(run({"params": p}, x)), params)
-  lora_step = _flops(jax.grad(lambda t, f: loss(run({"params": jlora.combine(t, f)}, x))), trainable, frozen)
+  lora_step = _flops(
+    jax.grad(lambda t, f: loss(run({"params": jlora.combine(t, f)}, x))), trainable, frozen
+  )
   full_step = _flops(jax.grad(lambda p: loss(model.apply({"params": p}, x))), base)
   with capsys.disabled():
-    print(f"\n[flops] LoRA step / forward = {lora_step / forward:.2f}; full fine-tuning step / forward = "
-          f"{full_step / forward:.2f}")
+    print(
+      f"\n[flops] LoRA step / forward = {lora_step / forward:.2f}; full fine-tuning step / forward = "
+      f"{full_step / forward:.2f}"
+    )
   assert lora_step <= 2.2 * forward
   assert 2.6 <= full_step / forward <= 3.4
 
@@ -350,7 +408,9 @@ def test_other_consumers_get_the_merged_weight_with_a_warning():
   model = RawMatmul()
   x = jnp.ones((2, 3))
   base = init(model, x)
-  params = randomize(jlora.apply(base, jlora.LoraConfig(rank=2, alpha=2, targets=".*"), jax.random.key(0)), 0)
+  params = randomize(
+    jlora.apply(base, jlora.LoraConfig(rank=2, alpha=2, targets=".*"), jax.random.key(0)), 0
+  )
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     out = jlora.wrap(model.apply)({"params": params}, x)
@@ -358,19 +418,25 @@ def test_other_consumers_get_the_merged_weight_with_a_warning():
   assert any("used as a plain array" in str(w.message) for w in caught)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-  (dict(rank=0), r"LoraConfig.rank=0 is invalid: the rank must be a positive integer"),
-  (dict(rank=2.5), r"LoraConfig.rank=2.5 is invalid"),
-  (dict(alpha=0), r"LoraConfig.alpha=0 is invalid: alpha must be a positive number"),
-  (dict(alpha=-1.0), r"LoraConfig.alpha=-1.0 is invalid"),
-  (dict(dropout=1.0), r"LoraConfig.dropout=1.0 is invalid: it must be a float in \[0, 1\)"),
-  (dict(dropout=-0.1), r"LoraConfig.dropout=-0.1 is invalid"),
-  (dict(init="loftq"), r"LoraConfig.init='loftq' is unknown: valid values are 'default', 'gaussian', 'pissa'"),
-  (dict(targets=[]), r"LoraConfig.targets=\[\] is invalid"),
-  (dict(targets="q_proj("), r"not a valid regular expression"),
-  (dict(rank_pattern={"up": -2}), r"LoraConfig.rank_pattern\['up'\]=-2 is invalid"),
-  (dict(alpha_pattern={"up": 0}), r"LoraConfig.alpha_pattern\['up'\]=0 is invalid"),
-])
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    (dict(rank=0), r"LoraConfig.rank=0 is invalid: the rank must be a positive integer"),
+    (dict(rank=2.5), r"LoraConfig.rank=2.5 is invalid"),
+    (dict(alpha=0), r"LoraConfig.alpha=0 is invalid: alpha must be a positive number"),
+    (dict(alpha=-1.0), r"LoraConfig.alpha=-1.0 is invalid"),
+    (dict(dropout=1.0), r"LoraConfig.dropout=1.0 is invalid: it must be a float in \[0, 1\)"),
+    (dict(dropout=-0.1), r"LoraConfig.dropout=-0.1 is invalid"),
+    (
+      dict(init="loftq"),
+      r"LoraConfig.init='loftq' is unknown: valid values are 'default', 'gaussian', 'pissa'",
+    ),
+    (dict(targets=[]), r"LoraConfig.targets=\[\] is invalid"),
+    (dict(targets="q_proj("), r"not a valid regular expression"),
+    (dict(rank_pattern={"up": -2}), r"LoraConfig.rank_pattern\['up'\]=-2 is invalid"),
+    (dict(alpha_pattern={"up": 0}), r"LoraConfig.alpha_pattern\['up'\]=0 is invalid"),
+  ],
+)
 def test_config_errors(kwargs, message):
   with pytest.raises(ValueError, match=message):
     jlora.LoraConfig(**kwargs)
@@ -391,8 +457,11 @@ def test_rank_larger_than_weight_is_an_error():
 def test_never_adapts_biases_or_norms():
   base = init(MLP(), jnp.ones((1, 12)))
   params = jlora.apply(base, jlora.LoraConfig(targets=".*"), jax.random.key(0))
-  nodes = [jax.tree_util.keystr(p) for p, n in jax.tree_util.tree_leaves_with_path(params, is_leaf=jlora.is_lora)
-           if jlora.is_lora(n)]
+  nodes = [
+    jax.tree_util.keystr(p)
+    for p, n in jax.tree_util.tree_leaves_with_path(params, is_leaf=jlora.is_lora)
+    if jlora.is_lora(n)
+  ]
   assert nodes == ["['down']['kernel']", "['up']['kernel']"]
   with pytest.raises(ValueError, match="matched no weight"):
     jlora.apply(base, jlora.LoraConfig(targets="norm|.*bias"), jax.random.key(0))
@@ -401,7 +470,9 @@ def test_never_adapts_biases_or_norms():
 def test_undecidable_kernel_says_how_to_supply_the_layout():
   model, make_x, _ = MODELS["transformer"]
   base = init(model, make_x())
-  with pytest.raises(ValueError, match=r"attn_0/query.*shape \(32, 4, 8\).*layout=jlora.trace_layout"):
+  with pytest.raises(
+    ValueError, match=r"attn_0/query.*shape \(32, 4, 8\).*layout=jlora.trace_layout"
+  ):
     jlora.apply(base, jlora.LoraConfig(targets=["query"]), jax.random.key(0))
 
 
@@ -409,8 +480,13 @@ def test_boxed_scan_metadata_decides_the_layout():
   class Stack(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return nn.scan(_Proj, variable_axes={"params": 0}, split_rngs={"params": True}, length=2,
-                     metadata_params={nn.PARTITION_NAME: "layers"})(name="layers")(x, None)[0]
+      return nn.scan(
+        _Proj,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=2,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )(name="layers")(x, None)[0]
 
   model = Stack()
   x = jnp.ones((2, 8))
@@ -418,8 +494,9 @@ def test_boxed_scan_metadata_decides_the_layout():
   params = jlora.apply(boxed, jlora.LoraConfig(rank=2, targets=["proj"]), jax.random.key(1))
   node = params["layers"]["proj"]["kernel"]
   assert (node.a.shape, node.b.shape) == ((2, 8, 2), (2, 2, 8))
-  np.testing.assert_array_equal(jlora.wrap(model.apply)({"params": params}, x),
-                                model.apply({"params": nn.meta.unbox(boxed)}, x))
+  np.testing.assert_array_equal(
+    jlora.wrap(model.apply)({"params": params}, x), model.apply({"params": nn.meta.unbox(boxed)}, x)
+  )
 
 
 class _Proj(nn.Module):

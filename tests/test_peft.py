@@ -29,10 +29,21 @@ pytestmark = pytest.mark.ref
 
 ATOL = RTOL = 1e-4
 VOCAB = 128
-IDS = np.array([[1, 5, 9, 17, 33, 65, 100, 127, 3, 2], [7, 7, 8, 40, 41, 90, 12, 0, 55, 6]], np.int32)
+IDS = np.array(
+  [[1, 5, 9, 17, 33, 65, 100, 127, 3, 2], [7, 7, 8, 40, 41, 90, 12, 0, 55, 6]], np.int32
+)
 ALLOWED_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
-LINEAR_OR_EMBEDDING = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
-                       "embed_tokens"}
+LINEAR_OR_EMBEDDING = {
+  "q_proj",
+  "k_proj",
+  "v_proj",
+  "o_proj",
+  "gate_proj",
+  "up_proj",
+  "down_proj",
+  "lm_head",
+  "embed_tokens",
+}
 
 
 def _tokenizer():
@@ -46,8 +57,16 @@ def _tokenizer():
 def _save_base(directory, tied: bool):
   torch.manual_seed(0)
   config = transformers.LlamaConfig(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=tied)
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=tied,
+  )
   model = transformers.LlamaForCausalLM(config).float().eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -80,7 +99,9 @@ def _torch_logits(model) -> np.ndarray:
 
 
 def _hf(directory):
-  return transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+  return transformers.AutoModelForCausalLM.from_pretrained(
+    str(directory), dtype=torch.float32
+  ).eval()
 
 
 _FORWARDS = {}
@@ -105,7 +126,9 @@ def _randomize_b(params, seed=1):
       return x
     a = np.asarray(x.a)
     a = a if np.abs(a).max() > 0 else 0.1 * rng.standard_normal(a.shape, np.float32)
-    return x.replace(a=jnp.asarray(a), b=jnp.asarray(0.1 * rng.standard_normal(x.b.shape, np.float32)))
+    return x.replace(
+      a=jnp.asarray(a), b=jnp.asarray(0.1 * rng.standard_normal(x.b.shape, np.float32))
+    )
 
   return jax.tree.map(fill, params, is_leaf=jlora.is_lora)
 
@@ -115,11 +138,15 @@ def _check_vllm_compatible(adapter_dir):
   assert cfg["peft_type"] == "LORA" and cfg["modules_to_save"] is None and cfg["use_dora"] is False
   assert cfg["bias"] == "none" and cfg["fan_in_fan_out"] is False
   targets = cfg["target_modules"]
-  assert isinstance(targets, list) and {t.rpartition(".")[2] for t in targets} <= LINEAR_OR_EMBEDDING
+  assert (
+    isinstance(targets, list) and {t.rpartition(".")[2] for t in targets} <= LINEAR_OR_EMBEDDING
+  )
   from safetensors.numpy import load_file
 
   tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-  assert tensors and all(k.startswith("base_model.model.") and k.endswith(ALLOWED_SUFFIXES) for k in tensors)
+  assert tensors and all(
+    k.startswith("base_model.model.") and k.endswith(ALLOWED_SUFFIXES) for k in tensors
+  )
   assert all(v.size > 0 for v in tensors.values())
   return cfg, tensors
 
@@ -129,10 +156,21 @@ def _check_vllm_compatible(adapter_dir):
 SAVE_CASES = {
   "plain": dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj")),
   # Patterns, plus embeddings and the head. The path-anchored jlora key can't be written as is.
-  "patterns": dict(rank=8, alpha=16.0, targets=("embed_tokens", "q_proj", "v_proj", "down_proj", "lm_head"),
-                   rank_pattern={"v_proj": 4}, alpha_pattern={"v_proj": 32.0, "model/layers/mlp/down_proj": 4.0}),
-  "all_linear_rslora_patterns": dict(rank=16, alpha=8.0, targets="all-linear", use_rslora=True,
-                                     rank_pattern={"mlp/.*": 8}, alpha_pattern={"o_proj": 2.0}),
+  "patterns": dict(
+    rank=8,
+    alpha=16.0,
+    targets=("embed_tokens", "q_proj", "v_proj", "down_proj", "lm_head"),
+    rank_pattern={"v_proj": 4},
+    alpha_pattern={"v_proj": 32.0, "model/layers/mlp/down_proj": 4.0},
+  ),
+  "all_linear_rslora_patterns": dict(
+    rank=16,
+    alpha=8.0,
+    targets="all-linear",
+    use_rslora=True,
+    rank_pattern={"mlp/.*": 8},
+    alpha_pattern={"o_proj": 2.0},
+  ),
 }
 
 
@@ -151,10 +189,15 @@ def test_jlora_adapter_loads_in_peft(case, base_dir, jbase, tmp_path):
 
   reference = peft.PeftModel.from_pretrained(_hf(base_dir), str(tmp_path)).eval()
   np.testing.assert_allclose(_torch_logits(reference), ours, atol=ATOL, rtol=RTOL)
-  assert not np.allclose(ours, _torch_logits(_hf(base_dir)), atol=1e-3)  # the adapter is not a no-op
+  assert not np.allclose(
+    ours, _torch_logits(_hf(base_dir)), atol=1e-3
+  )  # the adapter is not a no-op
   # PEFT's own scales equal ours, module by module.
-  peft_scales = {name.removeprefix("base_model.model."): module.scaling["default"]
-                 for name, module in reference.named_modules() if isinstance(getattr(module, "scaling", None), dict)}
+  peft_scales = {
+    name.removeprefix("base_model.model."): module.scaling["default"]
+    for name, module in reference.named_modules()
+    if isinstance(getattr(module, "scaling", None), dict)
+  }
   ours_scales = {e["hf"]: e["scale"] for e in jpeft._entries(lora)}
   assert peft_scales.keys() == ours_scales.keys()
   for name, scale in ours_scales.items():
@@ -167,7 +210,15 @@ def test_jlora_adapter_loads_in_peft(case, base_dir, jbase, tmp_path):
     assert written["rank_pattern"] == {"v_proj": 4}
     assert written["alpha_pattern"] == {"v_proj": 32.0, "down_proj": 4.0}
   if case == "all_linear_rslora_patterns":
-    assert written["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert written["target_modules"] == [
+      "down_proj",
+      "gate_proj",
+      "k_proj",
+      "o_proj",
+      "q_proj",
+      "up_proj",
+      "v_proj",
+    ]
     assert written["use_rslora"] is True
 
 
@@ -175,10 +226,18 @@ def test_jlora_adapter_loads_in_peft(case, base_dir, jbase, tmp_path):
 
 LOAD_CASES = {
   "plain": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-  "rslora_patterns": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], use_rslora=True,
-                          rank_pattern={"v_proj": 4}, alpha_pattern={"up_proj": 4, r"model\.layers\.1\.self_attn\.q_proj": 64}),
+  "rslora_patterns": dict(
+    r=8,
+    lora_alpha=16,
+    target_modules=["q_proj", "v_proj", "up_proj"],
+    use_rslora=True,
+    rank_pattern={"v_proj": 4},
+    alpha_pattern={"up_proj": 4, r"model\.layers\.1\.self_attn\.q_proj": 64},
+  ),
   "regex_targets": dict(r=4, lora_alpha=8, target_modules=r".*\.(k_proj|down_proj)"),
-  "layers_to_transform": dict(r=8, lora_alpha=8, target_modules=["o_proj", "gate_proj"], layers_to_transform=[1]),
+  "layers_to_transform": dict(
+    r=8, lora_alpha=8, target_modules=["o_proj", "gate_proj"], layers_to_transform=[1]
+  ),
   "embedding": dict(r=8, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
 }
 
@@ -240,7 +299,9 @@ def test_tied_embedding_adapter_is_refused_for_peft(tied_dir, tmp_path):
   with pytest.raises(ValueError, match="tied"):
     jpeft.save_adapter(tmp_path, lora, cfg)
   # And the other way: a PEFT embedding adapter for a tied model.
-  config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["embed_tokens"], init_lora_weights=False)
+  config = peft.LoraConfig(
+    r=8, lora_alpha=8, target_modules=["embed_tokens"], init_lora_weights=False
+  )
   peft.get_peft_model(_hf(tied_dir), config).save_pretrained(str(tmp_path / "peft"))
   with pytest.raises(ValueError, match="tied to it"):
     jpeft.load_adapter(tmp_path / "peft", params)
@@ -265,8 +326,11 @@ def test_vllm_rank_warning(jbase, tmp_path):
 
 
 def test_pattern_translation_is_checked_against_peft_semantics():
-  entries = [dict(hf=f"model.layers.{i}.self_attn.{m}", rank=r, scale=s)
-             for i in range(2) for m, r, s in (("q_proj", 8, 2.0), ("v_proj", 4, 4.0))]
+  entries = [
+    dict(hf=f"model.layers.{i}.self_attn.{m}", rank=r, scale=s)
+    for i in range(2)
+    for m, r, s in (("q_proj", 8, 2.0), ("v_proj", 4, 4.0))
+  ]
   # Layer 1's v_proj gets its own alpha: only a per-module key expresses it.
   entries[3]["scale"] = 1.0
   cfg = jlora.LoraConfig(rank=8, alpha=16.0, rank_pattern={"v_proj": 4})
@@ -276,7 +340,10 @@ def test_pattern_translation_is_checked_against_peft_semantics():
     assert jpeft.peft_scale(trial, e["hf"]) == pytest.approx(e["scale"])
   from peft.utils.other import get_pattern_key
 
-  assert get_pattern_key(alpha_pattern.keys(), "model.layers.1.self_attn.v_proj") == r"model\.layers\.1\.self_attn\.v_proj"
+  assert (
+    get_pattern_key(alpha_pattern.keys(), "model.layers.1.self_attn.v_proj")
+    == r"model\.layers\.1\.self_attn\.v_proj"
+  )
 
 
 # --------------------------------------------------------------------------- refusals
@@ -285,7 +352,9 @@ def test_pattern_translation_is_checked_against_peft_semantics():
 @pytest.fixture
 def good_adapter(base_dir, tmp_path):
   torch.manual_seed(2)
-  config = peft.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+  config = peft.LoraConfig(
+    task_type="CAUSAL_LM", r=8, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False
+  )
   peft.get_peft_model(_hf(base_dir), config).save_pretrained(str(tmp_path / "adapter"))
   return tmp_path / "adapter"
 
@@ -297,14 +366,17 @@ def _edit_config(directory, **changes):
   path.write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("changes, message", [
-  (dict(use_dora=True), "DoRA"),
-  (dict(modules_to_save=["lm_head"]), "modules_to_save"),
-  (dict(bias="all"), "bias='all'"),
-  (dict(peft_type="IA3"), "only LORA"),
-  (dict(fan_in_fan_out=True), "fan_in_fan_out"),
-  (dict(init_lora_weights="pissa"), "changes the base weights"),
-])
+@pytest.mark.parametrize(
+  "changes, message",
+  [
+    (dict(use_dora=True), "DoRA"),
+    (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+    (dict(bias="all"), "bias='all'"),
+    (dict(peft_type="IA3"), "only LORA"),
+    (dict(fan_in_fan_out=True), "fan_in_fan_out"),
+    (dict(init_lora_weights="pissa"), "changes the base weights"),
+  ],
+)
 def test_unsupported_configs_are_refused(changes, message, good_adapter, jbase):
   _edit_config(good_adapter, **changes)
   with pytest.raises(ValueError, match=message):
@@ -322,10 +394,17 @@ def test_unmatched_key_is_refused(good_adapter, jbase):
 
   path = good_adapter / "adapter_model.safetensors"
   tensors = load_file(str(path))
-  tensors["base_model.model.model.layers.0.self_attn.rotary_proj.lora_A.weight"] = np.ones((8, 64), np.float32)
-  tensors["base_model.model.model.layers.0.self_attn.rotary_proj.lora_B.weight"] = np.ones((64, 8), np.float32)
+  tensors["base_model.model.model.layers.0.self_attn.rotary_proj.lora_A.weight"] = np.ones(
+    (8, 64), np.float32
+  )
+  tensors["base_model.model.model.layers.0.self_attn.rotary_proj.lora_B.weight"] = np.ones(
+    (64, 8), np.float32
+  )
   save_file(tensors, str(path))
-  with pytest.raises(ValueError, match=r"map onto no weight in base_params: \['model.layers.0.self_attn.rotary_proj'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"map onto no weight in base_params: \['model.layers.0.self_attn.rotary_proj'\]",
+  ):
     jpeft.load_adapter(good_adapter, jbase[1])
 
 
@@ -334,7 +413,9 @@ def test_dora_magnitude_tensor_is_refused(good_adapter, jbase):
 
   path = good_adapter / "adapter_model.safetensors"
   tensors = load_file(str(path))
-  tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = np.ones((64,), np.float32)
+  tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = np.ones(
+    (64,), np.float32
+  )
   save_file(tensors, str(path))
   with pytest.raises(ValueError, match="not LoRA A/B factors"):
     jpeft.load_adapter(good_adapter, jbase[1])
@@ -374,7 +455,17 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_save_writes_full_tensors(tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "JAX_PLATFORMS": "cpu",
+  }
+  result = subprocess.run(
+    [sys.executable, "-c", SHARDED_SCRIPT, str(tmp_path)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=os.path.dirname(os.path.dirname(__file__)),
+  )
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

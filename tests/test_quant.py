@@ -46,8 +46,10 @@ def half_max_gap(kind):
 def test_nf4_table_is_bitsandbytes():
   assert quant.NF4_TABLE.dtype == np.float32 and quant.NF4_TABLE.shape == (16,)
   assert quant.NF4_TABLE[0] == -1.0 and quant.NF4_TABLE[7] == 0.0 and quant.NF4_TABLE[15] == 1.0
-  np.testing.assert_array_equal(quant.NF4_TABLE[[1, 8, 14]],
-                                np.float32([-0.6961928009986877, 0.07958029955625534, 0.7229568362236023]))
+  np.testing.assert_array_equal(
+    quant.NF4_TABLE[[1, 8, 14]],
+    np.float32([-0.6961928009986877, 0.07958029955625534, 0.7229568362236023]),
+  )
   assert np.all(np.diff(quant.NF4_TABLE) > 0)
   np.testing.assert_array_equal(quant.INT4_TABLE * 7, np.arange(-8, 8))
 
@@ -63,11 +65,15 @@ def _from_codes(kind, rng, lead, n_blocks, block, n_out):
   np.put_along_axis(idx, unit_pos[..., None, :], unit_val[..., None, :], axis=-2)
   scale = (2.0 ** rng.uniform(-3, 3, size=(*lead, n_blocks, 1, n_out))).astype(np.float32)
   w = quant.code_table(kind)[idx] * scale
-  return w.reshape(*lead, n_blocks * block, n_out).astype(np.float32), idx.reshape(*lead, n_blocks * block, n_out)
+  return w.reshape(*lead, n_blocks * block, n_out).astype(np.float32), idx.reshape(
+    *lead, n_blocks * block, n_out
+  )
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lead_block=st.sampled_from([((), 2, 3, 5), ((3,), 64, 2, 7)]), seed=st.integers(0, 2**31 - 1))
+@given(
+  lead_block=st.sampled_from([((), 2, 3, 5), ((3,), 64, 2, 7)]), seed=st.integers(0, 2**31 - 1)
+)
 @pytest.mark.parametrize("kind", ["nf4", "int4"])
 def test_every_code_value_round_trips_exactly(kind, lead_block, seed):
   # A few fixed shapes (each new shape costs a compile); hypothesis varies the values.
@@ -80,7 +86,9 @@ def test_every_code_value_round_trips_exactly(kind, lead_block, seed):
   # weights reproduces the same 4-bit codes.
   dq = quant.quantize_array(w, kind=kind, block_size=block, double_quant=True, n_lead=len(lead))
   np.testing.assert_array_equal(np.asarray(dq.code_indices()), idx)
-  again = quant.quantize_array(dq.dequantize(), kind=kind, block_size=block, double_quant=True, n_lead=len(lead))
+  again = quant.quantize_array(
+    dq.dequantize(), kind=kind, block_size=block, double_quant=True, n_lead=len(lead)
+  )
   np.testing.assert_array_equal(np.asarray(again.codes), np.asarray(dq.codes))
 
 
@@ -121,8 +129,10 @@ def test_normal_weights_error_within_half_gap_per_block(kind, double_quant):
 
 def test_nf4_beats_int4_on_normal_weights():
   w = np.random.RandomState(1).randn(1024, 256).astype(np.float32)
-  mae = {k: float(np.mean(np.abs(np.asarray(quant.quantize_array(w, kind=k).dequantize()) - w)))
-         for k in ("nf4", "int4")}
+  mae = {
+    k: float(np.mean(np.abs(np.asarray(quant.quantize_array(w, kind=k).dequantize()) - w)))
+    for k in ("nf4", "int4")
+  }
   assert mae["nf4"] < mae["int4"], mae
 
 
@@ -135,8 +145,10 @@ def realistic_tree(seed=0):
   return {
     "embed_tokens": {"embedding": normal(1024, 576)},
     "layer": {
-      "q_proj": {"kernel": normal(576, 576)}, "k_proj": {"kernel": normal(576, 192)},
-      "gate_proj": {"kernel": normal(576, 1536)}, "down_proj": {"kernel": normal(1536, 576), "bias": normal(576)},
+      "q_proj": {"kernel": normal(576, 576)},
+      "k_proj": {"kernel": normal(576, 192)},
+      "gate_proj": {"kernel": normal(576, 1536)},
+      "down_proj": {"kernel": normal(1536, 576), "bias": normal(576)},
       "big": {"kernel": normal(1024, 4096)},
     },
     "norm": {"scale": jnp.ones(576)},
@@ -156,7 +168,9 @@ def test_bytes_per_weight_over_actual_leaves():
   dq_bpw, plain_bpw = quant.bytes_per_weight(dq), quant.bytes_per_weight(plain)
   # Counted by hand over the leaves: sizes times itemsizes.
   nodes = quant.quantized_nodes(dq)
-  by_hand = sum(x.size * x.dtype.itemsize for n in nodes for x in jax.tree.leaves(n)) / sum(n.size for n in nodes)
+  by_hand = sum(x.size * x.dtype.itemsize for n in nodes for x in jax.tree.leaves(n)) / sum(
+    n.size for n in nodes
+  )
   assert dq_bpw == pytest.approx(by_hand)
   assert 0.5156 <= dq_bpw <= 0.52, dq_bpw  # QLoRA: 4.127 bits = 0.5159 bytes
   assert plain_bpw == pytest.approx(0.5625), plain_bpw
@@ -166,8 +180,11 @@ def test_bytes_per_weight_over_actual_leaves():
   named = quant.quantize(params, QuantConfig(targets=["embed_tokens", "q_proj"]))
   assert isinstance(named["embed_tokens"]["embedding"], QuantizedWeight)
   assert not isinstance(named["layer"]["k_proj"]["kernel"], QuantizedWeight)
-  np.testing.assert_allclose(quant.dequantize(named)["embed_tokens"]["embedding"],
-                             params["embed_tokens"]["embedding"], atol=0.02 * 5 * 0.16)
+  np.testing.assert_allclose(
+    quant.dequantize(named)["embed_tokens"]["embedding"],
+    params["embed_tokens"]["embedding"],
+    atol=0.02 * 5 * 0.16,
+  )
 
 
 def test_dequantize_tree_and_dtype():
@@ -187,7 +204,9 @@ def test_dequantize_tree_and_dtype():
 def test_stacked_kernels_quantize_per_layer(double_quant):
   w = jnp.asarray(np.random.RandomState(2).randn(4, 128, 40).astype(np.float32))
   params = {"layers": {"ff": {"kernel": w}}}
-  q = quant.quantize(params, QuantConfig(double_quant=double_quant), layout={"layers/ff": ("in", "out")})
+  q = quant.quantize(
+    params, QuantConfig(double_quant=double_quant), layout={"layers/ff": ("in", "out")}
+  )
   node = q["layers"]["ff"]["kernel"]
   assert node.shape == (4, 128, 40) and node.n_lead == 1 and node.kernel_shape == (128, 40)
   stacked = np.asarray(node.dequantize())
@@ -203,8 +222,12 @@ def test_stacked_kernels_quantize_per_layer(double_quant):
 def test_multi_axis_kernel_roles():
   # A DenseGeneral-like [in, heads, head_dim] and an output projection [heads, head_dim, out].
   rng = np.random.RandomState(3)
-  for roles, shape in ((("in", "out", "out"), (64, 4, 8)), (("in", "in", "out"), (4, 16, 24)),
-                       (("out", "in"), (24, 64)), (("batch", "in", "out"), (3, 64, 5))):
+  for roles, shape in (
+    (("in", "out", "out"), (64, 4, 8)),
+    (("in", "in", "out"), (4, 16, 24)),
+    (("out", "in"), (24, 64)),
+    (("batch", "in", "out"), (3, 64, 5)),
+  ):
     w = rng.randn(*shape).astype(np.float32)
     q = quant.quantize_array(w, roles=roles, double_quant=False)
     assert q.shape == shape
@@ -213,7 +236,9 @@ def test_multi_axis_kernel_roles():
     other = [i for i, r in enumerate(roles) if r != "in"]
     m = np.transpose(w, in_axes + other).reshape(math.prod(shape[i] for i in in_axes), -1)
     ref = np.asarray(quant.quantize_array(m, double_quant=False).dequantize())
-    ref = np.transpose(ref.reshape([shape[i] for i in in_axes + other]), np.argsort(in_axes + other))
+    ref = np.transpose(
+      ref.reshape([shape[i] for i in in_axes + other]), np.argsort(in_axes + other)
+    )
     np.testing.assert_array_equal(np.asarray(q.dequantize()), ref)
 
 
@@ -236,8 +261,10 @@ def test_quantized_base_runs_inside_nn_scan():
   model = Stack()
   x = jnp.asarray(np.random.RandomState(4).randn(2, 5, 32).astype(np.float32))
   rng = np.random.RandomState(6)
-  params = jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype),
-                        jax.eval_shape(model.init, jax.random.key(0), x)["params"])
+  params = jax.tree.map(
+    lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype),
+    jax.eval_shape(model.init, jax.random.key(0), x)["params"],
+  )
   layout = jlora.trace_layout(model, x)
   q = quant.quantize(params, QuantConfig(targets=".*", block_size=32), layout=layout)
   assert q["layers"]["up"]["kernel"].shape == (3, 32, 4, 16)
@@ -286,9 +313,19 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_device_put_and_dequantize_on_a_2x4_mesh():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True,
-                        timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+  }
+  proc = subprocess.run(
+    [sys.executable, "-c", SHARDED_SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   plain, dq = result["False"], result["True"]
@@ -309,16 +346,22 @@ def test_sharded_device_put_and_dequantize_on_a_2x4_mesh():
 # --------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("kwargs, message", [
-  (dict(kind="fp4"), "QuantConfig.kind='fp4' is unknown: valid kinds are 'nf4', 'int4'"),
-  (dict(block_size=0), "QuantConfig.block_size=0 is invalid: it must be a positive integer"),
-  (dict(block_size=-64), "QuantConfig.block_size=-64 is invalid"),
-  (dict(block_size=64.0), "QuantConfig.block_size=64.0 is invalid"),
-  (dict(double_quant="yes"), "QuantConfig.double_quant='yes' is invalid"),
-  (dict(scale_dtype="int8"), "QuantConfig.scale_dtype='int8' is invalid: it must be a floating dtype"),
-  (dict(dtype="nope"), "QuantConfig.dtype='nope' is not a dtype"),
-  (dict(targets="("), "QuantConfig.targets='(' is not a valid regular expression"),
-])
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    (dict(kind="fp4"), "QuantConfig.kind='fp4' is unknown: valid kinds are 'nf4', 'int4'"),
+    (dict(block_size=0), "QuantConfig.block_size=0 is invalid: it must be a positive integer"),
+    (dict(block_size=-64), "QuantConfig.block_size=-64 is invalid"),
+    (dict(block_size=64.0), "QuantConfig.block_size=64.0 is invalid"),
+    (dict(double_quant="yes"), "QuantConfig.double_quant='yes' is invalid"),
+    (
+      dict(scale_dtype="int8"),
+      "QuantConfig.scale_dtype='int8' is invalid: it must be a floating dtype",
+    ),
+    (dict(dtype="nope"), "QuantConfig.dtype='nope' is not a dtype"),
+    (dict(targets="("), "QuantConfig.targets='(' is not a valid regular expression"),
+  ],
+)
 def test_config_errors(kwargs, message):
   with pytest.raises(ValueError) as e:
     QuantConfig(**kwargs)
@@ -391,7 +434,7 @@ class MLP(nn.Module):
     return nn.Dense(8, name="down")(x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _qlora(seed=0, rank=4, randomize=True):
   """(model, x, float base, quantized base, QLoRA params); cached, the trees are immutable."""
   model = MLP()
@@ -403,8 +446,14 @@ def _qlora(seed=0, rank=4, randomize=True):
   if randomize:
     rng = np.random.RandomState(seed + 2)  # numpy: no per-shape compiles
     params = jax.tree.map(
-      lambda n: n.replace(b=jnp.asarray(0.3 * rng.standard_normal(n.b.shape), n.b.dtype)) if jlora.is_lora(n) else n,
-      params, is_leaf=jlora.is_lora)
+      lambda n: (
+        n.replace(b=jnp.asarray(0.3 * rng.standard_normal(n.b.shape), n.b.dtype))
+        if jlora.is_lora(n)
+        else n
+      ),
+      params,
+      is_leaf=jlora.is_lora,
+    )
   return model, x, base, q, params
 
 
@@ -463,7 +512,9 @@ def test_qlora_merge_and_unmerge():
   expected = node.base.dequantize() + node.scale * node.a @ node.b
   np.testing.assert_allclose(merged["up"]["kernel"], expected, rtol=1e-6, atol=1e-6)
   # Merge goes into dequant(W4), not into the original float weight.
-  assert not np.allclose(merged["up"]["kernel"], base["up"]["kernel"] + node.scale * node.a @ node.b, atol=1e-4)
+  assert not np.allclose(
+    merged["up"]["kernel"], base["up"]["kernel"] + node.scale * node.a @ node.b, atol=1e-4
+  )
   trainable, _ = jlora.split(params)
   back = jlora.unmerge(merged, trainable)
   for name in ("up", "mid", "down"):
@@ -485,12 +536,17 @@ def test_compiled_train_step_has_no_full_precision_base_input():
   model = Wide()
   x = jnp.zeros((2, 1024), jnp.float32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x)["params"])
-  base = jax.tree.map(lambda s: jnp.asarray(np.random.RandomState(0).randn(*s.shape).astype(np.float32) * 0.02),
-                      shapes)
+  base = jax.tree.map(
+    lambda s: jnp.asarray(np.random.RandomState(0).randn(*s.shape).astype(np.float32) * 0.02),
+    shapes,
+  )
   n_weights = sum(v.size for v in jax.tree.leaves(base))
   assert 9e6 < n_weights < 12e6
-  params = jlora.apply(quant.quantize(base, QuantConfig()), jlora.LoraConfig(rank=8, targets="all-linear"),
-                       jax.random.key(1))
+  params = jlora.apply(
+    quant.quantize(base, QuantConfig()),
+    jlora.LoraConfig(rank=8, targets="all-linear"),
+    jax.random.key(1),
+  )
   del base
   trainable, frozen = jlora.split(params)
   tx = optax.adam(1e-3)
@@ -516,15 +572,25 @@ def test_qlora_on_scanned_boxed_llama():
   """Our Llama (boxed params, nn.scan over layers): quantize, then LoRA on every linear layer."""
   from jlora.models.llama import LlamaConfig, LlamaForCausalLM
 
-  config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
+  config = LlamaConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+  )
   model = LlamaForCausalLM(config)
   ids = jnp.asarray(np.random.RandomState(8).randint(0, 128, (2, 8)))
   # Random values in the boxed structure without running init (eval_shape: no compile).
   rng = np.random.RandomState(0)
-  boxed = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype),
-                       jax.eval_shape(model.init, jax.random.key(0), ids)["params"])
-  assert type(boxed["model"]["layers"]["mlp"]["down_proj"]["kernel"]).__name__.endswith("Partitioned")
+  boxed = jax.tree.map(
+    lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype),
+    jax.eval_shape(model.init, jax.random.key(0), ids)["params"],
+  )
+  assert type(boxed["model"]["layers"]["mlp"]["down_proj"]["kernel"]).__name__.endswith(
+    "Partitioned"
+  )
   q = quant.quantize(boxed, QuantConfig())  # the scan axis is read from the boxed metadata
   node = q["model"]["layers"]["mlp"]["down_proj"]["kernel"]
   assert isinstance(node, QuantizedWeight) and node.shape == (2, 128, 64) and node.n_lead == 1
@@ -534,8 +600,16 @@ def test_qlora_on_scanned_boxed_llama():
   params = jax.jit(lambda q, key: jlora.apply(q, cfg, key, layout=layout))(q, jax.random.key(1))
   rng = np.random.RandomState(9)
   params = jax.tree.map(
-    lambda n: n.replace(b=jnp.asarray(0.3 * rng.standard_normal(n.b.shape), n.b.dtype)) if jlora.is_lora(n) else n,
-    params, is_leaf=jlora.is_lora)
+    lambda n: (
+      n.replace(b=jnp.asarray(0.3 * rng.standard_normal(n.b.shape), n.b.dtype))
+      if jlora.is_lora(n)
+      else n
+    ),
+    params,
+    is_leaf=jlora.is_lora,
+  )
   out = jax.jit(jlora.wrap(model.apply))({"params": params}, ids)
-  ref = jax.jit(lambda p, ids: model.apply({"params": jlora.merge(quant.dequantize(p))}, ids))(params, ids)
+  ref = jax.jit(lambda p, ids: model.apply({"params": jlora.merge(quant.dequantize(p))}, ids))(
+    params, ids
+  )
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)

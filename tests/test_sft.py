@@ -38,8 +38,10 @@ def files(tmp_path_factory):
 def finished(files):
   """One uninterrupted run, shared by the tests that inspect its outputs."""
   out = files["root"] / "run"
-  summary = sft.run(tiny.sft_config(files["model"], files["train"], files["eval"], out, export_merged=True),
-                    progress=False)
+  summary = sft.run(
+    tiny.sft_config(files["model"], files["train"], files["eval"], out, export_merged=True),
+    progress=False,
+  )
   return out, summary
 
 
@@ -60,7 +62,9 @@ def test_run_writes_every_output_and_learns(files, finished):
   # The adapter loads back onto the base, and the merged export equals the adapted model.
   model, base, _ = from_pretrained(files["model"])
   adapted = jlora.load_adapter(out, base)
-  ids = jnp.asarray(np.random.RandomState(0).randint(0, model.config.vocab_size, (2, 12)), jnp.int32)
+  ids = jnp.asarray(
+    np.random.RandomState(0).randint(0, model.config.vocab_size, (2, 12)), jnp.int32
+  )
   expected = jlora.wrap(model.apply)({"params": adapted}, ids)
   merged_model, merged, _ = from_pretrained(out / "merged")
   np.testing.assert_allclose(merged_model.apply({"params": merged}, ids), expected, atol=1e-4)
@@ -101,9 +105,20 @@ def _env(**extra):
 
 def test_sharded_run_matches_single_device(files):
   result = subprocess.run(
-    [sys.executable, "-c", SHARDED, str(files["model"]), str(files["train"]), str(files["eval"]),
-     str(files["root"] / "sharded")],
-    env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-c",
+      SHARDED,
+      str(files["model"]),
+      str(files["train"]),
+      str(files["eval"]),
+      str(files["root"] / "sharded"),
+    ],
+    env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   single, sharded = report["losses"]["single"], report["losses"]["2x2x2"]
@@ -119,8 +134,15 @@ def test_sharded_run_matches_single_device(files):
 
 def test_sigkill_then_resume_ends_with_the_same_adapter(files, finished):
   out = files["root"] / "killed"
-  args = [sys.executable, "-m", "train.sft", *tiny.cli_args(files["model"], files["train"], files["eval"], out)]
-  proc = subprocess.Popen(args, env=_env(), cwd=tiny.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  args = [
+    sys.executable,
+    "-m",
+    "train.sft",
+    *tiny.cli_args(files["model"], files["train"], files["eval"], out),
+  ]
+  proc = subprocess.Popen(
+    args, env=_env(), cwd=tiny.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
   deadline = time.time() + 300
   while not (out / "checkpoints" / "4").is_dir():
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
@@ -130,7 +152,9 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(files, finished):
   proc.wait()
   assert not (out / "adapter_model.safetensors").exists(), "the run finished before it was killed"
 
-  resumed = subprocess.run(args, env=_env(), cwd=tiny.REPO, capture_output=True, text=True, timeout=300)
+  resumed = subprocess.run(
+    args, env=_env(), cwd=tiny.REPO, capture_output=True, text=True, timeout=300
+  )
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resuming from step 4" in resumed.stdout
   reference = load_file(finished[0] / "adapter_model.safetensors")
@@ -143,18 +167,32 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(files, finished):
 
 
 def test_qlora_run(files):
-  summary = sft.run(tiny.sft_config(files["model"], files["train"], files["eval"], files["root"] / "qlora",
-                                    **{"quant.kind": "nf4", "quant.block_size": 16, "steps": 3, "save_every": 3}),
-                    progress=False)
+  summary = sft.run(
+    tiny.sft_config(
+      files["model"],
+      files["train"],
+      files["eval"],
+      files["root"] / "qlora",
+      **{"quant.kind": "nf4", "quant.block_size": 16, "steps": 3, "save_every": 3},
+    ),
+    progress=False,
+  )
   assert np.isfinite(summary["after"]["eval_loss"])
   assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
 
 
 def test_non_finite_loss_stops_after_saving_the_last_good_state(files):
   out = files["root"] / "nan"
-  config = tiny.sft_config(files["model"], files["train"], files["eval"], out,
-                           **{"optim.lr": 1e30, "optim.clip_norm": 1e30, "optim.warmup_steps": 1})
-  with pytest.raises(FloatingPointError, match=r"step \d+: the loss is (nan|inf).*Saved the last good state"):
+  config = tiny.sft_config(
+    files["model"],
+    files["train"],
+    files["eval"],
+    out,
+    **{"optim.lr": 1e30, "optim.clip_norm": 1e30, "optim.warmup_steps": 1},
+  )
+  with pytest.raises(
+    FloatingPointError, match=r"step \d+: the loss is (nan|inf).*Saved the last good state"
+  ):
     sft.run(config, progress=False)
   saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
   assert saved, "a checkpoint of the last good state must exist"
@@ -164,12 +202,16 @@ def test_non_finite_loss_stops_after_saving_the_last_good_state(files):
 
 
 def _config(files, tmp_path, **overrides):
-  return tiny.sft_config(files["model"], files["train"], files["eval"], tmp_path / "out", **overrides)
+  return tiny.sft_config(
+    files["model"], files["train"], files["eval"], tmp_path / "out", **overrides
+  )
 
 
 def test_missing_data_file(files, tmp_path):
   with pytest.raises(FileNotFoundError, match=r"config.data.train.*nope.jsonl"):
-    sft.run(_config(files, tmp_path, **{"data.train": str(tmp_path / "nope.jsonl")}), progress=False)
+    sft.run(
+      _config(files, tmp_path, **{"data.train": str(tmp_path / "nope.jsonl")}), progress=False
+    )
 
 
 def test_rows_missing_fields(files, tmp_path):
@@ -192,7 +234,9 @@ def test_model_path_that_does_not_exist(files, tmp_path):
 
 
 def test_bad_config_values(files, tmp_path):
-  with pytest.raises(ValueError, match=r"config.quant.kind='fp3' is unknown: valid values are 'none', 'nf4', 'int4'"):
+  with pytest.raises(
+    ValueError, match=r"config.quant.kind='fp3' is unknown: valid values are 'none', 'nf4', 'int4'"
+  ):
     sft.run(_config(files, tmp_path, **{"quant.kind": "fp3"}), progress=False)
   with pytest.raises(ValueError, match=r"config.steps=0 is invalid"):
     sft.run(_config(files, tmp_path, steps=0), progress=False)
@@ -200,16 +244,29 @@ def test_bad_config_values(files, tmp_path):
 
 def test_prompts_longer_than_max_length_are_counted_and_skipped(files, tmp_path, capsys):
   rows = tmp_path / "long.jsonl"
-  long_prompt = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "x"}]}
-  rows.write_text(tiny.write_rows(tmp_path / "ok.jsonl", 16).read_text() + json.dumps(long_prompt) + "\n")
-  sft.run(_config(files, tmp_path, steps=1, save_every=1, eval_every=1, **{"data.train": str(rows)}), progress=False)
+  long_prompt = {
+    "messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "x"}]
+  }
+  rows.write_text(
+    tiny.write_rows(tmp_path / "ok.jsonl", 16).read_text() + json.dumps(long_prompt) + "\n"
+  )
+  sft.run(
+    _config(files, tmp_path, steps=1, save_every=1, eval_every=1, **{"data.train": str(rows)}),
+    progress=False,
+  )
   assert "1 skipped (prompt longer than max_length)" in capsys.readouterr().out
 
 
 def test_unknown_config_key_is_rejected_by_the_cli(files, tmp_path):
   args = tiny.cli_args(files["model"], files["train"], files["eval"], tmp_path / "out")
-  result = subprocess.run([sys.executable, "-m", "train.sft", *args, "--config.lora.rnak=4"], env=_env(),
-                          cwd=tiny.REPO, capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-m", "train.sft", *args, "--config.lora.rnak=4"],
+    env=_env(),
+    cwd=tiny.REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode != 0
   assert "rnak" in result.stderr
 
@@ -217,6 +274,7 @@ def test_unknown_config_key_is_rejected_by_the_cli(files, tmp_path):
 @pytest.mark.parametrize("name", ["llama", "llama3", "qlora"])
 def test_shipped_configs_load_and_validate(name):
   import importlib
+
   config = importlib.import_module(f"configs.{name}").get_config()
   sft.check_config(config)
   sft.lora_config(config)

@@ -16,28 +16,47 @@ VOCAB, ROWS, SEQ = 96, 4, 24
 
 @pytest.fixture(scope="module")
 def setup():
-  config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+  config = LlamaConfig(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+  )
   model = LlamaForCausalLM(config)
   ids = jnp.zeros((1, 8), jnp.int32)
   base = meta.unbox(model.init(jax.random.key(0), ids)["params"])
-  params = jlora.apply(base, jlora.LoraConfig(rank=4, alpha=8, targets="all-linear"), jax.random.key(1),
-                       layout=jlora.trace_layout(model, ids))
+  params = jlora.apply(
+    base,
+    jlora.LoraConfig(rank=4, alpha=8, targets="all-linear"),
+    jax.random.key(1),
+    layout=jlora.trace_layout(model, ids),
+  )
   # Non-zero B so the adapters matter.
-  params = jax.tree.map(lambda n: n.replace(b=0.1 * jnp.ones_like(n.b)) if jlora.is_lora(n) else n, params,
-                        is_leaf=jlora.is_lora)
+  params = jax.tree.map(
+    lambda n: n.replace(b=0.1 * jnp.ones_like(n.b)) if jlora.is_lora(n) else n,
+    params,
+    is_leaf=jlora.is_lora,
+  )
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, VOCAB, (ROWS, SEQ + 1)).astype(np.int32)
   mask = (rng.random((ROWS, SEQ)) < 0.4).astype(np.int32)
-  batch = {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
-           "segment_ids": np.ones((ROWS, SEQ), np.int32),
-           "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (ROWS, SEQ)).copy()}
+  batch = {
+    "input_ids": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "loss_mask": mask,
+    "segment_ids": np.ones((ROWS, SEQ), np.int32),
+    "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (ROWS, SEQ)).copy(),
+  }
   return model, params, step_lib.gather_labels(batch, step_lib.label_budget(mask))
 
 
 def naive_loss(model, params, batch):
-  logits = jlora.wrap(model.apply)({"params": params}, batch["input_ids"], batch["positions"],
-                                   batch["segment_ids"]).astype(jnp.float32)
+  logits = jlora.wrap(model.apply)(
+    {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"]
+  ).astype(jnp.float32)
   xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   return jnp.sum(xent * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
 
@@ -45,14 +64,19 @@ def naive_loss(model, params, batch):
 @pytest.mark.parametrize("chunk", [7, 1024])
 def test_head_only_at_labels_equals_full_logits_loss(setup, chunk, monkeypatch):
   model, params, batch = setup
-  monkeypatch.setattr(step_lib, "CE_CHUNK", chunk)  # 7: several chunks with padding; 1024: one chunk
+  monkeypatch.setattr(
+    step_lib, "CE_CHUNK", chunk
+  )  # 7: several chunks with padding; 1024: one chunk
   total, count = step_lib.loss_sum(jlora.wrap(model.apply), LlamaForCausalLM, params, batch)
   assert int(count) == batch["loss_mask"].sum()
   np.testing.assert_allclose(total / count, naive_loss(model, params, batch), rtol=1e-6)
   # And its gradient w.r.t. the adapters.
   trainable, frozen = jlora.split(params)
-  chunked = jax.grad(lambda t: jnp.divide(*step_lib.loss_sum(jlora.wrap(model.apply), LlamaForCausalLM,
-                                                               jlora.combine(t, frozen), batch)))(trainable)
+  chunked = jax.grad(
+    lambda t: jnp.divide(
+      *step_lib.loss_sum(jlora.wrap(model.apply), LlamaForCausalLM, jlora.combine(t, frozen), batch)
+    )
+  )(trainable)
   reference = jax.grad(lambda t: naive_loss(model, jlora.combine(t, frozen), batch))(trainable)
   for got, want in zip(jax.tree.leaves(chunked), jax.tree.leaves(reference)):
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-4)
@@ -81,8 +105,9 @@ def test_non_finite_step_leaves_the_state_untouched(setup):
   tx = optax.adam(1e-3)
   state = tx.init(trainable)
   poisoned = jax.tree.map(lambda x: x * jnp.nan, frozen)
-  new, new_state, metrics = jax.jit(step_lib.make_train_step(model, tx))(trainable, state, poisoned, batch, 0,
-                                                                         jax.random.key(0))
+  new, new_state, metrics = jax.jit(step_lib.make_train_step(model, tx))(
+    trainable, state, poisoned, batch, 0, jax.random.key(0)
+  )
   assert not bool(metrics["finite"])
   for got, want in zip(jax.tree.leaves((new, new_state)), jax.tree.leaves((trainable, state))):
     np.testing.assert_array_equal(got, want)

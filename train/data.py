@@ -33,15 +33,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 FORMATS = ("messages", "alpaca", "prompt_completion")
 FORMAT_HELP = (
-    "accepted row formats: chat {'messages': [{'role', 'content'}, ...]}, "
-    "alpaca {'instruction', optional 'input', 'output'}, "
-    "{'prompt', 'completion'}"
+  "accepted row formats: chat {'messages': [{'role', 'content'}, ...]}, "
+  "alpaca {'instruction', optional 'input', 'output'}, "
+  "{'prompt', 'completion'}"
 )
 LOCAL_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -52,118 +52,134 @@ BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def load_rows(spec: str, split_name: str = "train", field: str = "config.data.train") -> list[dict]:
-    """Rows of a local .json/.jsonl/.parquet file or of a hub dataset split.
+  """Rows of a local .json/.jsonl/.parquet file or of a hub dataset split.
 
-    `field` is the config field that held `spec`; it only goes into errors so
-    the user knows which setting to fix.
-    """
-    import datasets  # deferred: importing datasets costs about a second
+  `field` is the config field that held `spec`; it only goes into errors so
+  the user knows which setting to fix.
+  """
+  import datasets  # deferred: importing datasets costs about a second
 
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"{field} must be a file path or a hub dataset name, got {spec!r}")
-    ext = os.path.splitext(spec)[1].lower()
-    if ext in LOCAL_EXTENSIONS:
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(
-                f"{field} = {spec!r}: no such file (cwd {os.getcwd()!r}); "
-                f"expected a local {'/'.join(LOCAL_EXTENSIONS)} file or a hub dataset name")
-        if os.path.getsize(spec) == 0:
-            raise ValueError(f"{field} = {spec!r}: the file is empty, it has no rows")
-        try:
-            ds = datasets.load_dataset(LOCAL_EXTENSIONS[ext], data_files=spec, split="train")
-        except StopIteration:  # what the json builder raises on a file of only whitespace
-            raise ValueError(f"{field} = {spec!r}: the file is empty, it has no rows") from None
-        except ValueError as e:
-            # A file with zero records (e.g. "[]") yields no split at all.
-            if "corresponds to no data" in str(e):
-                raise ValueError(f"{field} = {spec!r}: the file is empty, it has no rows") from None
-            raise ValueError(f"{field} = {spec!r}: could not read it as {LOCAL_EXTENSIONS[ext]}: {e}") from e
-        except Exception as e:  # malformed json and the like; datasets' own types vary by version
-            raise ValueError(f"{field} = {spec!r}: could not read it as {LOCAL_EXTENSIONS[ext]}: "
-                             f"{type(e).__name__}: {e}") from e
-        source = spec
-    elif os.path.exists(spec):
-        raise ValueError(
-            f"{field} = {spec!r} exists but has extension {ext!r}; "
-            f"local data must be one of {sorted(LOCAL_EXTENSIONS)}")
-    else:
-        try:
-            ds = datasets.load_dataset(spec, split=split_name)
-        except Exception as e:  # offline / unknown name / unknown split: all end up here
-            raise RuntimeError(
-                f"{field} = {spec!r}: could not load it as a hub dataset (split {split_name!r}): "
-                f"{type(e).__name__}: {e}. If it is meant to be a local file, give a path ending "
-                f"in {'/'.join(LOCAL_EXTENSIONS)}; hub datasets need network access or a warm "
-                f"HF datasets cache.") from e
-        source = f"{spec}[{split_name}]"
-    if len(ds) == 0:
-        raise ValueError(f"{field} = {source!r}: the dataset is empty, it has no rows")
-    return ds.to_list()
+  if not isinstance(spec, str) or not spec:
+    raise ValueError(f"{field} must be a file path or a hub dataset name, got {spec!r}")
+  ext = os.path.splitext(spec)[1].lower()
+  if ext in LOCAL_EXTENSIONS:
+    if not os.path.isfile(spec):
+      raise FileNotFoundError(
+        f"{field} = {spec!r}: no such file (cwd {os.getcwd()!r}); "
+        f"expected a local {'/'.join(LOCAL_EXTENSIONS)} file or a hub dataset name"
+      )
+    if os.path.getsize(spec) == 0:
+      raise ValueError(f"{field} = {spec!r}: the file is empty, it has no rows")
+    try:
+      ds = datasets.load_dataset(LOCAL_EXTENSIONS[ext], data_files=spec, split="train")
+    except StopIteration:  # what the json builder raises on a file of only whitespace
+      raise ValueError(f"{field} = {spec!r}: the file is empty, it has no rows") from None
+    except ValueError as e:
+      # A file with zero records (e.g. "[]") yields no split at all.
+      if "corresponds to no data" in str(e):
+        raise ValueError(f"{field} = {spec!r}: the file is empty, it has no rows") from None
+      raise ValueError(
+        f"{field} = {spec!r}: could not read it as {LOCAL_EXTENSIONS[ext]}: {e}"
+      ) from e
+    except Exception as e:  # malformed json and the like; datasets' own types vary by version
+      raise ValueError(
+        f"{field} = {spec!r}: could not read it as {LOCAL_EXTENSIONS[ext]}: {type(e).__name__}: {e}"
+      ) from e
+    source = spec
+  elif os.path.exists(spec):
+    raise ValueError(
+      f"{field} = {spec!r} exists but has extension {ext!r}; "
+      f"local data must be one of {sorted(LOCAL_EXTENSIONS)}"
+    )
+  else:
+    try:
+      ds = datasets.load_dataset(spec, split=split_name)
+    except Exception as e:  # offline / unknown name / unknown split: all end up here
+      raise RuntimeError(
+        f"{field} = {spec!r}: could not load it as a hub dataset (split {split_name!r}): "
+        f"{type(e).__name__}: {e}. If it is meant to be a local file, give a path ending "
+        f"in {'/'.join(LOCAL_EXTENSIONS)}; hub datasets need network access or a warm "
+        f"HF datasets cache."
+      ) from e
+    source = f"{spec}[{split_name}]"
+  if len(ds) == 0:
+    raise ValueError(f"{field} = {source!r}: the dataset is empty, it has no rows")
+  return ds.to_list()
 
 
 def detect_format(rows: Sequence[dict], source: str = "dataset") -> str:
-    """One of FORMATS, decided from the columns of the dataset (union over rows)."""
-    if not rows:
-        raise ValueError(f"{source}: no rows")
-    columns: set[str] = set()
-    for row in rows:
-        columns.update(row)
-    if "messages" in columns:
-        return "messages"
-    if "instruction" in columns:
-        return "alpaca"
-    if "prompt" in columns or "completion" in columns:
-        return "prompt_completion"
-    raise ValueError(f"{source}: unknown row format, columns {sorted(columns)}; {FORMAT_HELP}")
+  """One of FORMATS, decided from the columns of the dataset (union over rows)."""
+  if not rows:
+    raise ValueError(f"{source}: no rows")
+  columns: set[str] = set()
+  for row in rows:
+    columns.update(row)
+  if "messages" in columns:
+    return "messages"
+  if "instruction" in columns:
+    return "alpaca"
+  if "prompt" in columns or "completion" in columns:
+    return "prompt_completion"
+  raise ValueError(f"{source}: unknown row format, columns {sorted(columns)}; {FORMAT_HELP}")
 
 
 def _missing(row: dict, key: str) -> bool:
-    # Loading through arrow fills absent keys with None, so None means missing too.
-    return row.get(key) is None
+  # Loading through arrow fills absent keys with None, so None means missing too.
+  return row.get(key) is None
 
 
 def _require(row: dict, keys: Sequence[str], index: int, source: str) -> None:
-    for key in keys:
-        if _missing(row, key):
-            raise ValueError(f"{source}: row {index} is missing field {key!r} (row keys: {sorted(k for k in row if row[k] is not None)})")
-        if not isinstance(row[key], str):
-            raise ValueError(f"{source}: row {index} field {key!r} must be a string, got {type(row[key]).__name__}")
+  for key in keys:
+    if _missing(row, key):
+      raise ValueError(
+        f"{source}: row {index} is missing field {key!r} (row keys: {sorted(k for k in row if row[k] is not None)})"
+      )
+    if not isinstance(row[key], str):
+      raise ValueError(
+        f"{source}: row {index} field {key!r} must be a string, got {type(row[key]).__name__}"
+      )
 
 
-def row_to_prompt_completion(row: dict, fmt: str, index: int, source: str = "dataset") -> tuple[str, str]:
-    """(prompt, completion) of an alpaca or prompt/completion row."""
-    if fmt == "alpaca":
-        _require(row, ("instruction", "output"), index, source)
-        prompt = row["instruction"]
-        extra = row.get("input")
-        if extra:
-            prompt = f"{prompt}\n\n{extra}"
-        return prompt, row["output"]
-    if fmt == "prompt_completion":
-        _require(row, ("prompt", "completion"), index, source)
-        return row["prompt"], row["completion"]
-    raise ValueError(f"row_to_prompt_completion: format {fmt!r} is not alpaca or prompt_completion")
+def row_to_prompt_completion(
+  row: dict, fmt: str, index: int, source: str = "dataset"
+) -> tuple[str, str]:
+  """(prompt, completion) of an alpaca or prompt/completion row."""
+  if fmt == "alpaca":
+    _require(row, ("instruction", "output"), index, source)
+    prompt = row["instruction"]
+    extra = row.get("input")
+    if extra:
+      prompt = f"{prompt}\n\n{extra}"
+    return prompt, row["output"]
+  if fmt == "prompt_completion":
+    _require(row, ("prompt", "completion"), index, source)
+    return row["prompt"], row["completion"]
+  raise ValueError(f"row_to_prompt_completion: format {fmt!r} is not alpaca or prompt_completion")
 
 
 def row_to_messages(row: dict, fmt: str, index: int, source: str = "dataset") -> list[dict]:
-    """Chat messages of a row of any format (alpaca/prompt-completion become user+assistant)."""
-    if fmt != "messages":
-        prompt, completion = row_to_prompt_completion(row, fmt, index, source)
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-    messages = row.get("messages")
-    if messages is None:
-        raise ValueError(f"{source}: row {index} is missing field 'messages'")
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{source}: row {index} field 'messages' must be a non-empty list, got {messages!r}")
-    out = []
-    for j, m in enumerate(messages):
-        for key in ("role", "content"):
-            if not isinstance(m, dict) or m.get(key) is None:
-                raise ValueError(f"{source}: row {index} is missing field 'messages[{j}].{key}'")
-        out.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "assistant" for m in out):
-        raise ValueError(f"{source}: row {index} has no message with role 'assistant', so nothing to train on")
-    return out
+  """Chat messages of a row of any format (alpaca/prompt-completion become user+assistant)."""
+  if fmt != "messages":
+    prompt, completion = row_to_prompt_completion(row, fmt, index, source)
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+  messages = row.get("messages")
+  if messages is None:
+    raise ValueError(f"{source}: row {index} is missing field 'messages'")
+  if not isinstance(messages, list) or not messages:
+    raise ValueError(
+      f"{source}: row {index} field 'messages' must be a non-empty list, got {messages!r}"
+    )
+  out = []
+  for j, m in enumerate(messages):
+    for key in ("role", "content"):
+      if not isinstance(m, dict) or m.get(key) is None:
+        raise ValueError(f"{source}: row {index} is missing field 'messages[{j}].{key}'")
+    out.append({"role": m["role"], "content": m["content"]})
+  if not any(m["role"] == "assistant" for m in out):
+    raise ValueError(
+      f"{source}: row {index} has no message with role 'assistant', so nothing to train on"
+    )
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -171,133 +187,149 @@ def row_to_messages(row: dict, fmt: str, index: int, source: str = "dataset") ->
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+  return tokenizer.apply_chat_template(
+    messages, tokenize=False, add_generation_prompt=add_generation_prompt
+  )
 
 
-def chat_pieces(tokenizer, messages: list[dict], index: int = 0, source: str = "dataset") -> list[tuple[str, bool]]:
-    """Split the rendered conversation into (text, is_completion) pieces.
+def chat_pieces(
+  tokenizer, messages: list[dict], index: int = 0, source: str = "dataset"
+) -> list[tuple[str, bool]]:
+  """Split the rendered conversation into (text, is_completion) pieces.
 
-    An assistant turn's completion is the text between the conversation rendered
-    up to it with add_generation_prompt=True and the conversation rendered
-    through it, minus trailing whitespace (so "...<|im_end|>" is learned but
-    the newline the template puts after it is not). This relies on the template
-    rendering prefixes as prefixes; templates that rewrite history (e.g. drop
-    earlier reasoning) break that for earlier turns, which we then leave
-    unsupervised. Only the last assistant turn must satisfy it.
-    """
-    full = _render(tokenizer, messages, False)
-    spans = []
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prefix = _render(tokenizer, messages[:i], True)
-        through = _render(tokenizer, messages[: i + 1], False).rstrip()
-        ok = through.startswith(prefix) and full.startswith(through) and len(through) > len(prefix)
-        if not ok:
-            if i == last:
-                raise ValueError(
-                    f"{source}: row {index}: the chat template does not render the conversation "
-                    f"prefix (with add_generation_prompt=True) as a prefix of the full conversation, "
-                    f"so the assistant answer cannot be located")
-            continue
-        if spans and len(prefix) < spans[-1][1]:  # overlapping spans would double-label tokens
-            continue
-        spans.append((len(prefix), len(through)))
-    pieces, pos = [], 0
-    for start, end in spans:
-        pieces += [(full[pos:start], False), (full[start:end], True)]
-        pos = end
-    pieces.append((full[pos:], False))
-    return [p for p in pieces if p[0]]
+  An assistant turn's completion is the text between the conversation rendered
+  up to it with add_generation_prompt=True and the conversation rendered
+  through it, minus trailing whitespace (so "...<|im_end|>" is learned but
+  the newline the template puts after it is not). This relies on the template
+  rendering prefixes as prefixes; templates that rewrite history (e.g. drop
+  earlier reasoning) break that for earlier turns, which we then leave
+  unsupervised. Only the last assistant turn must satisfy it.
+  """
+  full = _render(tokenizer, messages, False)
+  spans = []
+  last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+  for i, m in enumerate(messages):
+    if m["role"] != "assistant":
+      continue
+    prefix = _render(tokenizer, messages[:i], True)
+    through = _render(tokenizer, messages[: i + 1], False).rstrip()
+    ok = through.startswith(prefix) and full.startswith(through) and len(through) > len(prefix)
+    if not ok:
+      if i == last:
+        raise ValueError(
+          f"{source}: row {index}: the chat template does not render the conversation "
+          f"prefix (with add_generation_prompt=True) as a prefix of the full conversation, "
+          f"so the assistant answer cannot be located"
+        )
+      continue
+    if spans and len(prefix) < spans[-1][1]:  # overlapping spans would double-label tokens
+      continue
+    spans.append((len(prefix), len(through)))
+  pieces, pos = [], 0
+  for start, end in spans:
+    pieces += [(full[pos:start], False), (full[start:end], True)]
+    pos = end
+  pieces.append((full[pos:], False))
+  return [p for p in pieces if p[0]]
 
 
 def _has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+  return bool(getattr(tokenizer, "chat_template", None))
 
 
 def encode_row(
-    tokenizer,
-    row: dict,
-    fmt: str,
-    *,
-    use_chat_template: bool = True,
-    index: int = 0,
-    source: str = "dataset",
+  tokenizer,
+  row: dict,
+  fmt: str,
+  *,
+  use_chat_template: bool = True,
+  index: int = 0,
+  source: str = "dataset",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, is_completion) for one row, untruncated.
+  """(tokens, is_completion) for one row, untruncated.
 
-    Pieces are encoded separately and concatenated so the completion boundary
-    is exact; with ChatML-like templates the boundaries sit next to special
-    tokens, where encoding the whole string would split the same way.
-    """
-    chat = use_chat_template and _has_chat_template(tokenizer)
-    ids: list[int] = []
-    completion: list[bool] = []
-    if chat:
-        pieces = chat_pieces(tokenizer, row_to_messages(row, fmt, index, source), index, source)
-        for text, is_completion in pieces:
-            piece = tokenizer.encode(text, add_special_tokens=False)
-            ids += piece
-            completion += [is_completion] * len(piece)
-    else:
-        if fmt == "messages":
-            why = "use_chat_template is False" if not use_chat_template else "the tokenizer has no chat_template"
-            raise ValueError(
-                f"{source}: chat 'messages' rows need a chat template, but {why}; set "
-                f"config.data.use_chat_template=True with a tokenizer that has one, or use "
-                f"alpaca or prompt/completion rows")
-        if tokenizer.eos_token_id is None:
-            raise ValueError("plain (no chat template) formatting appends eos, but the tokenizer has no eos_token")
-        prompt, answer = row_to_prompt_completion(row, fmt, index, source)
-        if fmt == "alpaca":
-            prompt += "\n\n"
-        # add_special_tokens on the prompt lets tokenizers that want a BOS (Llama) add it.
-        p = tokenizer.encode(prompt, add_special_tokens=True)
-        a = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-        ids = p + a
-        completion = [False] * len(p) + [True] * len(a)
-    return np.asarray(ids, np.int32), np.asarray(completion, bool)
+  Pieces are encoded separately and concatenated so the completion boundary
+  is exact; with ChatML-like templates the boundaries sit next to special
+  tokens, where encoding the whole string would split the same way.
+  """
+  chat = use_chat_template and _has_chat_template(tokenizer)
+  ids: list[int] = []
+  completion: list[bool] = []
+  if chat:
+    pieces = chat_pieces(tokenizer, row_to_messages(row, fmt, index, source), index, source)
+    for text, is_completion in pieces:
+      piece = tokenizer.encode(text, add_special_tokens=False)
+      ids += piece
+      completion += [is_completion] * len(piece)
+  else:
+    if fmt == "messages":
+      why = (
+        "use_chat_template is False"
+        if not use_chat_template
+        else "the tokenizer has no chat_template"
+      )
+      raise ValueError(
+        f"{source}: chat 'messages' rows need a chat template, but {why}; set "
+        f"config.data.use_chat_template=True with a tokenizer that has one, or use "
+        f"alpaca or prompt/completion rows"
+      )
+    if tokenizer.eos_token_id is None:
+      raise ValueError(
+        "plain (no chat template) formatting appends eos, but the tokenizer has no eos_token"
+      )
+    prompt, answer = row_to_prompt_completion(row, fmt, index, source)
+    if fmt == "alpaca":
+      prompt += "\n\n"
+    # add_special_tokens on the prompt lets tokenizers that want a BOS (Llama) add it.
+    p = tokenizer.encode(prompt, add_special_tokens=True)
+    a = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    ids = p + a
+    completion = [False] * len(p) + [True] * len(a)
+  return np.asarray(ids, np.int32), np.asarray(completion, bool)
 
 
 def tokenize_rows(
-    rows: Sequence[dict],
-    tokenizer,
-    *,
-    max_length: int,
-    use_chat_template: bool = True,
-    train_on_prompt: bool = False,
-    source: str = "dataset",
-    fmt: str | None = None,
+  rows: Sequence[dict],
+  tokenizer,
+  *,
+  max_length: int,
+  use_chat_template: bool = True,
+  train_on_prompt: bool = False,
+  source: str = "dataset",
+  fmt: str | None = None,
 ) -> tuple[list[dict], dict]:
-    """Examples {'input_ids', 'targets', 'loss_mask'} (1-D int32, length <= max_length) and stats.
+  """Examples {'input_ids', 'targets', 'loss_mask'} (1-D int32, length <= max_length) and stats.
 
-    A row of more than max_length + 1 tokens is cut at the end (counted in
-    'truncated'); one whose cut leaves no completion token to predict is
-    dropped (counted in 'skipped_prompt_too_long'), not an error, so one long
-    prompt cannot stop a run.
-    """
-    if not isinstance(max_length, (int, np.integer)) or max_length < 2:
-        raise ValueError(f"config.data.max_length must be an int >= 2, got {max_length!r}")
-    fmt = fmt or detect_format(rows, source)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; {FORMAT_HELP}")
-    examples = []
-    stats = dict(rows=len(rows), examples=0, truncated=0, skipped_prompt_too_long=0, tokens=0, label_tokens=0)
-    for i, row in enumerate(rows):
-        ids, is_completion = encode_row(tokenizer, row, fmt, use_chat_template=use_chat_template, index=i, source=source)
-        if len(ids) > max_length + 1:
-            stats["truncated"] += 1
-            ids, is_completion = ids[: max_length + 1], is_completion[: max_length + 1]
-        if not is_completion[1:].any():
-            stats["skipped_prompt_too_long"] += 1
-            continue
-        mask = np.ones(len(ids) - 1, bool) if train_on_prompt else is_completion[1:]
-        examples.append(dict(input_ids=ids[:-1], targets=ids[1:], loss_mask=mask.astype(np.int32)))
-        stats["examples"] += 1
-        stats["tokens"] += len(ids) - 1
-        stats["label_tokens"] += int(mask.sum())
-    return examples, stats
+  A row of more than max_length + 1 tokens is cut at the end (counted in
+  'truncated'); one whose cut leaves no completion token to predict is
+  dropped (counted in 'skipped_prompt_too_long'), not an error, so one long
+  prompt cannot stop a run.
+  """
+  if not isinstance(max_length, (int, np.integer)) or max_length < 2:
+    raise ValueError(f"config.data.max_length must be an int >= 2, got {max_length!r}")
+  fmt = fmt or detect_format(rows, source)
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown format {fmt!r}; {FORMAT_HELP}")
+  examples = []
+  stats = dict(
+    rows=len(rows), examples=0, truncated=0, skipped_prompt_too_long=0, tokens=0, label_tokens=0
+  )
+  for i, row in enumerate(rows):
+    ids, is_completion = encode_row(
+      tokenizer, row, fmt, use_chat_template=use_chat_template, index=i, source=source
+    )
+    if len(ids) > max_length + 1:
+      stats["truncated"] += 1
+      ids, is_completion = ids[: max_length + 1], is_completion[: max_length + 1]
+    if not is_completion[1:].any():
+      stats["skipped_prompt_too_long"] += 1
+      continue
+    mask = np.ones(len(ids) - 1, bool) if train_on_prompt else is_completion[1:]
+    examples.append(dict(input_ids=ids[:-1], targets=ids[1:], loss_mask=mask.astype(np.int32)))
+    stats["examples"] += 1
+    stats["tokens"] += len(ids) - 1
+    stats["label_tokens"] += int(mask.sum())
+  return examples, stats
 
 
 # ----------------------------------------------------------------------------
@@ -305,88 +337,100 @@ def tokenize_rows(
 
 
 def _empty(n_rows: int, max_length: int) -> dict[str, np.ndarray]:
-    return {k: np.zeros((n_rows, max_length), np.int32) for k in BATCH_KEYS}
+  return {k: np.zeros((n_rows, max_length), np.int32) for k in BATCH_KEYS}
 
 
 def pad_examples(examples: Sequence[dict], max_length: int) -> dict[str, np.ndarray]:
-    """One example per row, right-padded; segment_ids 1 on tokens, 0 on padding."""
-    out = _empty(len(examples), max_length)
-    for r, ex in enumerate(examples):
-        _place(out, r, 0, 1, ex, max_length)
-    return out
+  """One example per row, right-padded; segment_ids 1 on tokens, 0 on padding."""
+  out = _empty(len(examples), max_length)
+  for r, ex in enumerate(examples):
+    _place(out, r, 0, 1, ex, max_length)
+  return out
 
 
 def _place(out, row, start, segment, ex, max_length):
-    n = len(ex["input_ids"])
+  n = len(ex["input_ids"])
+  if n > max_length:
+    raise ValueError(
+      f"example of {n} positions does not fit max_length={max_length}; tokenize with the same max_length"
+    )
+  sl = slice(start, start + n)
+  out["input_ids"][row, sl] = ex["input_ids"]
+  out["targets"][row, sl] = ex["targets"]
+  out["loss_mask"][row, sl] = ex["loss_mask"]
+  out["segment_ids"][row, sl] = segment
+  out["positions"][row, sl] = np.arange(n)
+
+
+def pack_examples(
+  examples: Sequence[dict], max_length: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+  """Greedy first-fit packing of whole examples into rows of max_length.
+
+  Examples are visited in a seeded random order so the same file neighbours
+  do not always share a row. Packing happens once; epochs shuffle rows.
+  """
+  order = np.random.default_rng(seed).permutation(len(examples))
+  free = np.zeros(0, np.int64)  # free positions per open row
+  placement = []  # (row, start, segment) per visited example
+  segments = []
+  for k in order:
+    n = len(examples[k]["input_ids"])
     if n > max_length:
-        raise ValueError(f"example of {n} positions does not fit max_length={max_length}; tokenize with the same max_length")
-    sl = slice(start, start + n)
-    out["input_ids"][row, sl] = ex["input_ids"]
-    out["targets"][row, sl] = ex["targets"]
-    out["loss_mask"][row, sl] = ex["loss_mask"]
-    out["segment_ids"][row, sl] = segment
-    out["positions"][row, sl] = np.arange(n)
-
-
-def pack_examples(examples: Sequence[dict], max_length: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Greedy first-fit packing of whole examples into rows of max_length.
-
-    Examples are visited in a seeded random order so the same file neighbours
-    do not always share a row. Packing happens once; epochs shuffle rows.
-    """
-    order = np.random.default_rng(seed).permutation(len(examples))
-    free = np.zeros(0, np.int64)  # free positions per open row
-    placement = []  # (row, start, segment) per visited example
-    segments = []
-    for k in order:
-        n = len(examples[k]["input_ids"])
-        if n > max_length:
-            raise ValueError(f"example {k} has {n} positions > max_length={max_length}; tokenize with the same max_length")
-        fits = np.flatnonzero(free >= n)
-        if len(fits):
-            row = int(fits[0])
-        else:
-            row = len(free)
-            free = np.append(free, max_length)
-            segments.append(0)
-        segments[row] += 1
-        placement.append((k, row, max_length - int(free[row]), segments[row]))
-        free[row] -= n
-    out = _empty(len(free), max_length)
-    for k, row, start, segment in placement:
-        _place(out, row, start, segment, examples[k], max_length)
-    return out
+      raise ValueError(
+        f"example {k} has {n} positions > max_length={max_length}; tokenize with the same max_length"
+      )
+    fits = np.flatnonzero(free >= n)
+    if len(fits):
+      row = int(fits[0])
+    else:
+      row = len(free)
+      free = np.append(free, max_length)
+      segments.append(0)
+    segments[row] += 1
+    placement.append((k, row, max_length - int(free[row]), segments[row]))
+    free[row] -= n
+  out = _empty(len(free), max_length)
+  for k, row, start, segment in placement:
+    _place(out, row, start, segment, examples[k], max_length)
+  return out
 
 
 def prepare(
-    spec: str,
-    tokenizer,
-    *,
-    max_length: int,
-    field: str = "config.data.train",
-    split_name: str = "train",
-    pack: bool = True,
-    use_chat_template: bool = True,
-    train_on_prompt: bool = False,
-    seed: int = 0,
-    rows: Sequence[dict] | None = None,
+  spec: str,
+  tokenizer,
+  *,
+  max_length: int,
+  field: str = "config.data.train",
+  split_name: str = "train",
+  pack: bool = True,
+  use_chat_template: bool = True,
+  train_on_prompt: bool = False,
+  seed: int = 0,
+  rows: Sequence[dict] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """load_rows + tokenize_rows + pack/pad: row arrays [rows, max_length] and stats.
+  """load_rows + tokenize_rows + pack/pad: row arrays [rows, max_length] and stats.
 
-    `rows`: the rows of `spec` when the caller has already loaded them (they are not read again).
-    """
-    if rows is None:
-        rows = load_rows(spec, split_name, field)
-    examples, stats = tokenize_rows(
-        rows, tokenizer, max_length=max_length, use_chat_template=use_chat_template,
-        train_on_prompt=train_on_prompt, source=f"{field} = {spec!r}")
-    if not examples:
-        raise ValueError(
-            f"{field} = {spec!r}: all {stats['rows']} rows were skipped because their prompt fills "
-            f"max_length={max_length}; raise config.data.max_length")
-    arrays = pack_examples(examples, max_length, seed) if pack else pad_examples(examples, max_length)
-    stats["packed_rows"] = len(arrays["input_ids"])
-    return arrays, stats
+  `rows`: the rows of `spec` when the caller has already loaded them (they are not read again).
+  """
+  if rows is None:
+    rows = load_rows(spec, split_name, field)
+  examples, stats = tokenize_rows(
+    rows,
+    tokenizer,
+    max_length=max_length,
+    use_chat_template=use_chat_template,
+    train_on_prompt=train_on_prompt,
+    source=f"{field} = {spec!r}",
+  )
+  if not examples:
+    raise ValueError(
+      f"{field} = {spec!r}: all {stats['rows']} rows were skipped because their prompt fills "
+      f"max_length={max_length}; raise config.data.max_length"
+    )
+  arrays = pack_examples(examples, max_length, seed) if pack else pad_examples(examples, max_length)
+  stats["packed_rows"] = len(arrays["input_ids"])
+  return arrays, stats
 
 
 # ----------------------------------------------------------------------------
@@ -394,75 +438,85 @@ def prepare(
 
 
 class TrainIterator:
-    """Infinite shuffled batches over row arrays, resumable from state().
+  """Infinite shuffled batches over row arrays, resumable from state().
 
-    Epoch e visits the rows in the order permutation(default_rng([seed, e])).
-    Batches read that stream continuously, so a batch may straddle two epochs;
-    this keeps every batch full (static shapes) and every row seen once per
-    epoch. state() = {'epoch', 'index'} is the next read position.
-    """
+  Epoch e visits the rows in the order permutation(default_rng([seed, e])).
+  Batches read that stream continuously, so a batch may straddle two epochs;
+  this keeps every batch full (static shapes) and every row seen once per
+  epoch. state() = {'epoch', 'index'} is the next read position.
+  """
 
-    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int = 0, state: dict | None = None):
-        n = len(arrays["input_ids"])
-        if n == 0:
-            raise ValueError("TrainIterator: no rows to batch")
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.arrays = arrays
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.n = n
-        self.epoch, self.index = 0, 0
-        self._perm_epoch, self._perm = None, None
-        if state is not None:
-            self.restore(state)
+  def __init__(
+    self, arrays: dict[str, np.ndarray], batch_size: int, seed: int = 0, state: dict | None = None
+  ):
+    n = len(arrays["input_ids"])
+    if n == 0:
+      raise ValueError("TrainIterator: no rows to batch")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+      raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    self.arrays = arrays
+    self.batch_size = int(batch_size)
+    self.seed = int(seed)
+    self.n = n
+    self.epoch, self.index = 0, 0
+    self._perm_epoch, self._perm = None, None
+    if state is not None:
+      self.restore(state)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            self._perm_epoch = epoch
-        return self._perm
+  def _order(self, epoch: int) -> np.ndarray:
+    if self._perm_epoch != epoch:
+      self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+      self._perm_epoch = epoch
+    return self._perm
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": int(self.epoch), "index": int(self.index)}
+  def state(self) -> dict[str, int]:
+    return {"epoch": int(self.epoch), "index": int(self.index)}
 
-    def restore(self, state: dict) -> None:
-        epoch, index = state.get("epoch"), state.get("index")
-        if not all(isinstance(v, (int, np.integer)) for v in (epoch, index)) or epoch < 0 or not 0 <= index < self.n:
-            raise ValueError(f"data iterator state must be {{'epoch': int >= 0, 'index': 0..{self.n - 1}}}, got {state!r}")
-        self.epoch, self.index = int(epoch), int(index)
+  def restore(self, state: dict) -> None:
+    epoch, index = state.get("epoch"), state.get("index")
+    if (
+      not all(isinstance(v, (int, np.integer)) for v in (epoch, index))
+      or epoch < 0
+      or not 0 <= index < self.n
+    ):
+      raise ValueError(
+        f"data iterator state must be {{'epoch': int >= 0, 'index': 0..{self.n - 1}}}, got {state!r}"
+      )
+    self.epoch, self.index = int(epoch), int(index)
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        picks = []
-        need = self.batch_size
-        while need:
-            order = self._order(self.epoch)
-            take = order[self.index : self.index + need]
-            picks.append(take)
-            need -= len(take)
-            self.index += len(take)
-            if self.index == self.n:
-                self.epoch, self.index = self.epoch + 1, 0
-        rows = np.concatenate(picks)
-        return {k: self.arrays[k][rows] for k in BATCH_KEYS}
+  def __next__(self) -> dict[str, np.ndarray]:
+    picks = []
+    need = self.batch_size
+    while need:
+      order = self._order(self.epoch)
+      take = order[self.index : self.index + need]
+      picks.append(take)
+      need -= len(take)
+      self.index += len(take)
+      if self.index == self.n:
+        self.epoch, self.index = self.epoch + 1, 0
+    rows = np.concatenate(picks)
+    return {k: self.arrays[k][rows] for k in BATCH_KEYS}
 
 
 def eval_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """One pass in file/pack order; the last batch is padded with all-zero rows of weight 0."""
-    n = len(arrays["input_ids"])
-    for start in range(0, n, batch_size):
-        rows = np.arange(start, min(start + batch_size, n))
-        batch = {k: arrays[k][rows] for k in BATCH_KEYS}
-        weight = np.ones(batch_size, np.int32)
-        pad = batch_size - len(rows)
-        if pad:
-            batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], np.int32)]) for k, v in batch.items()}
-            weight[len(rows):] = 0
-        batch["weight"] = weight
-        yield batch
+  """One pass in file/pack order; the last batch is padded with all-zero rows of weight 0."""
+  n = len(arrays["input_ids"])
+  for start in range(0, n, batch_size):
+    rows = np.arange(start, min(start + batch_size, n))
+    batch = {k: arrays[k][rows] for k in BATCH_KEYS}
+    weight = np.ones(batch_size, np.int32)
+    pad = batch_size - len(rows)
+    if pad:
+      batch = {
+        k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], np.int32)]) for k, v in batch.items()
+      }
+      weight[len(rows) :] = 0
+    batch["weight"] = weight
+    yield batch
 
 
 # ----------------------------------------------------------------------------
@@ -470,45 +524,45 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[dic
 
 
 def prompts_and_references(
-    rows: Sequence[dict], tokenizer, *, use_chat_template: bool = True, source: str = "dataset"
+  rows: Sequence[dict], tokenizer, *, use_chat_template: bool = True, source: str = "dataset"
 ) -> list[dict]:
-    """Per row {'prompt_ids': list[int], 'reference': str} for generate-then-score eval.
+  """Per row {'prompt_ids': list[int], 'reference': str} for generate-then-score eval.
 
-    The prompt is everything before the last assistant answer, rendered the way
-    training renders it (with the generation prompt), so the model continues
-    exactly where it was trained to.
-    """
-    fmt = detect_format(rows, source)
-    out = []
-    for i, row in enumerate(rows):
-        messages = row_to_messages(row, fmt, i, source)
-        last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
-        reference = messages[last]["content"]
-        if use_chat_template and _has_chat_template(tokenizer):
-            text = _render(tokenizer, messages[:last], True)
-            ids = tokenizer.encode(text, add_special_tokens=False)
-        else:
-            prompt, _ = row_to_prompt_completion(row, fmt, i, source)
-            ids = tokenizer.encode(prompt + ("\n\n" if fmt == "alpaca" else ""), add_special_tokens=True)
-        out.append({"prompt_ids": list(ids), "reference": reference})
-    return out
+  The prompt is everything before the last assistant answer, rendered the way
+  training renders it (with the generation prompt), so the model continues
+  exactly where it was trained to.
+  """
+  fmt = detect_format(rows, source)
+  out = []
+  for i, row in enumerate(rows):
+    messages = row_to_messages(row, fmt, i, source)
+    last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+    reference = messages[last]["content"]
+    if use_chat_template and _has_chat_template(tokenizer):
+      text = _render(tokenizer, messages[:last], True)
+      ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+      prompt, _ = row_to_prompt_completion(row, fmt, i, source)
+      ids = tokenizer.encode(prompt + ("\n\n" if fmt == "alpaca" else ""), add_special_tokens=True)
+    out.append({"prompt_ids": list(ids), "reference": reference})
+  return out
 
 
 def exact_match(prediction_text: str, reference_text: str) -> bool:
-    """True iff the prediction is one JSON value equal to the reference's.
+  """True iff the prediction is one JSON value equal to the reference's.
 
-    Whitespace around and inside the JSON does not matter, key order does not
-    matter, types do (34 != "34"). Trailing non-whitespace text after the JSON
-    makes it a miss, so decode with skip_special_tokens=True or cut at eos.
-    """
-    decoder = json.JSONDecoder()
-    try:
-        reference = json.loads(reference_text)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"exact_match: reference is not valid JSON: {reference_text!r}") from e
-    text = prediction_text.strip() if isinstance(prediction_text, str) else ""
-    try:
-        value, end = decoder.raw_decode(text)
-    except ValueError:
-        return False
-    return not text[end:].strip() and value == reference
+  Whitespace around and inside the JSON does not matter, key order does not
+  matter, types do (34 != "34"). Trailing non-whitespace text after the JSON
+  makes it a miss, so decode with skip_special_tokens=True or cut at eos.
+  """
+  decoder = json.JSONDecoder()
+  try:
+    reference = json.loads(reference_text)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"exact_match: reference is not valid JSON: {reference_text!r}") from e
+  text = prediction_text.strip() if isinstance(prediction_text, str) else ""
+  try:
+    value, end = decoder.raw_decode(text)
+  except ValueError:
+    return False
+  return not text[end:].strip() and value == reference

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,165 +29,189 @@ PROMPT_BUCKET = 16
 
 
 def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
-    """logits [b, vocab] -> token ids [b]. Greedy when temperature == 0, else temperature + nucleus."""
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # Keep the smallest set whose mass reaches top_p: a token stays if the mass before it is < top_p.
-        kept = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
-        threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  """logits [b, vocab] -> token ids [b]. Greedy when temperature == 0, else temperature + nucleus."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Keep the smallest set whose mass reaches top_p: a token stays if the mass before it is < top_p.
+    kept = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+    threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 @functools.lru_cache(maxsize=16)
 def _decode_fns(apply_fn: Callable, temperature: float, top_p: float):
-    """Jitted (prefill, step), cached so repeated generate calls (e.g. eval during training) reuse them."""
+  """Jitted (prefill, step), cached so repeated generate calls (e.g. eval during training) reuse them."""
 
-    def forward(params, ids, positions, segments, cache):
-        last = jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
-        logits, cache = apply_fn({"params": params}, ids, positions, segments, cache=cache, logits_at=last)
-        return logits[:, -1], cache
+  def forward(params, ids, positions, segments, cache):
+    last = jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
+    logits, cache = apply_fn(
+      {"params": params}, ids, positions, segments, cache=cache, logits_at=last
+    )
+    return logits[:, -1], cache
 
-    @jax.jit
-    def prefill(params, ids, positions, segments, cache, key):
-        logits, cache = forward(params, ids, positions, segments, cache)
-        return sample_token(logits, key, temperature, top_p), cache
+  @jax.jit
+  def prefill(params, ids, positions, segments, cache, key):
+    logits, cache = forward(params, ids, positions, segments, cache)
+    return sample_token(logits, key, temperature, top_p), cache
 
-    @jax.jit
-    def step(params, token, position, cache, key):
-        logits, cache = forward(params, token[:, None], position[:, None], jnp.ones_like(token)[:, None], cache)
-        return sample_token(logits, key, temperature, top_p), cache
+  @jax.jit
+  def step(params, token, position, cache, key):
+    logits, cache = forward(
+      params, token[:, None], position[:, None], jnp.ones_like(token)[:, None], cache
+    )
+    return sample_token(logits, key, temperature, top_p), cache
 
-    return prefill, step
+  return prefill, step
 
 
 def generate_ids(
-    model: LlamaForCausalLM,
-    params,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    *,
-    eos_ids: Sequence[int] = (),
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    apply_fn: Callable | None = None,
+  model: LlamaForCausalLM,
+  params,
+  prompts: Sequence[Sequence[int]],
+  max_new_tokens: int,
+  *,
+  eos_ids: Sequence[int] = (),
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  apply_fn: Callable | None = None,
 ) -> list[list[int]]:
-    """Generate from token-id prompts; returns the new ids per prompt, cut after the first eos."""
-    apply_fn = apply_fn or model.apply
-    batch = len(prompts)
-    prompt_len = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
-    # Left-pad so every row's last prompt token sits at the same slot and decoding writes one column.
-    ids = np.zeros((batch, prompt_len), np.int32)
-    segments = np.zeros((batch, prompt_len), np.int32)
-    for row, p in enumerate(prompts):
-        ids[row, prompt_len - len(p):] = p
-        segments[row, prompt_len - len(p):] = 1
-    positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
-    cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
+  """Generate from token-id prompts; returns the new ids per prompt, cut after the first eos."""
+  apply_fn = apply_fn or model.apply
+  batch = len(prompts)
+  prompt_len = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
+  # Left-pad so every row's last prompt token sits at the same slot and decoding writes one column.
+  ids = np.zeros((batch, prompt_len), np.int32)
+  segments = np.zeros((batch, prompt_len), np.int32)
+  for row, p in enumerate(prompts):
+    ids[row, prompt_len - len(p) :] = p
+    segments[row, prompt_len - len(p) :] = 1
+  positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
+  cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
 
-    prefill, step = _decode_fns(apply_fn, float(temperature), float(top_p))
-    keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-    token, cache = prefill(params, ids, positions, segments, cache, keys[0])
-    position = jnp.asarray(positions[:, -1] + 1)
-    eos = np.asarray(list(eos_ids), np.int32)
-    out = [np.asarray(token)]
-    done = np.isin(out[-1], eos)
-    for i in range(1, max_new_tokens):
-        if done.all():
-            break
-        token, cache = step(params, token, position, cache, keys[i])
-        position = position + 1
-        out.append(np.asarray(token))
-        done |= np.isin(out[-1], eos)
+  prefill, step = _decode_fns(apply_fn, float(temperature), float(top_p))
+  keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+  token, cache = prefill(params, ids, positions, segments, cache, keys[0])
+  position = jnp.asarray(positions[:, -1] + 1)
+  eos = np.asarray(list(eos_ids), np.int32)
+  out = [np.asarray(token)]
+  done = np.isin(out[-1], eos)
+  for i in range(1, max_new_tokens):
+    if done.all():
+      break
+    token, cache = step(params, token, position, cache, keys[i])
+    position = position + 1
+    out.append(np.asarray(token))
+    done |= np.isin(out[-1], eos)
 
-    tokens = np.stack(out, axis=1)
-    eos_set = set(eos_ids)
-    results = []
-    for row in tokens.tolist():
-        stop = next((i for i, t in enumerate(row) if t in eos_set), None)
-        results.append(row if stop is None else row[: stop + 1])
-    return results
+  tokens = np.stack(out, axis=1)
+  eos_set = set(eos_ids)
+  results = []
+  for row in tokens.tolist():
+    stop = next((i for i, t in enumerate(row) if t in eos_set), None)
+    results.append(row if stop is None else row[: stop + 1])
+  return results
 
 
 def chat_prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    # transformers 5 returns a BatchEncoding here; 4.x returned the id list.
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+  messages = ([{"role": "system", "content": system}] if system else []) + [
+    {"role": "user", "content": prompt}
+  ]
+  encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+  # transformers 5 returns a BatchEncoding here; 4.x returned the id list.
+  return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
 def generate(
-    model: LlamaForCausalLM,
-    params,
-    tokenizer,
-    prompts: Sequence[str],
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    apply_fn: Callable | None = None,
-    system: str | None = None,
+  model: LlamaForCausalLM,
+  params,
+  tokenizer,
+  prompts: Sequence[str],
+  max_new_tokens: int = 128,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  apply_fn: Callable | None = None,
+  system: str | None = None,
 ) -> list[str]:
-    """Chat-format each prompt as a user turn (after an optional system message); return the replies."""
-    eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    new_ids = generate_ids(
-        model,
-        params,
-        [chat_prompt_ids(tokenizer, p, system) for p in prompts],
-        max_new_tokens,
-        eos_ids=eos_ids,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        apply_fn=apply_fn,
-    )
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+  """Chat-format each prompt as a user turn (after an optional system message); return the replies."""
+  eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+  new_ids = generate_ids(
+    model,
+    params,
+    [chat_prompt_ids(tokenizer, p, system) for p in prompts],
+    max_new_tokens,
+    eos_ids=eos_ids,
+    temperature=temperature,
+    top_p=top_p,
+    seed=seed,
+    apply_fn=apply_fn,
+  )
+  return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from jlora.models import DEFAULT_MODEL, from_pretrained
+  from jlora.models import DEFAULT_MODEL, from_pretrained
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="HF dir, .gguf file, hub id or embedded name")
-    parser.add_argument("--adapter", help="PEFT adapter dir (adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("--merged", action="store_true", help="merge the adapter into the base before generating")
-    parser.add_argument("--prompt", action="append", required=True, help="user message; repeat for a batch")
-    parser.add_argument("--system", help="system message placed before each prompt")
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.merged and not args.adapter:
-        parser.error("--merged needs --adapter")
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "--model", default=DEFAULT_MODEL, help="HF dir, .gguf file, hub id or embedded name"
+  )
+  parser.add_argument(
+    "--adapter", help="PEFT adapter dir (adapter_config.json + adapter_model.safetensors)"
+  )
+  parser.add_argument(
+    "--merged", action="store_true", help="merge the adapter into the base before generating"
+  )
+  parser.add_argument(
+    "--prompt", action="append", required=True, help="user message; repeat for a batch"
+  )
+  parser.add_argument("--system", help="system message placed before each prompt")
+  parser.add_argument("--max_new_tokens", type=int, default=128)
+  parser.add_argument("--temperature", type=float, default=0.0)
+  parser.add_argument("--top_p", type=float, default=1.0)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  if args.merged and not args.adapter:
+    parser.error("--merged needs --adapter")
 
-    model, params, tokenizer = from_pretrained(args.model)
-    apply_fn = None
-    if args.adapter:
-        import jlora  # the adapter API lives in the top-level package; only needed on this path
+  model, params, tokenizer = from_pretrained(args.model)
+  apply_fn = None
+  if args.adapter:
+    import jlora  # the adapter API lives in the top-level package; only needed on this path
 
-        # Unboxed scanned kernels are 3-D; the traced layout tells jlora which axis is the layer axis.
-        layout = jlora.trace_layout(model, jnp.zeros((1, 1), jnp.int32))
-        params = jlora.load_adapter(args.adapter, params, layout=layout)
-        if args.merged:
-            params = jlora.merge(params)
-        else:
-            apply_fn = jlora.wrap(model.apply)
+    # Unboxed scanned kernels are 3-D; the traced layout tells jlora which axis is the layer axis.
+    layout = jlora.trace_layout(model, jnp.zeros((1, 1), jnp.int32))
+    params = jlora.load_adapter(args.adapter, params, layout=layout)
+    if args.merged:
+      params = jlora.merge(params)
+    else:
+      apply_fn = jlora.wrap(model.apply)
 
-    replies = generate(
-        model, params, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, apply_fn,
-        args.system,
-    )
-    for prompt, reply in zip(args.prompt, replies):
-        if len(args.prompt) > 1:
-            print(f"### {prompt}")
-        print(reply)
+  replies = generate(
+    model,
+    params,
+    tokenizer,
+    args.prompt,
+    args.max_new_tokens,
+    args.temperature,
+    args.top_p,
+    args.seed,
+    apply_fn,
+    args.system,
+  )
+  for prompt, reply in zip(args.prompt, replies):
+    if len(args.prompt) > 1:
+      print(f"### {prompt}")
+    print(reply)
 
 
 if __name__ == "__main__":
-    main()
+  main()

