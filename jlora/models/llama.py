@@ -29,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora.models.attention import attention
+
 Array = jax.Array
 
 # Logical axis name -> mesh axis, for a mesh with axes ("data", "fsdp", "tensor"). Use with
@@ -320,28 +322,15 @@ class LlamaAttention(nn.Module):
       )
       new_cache = {"k": k, "v": v}
 
-    # GQA without materializing repeated K/V: group query heads by the KV head they share.
-    groups = c.num_attention_heads // c.num_key_value_heads
-    q = q.reshape(b, s, c.num_key_value_heads, groups, c.head_dim)
-    scores = jnp.einsum(
-      "bskgd,btkd->bkgst", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+    out = attention(
+      q,
+      k,
+      v.astype(c.dtype),
+      q_segments,
+      kv_segments,
+      q_offset=q_offset,
+      sliding_window=c.sliding_window,
     )
-    scores = scores / math.sqrt(c.head_dim)
-
-    q_pos = q_offset + jnp.arange(s)
-    kv_pos = jnp.arange(k.shape[1])
-    causal = kv_pos[None, :] <= q_pos[:, None]  # [s, t]
-    same_segment = (q_segments[:, :, None] == kv_segments[:, None, :]) & (
-      kv_segments[:, None, :] != 0
-    )
-    if c.sliding_window is not None:
-      causal &= kv_pos[None, :] > q_pos[:, None] - c.sliding_window
-    mask = causal[None] & same_segment  # [b, s, t]
-    # A finite fill keeps fully masked rows (padding queries) free of NaNs.
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
-
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(c.dtype))
     out = out.reshape(b, s, c.num_attention_heads * c.head_dim)
     return self.o_proj(out), new_cache
 
