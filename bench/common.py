@@ -73,7 +73,7 @@ def bench_batch(tokenizer, rows: int = 4, max_length: int = 128) -> dict:
   """The first `rows` packed rows of the bundled SFT set, in the trainer's convention (train/data.py)."""
   from train import data as data_lib
 
-  arrays, _ = data_lib.prepare(DATA, tokenizer, max_length=max_length, pack=True)
+  arrays, _ = data_lib.prepare_spec(DATA, tokenizer, max_length=max_length, pack=True)
   if len(arrays["input_ids"]) < rows:
     raise SystemExit(
       f"{DATA} packs into only {len(arrays['input_ids'])} rows of {max_length}; need {rows}."

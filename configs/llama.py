@@ -5,9 +5,15 @@ on the bundled JSON-extraction task, sized to finish in about 10 minutes on a 2-
 For a Llama-3 checkpoint, point model.path at its HF dir or hub id, e.g.
   --config.model.path=meta-llama/Llama-3.2-1B-Instruct --config.model.dtype=bfloat16
 Every field can be overridden on the command line: --config.lora.rank=16.
+config.lora and config.quant hold every field of jlora.LoraConfig / jlora.QuantConfig, e.g.
+  --config.lora.rank_pattern="{'o_proj': 4}" --config.lora.targets=q_proj,v_proj
+config.model holds `path` and any jlora LlamaConfig field (dtype, remat_policy, ...).
 """
 
 import ml_collections
+
+import jlora
+from train.config import NO_QUANT, dataclass_section
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -16,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.output_dir = "runs/llama-sft"
   config.steps = 30
   config.export_merged = False
+  config.overwrite = False  # True: replace another run's outputs in output_dir
 
   config.model = ml_collections.ConfigDict()
   config.model.path = "smollm2-135m-instruct"  # HF dir | .gguf | hub id | an embedded model's name
@@ -24,7 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.remat_policy = "none"  # none | full | dots_saveable | nothing_saveable | ...
 
   config.data = ml_collections.ConfigDict()
-  config.data.train = "data/extract_train.jsonl"  # .json / .jsonl / .parquet, or a hub dataset name
+  config.data.train = (
+    "data/extract_train.jsonl"  # a .json/.jsonl/.parquet file, a dir, or a hub name[:split]
+  )
   config.data.eval = "data/extract_eval.jsonl"
   config.data.max_length = 256
   config.data.pack = True
@@ -34,21 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.grad_accum = 1  # batch_size is split into this many microbatches
   config.data.eval_batch_size = 8
 
-  config.lora = ml_collections.ConfigDict()
-  config.lora.rank = 16
-  config.lora.alpha = 32.0
-  config.lora.dropout = 0.0
   # QLoRA's finding: adapting every linear layer matches full fine-tuning best.
-  config.lora.targets = "all-linear"
-  config.lora.exclude = ""
-  config.lora.use_rslora = False
-  config.lora.init = "default"  # default | gaussian | pissa
-  config.lora.dtype = "float32"
-
-  config.quant = ml_collections.ConfigDict()
-  config.quant.kind = "none"  # none | nf4 | int4
-  config.quant.block_size = 64
-  config.quant.double_quant = True
+  config.lora = dataclass_section(jlora.LoraConfig, rank=16, alpha=32.0, targets="all-linear")
+  # kind: none (plain LoRA) | nf4 | int4
+  config.quant = dataclass_section(jlora.QuantConfig, kind=NO_QUANT)
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 1e-3
@@ -64,7 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every = 1
   config.eval_every = 15
   config.save_every = 10
-  config.eval_examples = 48  # eval rows for exact match and generation (0: all)
+  config.eval = ml_collections.ConfigDict()
+  # Task metrics on greedy generations, beside eval loss and perplexity (always reported):
+  # a comma list of exact_match, json_fields; '' for none. The bundled task's answers are JSON.
+  config.eval.metrics = "exact_match,json_fields"
+  config.eval_examples = 48  # eval rows for the metrics and generation (0: all)
   config.samples = 3  # generations shown before and after training
   config.max_new_tokens = 48
   return config

@@ -5,6 +5,7 @@ from jlora.lora import LoraWeight, adapter_count, apply, combine, is_lora, merge
 from jlora.ops import trace_layout, wrap
 from jlora.optim import optimizer
 from jlora.peft import export_merged, load_adapter, save_adapter
+from jlora.prepare import prepare_for_training
 from jlora.quant import QuantConfig, QuantizedWeight, bytes_per_weight, dequantize, quantize
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
   "load_adapter",
   "merge",
   "optimizer",
+  "prepare_for_training",
   "quantize",
   "save_adapter",
   "split",

@@ -159,6 +159,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
   """write(tmp_name) then rename over `path`: readers never see a half-written file."""
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   os.close(fd)
+  os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file gets the user's umask
   try:
     write(tmp)
     os.replace(tmp, path)
@@ -166,6 +167,12 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+  os.umask(mask)
+  return mask
 
 
 def _write_json(path: Path, obj) -> None:

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from train import data as D
+from train.errors import UserError
+from train.evaluate import exact_match
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(ROOT, "data")
@@ -179,7 +181,7 @@ def test_plain_concatenation_without_template(tok, plain_tok, row, text, answer)
 
 
 def test_messages_without_template_is_a_clear_error(plain_tok):
-  with pytest.raises(ValueError, match="chat template"):
+  with pytest.raises(UserError, match="chat template"):
     D.tokenize_rows([CHAT_ROW], plain_tok, max_length=64)
 
 
@@ -189,6 +191,59 @@ def test_train_on_prompt_unmasks_everything(tok, row):
   assert ex["loss_mask"].all()
   (ex2,), _ = D.tokenize_rows([row], tok, max_length=256)
   assert 0 < ex2["loss_mask"].sum() < ex["loss_mask"].sum()
+
+
+CONVERSATIONAL_PC_ROW = {
+  "prompt": [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is two plus two?"},
+  ],
+  "completion": [{"role": "assistant", "content": "Four."}],
+}
+
+
+def test_prompt_completion_as_message_lists(tok):
+  (ex,), _ = D.tokenize_rows([CONVERSATIONAL_PC_ROW], tok, max_length=256)
+  # Hand-written ChatML: only the assistant answer and its end marker are labels.
+  expected = (
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is two plus two?<|im_end|>\n"
+    "<|im_start|>assistant\nFour.<|im_end|>\n"
+  )
+  assert tok.decode(_full_tokens(ex).tolist()) == expected
+  assert _labels_text(tok, ex) == "Four.<|im_end|>"
+  # A string completion after a message-list prompt is one assistant turn.
+  row = {**CONVERSATIONAL_PC_ROW, "completion": "Four."}
+  (ex2,), _ = D.tokenize_rows([row], tok, max_length=256)
+  np.testing.assert_array_equal(ex2["loss_mask"], ex["loss_mask"])
+
+
+def test_text_rows_are_trained_on_every_token(tok, plain_tok):
+  text = "Le chat dort. What is two plus two? Four."
+  for t in (tok, plain_tok):  # a chat template is never applied to text rows
+    (ex,), stats = D.tokenize_rows([{"text": text}], t, max_length=256)
+    tokens = t.encode(text, add_special_tokens=True) + [t.eos_token_id]
+    assert ex["input_ids"].tolist() == tokens[:-1] and ex["targets"].tolist() == tokens[1:]
+    assert ex["loss_mask"].tolist() == [1] * (len(tokens) - 1)
+    assert stats["label_tokens"] == len(tokens) - 1
+
+
+@pytest.mark.parametrize(
+  "empty",
+  [
+    {"prompt": "What is two plus two?", "completion": "  "},
+    {"instruction": "Translate:", "output": ""},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+    {"text": "\n"},
+  ],
+)
+def test_rows_with_empty_completions_are_skipped_and_counted(tok, empty):
+  keep = {"text": "Four."} if "text" in empty else {k: v for k, v in PC_ROW.items()}
+  if "instruction" in empty:
+    keep = ALPACA_ROW
+  if "messages" in empty:
+    keep = CHAT_ROW
+  examples, stats = D.tokenize_rows([keep, empty, keep], tok, max_length=256)
+  assert len(examples) == 2 and stats["skipped_empty_completion"] == 1
 
 
 # ---------------------------------------------------------------------------
@@ -217,8 +272,8 @@ def test_prepare_all_skipped_is_an_error(tmp_path, tok):
   path = _write_jsonl(
     tmp_path / "x.jsonl", [{"prompt": "Le chat dort. " * 30, "completion": "Four."}]
   )
-  with pytest.raises(ValueError, match="max_length"):
-    D.prepare(path, tok, max_length=16)
+  with pytest.raises(UserError, match="max_length"):
+    D.prepare_spec(path, tok, max_length=16)
 
 
 # ---------------------------------------------------------------------------
@@ -341,7 +396,7 @@ def test_resume_from_state(n, batch, skip):
 
 
 def test_bad_state_is_rejected():
-  with pytest.raises(ValueError, match="index"):
+  with pytest.raises(UserError, match="index"):
     D.TrainIterator(_rows_arrays(4), 2, state={"epoch": 0, "index": 9})
 
 
@@ -384,7 +439,7 @@ def test_missing_file_names_path_and_field(tmp_path):
 def test_malformed_file_names_path(tmp_path):
   path = tmp_path / "bad.jsonl"
   path.write_text('{"prompt": "a", "completion": \n')
-  with pytest.raises(ValueError) as e:
+  with pytest.raises(UserError) as e:
     D.load_rows(str(path), "train", "config.data.train")
   assert str(path) in str(e.value) and "config.data.train" in str(e.value)
 
@@ -393,7 +448,7 @@ def test_empty_dataset(tmp_path):
   for name, content in (("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("empty.json", "[]")):
     path = tmp_path / name
     path.write_text(content)
-    with pytest.raises(ValueError, match="empty") as e:
+    with pytest.raises(UserError, match="empty") as e:
       D.load_rows(str(path), "train", "config.data.train")
     assert str(path) in str(e.value)
 
@@ -405,8 +460,9 @@ def test_hub_error_is_readable(monkeypatch):
 
   monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-  with pytest.raises(RuntimeError, match="config.data.train.*hub dataset"):
-    D.load_rows("no-such-user-xyz/no-such-dataset-xyz", "train", "config.data.train")
+  with pytest.raises(UserError, match="config.data.train.*hub dataset.*split 'test'") as e:
+    D.load_rows("no-such-user-xyz/no-such-dataset-xyz:test", "train", "config.data.train")
+  assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -419,19 +475,19 @@ def test_hub_error_is_readable(monkeypatch):
   ],
 )
 def test_rows_missing_fields(tmp_path, tok, rows, index, field):
-  with pytest.raises(ValueError) as e:
+  with pytest.raises(UserError) as e:
     D.tokenize_rows(rows, tok, max_length=64)
   assert f"row {index}" in str(e.value) and repr(field) in str(e.value)
   # Through a file, where arrow fills missing keys with None.
   path = _write_jsonl(tmp_path / "m.jsonl", rows)
-  with pytest.raises(ValueError) as e:
-    D.prepare(path, tok, max_length=64)
+  with pytest.raises(UserError) as e:
+    D.prepare_spec(path, tok, max_length=64)
   assert f"row {index}" in str(e.value) and repr(field) in str(e.value) and path in str(e.value)
 
 
 def test_unknown_format_lists_accepted(tok):
-  with pytest.raises(ValueError) as e:
-    D.tokenize_rows([{"text": "hello"}], tok, max_length=64)
+  with pytest.raises(UserError) as e:
+    D.tokenize_rows([{"body": "hello"}], tok, max_length=64)
   msg = str(e.value)
   assert (
     "text" in msg
@@ -440,6 +496,63 @@ def test_unknown_format_lists_accepted(tok):
     and "prompt" in msg
     and "completion" in msg
   )
+
+
+@pytest.mark.parametrize(
+  "spec,expected",
+  [
+    ("org/name", ("org/name", None)),
+    ("org/name:validation", ("org/name", "validation")),
+    ("some_dir:test", ("some_dir", "test")),
+    ("a/b.jsonl", ("a/b.jsonl", None)),
+  ],
+)
+def test_parse_spec(spec, expected):
+  assert D.parse_spec(spec) == expected
+
+
+def test_existing_path_with_a_colon_is_not_split(tmp_path):
+  path = _write_jsonl(tmp_path / "a:b.jsonl", [PC_ROW])
+  assert D.parse_spec(path) == (path, None)
+  assert D.load_rows(path) == [PC_ROW]
+
+
+def test_directory_of_parquet_files(tmp_path):
+  import datasets
+
+  rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(5)]
+  (tmp_path / "flat").mkdir()
+  datasets.Dataset.from_list(rows[:3]).to_parquet(str(tmp_path / "flat" / "part-0.parquet"))
+  datasets.Dataset.from_list(rows[3:]).to_parquet(str(tmp_path / "flat" / "part-1.parquet"))
+  got = D.load_rows(str(tmp_path / "flat"), "train", "config.data.train")
+  assert sorted(got, key=lambda r: r["prompt"]) == rows
+  # The eval split name falls back to the only split a flat directory has.
+  assert len(D.load_rows(str(tmp_path / "flat"), "validation", "config.data.eval")) == 5
+
+
+def test_dataset_repo_layout_and_split_suffix(tmp_path):
+  # A script-free hub repo layout, loaded from disk by the same code path as a hub name.
+  import datasets
+
+  repo = tmp_path / "repo" / "data"
+  repo.mkdir(parents=True)
+  train = [{"text": f"train {i}"} for i in range(4)]
+  valid = [{"text": f"valid {i}"} for i in range(2)]
+  datasets.Dataset.from_list(train).to_parquet(str(repo / "train-00000-of-00001.parquet"))
+  datasets.Dataset.from_list(valid).to_parquet(str(repo / "validation-00000-of-00001.parquet"))
+  root = str(tmp_path / "repo")
+  assert D.load_rows(root) == train
+  assert D.load_rows(root, "validation", "config.data.eval") == valid
+  assert D.load_rows(f"{root}:validation") == valid
+  with pytest.raises(UserError, match=r"no split 'test'.*\['train', 'validation'\]"):
+    D.load_rows(f"{root}:test")
+
+
+def test_malformed_jsonl_line_is_named(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text(json.dumps(PC_ROW) + "\n\n" + json.dumps(PC_ROW) + "\n{oops\n")
+  with pytest.raises(UserError, match=r"config.data.train = .*bad.jsonl.*line 4 is not valid JSON"):
+    D.load_rows(str(path), "train", "config.data.train")
 
 
 # ---------------------------------------------------------------------------
@@ -459,7 +572,7 @@ def test_unknown_format_lists_accepted(tok):
   ],
 )
 def test_exact_match(pred, ok):
-  assert D.exact_match(pred, '{"name": "Maria Lopez", "age": 34}') is ok
+  assert bool(exact_match(pred, '{"name": "Maria Lopez", "age": 34}')) is ok
 
 
 # ---------------------------------------------------------------------------
@@ -497,7 +610,7 @@ def test_bundled_dataset_reproducible_and_disjoint(tmp_path):
       sentence = user["content"]
       for k in keys:
         assert str(record[k]) in sentence
-      assert D.exact_match(asst["content"], asst["content"])
+      assert exact_match(asst["content"], asst["content"])
       names[split].add(record["name"])
   assert not names["train"] & names["eval"]
   assert not {r["messages"][1]["content"] for r in train} & {
@@ -517,3 +630,35 @@ def test_bundled_dataset_through_pipeline(tok):
   for p, row in zip(prompts, rows):
     assert tok.decode(p["prompt_ids"]).endswith("<|im_start|>assistant\n")
     assert p["reference"] == row["messages"][-1]["content"]
+
+
+# ---------------------------------------------------------------------------
+# Task metrics (train/evaluate.py)
+
+
+def test_exact_match_on_plain_text_answers():
+  assert exact_match("  Paris\n", "Paris") == 1.0
+  assert exact_match("Paris, France", "Paris") == 0.0
+
+
+def test_json_fields_counts_matching_fields():
+  from train.evaluate import json_fields
+
+  reference = '{"name": "Ana", "age": 34, "city": "Lyon", "job": "nurse"}'
+  assert json_fields('{"name": "Ana", "age": 34, "city": "Paris"}', reference) == 0.5
+  assert json_fields('{"job": "nurse", "city": "Lyon", "age": 34, "name": "Ana"}', reference) == 1
+  assert json_fields("not json", reference) == 0.0
+  assert json_fields('["Ana", 34]', reference) == 0.0
+
+
+def test_unscorable_rows_are_misses_with_one_warning():
+  from train.evaluate import score
+
+  warnings = []
+  references = ['{"a": 1}', "Paris", "Lyon", '{"a": 2}']
+  predictions = ['{"a": 1}', "Paris", "Lyon", '{"a": 3}']
+  # Two plain-text references can't be scored by json_fields: misses, one warning.
+  assert score("json_fields", predictions, references, warnings.append) == 0.25
+  assert len(warnings) == 1 and "json_fields" in warnings[0] and "row 1" in warnings[0]
+  assert score("exact_match", predictions, references, warnings.append) == 0.75
+  assert len(warnings) == 1

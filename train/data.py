@@ -2,7 +2,7 @@
 
 Pipeline:  load_rows -> tokenize_rows -> pack_examples / pad_examples ->
 TrainIterator (shuffled, infinite, resumable) or eval_batches (one pass).
-`prepare` runs the first three steps in one call.
+`prepare_spec` runs the first three steps in one call, from a file path or dataset spec.
 
 Label convention (the trainer relies on this)
 ---------------------------------------------
@@ -33,15 +33,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-FORMATS = ("messages", "alpaca", "prompt_completion")
+from train.errors import UserError
+
+FORMATS = ("messages", "alpaca", "prompt_completion", "text")
 FORMAT_HELP = (
   "accepted row formats: chat {'messages': [{'role', 'content'}, ...]}, "
   "alpaca {'instruction', optional 'input', 'output'}, "
-  "{'prompt', 'completion'}"
+  "{'prompt', 'completion'} (strings, or lists of messages), "
+  "{'text'} (continued pre-training: loss on every token)"
 )
 LOCAL_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -51,76 +55,156 @@ BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 # Loading
 
 
+def parse_spec(spec: str) -> tuple[str, str | None]:
+  """(source, split or None) of a data spec: a file, a directory, or a hub dataset name, with an
+  optional ':split' suffix (`org/name:validation`, `my_dir:test`). A path that exists as typed
+  is never split, so a file name holding ':' still works."""
+  if os.path.exists(spec):
+    return spec, None
+  source, sep, split = spec.rpartition(":")
+  if sep and source and re.fullmatch(r"[A-Za-z0-9_.\-]+", split):
+    return source, split
+  return spec, None
+
+
 def load_rows(spec: str, split_name: str = "train", field: str = "config.data.train") -> list[dict]:
-  """Rows of a local .json/.jsonl/.parquet file or of a hub dataset split.
+  """Rows of a local .json/.jsonl/.parquet file, a directory of such files (or a dataset repo
+  layout), or a hub dataset split. `split_name` is used when the spec names no split.
 
   `field` is the config field that held `spec`; it only goes into errors so
   the user knows which setting to fix.
   """
+  if not isinstance(spec, str) or not spec:
+    raise UserError(f"{field}: {spec!r} is not valid; expected a file, a directory or a hub name.")
   import datasets  # deferred: importing datasets costs about a second
 
-  if not isinstance(spec, str) or not spec:
-    raise ValueError(f"{field} must be a file path or a hub dataset name, got {spec!r}")
-  ext = os.path.splitext(spec)[1].lower()
-  if ext in LOCAL_EXTENSIONS:
-    if not os.path.isfile(spec):
-      raise FileNotFoundError(
-        f"{field} = {spec!r}: no such file (cwd {os.getcwd()!r}); "
-        f"expected a local {'/'.join(LOCAL_EXTENSIONS)} file or a hub dataset name"
-      )
-    if os.path.getsize(spec) == 0:
-      raise ValueError(f"{field} = {spec!r}: the file is empty, it has no rows")
-    try:
-      ds = datasets.load_dataset(LOCAL_EXTENSIONS[ext], data_files=spec, split="train")
-    except StopIteration:  # what the json builder raises on a file of only whitespace
-      raise ValueError(f"{field} = {spec!r}: the file is empty, it has no rows") from None
-    except ValueError as e:
-      # A file with zero records (e.g. "[]") yields no split at all.
-      if "corresponds to no data" in str(e):
-        raise ValueError(f"{field} = {spec!r}: the file is empty, it has no rows") from None
-      raise ValueError(
-        f"{field} = {spec!r}: could not read it as {LOCAL_EXTENSIONS[ext]}: {e}"
-      ) from e
-    except Exception as e:  # malformed json and the like; datasets' own types vary by version
-      raise ValueError(
-        f"{field} = {spec!r}: could not read it as {LOCAL_EXTENSIONS[ext]}: {type(e).__name__}: {e}"
-      ) from e
-    source = spec
-  elif os.path.exists(spec):
-    raise ValueError(
-      f"{field} = {spec!r} exists but has extension {ext!r}; "
-      f"local data must be one of {sorted(LOCAL_EXTENSIONS)}"
+  datasets.disable_progress_bars()  # "Generating train split" bars on every load
+  datasets.logging.set_verbosity_error()
+  source, split = parse_spec(spec)
+  where = f"{field} = {spec!r}"
+  ext = os.path.splitext(source)[1].lower()
+  if ext in LOCAL_EXTENSIONS and not os.path.isdir(source):
+    if split is not None:
+      raise UserError(f"{where}: a single file has no splits; drop the ':{split}' suffix.")
+    ds = _load_file(source, where)
+  elif os.path.isdir(source):
+    ds = _pick_split(_load_local(datasets.load_dataset, source, where), split, split_name, where)
+  elif os.path.exists(source):
+    raise UserError(
+      f"{where}: the file has extension {ext!r}; local data must be one of "
+      f"{sorted(LOCAL_EXTENSIONS)}, or a directory of such files."
     )
   else:
-    try:
-      ds = datasets.load_dataset(spec, split=split_name)
-    except Exception as e:  # offline / unknown name / unknown split: all end up here
-      raise RuntimeError(
-        f"{field} = {spec!r}: could not load it as a hub dataset (split {split_name!r}): "
-        f"{type(e).__name__}: {e}. If it is meant to be a local file, give a path ending "
-        f"in {'/'.join(LOCAL_EXTENSIONS)}; hub datasets need network access or a warm "
-        f"HF datasets cache."
-      ) from e
-    source = f"{spec}[{split_name}]"
+    ds = _load_hub(datasets.load_dataset, source, split or split_name, where)
   if len(ds) == 0:
-    raise ValueError(f"{field} = {source!r}: the dataset is empty, it has no rows")
+    raise UserError(f"{where}: the dataset is empty, it has no rows.")
   return ds.to_list()
+
+
+def _load_file(path: str, where: str):
+  import datasets
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+      f"{where}: no such file (cwd {os.getcwd()!r}); expected a local "
+      f"{'/'.join(LOCAL_EXTENSIONS)} file, a directory or a hub dataset name."
+    )
+  if os.path.getsize(path) == 0:
+    raise UserError(f"{where}: the file is empty, it has no rows.")
+  builder = LOCAL_EXTENSIONS[os.path.splitext(path)[1].lower()]
+  if builder == "json":
+    _check_json_lines(path, where)
+  try:
+    return datasets.load_dataset(builder, data_files=path, split="train")
+  except Exception as e:  # datasets' own error types vary by version
+    if isinstance(e, StopIteration) or "corresponds to no data" in str(e):
+      raise UserError(f"{where}: the file is empty, it has no rows.") from None
+    raise UserError(f"{where}: could not read it as {builder}: {type(e).__name__}: {e}") from e
+
+
+def _check_json_lines(path: str, where: str) -> None:
+  """A malformed line, named by number: datasets' own error names neither file nor line."""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    text = f.read()
+  stripped = text.lstrip()
+  if stripped.startswith("["):  # one JSON array, not JSON lines
+    try:
+      json.loads(text)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{where}: line {e.lineno} is not valid JSON ({e.msg}).") from None
+    return
+  if not stripped:
+    raise UserError(f"{where}: the file is empty, it has no rows.")
+  for number, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(
+        f"{where}: line {number} is not valid JSON ({e.msg} at column {e.colno})."
+      ) from None
+    if not isinstance(row, dict):
+      raise UserError(f"{where}: line {number} is a {type(row).__name__}, not a JSON object.")
+
+
+def _load_local(load_dataset, directory: str, where: str):
+  try:
+    return load_dataset(directory)
+  except Exception as e:  # no data files, mixed formats, ...
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise UserError(
+      f"{where}: could not read the directory as a dataset ({type(e).__name__}: {first}); it "
+      f"should hold {'/'.join(LOCAL_EXTENSIONS)} files, optionally in a dataset repo layout."
+    ) from e
+
+
+def _pick_split(splits, split: str | None, default: str, where: str):
+  """The named split; without a name, `default` or, if the data has only one split, that one."""
+  names = sorted(splits)
+  if split is not None and split not in splits:
+    raise UserError(f"{where}: there is no split {split!r}; the data has splits {names}.")
+  if split is None:
+    if default in splits:
+      split = default
+    elif len(names) == 1:
+      split = names[0]
+    else:
+      raise UserError(
+        f"{where}: the data has splits {names} and none is {default!r}; name one with "
+        f"':{names[0]}' after the path."
+      )
+  return splits[split]
+
+
+def _load_hub(load_dataset, name: str, split: str, where: str):
+  try:
+    return load_dataset(name, split=split)
+  except Exception as e:  # offline / unknown name / unknown split: all end up here
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    raise UserError(
+      f"{where}: could not load it as a hub dataset (split {split!r}): {type(e).__name__}: "
+      f"{first}. A local file must end in {'/'.join(LOCAL_EXTENSIONS)}; hub datasets need "
+      "network access or a warm HF datasets cache."
+    ) from e
 
 
 def detect_format(rows: Sequence[dict], source: str = "dataset") -> str:
   """One of FORMATS, decided from the columns of the dataset (union over rows)."""
   if not rows:
-    raise ValueError(f"{source}: no rows")
+    raise UserError(f"{source}: no rows")
   columns: set[str] = set()
   for row in rows:
-    columns.update(row)
+    columns.update(k for k, v in row.items() if v is not None)
   if "messages" in columns:
     return "messages"
   if "instruction" in columns:
     return "alpaca"
   if "prompt" in columns or "completion" in columns:
     return "prompt_completion"
-  raise ValueError(f"{source}: unknown row format, columns {sorted(columns)}; {FORMAT_HELP}")
+  if "text" in columns:
+    return "text"
+  raise UserError(f"{source}: unknown row format, columns {sorted(columns)}; {FORMAT_HELP}")
 
 
 def _missing(row: dict, key: str) -> bool:
@@ -128,22 +212,22 @@ def _missing(row: dict, key: str) -> bool:
   return row.get(key) is None
 
 
-def _require(row: dict, keys: Sequence[str], index: int, source: str) -> None:
+def _require(row: dict, keys: Sequence[str], index: int, source: str, lists_ok=False) -> None:
   for key in keys:
     if _missing(row, key):
-      raise ValueError(
-        f"{source}: row {index} is missing field {key!r} (row keys: {sorted(k for k in row if row[k] is not None)})"
-      )
-    if not isinstance(row[key], str):
-      raise ValueError(
-        f"{source}: row {index} field {key!r} must be a string, got {type(row[key]).__name__}"
+      present = sorted(k for k in row if row[k] is not None)
+      raise UserError(f"{source}: row {index} is missing field {key!r} (row keys: {present})")
+    if not isinstance(row[key], str) and not (lists_ok and isinstance(row[key], list)):
+      what = "a string or a list of messages" if lists_ok else "a string"
+      raise UserError(
+        f"{source}: row {index} field {key!r} must be {what}, got {type(row[key]).__name__}"
       )
 
 
 def row_to_prompt_completion(
   row: dict, fmt: str, index: int, source: str = "dataset"
 ) -> tuple[str, str]:
-  """(prompt, completion) of an alpaca or prompt/completion row."""
+  """(prompt, completion) of an alpaca or plain-string prompt/completion row."""
   if fmt == "alpaca":
     _require(row, ("instruction", "output"), index, source)
     prompt = row["instruction"]
@@ -157,29 +241,52 @@ def row_to_prompt_completion(
   raise ValueError(f"row_to_prompt_completion: format {fmt!r} is not alpaca or prompt_completion")
 
 
-def row_to_messages(row: dict, fmt: str, index: int, source: str = "dataset") -> list[dict]:
-  """Chat messages of a row of any format (alpaca/prompt-completion become user+assistant)."""
-  if fmt != "messages":
-    prompt, completion = row_to_prompt_completion(row, fmt, index, source)
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-  messages = row.get("messages")
-  if messages is None:
-    raise ValueError(f"{source}: row {index} is missing field 'messages'")
+def _check_messages(messages, index: int, source: str, field: str) -> list[dict]:
   if not isinstance(messages, list) or not messages:
-    raise ValueError(
-      f"{source}: row {index} field 'messages' must be a non-empty list, got {messages!r}"
+    raise UserError(
+      f"{source}: row {index} field {field!r} must be a non-empty list, got {messages!r}"
     )
   out = []
   for j, m in enumerate(messages):
     for key in ("role", "content"):
       if not isinstance(m, dict) or m.get(key) is None:
-        raise ValueError(f"{source}: row {index} is missing field 'messages[{j}].{key}'")
+        raise UserError(f"{source}: row {index} is missing field '{field}[{j}].{key}'")
     out.append({"role": m["role"], "content": m["content"]})
+  return out
+
+
+def row_to_messages(row: dict, fmt: str, index: int, source: str = "dataset") -> list[dict]:
+  """Chat messages of a row: alpaca and prompt/completion become user + assistant turns; a
+  prompt/completion row may also hold message lists (TRL's conversational form)."""
+  if fmt == "messages":
+    if row.get("messages") is None:
+      raise UserError(f"{source}: row {index} is missing field 'messages'")
+    out = _check_messages(row["messages"], index, source, "messages")
+  elif fmt == "prompt_completion" and isinstance(row.get("prompt"), list):
+    _require(row, ("prompt", "completion"), index, source, lists_ok=True)
+    completion = row["completion"]
+    if isinstance(completion, str):
+      completion = [{"role": "assistant", "content": completion}]
+    out = _check_messages(row["prompt"], index, source, "prompt")
+    out += _check_messages(completion, index, source, "completion")
+  else:
+    prompt, completion = row_to_prompt_completion(row, fmt, index, source)
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
   if not any(m["role"] == "assistant" for m in out):
-    raise ValueError(
+    raise UserError(
       f"{source}: row {index} has no message with role 'assistant', so nothing to train on"
     )
   return out
+
+
+def has_empty_completion(row: dict, fmt: str, index: int, source: str = "dataset") -> bool:
+  """True if nothing in the row is to be learned: every answer (or the text) is blank."""
+  if fmt == "text":
+    _require(row, ("text",), index, source)
+    return not row["text"].strip()
+  messages = row_to_messages(row, fmt, index, source)
+  answers = [m["content"] for m in messages if m["role"] == "assistant"]
+  return all(not str(a).strip() for a in answers)
 
 
 # ----------------------------------------------------------------------------
@@ -216,7 +323,7 @@ def chat_pieces(
     ok = through.startswith(prefix) and full.startswith(through) and len(through) > len(prefix)
     if not ok:
       if i == last:
-        raise ValueError(
+        raise UserError(
           f"{source}: row {index}: the chat template does not render the conversation "
           f"prefix (with add_generation_prompt=True) as a prefix of the full conversation, "
           f"so the assistant answer cannot be located"
@@ -251,41 +358,42 @@ def encode_row(
   Pieces are encoded separately and concatenated so the completion boundary
   is exact; with ChatML-like templates the boundaries sit next to special
   tokens, where encoding the whole string would split the same way.
+  A `text` row is never templated and is all completion: continued pre-training.
   """
-  chat = use_chat_template and _has_chat_template(tokenizer)
-  ids: list[int] = []
-  completion: list[bool] = []
-  if chat:
+  if fmt == "text":
+    ids = tokenizer.encode(row["text"], add_special_tokens=True) + _eos(tokenizer, source)
+    return np.asarray(ids, np.int32), np.ones(len(ids), bool)
+  if use_chat_template and _has_chat_template(tokenizer):
+    ids, completion = [], []
     pieces = chat_pieces(tokenizer, row_to_messages(row, fmt, index, source), index, source)
     for text, is_completion in pieces:
       piece = tokenizer.encode(text, add_special_tokens=False)
       ids += piece
       completion += [is_completion] * len(piece)
-  else:
-    if fmt == "messages":
-      why = (
-        "use_chat_template is False"
-        if not use_chat_template
-        else "the tokenizer has no chat_template"
-      )
-      raise ValueError(
-        f"{source}: chat 'messages' rows need a chat template, but {why}; set "
-        f"config.data.use_chat_template=True with a tokenizer that has one, or use "
-        f"alpaca or prompt/completion rows"
-      )
-    if tokenizer.eos_token_id is None:
-      raise ValueError(
-        "plain (no chat template) formatting appends eos, but the tokenizer has no eos_token"
-      )
-    prompt, answer = row_to_prompt_completion(row, fmt, index, source)
-    if fmt == "alpaca":
-      prompt += "\n\n"
-    # add_special_tokens on the prompt lets tokenizers that want a BOS (Llama) add it.
-    p = tokenizer.encode(prompt, add_special_tokens=True)
-    a = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-    ids = p + a
-    completion = [False] * len(p) + [True] * len(a)
-  return np.asarray(ids, np.int32), np.asarray(completion, bool)
+    return np.asarray(ids, np.int32), np.asarray(completion, bool)
+  if fmt == "messages" or isinstance(row.get("prompt"), list):
+    why = "use_chat_template is False" if not use_chat_template else "the tokenizer has none"
+    raise UserError(
+      f"{source}: row {index}: chat messages need a chat template, but {why}; set "
+      "config.data.use_chat_template=True with a tokenizer that has one, or use string "
+      "prompt/completion, alpaca or text rows."
+    )
+  prompt, answer = row_to_prompt_completion(row, fmt, index, source)
+  if fmt == "alpaca":
+    prompt += "\n\n"
+  # add_special_tokens on the prompt lets tokenizers that want a BOS (Llama) add it.
+  p = tokenizer.encode(prompt, add_special_tokens=True)
+  a = tokenizer.encode(answer, add_special_tokens=False) + _eos(tokenizer, source)
+  return np.asarray(p + a, np.int32), np.asarray([False] * len(p) + [True] * len(a), bool)
+
+
+def _eos(tokenizer, source: str) -> list[int]:
+  if tokenizer.eos_token_id is None:
+    raise UserError(
+      f"{source}: plain (no chat template) formatting appends eos, but the tokenizer has no "
+      "eos_token."
+    )
+  return [tokenizer.eos_token_id]
 
 
 def tokenize_rows(
@@ -300,21 +408,24 @@ def tokenize_rows(
 ) -> tuple[list[dict], dict]:
   """Examples {'input_ids', 'targets', 'loss_mask'} (1-D int32, length <= max_length) and stats.
 
-  A row of more than max_length + 1 tokens is cut at the end (counted in
-  'truncated'); one whose cut leaves no completion token to predict is
-  dropped (counted in 'skipped_prompt_too_long'), not an error, so one long
+  A row whose answer is empty is dropped (counted in 'skipped_empty_completion'):
+  it has nothing to learn. A row of more than max_length + 1 tokens is cut at the
+  end (counted in 'truncated'); one whose cut leaves no completion token to predict
+  is dropped (counted in 'skipped_prompt_too_long'), not an error, so one long
   prompt cannot stop a run.
   """
   if not isinstance(max_length, (int, np.integer)) or max_length < 2:
-    raise ValueError(f"config.data.max_length must be an int >= 2, got {max_length!r}")
+    raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
   fmt = fmt or detect_format(rows, source)
   if fmt not in FORMATS:
     raise ValueError(f"unknown format {fmt!r}; {FORMAT_HELP}")
   examples = []
-  stats = dict(
-    rows=len(rows), examples=0, truncated=0, skipped_prompt_too_long=0, tokens=0, label_tokens=0
-  )
+  stats = dict(rows=len(rows), examples=0, truncated=0, skipped_prompt_too_long=0)
+  stats.update(skipped_empty_completion=0, tokens=0, label_tokens=0)
   for i, row in enumerate(rows):
+    if has_empty_completion(row, fmt, i, source):
+      stats["skipped_empty_completion"] += 1
+      continue
     ids, is_completion = encode_row(
       tokenizer, row, fmt, use_chat_template=use_chat_template, index=i, source=source
     )
@@ -396,7 +507,7 @@ def pack_examples(
   return out
 
 
-def prepare(
+def prepare_spec(
   spec: str,
   tokenizer,
   *,
@@ -424,9 +535,11 @@ def prepare(
     source=f"{field} = {spec!r}",
   )
   if not examples:
-    raise ValueError(
-      f"{field} = {spec!r}: all {stats['rows']} rows were skipped because their prompt fills "
-      f"max_length={max_length}; raise config.data.max_length"
+    raise UserError(
+      f"{field} = {spec!r}: all {stats['rows']} rows were skipped: "
+      f"{stats['skipped_empty_completion']} have an empty completion and "
+      f"{stats['skipped_prompt_too_long']} a prompt that fills max_length={max_length} "
+      "(raise config.data.max_length)."
     )
   arrays = pack_examples(examples, max_length, seed) if pack else pad_examples(examples, max_length)
   stats["packed_rows"] = len(arrays["input_ids"])
@@ -479,7 +592,7 @@ class TrainIterator:
       or epoch < 0
       or not 0 <= index < self.n
     ):
-      raise ValueError(
+      raise UserError(
         f"data iterator state must be {{'epoch': int >= 0, 'index': 0..{self.n - 1}}}, got {state!r}"
       )
     self.epoch, self.index = int(epoch), int(index)
@@ -530,39 +643,26 @@ def prompts_and_references(
 
   The prompt is everything before the last assistant answer, rendered the way
   training renders it (with the generation prompt), so the model continues
-  exactly where it was trained to.
+  exactly where it was trained to. A `text` row is split in half by tokens: the
+  model continues the first half, the second half is the reference.
   """
   fmt = detect_format(rows, source)
+  chat = use_chat_template and _has_chat_template(tokenizer)
   out = []
   for i, row in enumerate(rows):
+    if fmt == "text":
+      _require(row, ("text",), i, source)
+      ids = tokenizer.encode(row["text"], add_special_tokens=True)
+      cut = max(1, len(ids) // 2)
+      reference = tokenizer.decode(ids[cut:], skip_special_tokens=True)
+      out.append({"prompt_ids": list(ids[:cut]), "reference": reference})
+      continue
     messages = row_to_messages(row, fmt, i, source)
     last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
-    reference = messages[last]["content"]
-    if use_chat_template and _has_chat_template(tokenizer):
-      text = _render(tokenizer, messages[:last], True)
-      ids = tokenizer.encode(text, add_special_tokens=False)
+    if chat:
+      ids = tokenizer.encode(_render(tokenizer, messages[:last], True), add_special_tokens=False)
     else:
       prompt, _ = row_to_prompt_completion(row, fmt, i, source)
       ids = tokenizer.encode(prompt + ("\n\n" if fmt == "alpaca" else ""), add_special_tokens=True)
-    out.append({"prompt_ids": list(ids), "reference": reference})
+    out.append({"prompt_ids": list(ids), "reference": messages[last]["content"]})
   return out
-
-
-def exact_match(prediction_text: str, reference_text: str) -> bool:
-  """True iff the prediction is one JSON value equal to the reference's.
-
-  Whitespace around and inside the JSON does not matter, key order does not
-  matter, types do (34 != "34"). Trailing non-whitespace text after the JSON
-  makes it a miss, so decode with skip_special_tokens=True or cut at eos.
-  """
-  decoder = json.JSONDecoder()
-  try:
-    reference = json.loads(reference_text)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"exact_match: reference is not valid JSON: {reference_text!r}") from e
-  text = prediction_text.strip() if isinstance(prediction_text, str) else ""
-  try:
-    value, end = decoder.raw_decode(text)
-  except ValueError:
-    return False
-  return not text[end:].strip() and value == reference

@@ -109,9 +109,11 @@ def loss_sum(apply_fn, model_cls, params, batch, rngs=None) -> tuple[jax.Array, 
 
 
 def make_train_step(
-  model, tx: optax.GradientTransformation, *, accum_steps: int = 1, dropout: bool = False
+  model, tx: optax.GradientTransformation, *, accum_steps: int = 1, dropout_rng: bool = False
 ):
   """step(trainable, opt_state, frozen, batch, step, rng) -> (trainable, opt_state, metrics).
+
+  dropout_rng: feed the model a "dropout" rng (needed when any adapter has LoRA dropout > 0).
 
   The batch's leading axis holds accum_steps microbatches back to back; gradients are
   summed over them and divided by the total number of labelled tokens, so the result
@@ -122,7 +124,7 @@ def make_train_step(
   model_cls = type(model)
 
   def micro_loss(trainable, frozen, batch, rng):
-    rngs = {"dropout": rng} if dropout else None
+    rngs = {"dropout": rng} if dropout_rng else None
     return loss_sum(apply_fn, model_cls, jlora.combine(trainable, frozen), batch, rngs)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.models.llama import LlamaConfig, LlamaForCausalLM
+from jlora import sharding as shard_lib
+from jlora.models.llama import DEFAULT_RULES, LlamaConfig, LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def from_pretrained(
   dtype: Any = jnp.float32,
   param_dtype: Any = jnp.float32,
   shardings: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
   cache_dir: str | os.PathLike | None = None,
   **config_overrides,
 ):
@@ -86,13 +88,20 @@ def from_pretrained(
 
   dtype / param_dtype: compute and storage dtypes. shardings: optional pytree of
   `jax.sharding.Sharding` matching params; each param is placed directly with `jax.device_put`.
+  mesh: instead of shardings, place each param on this mesh by the model's logical axes
+  (`DEFAULT_RULES`).
   cache_dir: where converted GGUF checkpoints live (default ~/.cache/jlora).
   config_overrides: extra `LlamaConfig` fields, e.g. remat_policy="full".
   params are plain (unboxed) arrays, ready for `model.apply({"params": params}, ...)`.
   """
   directory = resolve_checkpoint(path, cache_dir=cache_dir)
   return load_hf_dir(
-    directory, dtype=dtype, param_dtype=param_dtype, shardings=shardings, **config_overrides
+    directory,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    shardings=shardings,
+    mesh=mesh,
+    **config_overrides,
   )
 
 
@@ -163,8 +172,10 @@ def load_hf_dir(
   dtype=jnp.float32,
   param_dtype=jnp.float32,
   shardings=None,
+  mesh=None,
   **config_overrides,
 ):
+  """(model, params, tokenizer) from an HF checkpoint dir; see `from_pretrained` for the arguments."""
   directory = Path(directory)
   config_file = directory / "config.json"
   if not config_file.is_file():
@@ -175,8 +186,16 @@ def load_hf_dir(
   hf_config = json.loads(config_file.read_text())
   config = LlamaConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **config_overrides)
   model = LlamaForCausalLM(config)
+  if mesh is not None and shardings is None:
+    shardings = mesh_shardings(model, mesh)
   params = load_params(directory, model, shardings=shardings)
   return model, params, load_tokenizer(directory)
+
+
+def mesh_shardings(model: LlamaForCausalLM, mesh, rules=DEFAULT_RULES):
+  """NamedShardings for the model's params on `mesh`, from the logical axes the model names."""
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  return shard_lib.named(mesh, shard_lib.logical_specs(abstract["params"], rules))
 
 
 def load_tokenizer(directory: Path):

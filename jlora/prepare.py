@@ -1,0 +1,49 @@
+"""One call from a base model's params to the (trainable, frozen) pair a train step takes.
+
+layout -> quantize (QLoRA, optional) -> apply LoRA -> place on the mesh -> split. The trainer and
+the benchmarks call this, so what they train is built the same way.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import NamedSharding
+
+from jlora import sharding as shard_lib
+from jlora.config import Layout, LoraConfig
+from jlora.lora import apply, split
+from jlora.quant import QuantConfig, quantize
+
+
+def prepare_for_training(
+  params,
+  lora: LoraConfig,
+  key: jax.Array,
+  *,
+  quant: QuantConfig | None = None,
+  layout: Layout | None = None,
+):
+  """(trainable, frozen) for `params`: quantized by `quant` if given, then adapted by `lora`.
+
+  If `params` are placed with NamedShardings (e.g. loaded with `from_pretrained(..., mesh=...)`),
+  every new array follows the weight it replaces: codes and scales like the quantized kernel,
+  A on the kernel's input axes and B on its output axes (`jlora.sharding.param_specs`).
+  Otherwise the arrays stay where JAX puts them.
+  """
+  base_specs, mesh = _named_specs(params)
+  if quant is not None:
+    params = quantize(params, quant, layout=layout)
+  params = apply(params, lora, key, layout=layout)
+  if mesh is not None:
+    params = jax.device_put(
+      params, shard_lib.named(mesh, shard_lib.param_specs(params, base_specs))
+    )
+  return split(params)
+
+
+def _named_specs(params):
+  """({path: PartitionSpec} like params, mesh) when every param has a NamedSharding, else (None, None)."""
+  shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(params)]
+  if not shardings or not all(isinstance(s, NamedSharding) for s in shardings):
+    return None, None
+  return jax.tree.map(lambda x: x.sharding.spec, params), shardings[0].mesh

@@ -1,0 +1,291 @@
+"""The trainer's config: sections that are library dataclasses, all checked before the model loads.
+
+`config.lora` holds exactly the fields of `jlora.LoraConfig` and `config.quant` those of
+`jlora.QuantConfig` (built by `dataclass_section`), so every library field, patterns included, is
+settable as `--config.lora.<field>=...`; `library_config` turns a section back into the dataclass.
+`config.model` holds `path` plus any `LlamaConfig` field (dtype, remat_policy, ...), passed through
+unchanged. Every message names the field as the user typed it: `config.lora.rank`, not
+`LoraConfig.rank`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+import jlora
+from jlora.models.llama import LlamaConfig
+from train.errors import UserError
+from train.evaluate import check_metrics
+
+# config.quant.kind = "none" trains on the full-precision base (plain LoRA).
+NO_QUANT = "none"
+LIBRARY_SECTIONS = {"lora": jlora.LoraConfig, "quant": jlora.QuantConfig}
+# Positive integers, by their config path.
+POSITIVE_INTS = (
+  "steps",
+  "data.batch_size",
+  "data.grad_accum",
+  "data.max_length",
+  "data.eval_batch_size",
+  "save_every",
+  "eval_every",
+  "log_every",
+  "max_new_tokens",
+)
+NON_NEGATIVE_INTS = ("eval_examples", "samples", "optim.warmup_steps")
+# Adam steps move each weight by about lr; at 1 or more LoRA training only diverges.
+MAX_LR = 1.0
+# What a checkpoint must agree with to be resumed.
+FINGERPRINT_FIELDS = ("model", "data", "lora", "quant", "optim", "seed", "steps")
+MESH_AXES = ("data", "fsdp", "tensor")
+_SIMPLE_TYPES = (bool, int, float, str)
+
+
+# --------------------------------------------------------------------------- dataclass sections
+
+
+def dataclass_section(cls, **overrides) -> ml_collections.ConfigDict:
+  """One entry per field of dataclass `cls`: the library's default, or `overrides[field]`.
+
+  Fields that take several types (targets: 'all-linear', a regex or a list; patterns: dicts;
+  optional values) are typed `object`, so the command line accepts any Python literal there;
+  dtypes are stored by name ('float32'), so they print and compare as text.
+  """
+  hints = typing.get_type_hints(cls)
+  unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+  if unknown:
+    raise TypeError(f"{cls.__name__} has no field(s) {unknown}.")
+  section = ml_collections.ConfigDict()
+  for field in dataclasses.fields(cls):
+    value = overrides[field.name] if field.name in overrides else _default(field)
+    if field.name.endswith("dtype") and value is not None:
+      value = jnp.dtype(value).name
+    if hints[field.name] in _SIMPLE_TYPES and isinstance(value, _SIMPLE_TYPES):
+      section[field.name] = value
+    else:
+      section[field.name] = ml_collections.FieldReference(value, field_type=object)
+  return section
+
+
+def _default(field: dataclasses.Field):
+  if field.default is not dataclasses.MISSING:
+    return field.default
+  return field.default_factory()
+
+
+def parse_targets(value):
+  """A comma list of module names ('q_proj,v_proj') becomes a list; anything else is kept."""
+  if isinstance(value, str) and re.fullmatch(r"[\w./-]+(\s*,\s*[\w./-]+)+", value.strip()):
+    return [t.strip() for t in value.split(",")]
+  return value
+
+
+def library_config(config, name: str):
+  """`jlora.LoraConfig(**config.lora)` (or QuantConfig for 'quant'), with errors in config terms."""
+  cls = LIBRARY_SECTIONS[name]
+  values = config[name].to_dict()
+  fields = {f.name for f in dataclasses.fields(cls)}
+  for key in sorted(set(values) - fields):
+    raise UserError(
+      f"config.{name}.{key} is not a field of jlora.{cls.__name__}; valid fields: "
+      f"{', '.join(sorted(fields))}."
+    )
+  for key in ("targets", "exclude"):
+    values[key] = parse_targets(values.get(key))
+    if values[key] == "":
+      values[key] = None
+  with user_words(cls.__name__, f"config.{name}"):
+    return cls(**values)
+
+
+def quant_config(config) -> jlora.QuantConfig | None:
+  kinds = (NO_QUANT, *jlora.quant.KINDS)
+  if config.quant.kind not in kinds:
+    raise UserError(
+      f"config.quant.kind: {config.quant.kind!r} is not valid; expected one of "
+      f"{', '.join(map(repr, kinds))}."
+    )
+  return None if config.quant.kind == NO_QUANT else library_config(config, "quant")
+
+
+class user_words:
+  """Re-raises a library ValueError/TypeError as a UserError naming `config.<section>.<field>`."""
+
+  def __init__(self, library_name: str, config_name: str):
+    self.library_name, self.config_name = library_name, config_name
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    if kind is not None and issubclass(kind, (ValueError, TypeError)):
+      message = str(error).replace(f"{self.library_name}.", f"{self.config_name}.")
+      message = message.replace(f"{self.library_name} ", f"{self.config_name} ")
+      raise UserError(message) from error
+    return False
+
+
+# --------------------------------------------------------------------------- model section
+
+
+def model_overrides(config) -> dict[str, Any]:
+  """Every config.model field but `path`, as `LlamaConfig` overrides (dtypes as jnp dtypes)."""
+  fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+  out = {}
+  for key, value in config.model.to_dict().items():
+    if key == "path":
+      continue
+    if key not in fields:
+      raise UserError(
+        f"config.model.{key} is not a model setting; valid: path, {', '.join(sorted(fields))}."
+      )
+    if key.endswith("dtype"):
+      value = _dtype(f"config.model.{key}", value)
+    out[key] = value
+  return out
+
+
+def _dtype(field: str, value):
+  try:
+    return jnp.dtype(value)
+  except TypeError:
+    raise UserError(
+      f"{field}: {value!r} is not a dtype; expected e.g. 'float32' or 'bfloat16'."
+    ) from None
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def get(config, path: str):
+  node = config
+  for part in path.split("."):
+    node = node[part]
+  return node
+
+
+def check_config(config) -> None:
+  """Every check that needs no model: numbers, library sections, model overrides, the mesh."""
+  for path in POSITIVE_INTS + NON_NEGATIVE_INTS:
+    value, least = get(config, path), 1 if path in POSITIVE_INTS else 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      what = "a positive integer" if least else "an integer >= 0"
+      raise UserError(f"config.{path}: {value!r} is not valid; expected {what}.")
+  if config.data.max_length < 2:
+    raise UserError(
+      f"config.data.max_length: {config.data.max_length} is not valid; expected >= 2."
+    )
+  if config.data.batch_size % config.data.grad_accum:
+    raise UserError(
+      f"config.data.batch_size: {config.data.batch_size} is not divisible by "
+      f"config.data.grad_accum={config.data.grad_accum}; make it a multiple."
+    )
+  check_optim(config.optim)
+  library_config(config, "lora")
+  quant_config(config)
+  model_overrides(config)
+  check_metrics(config.eval.metrics)
+  mesh_sizes(config)
+
+
+def check_optim(optim) -> None:
+  lr = optim.lr
+  if not isinstance(lr, (int, float)) or not (0 < lr < MAX_LR) or not math.isfinite(lr):
+    raise UserError(
+      f"config.optim.lr: {lr!r} is not valid; expected a number in (0, {MAX_LR:g}) "
+      "(LoRA typically uses 1e-5 to 1e-3)."
+    )
+  for name in ("weight_decay", "clip_norm"):
+    value = optim[name]
+    if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+      raise UserError(f"config.optim.{name}: {value!r} is not valid; expected a number >= 0.")
+
+
+def mesh_sizes(config, devices: int | None = None) -> dict[str, int]:
+  """{data, fsdp, tensor} sizes that use every device, or an error naming config.mesh.*."""
+  devices = jax.device_count() if devices is None else devices
+  sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
+  for axis, size in sizes.items():
+    if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+      raise UserError(
+        f"config.mesh.{axis}: {size!r} is not valid; expected a positive integer, or -1 for the "
+        "remaining devices."
+      )
+  free = [axis for axis, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    raise UserError(
+      f"config.mesh: {', '.join('config.mesh.' + a for a in free)} are all -1; at most one axis "
+      "may take the remaining devices."
+    )
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if free:
+    if devices % fixed:
+      raise UserError(
+        f"config.mesh.{free[0]}: -1 can't take the rest of the {devices} devices, because the "
+        f"other config.mesh axes multiply to {fixed}, which does not divide {devices}."
+      )
+    sizes[free[0]] = devices // fixed
+  used = math.prod(sizes.values())
+  if used != devices:
+    shown = " x ".join(f"config.mesh.{a}={config.mesh[a]}" for a in MESH_AXES)
+    problem = (
+      f"needs {used} devices, but only {devices} exist"
+      if used > devices
+      else f"uses {used} of the {devices} devices, leaving {devices - used} idle "
+      f"(devices {used}..{devices - 1} would hold no shard and do no work)"
+    )
+    raise UserError(
+      f"{shown} {problem}; make the product {devices}, or set one axis to -1 to take the rest."
+    )
+  rows = config.data.batch_size // config.data.grad_accum
+  shards = sizes["data"] * sizes["fsdp"]
+  if rows % shards:
+    raise UserError(
+      f"config.data.batch_size: {config.data.batch_size} / config.data.grad_accum="
+      f"{config.data.grad_accum} = {rows} rows per microbatch do not split over config.mesh.data x "
+      f"config.mesh.fsdp = {shards} shards; make it a multiple of {shards}."
+    )
+  return sizes
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def fingerprint(config) -> dict:
+  """The settings a checkpoint must share to be resumed, as plain JSON values."""
+  out = {}
+  for key in FINGERPRINT_FIELDS:
+    value = config[key]
+    out[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+  return _jsonable(out)
+
+
+def _jsonable(value):
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if value is None or isinstance(value, _SIMPLE_TYPES):
+    return value
+  return str(value)
+
+
+def fingerprint_differences(saved: dict, current: dict, prefix: str = "config") -> list[str]:
+  """'config.lora.rank: 4 -> 8' for each field whose value differs (or exists on one side only)."""
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    path = f"{prefix}.{key}"
+    old, new = saved.get(key, "<unset>"), current.get(key, "<unset>")
+    if isinstance(old, dict) and isinstance(new, dict):
+      out += fingerprint_differences(old, new, path)
+    elif old != new:
+      out.append(f"{path}: {old!r} -> {new!r}")
+  return out
