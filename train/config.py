@@ -10,6 +10,7 @@ unchanged. Every message names the field as the user typed it: `config.lora.rank
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -82,9 +83,11 @@ def _default(field: dataclasses.Field):
 
 
 def parse_targets(value):
-  """A comma list of module names ('q_proj,v_proj') becomes a list; anything else is kept."""
-  if isinstance(value, str) and re.fullmatch(r"[\w./-]+(\s*,\s*[\w./-]+)+", value.strip()):
-    return [t.strip() for t in value.split(",")]
+  """Module names ('q_proj' or 'q_proj,v_proj') become a list; 'all-linear', a regex or a list
+  is kept. As on the command line before: a bare name is a name, not a regex."""
+  if isinstance(value, str) and value != "all-linear":
+    if re.fullmatch(r"[\w./-]+(\s*,\s*[\w./-]+)*", value.strip()):
+      return [t.strip() for t in value.split(",")]
   return value
 
 
@@ -102,7 +105,7 @@ def library_config(config, name: str):
     values[key] = parse_targets(values.get(key))
     if values[key] == "":
       values[key] = None
-  with user_words(cls.__name__, f"config.{name}"):
+  with user_words(section=f"config.{name}"):
     return cls(**values)
 
 
@@ -116,21 +119,23 @@ def quant_config(config) -> jlora.QuantConfig | None:
   return None if config.quant.kind == NO_QUANT else library_config(config, "quant")
 
 
-class user_words:
-  """Re-raises a library ValueError/TypeError as a UserError naming `config.<section>.<field>`."""
+LIBRARY_NAMES = {"LoraConfig": "config.lora", "QuantConfig": "config.quant"}
 
-  def __init__(self, library_name: str, config_name: str):
-    self.library_name, self.config_name = library_name, config_name
 
-  def __enter__(self):
-    return self
-
-  def __exit__(self, kind, error, tb):
-    if kind is not None and issubclass(kind, (ValueError, TypeError)):
-      message = str(error).replace(f"{self.library_name}.", f"{self.config_name}.")
-      message = message.replace(f"{self.library_name} ", f"{self.config_name} ")
-      raise UserError(message) from error
-    return False
+@contextlib.contextmanager
+def user_words(names: dict[str, str] | None = None, section: str | None = None):
+  """Re-raises a library ValueError/TypeError as a UserError in config terms: `LoraConfig.rank`
+  becomes `config.lora.rank`; a message naming no config field is prefixed with `section`."""
+  names = LIBRARY_NAMES if names is None else names
+  try:
+    yield
+  except (ValueError, TypeError) as error:
+    message = str(error)
+    for library, config in names.items():
+      message = message.replace(f"{library}.", f"{config}.").replace(f"{library} ", f"{config} ")
+    if section and "config." not in message:
+      message = f"{section}: {message}"
+    raise UserError(message) from error
 
 
 # --------------------------------------------------------------------------- model section
@@ -150,6 +155,8 @@ def model_overrides(config) -> dict[str, Any]:
     if key.endswith("dtype"):
       value = _dtype(f"config.model.{key}", value)
     out[key] = value
+  with user_words(section="config.model"):  # the model's own checks, on its default shape
+    LlamaConfig(**out)
   return out
 
 
@@ -284,7 +291,7 @@ def fingerprint_differences(saved: dict, current: dict, prefix: str = "config") 
   for key in sorted(set(saved) | set(current)):
     path = f"{prefix}.{key}"
     old, new = saved.get(key, "<unset>"), current.get(key, "<unset>")
-    if isinstance(old, dict) and isinstance(new, dict):
+    if prefix == "config" and isinstance(old, dict) and isinstance(new, dict):  # a section
       out += fingerprint_differences(old, new, path)
     elif old != new:
       out.append(f"{path}: {old!r} -> {new!r}")

@@ -35,6 +35,7 @@ OUTPUT_NAMES = (
   "adapter_model.safetensors",
   "merged",
 )
+DISPOSABLE = (RUN_FILE, "before.json")
 # Virtual file systems: writing a run there is never what the user meant.
 SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
 
@@ -107,7 +108,8 @@ def check_output_dir(value: str) -> Path:
 def claim(out: Path, config) -> tuple[RunRecord, bool]:
   """(the run that owns `out`, whether it is resumed). Refuses another run's outputs unless
   config.overwrite, which removes them (and only them) first."""
-  present = sorted(name for name in OUTPUT_NAMES if (out / name).exists())
+  # A run that stopped before its first step leaves only these: nothing to keep.
+  present = sorted(n for n in OUTPUT_NAMES if (out / n).exists() and n not in DISPOSABLE)
   record = read_json(out / RUN_FILE)
   current = fingerprint(config)
   if present and config.overwrite:

@@ -32,6 +32,7 @@ from absl import flags
 from absl import logging as absl_logging
 from flax import linen as nn
 from ml_collections import config_flags
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 import jlora
@@ -106,7 +107,7 @@ def load_model(config, mesh):
   try:
     directory = resolve_checkpoint(config.model.path)
     model, params, tokenizer = load_hf_dir(directory, mesh=mesh, **overrides)
-  except (ValueError, KeyError, TypeError, OSError) as e:  # a bad path, file or model setting
+  except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:  # a bad path or file
     message = str(e).strip("'\"")
     raise UserError(f"config.model.path = {config.model.path!r}: {message}") from e
   layout = jlora.trace_layout(model, jnp.zeros((1, 8), jnp.int32))
@@ -116,7 +117,7 @@ def load_model(config, mesh):
 def adapt(config, params, layout):
   """(trainable, frozen): the base quantized by config.quant, adapted by config.lora."""
   lora, quant = config_lib.library_config(config, "lora"), config_lib.quant_config(config)
-  with config_lib.user_words("LoraConfig", "config.lora"):
+  with config_lib.user_words():
     return jlora.prepare_for_training(
       params, lora, jax.random.key(config.seed), quant=quant, layout=layout
     )
