@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from train.errors import UserError
+from train.errors import UserError, first_line
 
 
 def _flatten(tree) -> dict[str, jax.Array]:
@@ -118,9 +118,7 @@ class Checkpointer:
 
 
 def _skip(path: Path, error: Exception) -> None:
-  first = (str(error).strip().splitlines() or [""])[0][:200]
   print(
-    f"warning: checkpoint {path} can't be read ({type(error).__name__}: {first}); "
-    "trying an older one.",
+    f"warning: checkpoint {path} can't be read ({first_line(error, 200)}); trying an older one.",
     file=sys.stderr,
   )

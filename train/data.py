@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from train.errors import UserError
+from train.errors import UserError, first_line
 
 FORMATS = ("messages", "alpaca", "prompt_completion", "text")
 FORMAT_HELP = (
@@ -152,9 +152,8 @@ def _load_local(load_dataset, directory: str, where: str):
   try:
     return load_dataset(directory)
   except Exception as e:  # no data files, mixed formats, ...
-    first = (str(e).strip().splitlines() or [""])[0]
     raise UserError(
-      f"{where}: could not read the directory as a dataset ({type(e).__name__}: {first}); it "
+      f"{where}: could not read the directory as a dataset ({first_line(e)}); it "
       f"should hold {'/'.join(LOCAL_EXTENSIONS)} files, optionally in a dataset repo layout."
     ) from e
 
@@ -181,10 +180,9 @@ def _load_hub(load_dataset, name: str, split: str, where: str):
   try:
     return load_dataset(name, split=split)
   except Exception as e:  # offline / unknown name / unknown split: all end up here
-    first = (str(e).strip().splitlines() or [""])[0][:300]
     raise UserError(
-      f"{where}: could not load it as a hub dataset (split {split!r}): {type(e).__name__}: "
-      f"{first}. A local file must end in {'/'.join(LOCAL_EXTENSIONS)}; hub datasets need "
+      f"{where}: could not load it as a hub dataset (split {split!r}): {first_line(e)}. A local "
+      f"file must end in {'/'.join(LOCAL_EXTENSIONS)}; hub datasets need "
       "network access or a warm HF datasets cache."
     ) from e
 

@@ -20,6 +20,12 @@ class UserError(Exception):
   """An error caused by the user's input, reported as one line with no traceback."""
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+  """`Type: first line of the message`: enough of a library's error to quote inside ours."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return f"{type(error).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 def verbose_requested(argv: list[str] | None = None) -> bool:
   argv = sys.argv if argv is None else argv
   return "--verbose" in argv or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
