@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from flax.linen import meta
 
 from jlora import config as config_lib
 from jlora.config import BATCH, EMBEDDING, IN, OUT, LoraConfig
@@ -226,7 +227,15 @@ def merge(params):
 
 
 def unmerge(merged, trainable):
-  """Undoes merge given the adapters: each adapted leaf becomes LoraWeight(W - scale*A@B, a, b)."""
+  """Undoes merge given the adapters: each adapted leaf becomes LoraWeight(W - scale*A@B, a, b).
+
+  `trainable` is the first half of `split` (or the full LoRA params). Its structure and every
+  adapter's shape are checked against `merged`, and a mismatch is a ValueError naming the path.
+  The values are trusted: nothing in `merged` records which adapters went into it, so adapters
+  other than the merged ones (another run, other values) give a base that is off by their difference.
+  """
+  merged = meta.unbox(merged)  # a merge of boxed params keeps the boxes; the result is plain
+  _check_unmerge_pair(merged, trainable)
 
   def undo(t, w):
     if is_lora(t):
@@ -234,6 +243,43 @@ def unmerge(merged, trainable):
     return w
 
   return jax.tree.map(undo, trainable, merged, is_leaf=lambda x: x is None or is_lora(x))
+
+
+def _check_unmerge_pair(merged, trainable) -> None:
+  slots = dict(
+    (config_lib.path_str(p), x)
+    for p, x in jax.tree_util.tree_flatten_with_path(
+      trainable, is_leaf=lambda x: x is None or is_lora(x)
+    )[0]
+  )
+  weights = dict(
+    (config_lib.path_str(p), x)
+    for p, x in jax.tree_util.tree_flatten_with_path(merged, is_leaf=is_lora)[0]
+  )
+  for missing, present, absent in (
+    (sorted(set(weights) - set(slots)), "merged", "trainable"),
+    (sorted(set(slots) - set(weights)), "trainable", "merged"),
+  ):
+    if missing:
+      raise ValueError(
+        f"unmerge: {missing[0]!r} is in the {present} tree but not in the {absent} tree "
+        f"({len(missing)} such path(s)); pass the trainable half of split() of the params that "
+        "were merged."
+      )
+  for path, node in slots.items():
+    weight = weights[path]
+    if is_lora(weight):
+      raise ValueError(
+        f"unmerge: {path!r} in merged is still a LoraWeight; pass jlora.merge(params)."
+      )
+    if not is_lora(node):
+      continue
+    expected = jax.eval_shape(node.delta).shape
+    if tuple(expected) != tuple(getattr(weight, "shape", ())):
+      raise ValueError(
+        f"unmerge: the adapter at {path!r} (a {tuple(node.a.shape)}, b {tuple(node.b.shape)}) "
+        f"makes a weight of shape {tuple(expected)}, but merged has {tuple(getattr(weight, 'shape', ()))} there."
+      )
 
 
 def adapter_count(params) -> int:

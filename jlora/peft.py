@@ -43,6 +43,7 @@ from flax.linen import meta
 
 from jlora import config as config_lib
 from jlora.config import EMBEDDING, IN, KERNEL, OUT, LoraConfig
+from jlora.errors import UserError, read_json
 from jlora.lora import LoraWeight, is_lora, merge
 from jlora.quant import dequantize
 
@@ -395,7 +396,9 @@ def read_peft_config(directory) -> dict:
       f"{directory} has no {ADAPTER_CONFIG}; a PEFT adapter dir holds {ADAPTER_CONFIG} "
       f"and {ADAPTER_WEIGHTS}."
     )
-  cfg = json.loads(config_file.read_text())
+  cfg = read_json(config_file)
+  if not isinstance(cfg, dict):
+    raise UserError(f"{config_file} holds a JSON {type(cfg).__name__}; expected an object.")
   check_peft_config(cfg)
   return cfg
 
@@ -474,7 +477,13 @@ def _read_adapter_tensors(directory: Path) -> dict[str, np.ndarray]:
         "save_pretrained(..., safe_serialization=True))."
       )
     raise FileNotFoundError(f"{directory} has no {ADAPTER_WEIGHTS}.")
-  return load_file(str(weights))
+  try:
+    return load_file(str(weights))
+  except Exception as e:  # safetensors reports a bad header or short data as its own error types
+    raise UserError(
+      f"{weights} is not a readable safetensors file ({weights.stat().st_size:,} bytes; "
+      f"{type(e).__name__}: {e}); it may be truncated or corrupted: save the adapter again."
+    ) from e
 
 
 def _module_tensors(

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax.linen import meta
 
+from jlora.errors import UserError
 from jlora.models import LlamaConfig, from_pretrained, loading
 from tests.llama_fixtures import (
   TINY_VOCAB_SIZE,
@@ -43,7 +45,10 @@ def hf_dir(tmp_path):
 
 def test_loaded_params_are_transposed_and_stacked(hf_dir):
   state = random_hf_state(CONFIG)
-  model, params, tokenizer = from_pretrained(hf_dir)
+  model, boxed, tokenizer = from_pretrained(hf_dir)
+  # Boxed as model.init boxes them: the scanned layer axis is named, which is how jlora knows it.
+  assert boxed["model"]["layers"]["self_attn"]["q_proj"]["kernel"].names[0] == "layers"
+  params = meta.unbox(boxed)
   q = params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
   assert q.shape == (2, 64, 64)
   np.testing.assert_array_equal(q[1], state["model.layers.1.self_attn.q_proj.weight"].T)
@@ -53,6 +58,7 @@ def test_loaded_params_are_transposed_and_stacked(hf_dir):
   assert tokenizer.chat_template is not None
 
   unscanned_model, unscanned, _ = from_pretrained(hf_dir, scan_layers=False)
+  unscanned = meta.unbox(unscanned)
   np.testing.assert_array_equal(
     unscanned["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"], q[1]
   )
@@ -117,7 +123,9 @@ def test_gguf_matches_hf_weights_and_is_cached(tmp_path, hf_dir, monkeypatch):
   # A second load must come from the cache, without reading the GGUF again.
   monkeypatch.setattr(loading, "convert_gguf", lambda *a: pytest.fail("GGUF converted twice"))
   _, again, _ = from_pretrained(gguf_path, cache_dir=cache_dir)
-  np.testing.assert_array_equal(again["lm_head"]["kernel"], params["lm_head"]["kernel"])
+  np.testing.assert_array_equal(
+    again["lm_head"]["kernel"].unbox(), params["lm_head"]["kernel"].unbox()
+  )
 
 
 def test_gguf_tied_embeddings_converted_into_shards(tmp_path, monkeypatch):
@@ -168,7 +176,7 @@ def test_missing_tensor_is_named(tmp_path):
   del state["model.layers.1.mlp.up_proj.weight"]
   directory = save_numpy_checkpoint(tmp_path, CONFIG, state)
   with pytest.raises(
-    KeyError, match=r"no tensor 'model.layers.1.mlp.up_proj.weight'.*model/layers/mlp/up_proj"
+    UserError, match=r"no tensor 'model.layers.1.mlp.up_proj.weight'.*model/layers/mlp/up_proj"
   ):
     from_pretrained(directory)
 

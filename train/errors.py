@@ -13,11 +13,13 @@ import contextlib
 import os
 import sys
 
+# One definition for the library and the CLIs: jlora raises it for bad files and values (it is a
+# ValueError), and every CLI reports it here.
+from jlora.errors import UserError
+
+__all__ = ["UserError", "VERBOSE_ENV", "exit_on_user_error", "first_line", "verbose_requested"]
+
 VERBOSE_ENV = "JLORA_VERBOSE"
-
-
-class UserError(Exception):
-  """An error caused by the user's input, reported as one line with no traceback."""
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:

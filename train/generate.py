@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
+import os
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jlora.models.llama import LlamaForCausalLM, init_cache
+from train.errors import UserError, exit_on_user_error, verbose_requested
 
 # Prompts are padded up to a multiple of this, so prompts of similar length share one compiled prefill.
 PROMPT_BUCKET = 16
@@ -155,41 +160,78 @@ def generate(
   return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  from jlora.models import DEFAULT_MODEL, from_pretrained
+class _OneLineParser(argparse.ArgumentParser):
+  """argparse, but a usage error is one `error: ...` line and exit 2, like every other user error."""
 
-  parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
-  parser.add_argument(
-    "--model", default=DEFAULT_MODEL, help="HF dir, .gguf file, hub id or embedded name"
-  )
-  parser.add_argument(
-    "--adapter", help="PEFT adapter dir (adapter_config.json + adapter_model.safetensors)"
-  )
-  parser.add_argument(
-    "--merged", action="store_true", help="merge the adapter into the base before generating"
-  )
-  parser.add_argument(
-    "--prompt", action="append", required=True, help="user message; repeat for a batch"
-  )
-  parser.add_argument("--system", help="system message placed before each prompt")
-  parser.add_argument("--max_new_tokens", type=int, default=128)
-  parser.add_argument("--temperature", type=float, default=0.0)
-  parser.add_argument("--top_p", type=float, default=1.0)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
+  def error(self, message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+  from jlora.models import DEFAULT_MODEL
+
+  parser = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  add = parser.add_argument
+  add("--model", default=DEFAULT_MODEL, help="HF dir, .gguf file, hub id or embedded name")
+  add("--adapter", help="PEFT adapter dir (adapter_config.json + adapter_model.safetensors)")
+  add("--merged", action="store_true", help="merge the adapter into the base before generating")
+  add("--prompt", action="append", required=True, help="user message; repeat for a batch")
+  add("--system", help="system message placed before each prompt")
+  add("--max_new_tokens", type=int, default=128, help="at least 1")
+  add("--temperature", type=float, default=0.0, help="0 is greedy decoding; > 0 samples")
+  add("--top_p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+  add("--seed", type=int, default=0)
+  add("--verbose", action="store_true", help="show the full traceback of an error")
+  return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+  """Every flag checked before the model loads; a bad one is a one-line `UserError`."""
+
+  def bad(flag: str, value, expected: str) -> UserError:
+    return UserError(f"{flag}: {value!r} is not valid; expected {expected}.")
+
+  if not (math.isfinite(args.temperature) and args.temperature >= 0):
+    raise bad("--temperature", args.temperature, "a number >= 0 (0 is greedy decoding)")
+  if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+    raise bad("--top_p", args.top_p, "a number in (0, 1]")
+  if args.max_new_tokens < 1:
+    raise bad("--max_new_tokens", args.max_new_tokens, "an integer >= 1")
   if args.merged and not args.adapter:
-    parser.error("--merged needs --adapter")
+    raise UserError("--merged: it merges an adapter, so it needs --adapter DIR as well.")
+  if args.adapter is not None:
+    adapter = Path(args.adapter).expanduser()
+    if not adapter.is_dir():
+      state = "is a file, not a directory" if adapter.exists() else "does not exist"
+      raise UserError(
+        f"--adapter: {args.adapter!r} {state}; expected a PEFT adapter directory "
+        "(adapter_config.json + adapter_model.safetensors)."
+      )
+    if not os.access(adapter, os.R_OK | os.X_OK):
+      raise UserError(f"--adapter: {args.adapter!r} is not readable (permission denied).")
 
+
+def main(argv: Sequence[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  with exit_on_user_error(verbose_requested(argv)):
+    args = _parser().parse_args(argv)
+    check_args(args)
+    run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+  import jlora
+  from jlora.models import from_pretrained
+
+  # from_pretrained boxes params with their axis names, so jlora knows the layer axis unaided.
   model, params, tokenizer = from_pretrained(args.model)
   apply_fn = None
   if args.adapter:
-    import jlora  # the adapter API lives in the top-level package; only needed on this path
-
-    # Unboxed scanned kernels are 3-D; the traced layout tells jlora which axis is the layer axis.
-    layout = jlora.trace_layout(model, jnp.zeros((1, 1), jnp.int32))
-    params = jlora.load_adapter(args.adapter, params, layout=layout)
+    try:
+      params = jlora.load_adapter(args.adapter, params)
+    except ValueError as e:  # load_adapter raises ValueError only for an adapter it can't load
+      raise UserError(f"--adapter {args.adapter}: {e}") from e
     if args.merged:
       params = jlora.merge(params)
     else:

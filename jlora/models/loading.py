@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import sharding as shard_lib
+from jlora.errors import UserError, read_json
+from jlora.models.gguf_tokenizer import gguf_tokenizer, open_gguf
 from jlora.models.llama import DEFAULT_RULES, LlamaConfig, LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ HUB_PATTERNS = [
   "chat_template.json",
 ]
 # Bump when the GGUF conversion output changes, so stale caches are not reused.
-_GGUF_CONVERTER_VERSION = 2
+_GGUF_CONVERTER_VERSION = 3
 # Converted GGUFs are written in safetensors shards of at most this many bytes.
 GGUF_SHARD_BYTES = 2 << 30
 # Tensors some checkpoints carry that the model recomputes.
@@ -92,7 +94,13 @@ def from_pretrained(
   (`DEFAULT_RULES`).
   cache_dir: where converted GGUF checkpoints live (default ~/.cache/jlora).
   config_overrides: extra `LlamaConfig` fields, e.g. remat_policy="full".
-  params are plain (unboxed) arrays, ready for `model.apply({"params": params}, ...)`.
+
+  params come boxed exactly as `model.init` boxes them: each array in a Flax
+  `nn.LogicallyPartitioned` carrying its logical axis names, with the scanned layer axis named
+  "layers". That metadata is how jlora knows the layout of its own models, so `jlora.apply`,
+  `jlora.quantize` and `jlora.load_adapter` need no `layout=` argument here, and
+  `nn.get_partition_spec(params)` gives the logical shardings. `model.apply({"params": params}, ...)`
+  accepts the boxed tree as it is; `flax.linen.meta.unbox(params)` gives plain arrays.
   """
   directory = resolve_checkpoint(path, cache_dir=cache_dir)
   return load_hf_dir(
@@ -118,7 +126,7 @@ def resolve_checkpoint(
   if p.is_dir():
     return p
   if p.exists():
-    raise ValueError(f"Cannot load {name!r}: a file that is not .gguf. Accepted: {ACCEPTED_FORMS}")
+    raise UserError(f"Cannot load {name!r}: a file that is not .gguf. Accepted: {ACCEPTED_FORMS}")
   if _looks_like_hub_id(name):
     return _download(name, cache_dir)
   raise FileNotFoundError(f"{name!r} does not exist. Accepted: {ACCEPTED_FORMS}")
@@ -183,13 +191,22 @@ def load_hf_dir(
       f"{directory} has no config.json; an HF checkpoint dir needs config.json plus "
       "model.safetensors or model.safetensors.index.json"
     )
-  hf_config = json.loads(config_file.read_text())
+  hf_config = read_json(config_file)
   config = LlamaConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **config_overrides)
   model = LlamaForCausalLM(config)
   if mesh is not None and shardings is None:
     shardings = mesh_shardings(model, mesh)
-  params = load_params(directory, model, shardings=shardings)
-  return model, params, load_tokenizer(directory)
+  params = load_params(directory, model, shardings=nn.meta.unbox(shardings))
+  return model, with_axis_metadata(model, params), load_tokenizer(directory)
+
+
+def with_axis_metadata(model: LlamaForCausalLM, params):
+  """Plain `params` boxed as `model.init` boxes them (logical axis names, scan axis "layers")."""
+  boxes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  )
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda box, value: box.replace_boxed(value), boxes, params, is_leaf=is_box)
 
 
 def mesh_shardings(model: LlamaForCausalLM, mesh, rules=DEFAULT_RULES):
@@ -262,13 +279,13 @@ def load_params(directory: Path, model: LlamaForCausalLM, *, shardings=None) -> 
 
     def read(name: str, expected_hf_shape: tuple[int, ...], flax_name: str) -> np.ndarray:
       if name not in files:
-        raise KeyError(
+        raise UserError(
           f"checkpoint in {directory} has no tensor {name!r} (needed for param {flax_name})"
         )
       # safetensors' numpy backend returns bf16 as ml_dtypes.bfloat16, so bf16 checkpoints need no torch.
       tensor = handles[files[name]].get_tensor(name)
       if tuple(tensor.shape) != expected_hf_shape:
-        raise ValueError(
+        raise UserError(
           f"shape mismatch for tensor {name!r} (param {flax_name}): expected {expected_hf_shape} "
           f"from config.json, found {tuple(tensor.shape)} in the checkpoint"
         )
@@ -279,11 +296,12 @@ def load_params(directory: Path, model: LlamaForCausalLM, *, shardings=None) -> 
       keys = tuple(k.key for k in path)
       flax_name = "/".join(keys)
       names, transpose = hf_tensor_names(keys, config)
-      per_tensor_shape = leaf.shape[1:] if len(names) > 1 else leaf.shape
+      stacked = config.scan_layers and keys[:2] == ("model", "layers")  # even with one layer
+      per_tensor_shape = leaf.shape[1:] if stacked else leaf.shape
       hf_shape = tuple(reversed(per_tensor_shape)) if transpose else tuple(per_tensor_shape)
       arrays = [read(n, hf_shape, flax_name) for n in names]
       arrays = [(a.T if transpose else a).astype(leaf.dtype) for a in arrays]
-      value = np.stack(arrays) if len(names) > 1 else arrays[0]
+      value = np.stack(arrays) if stacked else arrays[0]
       out.append(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
 
   unused = sorted(
@@ -362,28 +380,27 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
   """Write config.json, fp32 safetensors (HF names and layout) and tokenizer files into out_dir."""
-  from gguf import GGUFReader
   from gguf.quants import dequantize
 
-  reader = GGUFReader(str(gguf_path))
+  reader = open_gguf(gguf_path)
 
-  def field(key: str, default: Any = KeyError):
+  def field(key: str, default: Any = UserError):
     f = reader.fields.get(key)
     if f is None:
-      if default is KeyError:
-        raise KeyError(f"{gguf_path} lacks the GGUF field {key!r}")
+      if default is UserError:
+        raise UserError(f"{gguf_path} lacks the GGUF field {key!r}")
       return default
     return f.contents()
 
   arch = field("general.architecture")
   if arch not in _GGUF_ARCHS:
-    raise ValueError(
+    raise UserError(
       f"Unsupported GGUF architecture {arch!r} in {gguf_path}; supported: {sorted(_GGUF_ARCHS)}"
     )
   model_type, permuted = _GGUF_ARCHS[arch]
   tensors = {t.name: t for t in reader.tensors}
   if "rope_freqs.weight" in tensors:
-    raise ValueError(
+    raise UserError(
       f"{gguf_path} stores llama3 rope scaling as rope_freqs.weight, which the GGUF loader does not "
       "support; load the HF checkpoint instead"
     )
@@ -396,7 +413,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
   if scaling_type == "linear":
     rope_scaling = {"rope_type": "linear", "factor": float(field(f"{arch}.rope.scaling.factor"))}
   elif scaling_type != "none":
-    raise ValueError(
+    raise UserError(
       f"GGUF rope scaling type {scaling_type!r} is not supported; supported: none, linear"
     )
   config = LlamaConfig(
@@ -423,12 +440,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     if stem.startswith("blk."):
       _, layer, short = stem.split(".", 2)
       if short not in _GGUF_LAYER_TENSORS:
-        raise ValueError(f"Unexpected GGUF tensor {name!r} in {gguf_path}")
+        raise UserError(f"Unexpected GGUF tensor {name!r} in {gguf_path}")
       hf = f"model.layers.{layer}.{_GGUF_LAYER_TENSORS[short]}.{kind}"
     elif stem in _GGUF_GLOBAL_TENSORS:
       hf = f"{_GGUF_GLOBAL_TENSORS[stem]}.{kind}"
     else:
-      raise ValueError(f"Unexpected GGUF tensor {name!r} in {gguf_path}")
+      raise UserError(f"Unexpected GGUF tensor {name!r} in {gguf_path}")
     # dequantize returns numpy in [out, in] order (torch Linear layout) for every ggml type.
     w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
     if permuted and stem.endswith((".attn_q", ".attn_k")):
@@ -436,7 +453,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     shards.add(hf, w)
   shards.close()
   (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-  gguf_tokenizer(gguf_path).save_pretrained(str(out_dir))
+  gguf_tokenizer(gguf_path, reader).save_pretrained(str(out_dir))
 
 
 class _ShardWriter:
@@ -473,20 +490,3 @@ class _ShardWriter:
       return
     index = {"metadata": {}, "weight_map": self.weight_map}
     (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def gguf_tokenizer(gguf_path: Path):
-  """A fast tokenizer built from the GGUF's tokenizer fields, with its chat template. No torch needed."""
-  from transformers import PreTrainedTokenizerFast
-
-  try:
-    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
-  except ImportError as e:
-    raise ImportError(
-      "Building a tokenizer from GGUF needs transformers' GGUF tokenizer converters "
-      "(transformers.integrations.gguf, transformers>=5)"
-    ) from e
-  arch, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(gguf_path))
-  backend, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
-  special = {k: v for k, v in tokenizer_config.items() if v is not None}
-  return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
