@@ -231,8 +231,9 @@ def unmerge(merged, trainable):
 
   `trainable` is the first half of `split` (or the full LoRA params). Its structure and every
   adapter's shape are checked against `merged`, and a mismatch is a ValueError naming the path.
-  The values are trusted: nothing in `merged` records which adapters went into it, so adapters
-  other than the merged ones (another run, other values) give a base that is off by their difference.
+  The values are trusted, and so is the choice of targets: nothing in `merged` records which
+  adapters went into it, so adapters that fit but are not the merged ones (another run, other
+  values, a subset of the targets) give bases that are off by the difference.
   """
   merged = meta.unbox(merged)  # a merge of boxed params keeps the boxes; the result is plain
   _check_unmerge_pair(merged, trainable)

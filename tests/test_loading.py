@@ -239,3 +239,51 @@ def test_hub_id_offline_error_is_readable(monkeypatch):
     FileNotFoundError, match=r"downloading it from the Hugging Face hub failed.*offline"
   ):
     from_pretrained("someone/some-model")
+
+
+# --- own models know their layout ------------------------------------------------------------------
+
+
+def test_readme_flow_needs_no_layout(hf_dir, tmp_path):
+  """The README's one-screen flow on params from from_pretrained, with no layout argument; checked
+  against W + scale * A @ B materialised in numpy and run through the unmodified model."""
+  import jlora
+
+  model, params, _ = from_pretrained(hf_dir)
+  cfg = jlora.LoraConfig(rank=8, alpha=16.0, targets=["q_proj", "v_proj"])
+  lora = jlora.apply(params, cfg, jax.random.key(0))
+  rng = np.random.default_rng(1)
+  lora = jax.tree.map(
+    lambda n: (
+      n.replace(b=jnp.asarray(0.1 * rng.standard_normal(n.b.shape), n.b.dtype))
+      if jlora.is_lora(n)
+      else n
+    ),
+    lora,
+    is_leaf=jlora.is_lora,
+  )
+  reference = meta.unbox(params)
+  for name in ("q_proj", "v_proj"):
+    node = lora["model"]["layers"]["self_attn"][name]["kernel"]
+    assert node.n_lead == 1 and node.a.shape == (2, 64, 8)  # the scanned layer axis, found unaided
+    a, b = np.asarray(node.a), np.asarray(node.b)
+    w = np.asarray(node.base) + 2.0 * np.einsum("lir,lro->lio", a, b)
+    reference["model"]["layers"]["self_attn"][name]["kernel"] = jnp.asarray(w)
+  ours = np.asarray(jlora.wrap(model.apply)({"params": lora}, IDS))
+  np.testing.assert_allclose(ours, logits(model, reference), atol=1e-4)
+
+  jlora.save_adapter(tmp_path / "adapter", lora, cfg)
+  loaded = jlora.load_adapter(tmp_path / "adapter", params)
+  np.testing.assert_allclose(jlora.wrap(model.apply)({"params": loaded}, IDS), ours, atol=1e-5)
+
+  quantized = jlora.quantize(
+    params, jlora.QuantConfig(kind="nf4", block_size=32, targets="all-linear")
+  )
+  q = quantized["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+  assert q.n_lead == 1 and q.shape == (2, 64, 96)
+  qlora = jlora.apply(quantized, cfg, jax.random.key(0))
+  assert np.isfinite(np.asarray(jlora.wrap(model.apply)({"params": qlora}, IDS))).all()
+
+  # A foreign tree (plain arrays, no metadata) still gets the error that asks for a layout.
+  with pytest.raises(ValueError, match=r"Cannot tell which axes.*trace_layout"):
+    jlora.apply(meta.unbox(params), cfg, jax.random.key(0))

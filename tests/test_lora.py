@@ -222,6 +222,42 @@ def test_merge_unmerge_split_combine_round_trip(name, seed):
   chex.assert_trees_all_equal(jlora.split(restored)[0], trainable)
 
 
+def test_unmerge_refuses_trainable_trees_that_do_not_fit():
+  _, x, _, params = adapted("mlp")
+  merged = jlora.merge(randomize(params, 0))
+  # Another model's adapters: paths the merged params don't have.
+  _, _, _, scanned = adapted("transformer")
+  with pytest.raises(ValueError, match=r"is in the (merged|trainable) tree but not in the"):
+    jlora.unmerge(merged, jlora.split(scanned)[0])
+  # Same targets, other shapes (a model of another width).
+  wide = MLP(hidden=48)
+  wide_params = jlora.apply(
+    init(wide, x), jlora.LoraConfig(rank=4, targets=["up", "down"]), jax.random.key(0)
+  )
+  with pytest.raises(
+    ValueError, match=r"adapter at 'down/kernel'.*\(32, 8\)|'up/kernel'.*\(12, 32\)"
+  ):
+    jlora.unmerge(merged, jlora.split(wide_params)[0])
+  # Params that were never merged.
+  with pytest.raises(ValueError, match=r"still a LoraWeight; pass jlora.merge"):
+    jlora.unmerge(params, jlora.split(params)[0])
+
+
+def test_unmerge_trusts_values_and_targets():
+  """Documented: adapters that fit but are not the merged ones give a base off by the difference."""
+  _, _, base, params = adapted("mlp")
+  params = randomize(params, 0)
+  merged = jlora.merge(params)
+  other = randomize(params, 1)
+  restored = jlora.unmerge(merged, jlora.split(other)[0])
+  expected = base["up"]["kernel"] + params["up"]["kernel"].delta() - other["up"]["kernel"].delta()
+  np.testing.assert_allclose(restored["up"]["kernel"].base, expected, atol=1e-5)
+  # Adapters on fewer targets fit the structure too: 'down' comes back merged, as a plain array.
+  fewer = jlora.apply(base, jlora.LoraConfig(rank=4, targets=["up"]), jax.random.key(0))
+  restored = jlora.unmerge(merged, jlora.split(fewer)[0])
+  np.testing.assert_array_equal(restored["down"]["kernel"], merged["down"]["kernel"])
+
+
 def test_rank_and_alpha_patterns_set_hand_computed_scales():
   model, x, base, params = adapted(
     "mlp", rank=8, alpha=16, rank_pattern={"down": 2}, alpha_pattern={"up": 4.0}
