@@ -58,10 +58,12 @@ def gguf_path() -> str:
 def load_weights(all_layers: bool) -> tuple[dict[str, np.ndarray], str]:
   """{flax sub-path: [L, in, out] fp32} (L = 1 unless all_layers), and how they were read."""
   try:
+    from flax.linen import meta
+
     from jlora.models import loading  # the project's loader (GGUF -> fp32 HF dir, cached)
 
     _, params, _ = loading.from_pretrained("smollm2-135m-instruct")
-    layers = params["model"]["layers"]
+    layers = meta.unbox(params)["model"]["layers"]  # from_pretrained boxes params with axis names
     get = lambda sub: layers[sub.split("/")[0]][sub.split("/")[1]]["kernel"]
     names = ALL_LINEAR if all_layers else [p for _, p, _ in LAYERS]
     out = {sub: np.asarray(get(sub), np.float32) for sub in names}

@@ -3,9 +3,9 @@
 A GGUF has no tokenizer.json: llama.cpp stores the vocabulary, merges or scores, token types, special
 token ids and the chat template as metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`). This
 module reads those with the `gguf` package and builds the `tokenizers` pipeline they describe,
-wrapped as a `transformers.PreTrainedTokenizerFast`. transformers' own GGUF converter
-(`transformers.integrations.gguf`) would do the same, but its reader imports torch, which a clean
-install of jlora does not have. The reference tests check this builder against that converter.
+wrapped as a `transformers.PreTrainedTokenizerFast`. transformers' own GGUF tokenizer converter
+would do the same, but its GGUF reader imports torch, which a clean install of jlora does not have.
+The reference tests check this builder against that converter.
 
 Supported `tokenizer.ggml.model` values:
   * "gpt2": byte-level BPE with the file's merges (SmolLM, Llama 3, Qwen2, ...). Pre-tokenization
