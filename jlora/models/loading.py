@@ -89,7 +89,8 @@ def from_pretrained(
   """Returns `(model, params, tokenizer)`.
 
   dtype / param_dtype: compute and storage dtypes. shardings: optional pytree of
-  `jax.sharding.Sharding` matching params; each param is placed directly with `jax.device_put`.
+  `jax.sharding.Sharding` matching params (boxed or plain); each param is placed directly with
+  `jax.device_put`.
   mesh: instead of shardings, place each param on this mesh by the model's logical axes
   (`DEFAULT_RULES`).
   cache_dir: where converted GGUF checkpoints live (default ~/.cache/jlora).
