@@ -13,7 +13,7 @@ class UserError(ValueError):
 
 
 def read_json(path) -> object:
-  """A user's JSON file, parsed; malformed JSON is a `UserError` naming the file and the position."""
+  """A user's JSON file, parsed; malformed JSON is a `UserError` naming the file and position."""
   import json
   from pathlib import Path
 

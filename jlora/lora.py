@@ -276,10 +276,11 @@ def _check_unmerge_pair(merged, trainable) -> None:
     if not is_lora(node):
       continue
     expected = jax.eval_shape(node.delta).shape
-    if tuple(expected) != tuple(getattr(weight, "shape", ())):
+    found = tuple(getattr(weight, "shape", ()))
+    if tuple(expected) != found:
       raise ValueError(
         f"unmerge: the adapter at {path!r} (a {tuple(node.a.shape)}, b {tuple(node.b.shape)}) "
-        f"makes a weight of shape {tuple(expected)}, but merged has {tuple(getattr(weight, 'shape', ()))} there."
+        f"makes a weight of shape {tuple(expected)}, but merged has {found} there."
       )
 
 

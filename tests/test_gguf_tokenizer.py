@@ -133,7 +133,7 @@ def _training_text() -> list[str]:
 
 
 def write_gguf(path: Path, source, *, model: str, pre: str = "default", scores: bool = False):
-  """Export a `tokenizers` BPE tokenizer into GGUF tokenizer fields, as llama.cpp's converter does."""
+  """A `tokenizers` BPE tokenizer exported as GGUF tokenizer fields, as llama.cpp's converter does."""
   import gguf
 
   vocab = source.get_vocab(with_added_tokens=True)

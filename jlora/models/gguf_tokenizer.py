@@ -1,7 +1,7 @@
 """A transformers fast tokenizer rebuilt from a GGUF file's own tokenizer fields, without torch.
 
-A GGUF has no tokenizer.json: llama.cpp stores the vocabulary, merges or scores, token types, special
-token ids and the chat template as metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`). This
+A GGUF has no tokenizer.json: llama.cpp stores the vocabulary, merges or scores, token types,
+special token ids and the chat template as metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`). This
 module reads those with the `gguf` package and builds the `tokenizers` pipeline they describe,
 wrapped as a `transformers.PreTrainedTokenizerFast`. transformers' own GGUF tokenizer converter
 would do the same, but its GGUF reader imports torch, which a clean install of jlora does not have.
@@ -36,8 +36,8 @@ _QWEN2_SPLIT = (
   r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# `tokenizer.ggml.pre` -> the split regex its merges were learned with (llama.cpp's names). Any other
-# value gets GPT-2's byte-level regex, as transformers' GGUF converter does.
+# `tokenizer.ggml.pre` -> the split regex its merges were learned with (llama.cpp's names). Any
+# other value gets GPT-2's byte-level regex, as transformers' GGUF converter does.
 PRE_TOKENIZER_SPLITS = {
   **dict.fromkeys(
     ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral"), _LLAMA3_SPLIT

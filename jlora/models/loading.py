@@ -100,8 +100,8 @@ def from_pretrained(
   `nn.LogicallyPartitioned` carrying its logical axis names, with the scanned layer axis named
   "layers". That metadata is how jlora knows the layout of its own models, so `jlora.apply`,
   `jlora.quantize` and `jlora.load_adapter` need no `layout=` argument here, and
-  `nn.get_partition_spec(params)` gives the logical shardings. `model.apply({"params": params}, ...)`
-  accepts the boxed tree as it is; `flax.linen.meta.unbox(params)` gives plain arrays.
+  `nn.get_partition_spec(params)` gives the logical shardings.
+  `model.apply({"params": params}, ...)` accepts the boxed tree as it is; `flax.linen.meta.unbox(params)` gives plain arrays.
   """
   directory = resolve_checkpoint(path, cache_dir=cache_dir)
   return load_hf_dir(
