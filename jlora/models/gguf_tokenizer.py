@@ -1,8 +1,8 @@
 """A transformers fast tokenizer rebuilt from a GGUF file's own tokenizer fields, without torch.
 
 A GGUF has no tokenizer.json: llama.cpp stores the vocabulary, merges or scores, token types,
-special token ids and the chat template as metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`). This
-module reads those with the `gguf` package and builds the `tokenizers` pipeline they describe,
+special token ids and the chat template as metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`).
+This module reads those with the `gguf` package and builds the `tokenizers` pipeline they describe,
 wrapped as a `transformers.PreTrainedTokenizerFast`. transformers' own GGUF tokenizer converter
 would do the same, but its GGUF reader imports torch, which a clean install of jlora does not have.
 The reference tests check this builder against that converter.
