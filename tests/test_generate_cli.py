@@ -59,6 +59,10 @@ BAD_INPUTS = {
   "top_p above one": (["--top_p", "1.5"], ["--top_p", "1.5"]),
   "max_new_tokens zero": (["--max_new_tokens", "0"], ["--max_new_tokens", "0", ">= 1"]),
   "max_new_tokens negative": (["--max_new_tokens", "-1"], ["--max_new_tokens", "-1"]),
+  "max_new_tokens past the context": (
+    ["--max_new_tokens", "100000"],
+    ["--max_new_tokens", "100000", "context length"],
+  ),
   "merged without adapter": (["--merged"], ["--merged", "--adapter"]),
   "missing model": (["--model", "{root}/nope"], ["{root}/nope", "does not exist"]),
   "empty gguf": (["--model", "{root}/empty.gguf"], ["empty.gguf", "0 bytes", "truncated"]),

@@ -226,6 +226,12 @@ def run(args: argparse.Namespace) -> None:
 
   # from_pretrained boxes params with their axis names, so jlora knows the layer axis unaided.
   model, params, tokenizer = from_pretrained(args.model)
+  context = model.config.max_position_embeddings
+  if args.max_new_tokens > context:  # the KV cache is sized by it: a huge value exhausts memory
+    raise UserError(
+      f"--max_new_tokens: {args.max_new_tokens} is not valid; expected at most the model's "
+      f"context length, {context}."
+    )
   apply_fn = None
   if args.adapter:
     try:
