@@ -1,7 +1,19 @@
 """jlora: LoRA and QLoRA for JAX/Flax as pure parameter-tree transforms."""
 
-from jlora.config import LoraConfig
-from jlora.lora import LoraWeight, adapter_count, apply, combine, is_lora, merge, split, unmerge
+from jlora.config import LoraConfig, is_node
+from jlora.lora import (
+  DoraWeight,
+  LoraWeight,
+  adapter_count,
+  apply,
+  combine,
+  is_lora,
+  merge,
+  split,
+  unmerge,
+  weight_norms,
+)
+from jlora.multi import StackedLoraWeight, adapter_ids, stack_adapters
 from jlora.ops import trace_layout, wrap
 from jlora.optim import optimizer
 from jlora.peft import export_merged, load_adapter, save_adapter
@@ -9,17 +21,21 @@ from jlora.prepare import prepare_for_training
 from jlora.quant import QuantConfig, QuantizedWeight, bytes_per_weight, dequantize, quantize
 
 __all__ = [
+  "DoraWeight",
   "LoraConfig",
   "LoraWeight",
   "QuantConfig",
   "QuantizedWeight",
+  "StackedLoraWeight",
   "adapter_count",
+  "adapter_ids",
   "apply",
   "bytes_per_weight",
   "combine",
   "dequantize",
   "export_merged",
   "is_lora",
+  "is_node",
   "load_adapter",
   "merge",
   "optimizer",
@@ -27,7 +43,9 @@ __all__ = [
   "quantize",
   "save_adapter",
   "split",
+  "stack_adapters",
   "trace_layout",
   "unmerge",
+  "weight_norms",
   "wrap",
 ]

@@ -43,6 +43,7 @@ class LoraConfig:
   exclude: Targets | None = None
   dropout: float = 0.0
   use_rslora: bool = False
+  use_dora: bool = False
   rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
   alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
   init: str = "default"
@@ -59,13 +60,19 @@ class LoraConfig:
       raise ValueError(
         f"LoraConfig.dropout={self.dropout!r} is invalid: it must be a float in [0, 1)."
       )
+    if not isinstance(self.use_dora, bool):
+      raise ValueError(f"LoraConfig.use_dora={self.use_dora!r} is invalid: use True or False.")
+    if self.use_dora and self.init == "pissa":
+      raise ValueError(
+        "LoraConfig.use_dora=True with init='pissa' is not supported; use init='default' for DoRA."
+      )
     if self.init not in INITS:
       raise ValueError(
         f"LoraConfig.init={self.init!r} is unknown: valid values are {', '.join(map(repr, INITS))}."
       )
-    _check_targets("LoraConfig.targets", self.targets)
+    check_targets("LoraConfig.targets", self.targets)
     if self.exclude is not None:
-      _check_targets("LoraConfig.exclude", self.exclude)
+      check_targets("LoraConfig.exclude", self.exclude)
     try:
       jnp.dtype(self.dtype)
     except TypeError as e:
@@ -97,7 +104,7 @@ def _check_alpha(field: str, value) -> None:
     raise ValueError(f"LoraConfig.{field}={value!r} is invalid: alpha must be a positive number.")
 
 
-def _check_targets(field: str, targets) -> None:
+def check_targets(field: str, targets) -> None:
   if isinstance(targets, str):
     if targets != "all-linear":
       try:
@@ -149,13 +156,18 @@ def candidate_leaves(params) -> dict[str, tuple[str, Any]]:
     if name in ADAPTABLE_LEAVES and len(_shape(leaf)) >= 2:
       found[module] = (name, leaf)
 
-  jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_opaque)
+  jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_opaque)
   return found
 
 
-def _is_opaque(x) -> bool:
-  """Nodes we treat as one weight: boxed metadata and jlora's own nodes."""
-  return isinstance(x, meta.AxisMetadata) or getattr(x, "is_jlora_node", False)
+def is_node(x) -> bool:
+  """Is `x` one of jlora's weight nodes (LoraWeight and its variants, QuantizedWeight)?"""
+  return getattr(type(x), "is_jlora_node", False)
+
+
+def is_opaque(x) -> bool:
+  """What tree walks over params treat as one weight: boxed metadata and jlora's nodes."""
+  return isinstance(x, meta.AxisMetadata) or is_node(x)
 
 
 def _shape(leaf) -> tuple[int, ...]:
@@ -209,13 +221,13 @@ def map_selected(params, chosen, fn, layout=None):
     value = leaf.unbox() if isinstance(leaf, meta.AxisMetadata) else leaf
     if path not in chosen or name not in ADAPTABLE_LEAVES:
       return value
-    if getattr(value, "is_jlora_node", False):
+    if is_node(value):
       n_lead, roles = value.n_lead, value.roles
     else:
       n_lead, roles = kernel_roles(path, name, tuple(value.shape), layout, boxed_names)
     return fn(path, name, value, n_lead, roles)
 
-  return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_opaque)
+  return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_opaque)
 
 
 Layout = Mapping[str, tuple[str, ...]]

@@ -14,6 +14,7 @@ kernels are [in, out], so A maps inputs to the rank and B the rank to outputs).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import string
 import warnings
@@ -40,6 +41,15 @@ class LoraWeight:
   dropout: float = struct.field(pytree_node=False, default=0.0)
 
   is_jlora_node = True
+  # The children that are trained. split, combine, adapter_count, the optimizer labels, the
+  # sharding specs and PEFT IO all loop over this (with field_axes), so a variant that adds a
+  # trainable child declares it here once and nowhere else.
+  trainable_fields = ("a", "b")
+
+  def field_axes(self, kernel_axes, rank) -> dict[str, list]:
+    """Per-layer axes of each trainable child, from anything per kernel axis (sizes, specs)."""
+    a, b = factor_axes(kernel_axes, self.roles, rank)
+    return {"a": a, "b": b}
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -76,6 +86,38 @@ class LoraWeight:
       "it was merged (W + scale*A@B), which costs a full weight-sized matmul per call."
     )
     return merge_weight(self)
+
+
+@struct.dataclass
+class DoraWeight(LoraWeight):
+  """DoRA (Liu et al. 2024): W' = m * (W + s*A@B) / ||W + s*A@B||, the norm per output unit.
+
+  magnitude: [*lead, *batch_and_out_axes] (the kernel's non-"in" axes in kernel order; [out]
+  for a Dense), initialised to ||W|| so the model starts at the base. The norm is taken over
+  the "in" axes, as PEFT's torch.linalg.norm(weight, dim=1) over a torch [out, in] weight,
+  and is a constant for the backward (PEFT detaches it, as the paper's section 4.3 says).
+  """
+
+  magnitude: Any = None
+
+  trainable_fields = ("a", "b", "magnitude")
+
+  def field_axes(self, kernel_axes, rank) -> dict[str, list]:
+    kept = [x for x, r in zip(kernel_axes, self.roles) if r != IN]
+    return {**super().field_axes(kernel_axes, rank), "magnitude": kept}
+
+
+def trainable_children(node) -> dict[str, Any]:
+  return {name: getattr(node, name) for name in node.trainable_fields}
+
+
+def frozen_children(node) -> list[str]:
+  """The node's pytree children that are not trained (the base)."""
+  return [
+    f.name
+    for f in dataclasses.fields(node)
+    if f.metadata.get("pytree_node", True) and f.name not in node.trainable_fields
+  ]
 
 
 def is_lora(x) -> bool:
@@ -137,6 +179,12 @@ def _new_adapter(path, name, base, n_lead, roles, cfg: LoraConfig, key) -> LoraW
       f"LoraConfig rank {rank} for {path!r} exceeds the weight's smaller side {max_rank} "
       f"(shape {per_layer}); use rank <= {max_rank}, e.g. via rank_pattern={{{path.rpartition('/')[2]!r}: {max_rank}}}."
     )
+  if cfg.use_dora and name == EMBEDDING:
+    raise ValueError(
+      f"LoraConfig.use_dora=True selects the embedding {path!r}; jlora supports DoRA on linear "
+      "kernels only (vLLM serves no DoRA at all). Exclude it, e.g. exclude=("
+      f"{path.rpartition('/')[2]!r},)."
+    )
   scale = cfg.scale_for(path)
   a_axes, b_axes = factor_axes(per_layer, roles, rank)
   a_shape, b_shape = (*lead, *a_axes), (*lead, *b_axes)
@@ -156,7 +204,41 @@ def _new_adapter(path, name, base, n_lead, roles, cfg: LoraConfig, key) -> LoraW
     bound = 1.0 / math.sqrt(math.prod(fan_in))
     a = jax.random.uniform(key_a, a_shape, dtype, -bound, bound)
     b = jnp.zeros(b_shape, dtype)
-  return LoraWeight(base=base, a=a, b=b, scale=scale, roles=roles, dropout=cfg.dropout)
+  node = LoraWeight(base=base, a=a, b=b, scale=scale, roles=roles, dropout=cfg.dropout)
+  return as_dora(node, dtype) if cfg.use_dora else node
+
+
+def as_dora(node: LoraWeight, dtype=None) -> DoraWeight:
+  """The DoRA node whose magnitude is ||W + s*A@B||, i.e. that computes exactly what `node` does."""
+  magnitude = weight_norm(node)
+  return DoraWeight(
+    **{f.name: getattr(node, f.name) for f in dataclasses.fields(LoraWeight)},
+    magnitude=magnitude.astype(dtype or node.a.dtype),
+  )
+
+
+def _in_axes(node: LoraWeight) -> tuple[int, ...]:
+  # Stacked axes are counted on B, as in delta(): the trainable half of a split has base=None.
+  n_lead = node.b.ndim - 1 - node.roles.count(OUT) - node.roles.count(BATCH)
+  return tuple(n_lead + i for i, r in enumerate(node.roles) if r == IN)
+
+
+def weight_norm(node: LoraWeight) -> jax.Array:
+  """||W + s*A@B|| over the kernel's "in" axes (per output unit), W = dequant(base).
+
+  A constant for the backward (DoRA's section 4.3, PEFT's detach), so it is computed
+  from stop_gradient'ed inputs: autodiff records nothing here and the weight-sized sum
+  is a temporary of the forward, never a residual kept for the backward.
+  """
+  node = jax.lax.stop_gradient(node)
+  w = dequantized(node.base)
+  full = w + node.delta().astype(w.dtype)
+  return jnp.sqrt(jnp.sum(jnp.square(full), axis=_in_axes(node)))
+
+
+def dora_factor(node: DoraWeight, norm: jax.Array) -> jax.Array:
+  """m / norm, broadcastable against the kernel (size-1 "in" axes)."""
+  return jnp.expand_dims(node.magnitude / norm, _in_axes(node))
 
 
 def _pissa(base, n_lead, roles, rank, scale, cfg, path) -> LoraWeight:
@@ -192,25 +274,28 @@ def _pissa(base, n_lead, roles, rank, scale, cfg, path) -> LoraWeight:
 def split(params):
   """(trainable, frozen): the same tree structure, with complementary leaves.
 
-  trainable holds LoraWeight(None, a, b) and None elsewhere; frozen holds
-  LoraWeight(base, None, None) and every other leaf. Differentiate only trainable.
+  trainable holds each node with only its trainable_fields (the base is None) and None
+  elsewhere; frozen holds each node with its trainable_fields None, and every other leaf.
+  Differentiate only trainable.
   """
-  trainable = jax.tree.map(
-    lambda x: x.replace(base=None) if is_lora(x) else None, params, is_leaf=is_lora
+
+  def trainable_half(x):
+    return x.replace(**dict.fromkeys(frozen_children(x))) if is_lora(x) else None
+
+  def frozen_half(x):
+    return x.replace(**dict.fromkeys(x.trainable_fields)) if is_lora(x) else x
+
+  return (
+    jax.tree.map(trainable_half, params, is_leaf=is_lora),
+    jax.tree.map(frozen_half, params, is_leaf=is_lora),
   )
-  frozen = jax.tree.map(
-    lambda x: x.replace(a=None, b=None) if is_lora(x) else x, params, is_leaf=is_lora
-  )
-  return trainable, frozen
 
 
 def combine(trainable, frozen):
   """Inverse of split."""
 
   def join(t, f):
-    if is_lora(t):
-      return f.replace(a=t.a, b=t.b)
-    return f
+    return f.replace(**trainable_children(t)) if is_lora(t) else f
 
   return jax.tree.map(join, trainable, frozen, is_leaf=lambda x: x is None or is_lora(x))
 
@@ -218,32 +303,56 @@ def combine(trainable, frozen):
 def merge_weight(node: LoraWeight) -> jax.Array:
   # QLoRA-correct: merge into dequant(W4), the weight the adapter was trained against.
   base = dequantized(node.base)
-  return (base + node.delta()).astype(base.dtype)
+  merged = base + node.delta()
+  if isinstance(node, DoraWeight):
+    merged = dora_factor(node, weight_norm(node)) * merged
+  return merged.astype(base.dtype)
 
 
 def merge(params):
-  """Every LoraWeight becomes the plain array base + scale * A @ B."""
+  """Every LoraWeight becomes the plain array base + scale * A @ B (DoRA: m * that / its norm)."""
   return jax.tree.map(lambda x: merge_weight(x) if is_lora(x) else x, params, is_leaf=is_lora)
 
 
-def unmerge(merged, trainable):
-  """Undoes merge given the adapters: each adapted leaf becomes LoraWeight(W - scale*A@B, a, b).
+def weight_norms(params):
+  """The DoRA norms ||W + s*A@B|| of `params` (None elsewhere), which unmerge needs for DoRA.
+
+  A merged DoRA weight m * V / ||V|| keeps only V's direction, so V (and the base) can't be
+  recovered from it and the adapters alone: take these norms before merging.
+  """
+  norm = lambda x: weight_norm(x) if isinstance(x, DoraWeight) else None
+  return jax.tree.map(norm, params, is_leaf=is_lora)
+
+
+def unmerge(merged, trainable, norms=None):
+  """Undoes merge given the adapters: each adapted leaf becomes a node with base W - scale*A@B.
 
   `trainable` is the first half of `split` (or the full LoRA params). Its structure and every
   adapter's shape are checked against `merged`, and a mismatch is a ValueError naming the path.
   The values are trusted, and so is the choice of targets: nothing in `merged` records which
   adapters went into it, so adapters that fit but are not the merged ones (another run, other
-  values, a subset of the targets) give bases that are off by the difference.
+  values, a subset of the targets) give bases that are off by the difference. DoRA nodes also
+  need their `norms` (jlora.weight_norms of the params before merging).
   """
   merged = meta.unbox(merged)  # a merge of boxed params keeps the boxes; the result is plain
   _check_unmerge_pair(merged, trainable)
 
-  def undo(t, w):
-    if is_lora(t):
-      return t.replace(base=(w - t.delta()).astype(w.dtype))
-    return w
+  def undo(t, w, n):
+    if not is_lora(t):
+      return w
+    if isinstance(t, DoraWeight):
+      if n is None:
+        raise ValueError(
+          "unmerge: a DoRA adapter needs its weight norms; pass norms=jlora.weight_norms(params) "
+          "taken before merging."
+        )
+      w = w / dora_factor(t, n)
+    return t.replace(base=(w - t.delta()).astype(w.dtype))
 
-  return jax.tree.map(undo, trainable, merged, is_leaf=lambda x: x is None or is_lora(x))
+  is_leaf = lambda x: x is None or is_lora(x)
+  if norms is None:
+    norms = jax.tree.map(lambda _: None, trainable, is_leaf=is_leaf)
+  return jax.tree.map(undo, trainable, merged, norms, is_leaf=is_leaf)
 
 
 def _check_unmerge_pair(merged, trainable) -> None:
@@ -285,9 +394,10 @@ def _check_unmerge_pair(merged, trainable) -> None:
 
 
 def adapter_count(params) -> int:
-  """Number of trainable adapter values (A and B entries)."""
+  """Number of trainable adapter values (every entry of every node's trainable_fields)."""
   return sum(
-    int(np.prod(n.a.shape)) + int(np.prod(n.b.shape))
+    int(np.size(leaf))
     for n in jax.tree.leaves(params, is_leaf=is_lora)
     if is_lora(n)
+    for leaf in jax.tree.leaves(trainable_children(n))
   )

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jlora.config import BATCH, EMBEDDING, IN, KERNEL, OUT
-from jlora.lora import factor_axes, is_lora
+from jlora.config import BATCH, EMBEDDING, IN, KERNEL, OUT, is_node
+from jlora.lora import DoraWeight, factor_axes, is_lora, weight_norm
+from jlora.multi import check_adapter_ids, is_stacked
 from jlora.quant import dequantized, is_quantized
 
 LAYERS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed)
@@ -33,10 +34,6 @@ LAYERS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed)
 
 def _weight_name(module) -> str:
   return EMBEDDING if isinstance(module, nn.Embed) else KERNEL
-
-
-def _is_node(x) -> bool:
-  return getattr(x, "is_jlora_node", False)
 
 
 def _fresh_letters(used: str, n: int) -> str:
@@ -97,43 +94,107 @@ def _layer_roles(module, method, x, call_kwargs) -> tuple[str, ...]:
   return roles_from_equation(*_layer_equation(module, method, x, call_kwargs))
 
 
-def _low_rank(module, method: str, node, x, call_kwargs, dropout_on: bool) -> jax.Array:
+def _dropped(module, node, x, dropout_on: bool) -> jax.Array:
+  """The input of the adapter path: x with the node's dropout when training, else x itself."""
+  if not (dropout_on and node.dropout > 0):
+    return x
+  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - node.dropout, x.shape)
+  return jnp.where(keep, x / (1.0 - node.dropout), 0).astype(x.dtype)
+
+
+def _check_roles(module, node, equation) -> None:
+  if equation is None or isinstance(module, nn.Embed):
+    return
+  expected = roles_from_equation(*equation)
+  if expected != node.roles:
+    raise ValueError(
+      f"The adapter at {'/'.join(module.path)} was built for kernel roles {node.roles}, but the "
+      f"layer contracts as {','.join(equation[:2])}->{equation[2]} (roles {expected}). Rebuild "
+      "it with layout=jlora.trace_layout(model, ...)."
+    )
+
+
+def _per_row(x_sub: str, used: str, y_sub: str) -> tuple[str, str, str]:
+  """(row letter, x_sub, y_sub) with x's first (batch) axis named: each row picks its adapter."""
+  if x_sub.startswith("..."):
+    row = _fresh_letters(x_sub + used + y_sub, 1)
+    return row, row + x_sub, row + y_sub
+  row = x_sub[0]
+  if row not in y_sub or row in used:
+    raise ValueError(
+      f"Per-row adapters need the layer's first input axis to be the batch; the layer contracts "
+      f"as {x_sub},{used}->{y_sub}."
+    )
+  return row, x_sub, y_sub
+
+
+def _low_rank(module, method: str, node, x, call_kwargs, adapter_ids=None) -> jax.Array:
+  """scale * x A B as two contractions, input first (the only activation-sized temporary is
+  [..., rank]); with stacked adapters each row of the batch gathers its own A and B."""
   equation = _layer_equation(module, method, x, call_kwargs)
-  a, b = node.a, node.b * node.scale  # the scale goes on a factor, never on activations
+  _check_roles(module, node, equation)
+  stacked = is_stacked(node)
+  if stacked:
+    a, b = node.rows(adapter_ids)  # [batch, ...] each, the scale (0 for base rows) on b
+  else:
+    a, b = node.a, node.b * node.scale  # the scale goes on a factor, never on activations
   if equation is None:  # embedding lookup: the rows of A are the token's low-rank code
+    if stacked:
+      return jnp.einsum("z...r,zrf->z...f", node.lookup(adapter_ids, x), b)
     return jnp.einsum("...r,rf->...f", jnp.take(a, x, axis=0), b)
   x_sub, k_sub, y_sub = equation
-  if not isinstance(module, nn.Embed):
-    expected = roles_from_equation(x_sub, k_sub, y_sub)
-    if expected != node.roles:
-      raise ValueError(
-        f"The adapter at {'/'.join(module.path)} was built for kernel roles {node.roles}, but the "
-        f"layer contracts as {x_sub},{k_sub}->{y_sub} (roles {expected}). Rebuild it with "
-        "layout=jlora.trace_layout(model, ...)."
-      )
   rank = _fresh_letters(x_sub + k_sub + y_sub, 1)
   a_sub, b_sub = ("".join(s) for s in factor_axes(k_sub, node.roles, rank))
-  if dropout_on and node.dropout > 0:
-    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - node.dropout, x.shape)
-    x = jnp.where(keep, x / (1.0 - node.dropout), 0).astype(x.dtype)
-  # Two contractions, input first, so the only activation-sized intermediate is [..., rank].
   # x meets the factor it shares axes with: A for a matmul, B for Embed.attend.
   (first, first_sub), (second, second_sub) = (a, a_sub), (b, b_sub)
   if not set(first_sub) & set(x_sub):
     (first, first_sub), (second, second_sub) = (second, second_sub), (first, first_sub)
+  if stacked:
+    row, x_sub, y_sub = _per_row(x_sub, k_sub + rank, y_sub)
+    first_sub, second_sub = row + first_sub, row + second_sub
   mid_sub = "".join(c for c in x_sub if c not in first_sub or c in y_sub) + rank
   low = jnp.einsum(f"{x_sub},{first_sub}->{mid_sub}", x, first)
   return jnp.einsum(f"{mid_sub},{second_sub}->{y_sub}", low, second)
 
 
-def _interceptor(dropout_on: bool):
+def _per_output(y, g, module, method, x, call_kwargs, roles):
+  """y * g, with g laid out like the kernel's non-"in" axes (a DoRA magnitude ratio or bias)."""
+  x_sub, k_sub, y_sub = _layer_equation(module, method, x, call_kwargs)
+  g_sub = "".join(c for c, r in zip(k_sub, roles) if r != IN)
+  return jnp.einsum(f"{y_sub},{g_sub}->{y_sub}", y, g.astype(y.dtype))
+
+
+def _dora_output(module, method, node, y, y_dropped, lora, x, call_kwargs):
+  """PEFT's DoRA: y + (g - 1) * (base(x') - bias) + g * lora(x'), g = m / ||W + s*A@B||.
+
+  x' is the dropped-out input when dropout is active (then base(x') is a second base
+  matmul, as in PEFT), else x itself and base(x') is y. Without dropout this is
+  g * (x W + s x A B) + bias. The norm is a constant of the backward (lora.weight_norm).
+  """
+  g = node.magnitude / weight_norm(node)
+  per_output = functools.partial(
+    _per_output, module=module, method=method, x=x, call_kwargs=call_kwargs, roles=node.roles
+  )
+  out = y + per_output(y_dropped, g - 1) + per_output(lora, g)
+  bias = module.variables.get("params", {}).get("bias")
+  if bias is not None:
+    if tuple(bias.shape) != tuple(g.shape):
+      raise ValueError(
+        f"DoRA at {'/'.join(module.path)}: the bias {tuple(bias.shape)} is not laid out like the "
+        f"layer's outputs {tuple(g.shape)}; DoRA needs a per-output bias or none."
+      )
+    out = out - per_output(jnp.ones_like(y), (g - 1) * bias)
+  return out
+
+
+def _interceptor(dropout_on: bool, adapter_ids=None):
   def intercept(next_fun, args, kwargs, context):
     module = context.module
     if not isinstance(module, LAYERS):
       return next_fun(*args, **kwargs)
     params = module.variables.get("params", {})
     weight = params.get(_weight_name(module))
-    if not _is_node(weight):
+    if not is_node(weight):
       return next_fun(*args, **kwargs)
     if context.method_name == "setup":
       # nn.Embed creates its param in setup; the node is consumed below instead.
@@ -156,7 +217,12 @@ def _interceptor(dropout_on: bool):
     y = base_layer(base, *args)
     if not is_lora(weight):
       return y
-    lora = _low_rank(module, context.method_name, weight, args[0], kwargs, dropout_on)
+    method, x = context.method_name, args[0]
+    x_low = _dropped(module, weight, x, dropout_on)
+    lora = _low_rank(module, method, weight, x_low, kwargs, adapter_ids)
+    if isinstance(weight, DoraWeight):
+      y_dropped = y if x_low is x else base_layer(base, x_low, *args[1:])
+      return _dora_output(module, method, weight, y, y_dropped, lora, x, kwargs).astype(y.dtype)
     return y + lora.astype(y.dtype)
 
   return intercept
@@ -167,17 +233,23 @@ def wrap(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
 
   Adapter dropout is active when a 'dropout' rng is passed (`rngs={'dropout': key}`)
   and the call does not say `deterministic=True` (or `train=False`).
+
+  Params from `jlora.stack_adapters` need `adapter_ids=` ([batch] ints): row i of the batch
+  uses adapter ids[i] (its index in stack_adapters' dict, see jlora.adapter_ids), -1 the
+  base model alone.
   """
 
   @functools.wraps(apply_fn)
-  def wrapped(variables, *args, **kwargs):
+  def wrapped(variables, *args, adapter_ids=None, **kwargs):
+    if adapter_ids is not None:
+      adapter_ids = check_adapter_ids(variables, adapter_ids)
     rngs = kwargs.get("rngs") or {}
     dropout_on = (
       "dropout" in rngs
       and kwargs.get("deterministic") is not True
       and kwargs.get("train") is not False
     )
-    with nn.intercept_methods(_interceptor(dropout_on)):
+    with nn.intercept_methods(_interceptor(dropout_on, adapter_ids)):
       return apply_fn(variables, *args, **kwargs)
 
   return wrapped

@@ -5,18 +5,22 @@ from __future__ import annotations
 import jax
 import optax
 
-from jlora.lora import is_lora
+from jlora.lora import frozen_children, is_lora
 
 ADAPTER, FROZEN = "adapter", "frozen"
 
 
 def adapter_labels(params):
-  """'adapter' for every A and B, 'frozen' for everything else (bases included)."""
+  """'adapter' for every trainable child of a node (its trainable_fields), 'frozen' for the rest."""
 
   def label(x):
-    if is_lora(x):
-      return x.replace(base=jax.tree.map(lambda _: FROZEN, x.base), a=ADAPTER, b=ADAPTER)
-    return FROZEN
+    if not is_lora(x):
+      return FROZEN
+    as_label = lambda name, value: jax.tree.map(lambda _: name, getattr(x, value))
+    return x.replace(
+      **{f: as_label(FROZEN, f) for f in frozen_children(x)},
+      **{f: as_label(ADAPTER, f) for f in x.trainable_fields},
+    )
 
   return jax.tree.map(label, params, is_leaf=is_lora)
 

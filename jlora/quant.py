@@ -170,9 +170,9 @@ class QuantConfig:
       raise ValueError(
         f"QuantConfig.double_quant={self.double_quant!r} is invalid: it must be True or False."
       )
-    config_lib._check_targets("QuantConfig.targets", self.targets)
+    config_lib.check_targets("QuantConfig.targets", self.targets)
     if self.exclude is not None:
-      config_lib._check_targets("QuantConfig.exclude", self.exclude)
+      config_lib.check_targets("QuantConfig.exclude", self.exclude)
     _check_dtype(self.scale_dtype, "QuantConfig.scale_dtype")
     if self.dtype is not None:
       _check_dtype(self.dtype, "QuantConfig.dtype")
@@ -463,10 +463,6 @@ def _valid_block_sizes(n_in: int) -> list[int]:
 # --------------------------------------------------------------------------- trees
 
 
-def _is_leaf(x) -> bool:
-  return config_lib._is_opaque(x)
-
-
 def quantize(params, qcfg: QuantConfig, *, layout: config_lib.Layout | None = None):
   """Replaces each kernel selected by `qcfg.targets` with a QuantizedWeight. Pure.
 
@@ -477,7 +473,7 @@ def quantize(params, qcfg: QuantConfig, *, layout: config_lib.Layout | None = No
   """
   if not isinstance(qcfg, QuantConfig):
     raise TypeError(f"quantize: expected a QuantConfig, got {type(qcfg).__name__}.")
-  for leaf in jax.tree.leaves(params, is_leaf=_is_leaf):
+  for leaf in jax.tree.leaves(params, is_leaf=config_lib.is_opaque):
     if is_quantized(leaf) or is_quantized(getattr(leaf, "base", None)):
       raise ValueError(
         "quantize: the params are already quantized (they hold QuantizedWeight nodes). "
@@ -486,7 +482,7 @@ def quantize(params, qcfg: QuantConfig, *, layout: config_lib.Layout | None = No
   chosen = set(config_lib.select(params, qcfg.targets, qcfg.exclude, field="QuantConfig.targets"))
 
   def visit(path, name, value, n_lead, roles):
-    if getattr(value, "is_jlora_node", False):
+    if config_lib.is_node(value):
       raise ValueError(
         f"quantize: {path!r} already holds a {type(value).__name__}; quantize before jlora.apply."
       )
@@ -535,7 +531,7 @@ def quantize(params, qcfg: QuantConfig, *, layout: config_lib.Layout | None = No
       dtype_name=jnp.dtype(qcfg.dtype if qcfg.dtype is not None else value.dtype).name,
     )
   return jax.tree_util.tree_map_with_path(
-    lambda kp, v: nodes.get(config_lib.path_str(kp), v), unboxed, is_leaf=_is_leaf
+    lambda kp, v: nodes.get(config_lib.path_str(kp), v), unboxed, is_leaf=config_lib.is_opaque
   )
 
 
@@ -549,19 +545,19 @@ def _quantize_many(values, layouts, kind, block_size, double_quant, scale_dtype)
 
 def _dequantize_leaf(x):
   base = getattr(x, "base", None)
-  if getattr(x, "is_jlora_node", False) and is_quantized(base):
+  if config_lib.is_node(x) and is_quantized(base):
     return x.replace(base=base.dequantize())
   return dequantized(x)
 
 
 def dequantize(params):
   """Every QuantizedWeight (also a LoRA node's quantized base) becomes a plain array."""
-  return jax.tree.map(_dequantize_leaf, params, is_leaf=_is_leaf)
+  return jax.tree.map(_dequantize_leaf, params, is_leaf=config_lib.is_opaque)
 
 
 def quantized_nodes(params) -> list[QuantizedWeight]:
   out = []
-  for leaf in jax.tree.leaves(params, is_leaf=_is_leaf):
+  for leaf in jax.tree.leaves(params, is_leaf=config_lib.is_opaque):
     if is_quantized(leaf):
       out.append(leaf)
     elif is_quantized(getattr(leaf, "base", None)):

@@ -15,7 +15,7 @@ import jax
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jlora.lora import factor_axes, is_lora
+from jlora.lora import is_lora
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -66,19 +66,21 @@ def _padded(spec, ndim: int) -> tuple:
 
 
 def adapter_specs(node, base_spec) -> object:
-  """The node's PartitionSpecs: A and B derived from the base's spec, as the module docstring says."""
+  """The node's PartitionSpecs: each trainable child's from the base's spec (node.field_axes)."""
   spec = _padded(base_spec, node.ndim)
   n_lead = node.ndim - len(node.roles)
   lead, per_layer = spec[:n_lead], spec[n_lead:]
-  a_axes, b_axes = factor_axes(per_layer, node.roles, None)  # the rank axis is never sharded
-  a, b = PartitionSpec(*lead, *a_axes), PartitionSpec(*lead, *b_axes)
+  trained = {
+    name: PartitionSpec(*lead, *axes)
+    for name, axes in node.field_axes(per_layer, None).items()  # the rank axis is never sharded
+  }
   base = node.base
   base_spec = (
     base.partition_spec(PartitionSpec(*spec))
     if hasattr(base, "partition_spec")
     else PartitionSpec(*spec)
   )
-  return node.replace(base=base_spec, a=a, b=b)
+  return node.replace(base=base_spec, **trained)
 
 
 def param_specs(params, base_specs):
