@@ -26,6 +26,7 @@ it checks this by replaying PEFT's lookup before writing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -44,7 +45,8 @@ from flax.linen import meta
 from jlora import config as config_lib
 from jlora.config import EMBEDDING, IN, KERNEL, OUT, LoraConfig
 from jlora.errors import UserError, read_json
-from jlora.lora import LoraWeight, is_lora, merge
+from jlora.lora import DoraWeight, LoraWeight, is_lora, merge, weight_norm
+from jlora.multi import is_stacked
 from jlora.quant import dequantize
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -54,8 +56,11 @@ KEY_PREFIX = "base_model.model."
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # PEFT inits that change the base weights: such an adapter is only valid on the modified base.
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq")
-_LINEAR_SUFFIXES = ("lora_A.weight", "lora_B.weight")
-_EMBED_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
+# PEFT's tensor name of each trainable child of a node, by weight kind (torch layout: transposed).
+PEFT_TENSOR_NAMES = {
+  KERNEL: {"a": "lora_A.weight", "b": "lora_B.weight", "magnitude": "lora_magnitude_vector"},
+  EMBEDDING: {"a": "lora_embedding_A", "b": "lora_embedding_B"},
+}
 
 
 # --------------------------------------------------------------------------- names
@@ -209,11 +214,29 @@ def _clean(x: float) -> float | int:
   return int(value) if value.is_integer() else value
 
 
-def _entries(params) -> list[dict]:
-  """One entry per HF module: name, kind, rank, scale, and where its a/b live."""
-  entries = []
+@dataclasses.dataclass(frozen=True)
+class HFModule:
+  """One HF module of an adapted weight (a scanned stack gives one per layer)."""
+
+  path: str  # the flax path of the weight, e.g. model/layers/self_attn/q_proj/kernel
+  hf_name: str  # e.g. model.layers.0.self_attn.q_proj
+  kind: str  # KERNEL or EMBEDDING
+  node: LoraWeight
+  layer: int | None  # the index into the node's stacked axis, None when unstacked
+  rank: int
+  scale: float
+
+
+def hf_modules(params) -> list[HFModule]:
+  """The HF modules of every adapter in `params`, in path order."""
+  modules = []
   for full, node in sorted(_adapted_modules(params).items()):
     path, _, leaf_name = full.rpartition("/")
+    if is_stacked(node):
+      raise ValueError(
+        f"{full} holds stacked adapters {list(node.names)}; a PEFT adapter holds one. Save each "
+        "adapter's own params (before jlora.stack_adapters)."
+      )
     if tuple(node.roles) != (IN, OUT):
       raise ValueError(
         f"{full}: kernel roles {node.roles} have no torch Linear/Embedding equivalent; PEFT "
@@ -222,10 +245,10 @@ def _entries(params) -> list[dict]:
     n_lead = node.a.ndim - 2
     n_layers = node.a.shape[0] if n_lead else 0
     for layer, hf_name in enumerate(hf_module_names(path, n_lead, n_layers)):
-      entries.append(
-        dict(
-          flax=full,
-          hf=hf_name,
+      modules.append(
+        HFModule(
+          path=full,
+          hf_name=hf_name,
           kind=leaf_name,
           node=node,
           layer=layer if n_lead else None,
@@ -233,22 +256,22 @@ def _entries(params) -> list[dict]:
           scale=float(node.scale),
         )
       )
-  if not entries:
+  if not modules:
     raise ValueError(
       "save_adapter: the params hold no LoraWeight nodes (apply jlora.apply or load_adapter first)."
     )
-  return entries
+  return modules
 
 
 def _patterns(entries, cfg: LoraConfig, use_rslora: bool) -> tuple[dict, dict]:
   """rank_pattern / alpha_pattern (PEFT key syntax) that reproduce every module's rank and scale."""
   want = {}
   for e in entries:
-    r = e["rank"]
-    alpha = e["scale"] * (math.sqrt(r) if use_rslora else r)
+    r = e.rank
+    alpha = e.scale * (math.sqrt(r) if use_rslora else r)
     if math.isclose(alpha, cfg.alpha, rel_tol=1e-6):
       alpha = cfg.alpha
-    want[e["hf"]] = (r, alpha)
+    want[e.hf_name] = (r, alpha)
   base = {"r": cfg.rank, "lora_alpha": cfg.alpha, "use_rslora": use_rslora}
 
   def reproduces(rank_pattern, alpha_pattern) -> bool:
@@ -291,19 +314,19 @@ def _patterns(entries, cfg: LoraConfig, use_rslora: bool) -> tuple[dict, dict]:
 
 def _target_modules(params, entries) -> list[str]:
   """Module names (e.g. q_proj) when they select exactly the adapted modules, else full HF names."""
-  adapted = {e["flax"].rpartition("/")[0] for e in entries}
-  shorts = sorted({_short_name(e["hf"]) for e in entries})
+  adapted = {e.path.rpartition("/")[0] for e in entries}
+  shorts = sorted({_short_name(e.hf_name) for e in entries})
   candidates = {p for p in config_lib.candidate_leaves(params) if p.rpartition("/")[2] in shorts}
   if candidates == adapted:
     return shorts
-  return sorted({e["hf"] for e in entries})
+  return sorted({e.hf_name for e in entries})
 
 
 def peft_config_from_lora(
   cfg: LoraConfig, params, base_model_name_or_path: str | None = None
 ) -> dict:
   """The adapter_config.json content for the adapters in `params` (trained with `cfg`)."""
-  entries = _entries(params)
+  entries = hf_modules(params)
   rank_pattern, alpha_pattern = _patterns(entries, cfg, bool(cfg.use_rslora))
   return {
     "peft_type": "LORA",
@@ -320,11 +343,68 @@ def peft_config_from_lora(
     "fan_in_fan_out": False,
     "init_lora_weights": True,
     "modules_to_save": None,
-    "use_dora": False,
+    "use_dora": _uses_dora(entries),
     "inference_mode": True,
     "layers_to_transform": None,
     "layers_pattern": None,
   }
+
+
+def _uses_dora(entries: list[HFModule]) -> bool:
+  kinds = {isinstance(e.node, DoraWeight) for e in entries}
+  if len(kinds) > 1:
+    dora = sorted({e.path for e in entries if isinstance(e.node, DoraWeight)})
+    raise ValueError(
+      f"save_adapter: only some weights use DoRA ({dora}); a PEFT adapter has one use_dora for "
+      "all modules. Adapt every target with DoRA, or none."
+    )
+  return kinds == {True}
+
+
+def _check_tied_embedding(params, entries: list[HFModule]) -> None:
+  paths = set(config_lib.candidate_leaves(params))
+  for e in entries:
+    if e.kind == EMBEDDING and _short_name(e.hf_name) == "embed_tokens" and "lm_head" not in paths:
+      raise ValueError(
+        f"{e.path} is adapted and the output head is tied to it. jlora applies the embedding "
+        "adapter to the tied head too, but PEFT (and vLLM) apply it to the input lookup only, so "
+        "the adapter would load with different outputs. Exclude embed_tokens, or use export_merged."
+      )
+
+
+def _peft_tensors(entries: list[HFModule]) -> dict[str, np.ndarray]:
+  """Every trainable child of every module under its PEFT name, in torch layout (transposed)."""
+  tensors, gathered = {}, {}
+  for e in entries:
+    names = PEFT_TENSOR_NAMES[e.kind]
+    for field in e.node.trainable_fields:
+      if field not in names:
+        raise ValueError(
+          f"{e.path}: PEFT has no tensor for its trainable field {field!r} on a {e.kind}."
+        )
+      if (e.path, field) not in gathered:
+        gathered[e.path, field] = _to_numpy(getattr(e.node, field), f"{e.path} ({field})")
+      value = gathered[e.path, field]
+      value = value[e.layer] if e.layer is not None else value
+      tensors[f"{KEY_PREFIX}{e.hf_name}.{names[field]}"] = value.T
+  return tensors
+
+
+def _warn_for_vllm(entries: list[HFModule], dora: bool) -> None:
+  bad = sorted({e.rank for e in entries} - set(VLLM_RANKS))
+  if bad:
+    warnings.warn(
+      f"save_adapter: rank(s) {bad} are not in vLLM's supported list {list(VLLM_RANKS)}; vLLM "
+      "needs --max-lora-rank set to one of those (at least the adapter's rank) to serve it.",
+      stacklevel=3,
+    )
+  if dora:
+    warnings.warn(
+      "save_adapter: this is a DoRA adapter (use_dora=true). PEFT and transformers load it, but "
+      "vLLM does not serve DoRA adapters; to serve it with vLLM, export a merged model instead "
+      "(export_merged).",
+      stacklevel=3,
+    )
 
 
 def save_adapter(
@@ -332,9 +412,10 @@ def save_adapter(
 ) -> Path:
   """Writes the adapters in `params` as a PEFT LoRA adapter (loadable by PEFT, transformers and vLLM).
 
-  Only a/b are written (unscaled; PEFT recomputes the scale from r/lora_alpha and the
-  patterns). Scanned stacks are unstacked into per-layer modules. Sharded arrays are
-  gathered; arrays spread over several processes are refused.
+  Every trainable child is written (a/b unscaled, PEFT recomputes the scale from
+  r/lora_alpha and the patterns; DoRA's magnitude as lora_magnitude_vector). Scanned
+  stacks are unstacked into per-layer modules. Sharded arrays are gathered; arrays
+  spread over several processes are refused.
   """
   if lora_cfg.init == "pissa":
     raise ValueError(
@@ -342,41 +423,11 @@ def save_adapter(
       "modified, so PEFT would apply it to the wrong weights. Use export_merged instead."
     )
   params = meta.unbox(params)
-  entries = _entries(params)
-  paths = set(config_lib.candidate_leaves(params))
-  for e in entries:
-    if e["kind"] == EMBEDDING and _short_name(e["hf"]) == "embed_tokens" and "lm_head" not in paths:
-      raise ValueError(
-        f"{e['flax']} is adapted and the output head is tied to it. jlora applies the embedding adapter to the "
-        "tied head too, but PEFT (and vLLM) apply it to the input lookup only, so the adapter would load with "
-        "different outputs. Exclude embed_tokens, or use export_merged."
-      )
+  entries = hf_modules(params)
+  _check_tied_embedding(params, entries)
   peft_cfg = peft_config_from_lora(lora_cfg, params, base_model_name_or_path)
-
-  tensors = {}
-  gathered: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-  for e in entries:
-    if e["flax"] not in gathered:
-      gathered[e["flax"]] = (
-        _to_numpy(e["node"].a, e["flax"] + " (a)"),
-        _to_numpy(e["node"].b, e["flax"] + " (b)"),
-      )
-    a, b = gathered[e["flax"]]
-    if e["layer"] is not None:
-      a, b = a[e["layer"]], b[e["layer"]]
-    prefix = KEY_PREFIX + e["hf"]
-    names = [
-      f"{prefix}.{s}" for s in (_EMBED_SUFFIXES if e["kind"] == EMBEDDING else _LINEAR_SUFFIXES)
-    ]
-    tensors[names[0]], tensors[names[1]] = a.T, b.T
-
-  bad = sorted({e["rank"] for e in entries} - set(VLLM_RANKS))
-  if bad:
-    warnings.warn(
-      f"save_adapter: rank(s) {bad} are not in vLLM's supported list {list(VLLM_RANKS)}; vLLM "
-      "needs --max-lora-rank set to one of those (at least the adapter's rank) to serve it.",
-      stacklevel=2,
-    )
+  tensors = _peft_tensors(entries)
+  _warn_for_vllm(entries, peft_cfg["use_dora"])
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   _write_safetensors(directory / ADAPTER_WEIGHTS, tensors)
@@ -407,8 +458,6 @@ def check_peft_config(cfg: Mapping[str, Any]) -> None:
   problems = []
   if cfg.get("peft_type", "LORA") != "LORA":
     problems.append(f"peft_type={cfg.get('peft_type')!r} (only LORA adapters are supported)")
-  if cfg.get("use_dora"):
-    problems.append("use_dora=true (DoRA's magnitude vector has no jlora equivalent)")
   if cfg.get("modules_to_save"):
     problems.append(
       f"modules_to_save={cfg['modules_to_save']!r} (fully trained module copies are not LoRA)"
@@ -486,15 +535,32 @@ def _read_adapter_tensors(directory: Path) -> dict[str, np.ndarray]:
     ) from e
 
 
+@dataclasses.dataclass
+class PeftModule:
+  """The tensors of one HF module in a PEFT file, by jlora field name, in jlora layout."""
+
+  kind: str  # KERNEL or EMBEDDING
+  fields: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+def _field_of(name: str) -> tuple[str, str, str] | None:
+  """(module, kind, field) of a PEFT tensor name (prefix removed), None if it is no adapter field."""
+  for kind, names in PEFT_TENSOR_NAMES.items():
+    for field, suffix in names.items():
+      if name.endswith("." + suffix):
+        return name[: -len(suffix) - 1], kind, field
+  return None
+
+
 def _module_tensors(
   tensors: Mapping[str, np.ndarray],
-) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
-  """({hf module name: {'A': [r, in], 'B': [out, r], 'kind': ...}}, {hf module name: saved base weight}).
+) -> tuple[dict[str, PeftModule], dict[str, np.ndarray]]:
+  """({hf module name: PeftModule}, {hf module name: saved base weight}).
 
   PEFT saves the whole base weight of an adapted embedding next to its factors
   (save_embedding_layers, for resized vocabularies): those come back separately.
   """
-  modules: dict[str, dict] = {}
+  modules: dict[str, PeftModule] = {}
   base_copies: dict[str, np.ndarray] = {}
   unknown = []
   for key, value in tensors.items():
@@ -502,19 +568,22 @@ def _module_tensors(
     if name.endswith(".base_layer.weight"):
       base_copies[name.removesuffix(".base_layer.weight")] = value
       continue
-    for kind, suffixes in ((KERNEL, _LINEAR_SUFFIXES), (EMBEDDING, _EMBED_SUFFIXES)):
-      hit = next((s for s in suffixes if name.endswith("." + s)), None)
-      if hit:
-        module = name[: -len(hit) - 1]
-        entry = modules.setdefault(module, {"kind": kind})
-        entry["A" if hit.startswith(("lora_A", "lora_embedding_A")) else "B"] = value
-        break
-    else:
+    found = _field_of(name)
+    if found is None:
       unknown.append(key)
+      continue
+    module, kind, field = found
+    entry = modules.setdefault(module, PeftModule(kind))
+    if entry.kind != kind:  # e.g. lora_embedding_A next to lora_magnitude_vector
+      raise ValueError(
+        f"{module}: the adapter holds a DoRA magnitude for an embedding; jlora supports DoRA on "
+        "linear layers only."
+      )
+    entry.fields[field] = np.asarray(value).T  # torch layout -> flax layout
   if unknown:
     raise ValueError(
-      f"The adapter holds tensors that are not LoRA A/B factors (e.g. DoRA magnitudes, biases or "
-      f"saved modules): {unknown[:8]}{' ...' if len(unknown) > 8 else ''}"
+      f"The adapter holds tensors that are not LoRA A/B factors or DoRA magnitudes (e.g. biases "
+      f"or saved modules): {unknown[:8]}{' ...' if len(unknown) > 8 else ''}"
     )
   return modules, base_copies
 
@@ -545,6 +614,146 @@ def _check_base_copies(base_copies, index, base_params) -> None:
       )
 
 
+@dataclasses.dataclass
+class LayerFactors:
+  """One HF module's trainable fields in flax layout (a [in, r], b [r, out], magnitude [out])."""
+
+  hf_name: str
+  fields: dict[str, np.ndarray]
+  scale: float
+
+
+def _read(directory: Path):
+  """read: (PEFT config, {hf name: PeftModule}, {hf name: saved base weight})."""
+  peft_cfg = read_peft_config(directory)
+  modules, base_copies = _module_tensors(_read_adapter_tensors(directory))
+  return peft_cfg, modules, base_copies
+
+
+def _validate(peft_cfg, modules: Mapping[str, PeftModule], index) -> None:
+  """validate: every module maps onto a weight of the right kind, is targeted, and is complete."""
+  unmatched = sorted(m for m in modules if m not in index)
+  if unmatched:
+    raise ValueError(
+      f"Adapter modules that map onto no weight in base_params: {unmatched}. (Module names like "
+      f"{sorted(index)[:4]} are available.) Is it an adapter for another architecture?"
+    )
+  untargeted = sorted(m for m in modules if not peft_targets(peft_cfg, m, modules[m].kind))
+  if untargeted:
+    raise ValueError(
+      f"The adapter holds weights for modules its target_modules do not select (PEFT would "
+      f"ignore them): {untargeted}"
+    )
+  heads = {p for p in index.values() if p[0].rpartition("/")[2] == "lm_head"}
+  dora = bool(peft_cfg.get("use_dora"))
+  for hf, module in modules.items():
+    if module.kind == EMBEDDING and _short_name(hf) == "embed_tokens" and not heads:
+      raise ValueError(
+        f"The adapter adapts {hf}, and this model's output head is tied to it. PEFT applies the "
+        "embedding adapter to the input lookup only, but jlora would apply it to the tied head "
+        "too, so the outputs would differ. Load it onto an untied model, or merge it with PEFT first."
+      )
+    if "a" not in module.fields or "b" not in module.fields:
+      raise ValueError(f"The adapter has only one of lora_A/lora_B for {hf}.")
+    if dora and module.kind == EMBEDDING:
+      raise ValueError(
+        f"{hf}: use_dora=true on an embedding; jlora supports DoRA on linear layers only."
+      )
+    if dora != ("magnitude" in module.fields):
+      raise ValueError(
+        f"{hf}: use_dora={str(dora).lower()} in adapter_config.json, but the module "
+        f"{'lacks' if dora else 'holds'} a lora_magnitude_vector."
+      )
+    leaf_name = index[hf][1]
+    if (module.kind == EMBEDDING) != (leaf_name == EMBEDDING):
+      raise ValueError(
+        f"{hf}: the adapter treats it as "
+        f"{'an embedding' if module.kind == EMBEDDING else 'a linear layer'}, but base_params has "
+        f"a {leaf_name!r} there."
+      )
+    a, b = module.fields["a"], module.fields["b"]
+    r, _ = peft_rank_alpha(peft_cfg, hf)
+    if a.shape[1] != r or b.shape[0] != r:
+      raise ValueError(
+        f"{hf}: lora_A {a.T.shape} / lora_B {b.T.shape} have rank {a.shape[1]}, but "
+        f"adapter_config.json gives r={r} for this module."
+      )
+
+
+def _group(peft_cfg, modules: Mapping[str, PeftModule], index) -> dict[str, dict]:
+  """{flax weight path: {layer or None: LayerFactors}}."""
+  grouped: dict[str, dict] = {}
+  for hf, module in modules.items():
+    path, leaf_name, layer, _ = index[hf]
+    grouped.setdefault(f"{path}/{leaf_name}", {})[layer] = LayerFactors(
+      hf, module.fields, peft_scale(peft_cfg, hf)
+    )
+  return grouped
+
+
+def _restack(per_layer: dict) -> dict:
+  """restack: one rank and one scale for the layers of a scanned stack, each layer kept exact.
+
+  Layers with a smaller rank are zero-padded (the padding stays zero under training: its
+  gradients are zero), and a layer's own scale is folded into its B (s*A@B is unchanged, so
+  DoRA's W + s*A@B and its norm are too).
+  """
+  if None in per_layer:
+    return per_layer
+  rank = max(f.fields["a"].shape[1] for f in per_layer.values())
+  scales = [f.scale for f in per_layer.values()]
+  common = max(set(scales), key=scales.count)
+  fixed = {}
+  for layer, f in per_layer.items():
+    pad = rank - f.fields["a"].shape[1]
+    a = np.pad(f.fields["a"], ((0, 0), (0, pad)))
+    b = np.pad(f.fields["b"], ((0, pad), (0, 0))) * np.asarray(
+      f.scale / common, f.fields["b"].dtype
+    )
+    fixed[layer] = LayerFactors(f.hf_name, {**f.fields, "a": a, "b": b}, common)
+  return fixed
+
+
+def _build_node(full: str, value, per_layer: dict, dtype, dropout: float) -> LoraWeight:
+  """build: the node for one weight; layers a stack's adapter skips get zero factors (DoRA: m = ||W||)."""
+  first = next(iter(per_layer.values()))
+  if None in per_layer:
+    fields = dict(first.fields)
+  else:
+    fields = {}
+    for name, like in first.fields.items():
+      stacked = np.zeros((value.shape[0], *like.shape), like.dtype)
+      for layer, f in per_layer.items():
+        stacked[layer] = f.fields[name]
+      fields[name] = stacked
+  a, b = fields["a"], fields["b"]
+  if (a.shape[-2], b.shape[-1]) != tuple(value.shape[a.ndim - 2 :]) or a.shape[:-2] != tuple(
+    value.shape[:-2]
+  ):
+    raise ValueError(
+      f"{full}: the adapter's factors imply a weight of shape {a.shape[:-1] + b.shape[-1:]}, but "
+      f"base_params has {tuple(value.shape)}."
+    )
+  node = LoraWeight(
+    base=value,
+    a=jnp.asarray(a, dtype),
+    b=jnp.asarray(b, dtype),
+    scale=float(first.scale),
+    roles=(IN, OUT),
+    dropout=dropout,
+  )
+  if "magnitude" not in fields:
+    return node
+  magnitude = fields["magnitude"]
+  if None not in per_layer and len(per_layer) < value.shape[0]:
+    skipped = [i for i in range(value.shape[0]) if i not in per_layer]
+    magnitude[skipped] = np.asarray(weight_norm(node))[skipped]  # B = 0 there: m = ||W||
+  return DoraWeight(
+    **{f.name: getattr(node, f.name) for f in dataclasses.fields(node)},
+    magnitude=jnp.asarray(magnitude, dtype),
+  )
+
+
 def load_adapter(
   directory,
   base_params,
@@ -553,7 +762,7 @@ def load_adapter(
   dtype=jnp.float32,
   return_config: bool = False,
 ):
-  """Reads a PEFT LoRA adapter onto `base_params`: adapted weights become LoraWeight nodes.
+  """Reads a PEFT LoRA (or DoRA) adapter onto `base_params`: adapted weights become nodes.
 
   The scale of every module follows PEFT (lora_alpha/r or /sqrt(r), rank_pattern and
   alpha_pattern by PEFT's matching on HF module names). Layers of a scanned stack are
@@ -563,129 +772,45 @@ def load_adapter(
   With return_config=True, returns (params, LoraConfig) with the adapted module paths
   spelled out exactly.
   """
-  directory = Path(directory)
-  peft_cfg = read_peft_config(directory)
-  modules, base_copies = _module_tensors(_read_adapter_tensors(directory))
+  peft_cfg, modules, base_copies = _read(Path(directory))
   index = _base_modules(base_params, layout)
   _check_base_copies(base_copies, index, base_params)
-
-  unmatched = sorted(m for m in modules if m not in index)
-  if unmatched:
-    raise ValueError(
-      f"Adapter modules that map onto no weight in base_params: {unmatched}. (Module names like "
-      f"{sorted(index)[:4]} are available.) Is it an adapter for another architecture?"
-    )
-  untargeted = sorted(m for m in modules if not peft_targets(peft_cfg, m, modules[m]["kind"]))
-  if untargeted:
-    raise ValueError(
-      f"The adapter holds weights for modules its target_modules do not select (PEFT would "
-      f"ignore them): {untargeted}"
-    )
-  heads = {p for p in index.values() if p[0].rpartition("/")[2] == "lm_head"}
-  for m, parts in modules.items():
-    if parts["kind"] == EMBEDDING and _short_name(m) == "embed_tokens" and not heads:
-      raise ValueError(
-        f"The adapter adapts {m}, and this model's output head is tied to it. PEFT applies the embedding "
-        "adapter to the input lookup only, but jlora would apply it to the tied head too, so the outputs would "
-        "differ. Load it onto an untied model, or merge it with PEFT first."
-      )
-  dropout = float(peft_cfg.get("lora_dropout", 0.0) or 0.0)
-
-  # Group per flax weight: {flax path: {layer or None: (hf name, a, b, scale)}}.
-  grouped: dict[str, dict] = {}
-  for hf, parts in modules.items():
-    if "A" not in parts or "B" not in parts:
-      raise ValueError(f"The adapter has only one of lora_A/lora_B for {hf}.")
-    path, leaf_name, layer, _ = index[hf]
-    kind = parts["kind"]
-    if (kind == EMBEDDING) != (leaf_name == EMBEDDING):
-      raise ValueError(
-        f"{hf}: the adapter treats it as {'an embedding' if kind == EMBEDDING else 'a linear layer'}, "
-        f"but base_params has a {leaf_name!r} there."
-      )
-    a, b = np.asarray(parts["A"]).T, np.asarray(parts["B"]).T  # [in, r], [r, out]
-    r, _ = peft_rank_alpha(peft_cfg, hf)
-    if a.shape[1] != r or b.shape[0] != r:
-      raise ValueError(
-        f"{hf}: lora_A {parts['A'].shape} / lora_B {parts['B'].shape} have rank {a.shape[1]}, but "
-        f"adapter_config.json gives r={r} for this module."
-      )
-    grouped.setdefault(path + "/" + leaf_name, {})[layer] = (hf, a, b, peft_scale(peft_cfg, hf))
-
-  nodes: dict[str, dict] = {}
-  for full, per_layer in grouped.items():
-    if None in per_layer:
-      nodes[full] = per_layer
-      continue
-    # A scanned stack holds one rank and one scale. Layers with a smaller rank are zero-padded (the
-    # padding stays zero under training: its gradients are zero), and a layer's own scale is folded
-    # into its B. Both keep W_eff of every layer exact.
-    rank = max(v[1].shape[1] for v in per_layer.values())
-    scales = [v[3] for v in per_layer.values()]
-    common = max(set(scales), key=scales.count)
-    fixed = {}
-    for layer, (hf, a, b, scale) in per_layer.items():
-      pad = rank - a.shape[1]
-      a = np.pad(a, ((0, 0), (0, pad)))
-      b = np.pad(b, ((0, pad), (0, 0))) * np.asarray(scale / common, b.dtype)
-      fixed[layer] = (hf, a, b, common)
-    nodes[full] = fixed
+  _validate(peft_cfg, modules, index)
+  nodes = {
+    full: _restack(per_layer) for full, per_layer in _group(peft_cfg, modules, index).items()
+  }
   for e in sorted(m for m in index if m not in modules and peft_targets(peft_cfg, m, index[m][1])):
     warnings.warn(
       f"load_adapter: {e} is selected by target_modules but the adapter has no weights for it; "
       "it stays unadapted (as PEFT's zero-initialised B would leave it).",
       stacklevel=2,
     )
+  dropout = float(peft_cfg.get("lora_dropout", 0.0) or 0.0)
 
-  scales_by_path: dict[str, tuple[int, float]] = {}
-
-  def adapt(key_path, leaf):
+  def build(key_path, leaf):
     full = config_lib.path_str(key_path)
     value = leaf.unbox() if isinstance(leaf, meta.AxisMetadata) else leaf
-    if full not in nodes:
-      return value
-    per_layer = nodes[full]
-    any_entry = next(iter(per_layer.values()))
-    _, a0, b0, scale = any_entry
-    if None in per_layer:
-      a, b = a0, b0
-    else:
-      n_layers = value.shape[0]
-      a = np.zeros((n_layers, *a0.shape), a0.dtype)
-      b = np.zeros((n_layers, *b0.shape), b0.dtype)
-      for layer, (_, la, lb, _) in per_layer.items():
-        a[layer], b[layer] = la, lb
-    per_layer_shape = value.shape[a.ndim - 2 :]
-    if (a.shape[-2], b.shape[-1]) != tuple(per_layer_shape) or a.shape[:-2] != value.shape[:-2]:
-      raise ValueError(
-        f"{full}: the adapter's factors imply a weight of shape {a.shape[:-1] + b.shape[-1:]}, but "
-        f"base_params has {tuple(value.shape)}."
-      )
-    scales_by_path[full.rpartition("/")[0]] = (a.shape[-1], scale)
-    return LoraWeight(
-      base=value,
-      a=jnp.asarray(a, dtype),
-      b=jnp.asarray(b, dtype),
-      scale=float(scale),
-      roles=(IN, OUT),
-      dropout=dropout,
-    )
+    return _build_node(full, value, nodes[full], dtype, dropout) if full in nodes else value
 
-  params = jax.tree_util.tree_map_with_path(adapt, base_params, is_leaf=config_lib._is_opaque)
+  params = jax.tree_util.tree_map_with_path(build, base_params, is_leaf=config_lib.is_opaque)
   if not return_config:
     return params
-  return params, _jlora_config(peft_cfg, scales_by_path, dtype)
+  return params, lora_config_from_peft(peft_cfg, params, dtype)
 
 
-def _jlora_config(peft_cfg, scales_by_path: Mapping[str, tuple[int, float]], dtype) -> LoraConfig:
+def lora_config_from_peft(peft_cfg: Mapping[str, Any], params, dtype=jnp.float32) -> LoraConfig:
+  """The LoraConfig of a PEFT adapter loaded into `params`: its module paths spelled out, and
+  rank/alpha patterns that give every node its rank and scale (the one PEFT -> jlora translation)."""
   rank, alpha, rslora = (
     int(peft_cfg.get("r", 8)),
     float(peft_cfg.get("lora_alpha", 8)),
     bool(peft_cfg.get("use_rslora")),
   )
   rank_pattern, alpha_pattern = {}, {}
-  for path, (r, scale) in sorted(scales_by_path.items()):
-    a = scale * (math.sqrt(r) if rslora else r)
+  adapted = {full.rpartition("/")[0]: node for full, node in _adapted_modules(params).items()}
+  for path, node in sorted(adapted.items()):
+    r = int(node.a.shape[-1])
+    a = node.scale * (math.sqrt(r) if rslora else r)
     if r != rank:
       rank_pattern[re.escape(path)] = r
     if not math.isclose(a, alpha, rel_tol=1e-9):
@@ -693,43 +818,12 @@ def _jlora_config(peft_cfg, scales_by_path: Mapping[str, tuple[int, float]], dty
   return LoraConfig(
     rank=rank,
     alpha=alpha,
-    targets=tuple(sorted(scales_by_path)),
+    targets=tuple(sorted(adapted)),
     dropout=float(peft_cfg.get("lora_dropout", 0.0) or 0.0),
     use_rslora=rslora,
+    use_dora=bool(peft_cfg.get("use_dora")),
     rank_pattern=rank_pattern,
     alpha_pattern=alpha_pattern,
-    dtype=dtype,
-  )
-
-
-def lora_config_from_peft(peft_cfg: Mapping[str, Any], dtype=jnp.float32) -> LoraConfig:
-  """A LoraConfig equivalent to a PEFT config, for the plain cases: module-name lists and simple patterns.
-
-  jlora paths use '/' where HF names use '.', so list entries and pattern keys are
-  translated ('self_attn.q_proj' -> 'self_attn/q_proj'). Regex target_modules can't be
-  translated in general: use load_adapter(..., return_config=True), which resolves them.
-  """
-  check_peft_config(peft_cfg)
-  targets = peft_cfg.get("target_modules") or ("q_proj", "v_proj")
-  if isinstance(targets, str) and targets != "all-linear":
-    raise ValueError(
-      f"target_modules={targets!r} is a regex over HF module names; use "
-      "load_adapter(dir, params, return_config=True) to resolve it against a model."
-    )
-  plain = lambda k: k.replace(r"\.", "/").replace(".", "/")
-  if not isinstance(targets, str):
-    targets = tuple(plain(t) for t in targets)
-  return LoraConfig(
-    rank=int(peft_cfg.get("r", 8)),
-    alpha=float(peft_cfg.get("lora_alpha", 8)),
-    targets=targets,
-    exclude=tuple(plain(t) for t in peft_cfg["exclude_modules"])
-    if isinstance(peft_cfg.get("exclude_modules"), (list, tuple)) and peft_cfg["exclude_modules"]
-    else None,
-    dropout=float(peft_cfg.get("lora_dropout", 0.0) or 0.0),
-    use_rslora=bool(peft_cfg.get("use_rslora")),
-    rank_pattern={plain(k): int(v) for k, v in (peft_cfg.get("rank_pattern") or {}).items()},
-    alpha_pattern={plain(k): float(v) for k, v in (peft_cfg.get("alpha_pattern") or {}).items()},
     dtype=dtype,
   )
 

@@ -5,6 +5,7 @@ The references are the PyTorch stack itself (transformers' Llama, PEFT's LoRA la
 compared within PEFT's own tolerance (1e-4).
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -198,7 +199,7 @@ def test_jlora_adapter_loads_in_peft(case, base_dir, jbase, tmp_path):
     for name, module in reference.named_modules()
     if isinstance(getattr(module, "scaling", None), dict)
   }
-  ours_scales = {e["hf"]: e["scale"] for e in jpeft._entries(lora)}
+  ours_scales = {e.hf_name: e.scale for e in jpeft.hf_modules(lora)}
   assert peft_scales.keys() == ours_scales.keys()
   for name, scale in ours_scales.items():
     assert peft_scales[name] == pytest.approx(scale, rel=1e-9), name
@@ -259,6 +260,75 @@ def test_peft_adapter_loads_in_jlora(case, base_dir, jbase, tmp_path):
   np.testing.assert_allclose(_jlora_logits(model, with_layout), expected, atol=ATOL, rtol=RTOL)
   if case == "rslora_patterns":
     assert lora_cfg.use_rslora and lora_cfg.rank_for("model/layers/self_attn/v_proj") == 4
+
+
+# --------------------------------------------------------------------------- DoRA both ways
+
+
+def _randomize_magnitudes(params, seed=2):
+  rng = np.random.default_rng(seed)
+
+  def fill(x):
+    if not isinstance(x, jlora.DoraWeight):
+      return x
+    noise = 1.0 + 0.2 * rng.standard_normal(x.magnitude.shape).astype(np.float32)
+    return x.replace(magnitude=x.magnitude * noise)
+
+  return jax.tree.map(fill, params, is_leaf=jlora.is_lora)
+
+
+def test_jlora_dora_adapter_loads_in_peft(base_dir, jbase, tmp_path):
+  model, params, _, layout = jbase
+  cfg = jlora.LoraConfig(
+    rank=8,
+    alpha=16.0,
+    targets=("q_proj", "v_proj", "down_proj"),
+    use_rslora=True,
+    use_dora=True,
+    rank_pattern={"v_proj": 4},
+  )
+  lora = _randomize_magnitudes(_randomize_b(_apply(params, cfg, layout)))
+  ours = _jlora_logits(model, lora)
+  with pytest.warns(UserWarning, match="vLLM does not serve DoRA"):
+    jpeft.save_adapter(tmp_path, lora, cfg, base_model_name_or_path=str(base_dir))
+  written = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert written["use_dora"] is True and written["rank_pattern"] == {"v_proj": 4}
+
+  reference = peft.PeftModel.from_pretrained(_hf(base_dir), str(tmp_path)).eval()
+  np.testing.assert_allclose(_torch_logits(reference), ours, atol=ATOL, rtol=RTOL)
+  assert not np.allclose(ours, _torch_logits(_hf(base_dir)), atol=1e-3)
+  again = jpeft.load_adapter(tmp_path, params, layout=layout)
+  np.testing.assert_allclose(_jlora_logits(model, again), ours, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "case",
+  [
+    dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], use_rslora=True,
+         rank_pattern={"v_proj": 4}, alpha_pattern={"up_proj": 4}),
+    dict(r=4, lora_alpha=8, target_modules=["o_proj", "gate_proj"], layers_to_transform=[1]),
+  ],
+  ids=["rslora_patterns", "layers_to_transform"],
+)  # fmt: skip
+def test_peft_dora_adapter_loads_in_jlora(case, base_dir, jbase, tmp_path):
+  model, params, _, layout = jbase
+  torch.manual_seed(1)
+  config = peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, use_dora=True, **case)
+  reference = peft.get_peft_model(_hf(base_dir), config).eval()
+  with torch.no_grad():  # magnitudes away from ||W + s*B@A||, so they matter
+    for name, p in reference.named_parameters():
+      if "lora_magnitude_vector" in name:
+        p.mul_(1.0 + 0.2 * torch.randn_like(p))
+  expected = _torch_logits(reference)
+  reference.save_pretrained(str(tmp_path))
+
+  loaded, lora_cfg = jpeft.load_adapter(tmp_path, params, layout=layout, return_config=True)
+  assert lora_cfg.use_dora
+  assert any(
+    isinstance(n, jlora.DoraWeight) for n in jax.tree.leaves(loaded, is_leaf=jlora.is_lora)
+  )
+  np.testing.assert_allclose(_jlora_logits(model, loaded), expected, atol=ATOL, rtol=RTOL)
+  assert not np.allclose(expected, _torch_logits(_hf(base_dir)), atol=1e-3)
 
 
 # --------------------------------------------------------------------------- merged export
@@ -327,17 +397,17 @@ def test_vllm_rank_warning(jbase, tmp_path):
 
 def test_pattern_translation_is_checked_against_peft_semantics():
   entries = [
-    dict(hf=f"model.layers.{i}.self_attn.{m}", rank=r, scale=s)
+    jpeft.HFModule(f"m/{m}", f"model.layers.{i}.self_attn.{m}", "kernel", None, i, r, s)
     for i in range(2)
     for m, r, s in (("q_proj", 8, 2.0), ("v_proj", 4, 4.0))
   ]
   # Layer 1's v_proj gets its own alpha: only a per-module key expresses it.
-  entries[3]["scale"] = 1.0
+  entries[3] = dataclasses.replace(entries[3], scale=1.0)
   cfg = jlora.LoraConfig(rank=8, alpha=16.0, rank_pattern={"v_proj": 4})
   rank_pattern, alpha_pattern = jpeft._patterns(entries, cfg, use_rslora=False)
   trial = {"r": 8, "lora_alpha": 16.0, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
   for e in entries:
-    assert jpeft.peft_scale(trial, e["hf"]) == pytest.approx(e["scale"])
+    assert jpeft.peft_scale(trial, e.hf_name) == pytest.approx(e.scale)
   from peft.utils.other import get_pattern_key
 
   assert (
@@ -369,7 +439,7 @@ def _edit_config(directory, **changes):
 @pytest.mark.parametrize(
   "changes, message",
   [
-    (dict(use_dora=True), "DoRA"),
+    (dict(use_dora=True), "use_dora=true in adapter_config.json, but the module lacks"),
     (dict(modules_to_save=["lm_head"]), "modules_to_save"),
     (dict(bias="all"), "bias='all'"),
     (dict(peft_type="IA3"), "only LORA"),
@@ -408,7 +478,7 @@ def test_unmatched_key_is_refused(good_adapter, jbase):
     jpeft.load_adapter(good_adapter, jbase[1])
 
 
-def test_dora_magnitude_tensor_is_refused(good_adapter, jbase):
+def test_magnitude_tensor_without_use_dora_is_refused(good_adapter, jbase):
   from safetensors.numpy import load_file, save_file
 
   path = good_adapter / "adapter_model.safetensors"
@@ -417,7 +487,9 @@ def test_dora_magnitude_tensor_is_refused(good_adapter, jbase):
     (64,), np.float32
   )
   save_file(tensors, str(path))
-  with pytest.raises(ValueError, match="not LoRA A/B factors"):
+  with pytest.raises(
+    ValueError, match="use_dora=false in adapter_config.json, but the module holds"
+  ):
     jpeft.load_adapter(good_adapter, jbase[1])
 
 
