@@ -10,6 +10,12 @@ Library use::
 CLI::
 
     python -m train.generate --model smollm2-135m-instruct --prompt "What is the capital of France?"
+
+Several adapters on one base, one batch, one compiled program (every prompt runs under every
+name in --use; 'base' is the model without adapters)::
+
+    python -m train.generate --adapter extract=runs/a --adapter chat=runs/b \
+        --prompt "..." --use extract,chat,base
 """
 
 from __future__ import annotations
@@ -52,22 +58,24 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: f
 def _decode_fns(apply_fn: Callable, temperature: float, top_p: float):
   """Jitted (prefill, step), cached so repeated generate calls (e.g. eval during training) reuse them."""
 
-  def forward(params, ids, positions, segments, cache):
+  def forward(params, ids, positions, segments, cache, adapter_ids):
     last = jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
+    # Per-row adapters (jlora.stack_adapters params) only; a plain apply_fn never sees the kwarg.
+    rows = {} if adapter_ids is None else {"adapter_ids": adapter_ids}
     logits, cache = apply_fn(
-      {"params": params}, ids, positions, segments, cache=cache, logits_at=last
+      {"params": params}, ids, positions, segments, cache=cache, logits_at=last, **rows
     )
     return logits[:, -1], cache
 
   @jax.jit
-  def prefill(params, ids, positions, segments, cache, key):
-    logits, cache = forward(params, ids, positions, segments, cache)
+  def prefill(params, ids, positions, segments, cache, key, adapter_ids):
+    logits, cache = forward(params, ids, positions, segments, cache, adapter_ids)
     return sample_token(logits, key, temperature, top_p), cache
 
   @jax.jit
-  def step(params, token, position, cache, key):
+  def step(params, token, position, cache, key, adapter_ids):
     logits, cache = forward(
-      params, token[:, None], position[:, None], jnp.ones_like(token)[:, None], cache
+      params, token[:, None], position[:, None], jnp.ones_like(token)[:, None], cache, adapter_ids
     )
     return sample_token(logits, key, temperature, top_p), cache
 
@@ -85,8 +93,12 @@ def generate_ids(
   top_p: float = 1.0,
   seed: int = 0,
   apply_fn: Callable | None = None,
+  adapter_ids=None,
 ) -> list[list[int]]:
-  """Generate from token-id prompts; returns the new ids per prompt, cut after the first eos."""
+  """Generate from token-id prompts; returns the new ids per prompt, cut after the first eos.
+
+  adapter_ids: with params from jlora.stack_adapters, the adapter of each row (-1: the base).
+  """
   apply_fn = apply_fn or model.apply
   batch = len(prompts)
   prompt_len = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
@@ -101,7 +113,9 @@ def generate_ids(
 
   prefill, step = _decode_fns(apply_fn, float(temperature), float(top_p))
   keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-  token, cache = prefill(params, ids, positions, segments, cache, keys[0])
+  if adapter_ids is not None:
+    adapter_ids = jnp.asarray(adapter_ids, jnp.int32)
+  token, cache = prefill(params, ids, positions, segments, cache, keys[0], adapter_ids)
   position = jnp.asarray(positions[:, -1] + 1)
   eos = np.asarray(list(eos_ids), np.int32)
   out = [np.asarray(token)]
@@ -109,7 +123,7 @@ def generate_ids(
   for i in range(1, max_new_tokens):
     if done.all():
       break
-    token, cache = step(params, token, position, cache, keys[i])
+    token, cache = step(params, token, position, cache, keys[i], adapter_ids)
     position = position + 1
     out.append(np.asarray(token))
     done |= np.isin(out[-1], eos)
@@ -143,8 +157,23 @@ def generate(
   seed: int = 0,
   apply_fn: Callable | None = None,
   system: str | None = None,
+  adapters: Sequence[str | None] | None = None,
 ) -> list[str]:
-  """Chat-format each prompt as a user turn (after an optional system message); return the replies."""
+  """Chat-format each prompt as a user turn (after an optional system message); return the replies.
+
+  adapters: with params from jlora.stack_adapters, the adapter name of each prompt ('base' or
+  None: no adapter); the whole batch runs as one program (apply_fn defaults to jlora.wrap).
+  """
+  adapter_ids = None
+  if adapters is not None:
+    import jlora  # only needed for per-row adapters
+
+    if len(adapters) != len(prompts):
+      raise ValueError(
+        f"adapters has {len(adapters)} names for {len(prompts)} prompts; give one per prompt."
+      )
+    adapter_ids = jlora.adapter_ids(params, adapters)
+    apply_fn = apply_fn or jlora.wrap(model.apply)
   eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
   new_ids = generate_ids(
     model,
@@ -156,6 +185,7 @@ def generate(
     top_p=top_p,
     seed=seed,
     apply_fn=apply_fn,
+    adapter_ids=adapter_ids,
   )
   return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
 
@@ -174,7 +204,17 @@ def _parser() -> argparse.ArgumentParser:
   parser = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   add = parser.add_argument
   add("--model", default=DEFAULT_MODEL, help="HF dir, .gguf file, hub id or embedded name")
-  add("--adapter", help="PEFT adapter dir (adapter_config.json + adapter_model.safetensors)")
+  add(
+    "--adapter",
+    action="append",
+    help="PEFT adapter dir (adapter_config.json + adapter_model.safetensors); or NAME=DIR, "
+    "repeated, for several adapters on one base (see --use)",
+  )
+  add(
+    "--use",
+    help="comma-separated adapter names ('base': no adapter); every prompt runs under each, "
+    "all in one batch (default: every named adapter)",
+  )
   add("--merged", action="store_true", help="merge the adapter into the base before generating")
   add("--prompt", action="append", required=True, help="user message; repeat for a batch")
   add("--system", help="system message placed before each prompt")
@@ -200,16 +240,46 @@ def check_args(args: argparse.Namespace) -> None:
     raise bad("--max_new_tokens", args.max_new_tokens, "an integer >= 1")
   if args.merged and not args.adapter:
     raise UserError("--merged: it merges an adapter, so it needs --adapter DIR as well.")
-  if args.adapter is not None:
-    adapter = Path(args.adapter).expanduser()
-    if not adapter.is_dir():
-      state = "is a file, not a directory" if adapter.exists() else "does not exist"
+  args.named = named_adapters(args.adapter or [])
+  if args.merged and args.named:
+    raise UserError("--merged: it merges one adapter; give a single --adapter DIR.")
+  if args.use and not args.named:
+    raise UserError(f"--use: {args.use!r} needs adapters given as --adapter NAME=DIR.")
+  for name in args.use.split(",") if args.use else []:
+    if name != "base" and name not in args.named:
+      raise bad("--use", args.use, f"comma-separated names from {list(args.named)} or 'base'")
+  for directory in args.named.values() or args.adapter or []:
+    _check_adapter_dir(directory)
+
+
+def _check_adapter_dir(directory: str) -> None:
+  adapter = Path(directory).expanduser()
+  if not adapter.is_dir():
+    state = "is a file, not a directory" if adapter.exists() else "does not exist"
+    raise UserError(
+      f"--adapter: {directory!r} {state}; expected a PEFT adapter directory "
+      "(adapter_config.json + adapter_model.safetensors)."
+    )
+  if not os.access(adapter, os.R_OK | os.X_OK):
+    raise UserError(f"--adapter: {directory!r} is not readable (permission denied).")
+
+
+def named_adapters(values: Sequence[str]) -> dict[str, str]:
+  """--adapter NAME=DIR values as {name: dir}; one plain DIR is the single-adapter form ({})."""
+  if len(values) == 1 and "=" not in values[0]:
+    return {}
+  named = {}
+  for value in values:
+    name, sep, directory = value.partition("=")
+    if not sep or not name or not directory:
       raise UserError(
-        f"--adapter: {args.adapter!r} {state}; expected a PEFT adapter directory "
-        "(adapter_config.json + adapter_model.safetensors)."
+        f"--adapter: {value!r} is not valid; expected NAME=DIR when several adapters are given."
       )
-    if not os.access(adapter, os.R_OK | os.X_OK):
-      raise UserError(f"--adapter: {args.adapter!r} is not readable (permission denied).")
+    if name in named or name == "base":
+      why = "is reserved for the model without adapters" if name == "base" else "is given twice"
+      raise UserError(f"--adapter: {value!r} is not valid; the name {name!r} {why}.")
+    named[name] = directory
+  return named
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -232,12 +302,20 @@ def run(args: argparse.Namespace) -> None:
       f"--max_new_tokens: {args.max_new_tokens} is not valid; expected at most the model's "
       f"context length, {context}."
     )
-  apply_fn = None
-  if args.adapter:
+  apply_fn, prompts, names = None, args.prompt, None
+  if args.named:
+    try:  # stack_adapters raises ValueError only for adapters it can't stack
+      params = jlora.stack_adapters(args.named, params)
+    except ValueError as e:
+      raise UserError(f"--adapter: {e}") from e
+    uses = args.use.split(",") if args.use else list(args.named)
+    prompts = [prompt for prompt in args.prompt for _ in uses]
+    names = [name for _ in args.prompt for name in uses]
+  elif args.adapter:
     try:
-      params = jlora.load_adapter(args.adapter, params)
+      params = jlora.load_adapter(args.adapter[0], params)
     except ValueError as e:  # load_adapter raises ValueError only for an adapter it can't load
-      raise UserError(f"--adapter {args.adapter}: {e}") from e
+      raise UserError(f"--adapter {args.adapter[0]}: {e}") from e
     if args.merged:
       params = jlora.merge(params)
     else:
@@ -247,16 +325,19 @@ def run(args: argparse.Namespace) -> None:
     model,
     params,
     tokenizer,
-    args.prompt,
+    prompts,
     args.max_new_tokens,
     args.temperature,
     args.top_p,
     args.seed,
     apply_fn,
     args.system,
+    adapters=names,
   )
-  for prompt, reply in zip(args.prompt, replies):
-    if len(args.prompt) > 1:
+  for row, (prompt, reply) in enumerate(zip(prompts, replies)):
+    if names is not None:
+      print(f"### [{names[row]}] {prompt}")
+    elif len(prompts) > 1:
       print(f"### {prompt}")
     print(reply)
 
