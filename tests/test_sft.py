@@ -186,6 +186,25 @@ def test_qlora_run(files):
   assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
 
 
+def test_qlora_dora_run_saves_a_peft_dora_adapter(files):
+  out = files["root"] / "qlora_dora"
+  config = tiny.sft_config(
+    files["model"],
+    files["train"],
+    files["eval"],
+    out,
+    **{"quant.kind": "nf4", "quant.block_size": 16, "lora.use_dora": True},
+    **{"steps": 3, "save_every": 3},
+  )
+  with pytest.warns(UserWarning, match="vLLM does not serve DoRA"):
+    summary = sft.run(config, progress=False)
+  assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+  assert tiny.read_json(out / "adapter_config.json")["use_dora"] is True
+  assert any(
+    k.endswith("lora_magnitude_vector") for k in load_file(out / "adapter_model.safetensors")
+  )
+
+
 def test_non_finite_loss_stops_after_saving_the_last_good_state(files):
   # lr >= 1 is refused up front, so a NaN comes from the model: a final norm scale of inf.
   from safetensors.numpy import save_file
