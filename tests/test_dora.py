@@ -160,23 +160,23 @@ def test_dora_unmerge_recovers_the_base():
 
 
 def test_dora_norm_is_a_constant_of_the_backward():
-  """The gradient of the magnitude is (output of V/||V||) only: the norm gets no gradient."""
+  """Gradients of A, B and m equal those of m * V / c with c = ||V|| frozen as a number."""
   model, x, _, params = dora("mlp")
-  params = randomize(params, 1)
+  params = _perturb_magnitudes(randomize(params, 1), 2)
   run = jlora.wrap(model.apply)
   loss = lambda p: jnp.sum(run({"params": p}, x) * jnp.arange(8.0))
-  grads = jax.grad(loss)(params)
-  # Reference: the same loss with the norm frozen by hand into the magnitude ratio.
   node = params["down"]["kernel"]
-  norm = np.asarray(jlora.lora.weight_norm(node))
+  grads = jax.grad(loss)(params)["down"]["kernel"]
+  v = np.asarray(node.base, np.float64) + node.scale * np.asarray(node.a) @ np.asarray(node.b)
+  frozen_norm = jnp.asarray(np.linalg.norm(v, axis=0), jnp.float32)
 
-  def by_hand(m):
-    w = (node.base + node.delta()) * (m / norm)[None, :]
+  def by_hand(a, b, m):
+    w = (node.base + node.scale * a @ b) * (m / frozen_norm)[None, :]
     return loss({**params, "down": {**params["down"], "kernel": w}})
 
-  np.testing.assert_allclose(
-    grads["down"]["kernel"].magnitude, jax.grad(by_hand)(node.magnitude), rtol=1e-5, atol=1e-5
-  )
+  expected = jax.grad(by_hand, argnums=(0, 1, 2))(node.a, node.b, node.magnitude)
+  for got, want in zip((grads.a, grads.b, grads.magnitude), expected):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_qlora_dora_step_trains():
@@ -220,3 +220,27 @@ def test_dora_on_an_embedding_is_refused():
   _, _, base, layout = base_of("scanned")
   with pytest.raises(ValueError, match=r"use_dora=True selects the embedding 'embed'"):
     jlora.apply(base, jlora.LoraConfig(targets=("embed",), use_dora=True), jax.random.key(0))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_dora_backward_keeps_no_weight_sized_residual(quantized, capsys):
+  """Only activations, the rank-sized factors and the [out] norm are saved for the backward."""
+  import flax.linen as nn
+  from jax.ad_checkpoint import print_saved_residuals
+
+  class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(48, use_bias=False, name="dense")(x)
+
+  model, x = Layer(), jnp.ones((4, 64))
+  base = model.init(jax.random.key(0), x)["params"]
+  if quantized:
+    base = jlora.quantize(base, jlora.QuantConfig(block_size=16))
+  cfg = jlora.LoraConfig(rank=4, targets=["dense"], use_dora=True)
+  trainable, frozen = jlora.split(jlora.apply(base, cfg, jax.random.key(1)))
+  run = jlora.wrap(model.apply)
+  print_saved_residuals(lambda t: jnp.sum(run({"params": jlora.combine(t, frozen)}, x)), trainable)
+  saved = capsys.readouterr().out
+  assert "[48]" in saved and "weight_norm" in saved  # the norm itself is kept: 48 floats
+  assert "[64,48]" not in saved, saved
