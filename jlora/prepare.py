@@ -7,6 +7,7 @@ the benchmarks call this, so what they train is built the same way.
 from __future__ import annotations
 
 import jax
+from flax.linen import meta
 from jax.sharding import NamedSharding
 
 from jlora import sharding as shard_lib
@@ -46,4 +47,5 @@ def _named_specs(params):
   shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(params)]
   if not shardings or not all(isinstance(s, NamedSharding) for s in shardings):
     return None, None
-  return jax.tree.map(lambda x: x.sharding.spec, params), shardings[0].mesh
+  # Specs by the plain tree: apply/quantize return plain trees, boxed input or not.
+  return jax.tree.map(lambda x: x.sharding.spec, meta.unbox(params)), shardings[0].mesh

@@ -284,6 +284,14 @@ def test_readme_flow_needs_no_layout(hf_dir, tmp_path):
   qlora = jlora.apply(quantized, cfg, jax.random.key(0))
   assert np.isfinite(np.asarray(jlora.wrap(model.apply)({"params": qlora}, IDS))).all()
 
+  # The trainer's one call, on params placed on a mesh, also needs no layout.
+  from jlora.sharding import make_mesh
+
+  _, placed, _ = from_pretrained(hf_dir, mesh=make_mesh())
+  trainable, _ = jlora.prepare_for_training(placed, cfg, jax.random.key(0))
+  a = trainable["model"]["layers"]["self_attn"]["q_proj"]["kernel"].a
+  assert a.shape == (2, 64, 8) and isinstance(a.sharding, jax.sharding.NamedSharding)
+
   # A foreign tree (plain arrays, no metadata) still gets the error that asks for a layout.
   with pytest.raises(ValueError, match=r"Cannot tell which axes.*trace_layout"):
     jlora.apply(meta.unbox(params), cfg, jax.random.key(0))
