@@ -1,4 +1,8 @@
-"""Llama-family decoder (Llama 1-3, Mistral, Qwen2, SmolLM) in Flax linen.
+"""Llama-family decoder (Llama 1-3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM) in Flax linen.
+
+Qwen3 is Llama with per-head q/k RMSNorm before RoPE (`qk_norm`); Phi-3 is Llama with fused
+`qkv_proj` and `gate_up_proj` layers (`fused_projections`), kept fused as in its checkpoint so that
+adapters on them are PEFT's `qkv_proj` / `gate_up_proj` adapters.
 
 Design constraints that shape this file:
 
@@ -49,7 +53,29 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("head_dim", None),
 )
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# HF architecture class written into config.json, per model_type.
+HF_ARCHITECTURES = {
+  "llama": "LlamaForCausalLM",
+  "mistral": "MistralForCausalLM",
+  "qwen2": "Qwen2ForCausalLM",
+  "qwen3": "Qwen3ForCausalLM",
+  "phi3": "Phi3ForCausalLM",
+}
+# Config fields every family's HF config.json must carry (the rest have defaults).
+REQUIRED_HF_FIELDS = (
+  "vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+)
+# Activation functions by their HF `hidden_act` name.
+ACTIVATIONS = {
+  "silu": nn.silu,
+  "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+  "gelu": lambda x: nn.gelu(x, approximate=False),
+}
 REMAT_POLICIES = (
   "none",
   "full",
@@ -79,6 +105,11 @@ class LlamaConfig:
   mlp_bias: bool = False
   max_position_embeddings: int = 2048
   sliding_window: int | None = None  # Mistral: attend only to the last `sliding_window` positions
+  qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
+  fused_projections: bool = False  # Phi-3: one qkv_proj and one gate_up_proj Dense
+  partial_rotary_factor: float = 1.0  # Phi-3: RoPE on the first factor * head_dim dims only
+  hidden_act: str = "silu"
+  attention: str = "naive"  # the `implementation` of jlora.models.attention.attention
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32
   remat_policy: str = "none"
@@ -100,6 +131,10 @@ class LlamaConfig:
     rope_type = _rope_type(self.rope_scaling)
     if rope_type not in ROPE_TYPES:
       raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(
+        f"hidden_act: {self.hidden_act!r} is not supported; expected one of {list(ACTIVATIONS)}."
+      )
 
   def __hash__(self):
     # Modules holding this config get hashed (e.g. as static jit args); rope_scaling is a dict.
@@ -113,29 +148,19 @@ class LlamaConfig:
     Reads both the transformers 4.x layout (`rope_theta`, `rope_scaling`) and the 5.x one
     (`rope_parameters`). `overrides` (e.g. dtype, remat_policy) win over the file.
     """
-    d = dict(hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict())
-    model_type = d.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(
-        f"Unsupported model_type {model_type!r}; jlora's Llama supports {list(SUPPORTED_MODEL_TYPES)}"
-      )
+    d = hf_config_dict(hf_config, SUPPORTED_MODEL_TYPES, "jlora's Llama")
+    model_type = d["model_type"]
     sliding_window = d.get("sliding_window")
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
       if d.get("use_sliding_window"):
-        raise ValueError("Qwen2 with use_sliding_window=True (per-layer windows) is not supported")
-      sliding_window = None  # Qwen2 configs carry a window they do not use
-    required = (
-      "vocab_size",
-      "hidden_size",
-      "intermediate_size",
-      "num_hidden_layers",
-      "num_attention_heads",
-    )
-    missing = [k for k in required if k not in d]
-    if missing:
-      raise ValueError(f"HF config for model_type {model_type!r} lacks required fields {missing}")
+        raise ValueError(
+          f"use_sliding_window: True (per-layer windows) is not supported for {model_type}; "
+          "expected False."
+        )
+      sliding_window = None  # Qwen configs carry a window they do not use
     rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
     rope_theta = rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
+    partial_rotary = rope.pop("partial_rotary_factor", None) or d.get("partial_rotary_factor", 1.0)
     rope_scaling = rope if _rope_type(rope) != "default" else None
     kwargs = dict(
       vocab_size=d["vocab_size"],
@@ -154,6 +179,10 @@ class LlamaConfig:
       mlp_bias=bool(d.get("mlp_bias", False)),
       max_position_embeddings=d.get("max_position_embeddings", 2048),
       sliding_window=sliding_window,
+      qk_norm=model_type == "qwen3",
+      fused_projections=model_type == "phi3",
+      partial_rotary_factor=float(partial_rotary),
+      hidden_act=d.get("hidden_act", "silu"),
       model_type=model_type,
     )
     kwargs.update(overrides)
@@ -161,14 +190,11 @@ class LlamaConfig:
 
   def to_hf_dict(self) -> dict:
     """The HF `config.json` content for this config (used when caching converted checkpoints)."""
-    arch = {
-      "llama": "LlamaForCausalLM",
-      "mistral": "MistralForCausalLM",
-      "qwen2": "Qwen2ForCausalLM",
-    }
     rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+    if self.partial_rotary_factor != 1.0:
+      rope["partial_rotary_factor"] = self.partial_rotary_factor
     return {
-      "architectures": [arch[self.model_type]],
+      "architectures": [HF_ARCHITECTURES[self.model_type]],
       "model_type": self.model_type,
       "vocab_size": self.vocab_size,
       "hidden_size": self.hidden_size,
@@ -181,14 +207,42 @@ class LlamaConfig:
       "rope_theta": self.rope_theta,
       "rope_scaling": self.rope_scaling,
       "rope_parameters": rope,
+      "partial_rotary_factor": self.partial_rotary_factor,
       "tie_word_embeddings": self.tie_word_embeddings,
       "attention_bias": self.attention_bias,
       "mlp_bias": self.mlp_bias,
       "max_position_embeddings": self.max_position_embeddings,
       "sliding_window": self.sliding_window,
-      "hidden_act": "silu",
+      "hidden_act": self.hidden_act,
       "torch_dtype": "float32",
     }
+
+  def layer_stacks(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Flax path of each scanned layer stack -> the HF layer index of each entry (see names.py)."""
+    if not self.scan_layers:
+      return ()
+    return (("model/layers", tuple(range(self.num_hidden_layers))),)
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(self.head_dim * self.partial_rotary_factor)
+
+
+def hf_config_dict(hf_config: Any, model_types: tuple[str, ...], family: str) -> dict:
+  """The config as a dict, after checking its model_type and the fields every family needs."""
+  d = dict(hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict())
+  model_type = d.get("model_type")
+  if model_type not in model_types:
+    raise ValueError(
+      f"Unsupported model_type {model_type!r}; {family} supports {list(model_types)}."
+    )
+  missing = [k for k in REQUIRED_HF_FIELDS if k not in d]
+  if missing:
+    raise ValueError(
+      f"HF config for model_type {model_type!r} lacks required fields {missing}; "
+      "add them to config.json."
+    )
+  return d
 
 
 def _rope_type(rope_scaling: Mapping[str, Any] | None) -> str:
@@ -198,11 +252,10 @@ def _rope_type(rope_scaling: Mapping[str, Any] | None) -> str:
   return rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
 
 
-def rope_inv_freq(config: LlamaConfig) -> Array:
-  """Inverse frequencies [head_dim // 2], including HF's linear and llama3 scaling."""
-  dim = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-  scaling = config.rope_scaling or {}
+def rope_inv_freq(dim: int, theta: float, rope_scaling: Mapping[str, Any] | None) -> Array:
+  """Inverse frequencies [dim // 2], including HF's linear and llama3 scaling."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  scaling = rope_scaling or {}
   rope_type = _rope_type(scaling)
   if rope_type == "linear":
     return inv_freq / scaling["factor"]
@@ -225,10 +278,23 @@ def rotate_half(x: Array) -> Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
+def rope_cos_sin(positions: Array, inv_freq: Array, dtype: Any) -> tuple[Array, Array]:
+  """cos, sin [b, s, 2 * len(inv_freq)] for int positions [b, s] (HF's rotate_half layout)."""
+  freqs = positions[..., None].astype(jnp.float32) * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-  """x: [b, s, heads, head_dim]; cos/sin: [b, s, head_dim] (HF's rotate_half layout)."""
+  """x: [b, s, heads, head_dim]; cos/sin: [b, s, rotary_dim]. Dims past rotary_dim pass through
+  (Phi-3's partial rotary)."""
   cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-  return (x * cos + rotate_half(x) * sin).astype(x.dtype)
+  rot = cos.shape[-1]
+  x_rot, x_pass = x[..., :rot], x[..., rot:]
+  out = x_rot * cos + rotate_half(x_rot) * sin
+  if x_pass.shape[-1]:
+    out = jnp.concatenate([out, x_pass], axis=-1)
+  return out.astype(x.dtype)
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> dict:
@@ -240,14 +306,26 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None)
 
   Rows of different prompt lengths are left-padded with segment 0 (see train/generate.py).
   """
-  shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
-  dtype = dtype or config.dtype
   return {
-    "k": jnp.zeros(shape, dtype),
-    "v": jnp.zeros(shape, dtype),
+    **kv_buffers(config, (config.num_hidden_layers,), batch, max_len, dtype),
     "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
     "index": jnp.zeros((), jnp.int32),
   }
+
+
+def kv_buffers(config, lead: tuple[int, ...], batch: int, max_len: int, dtype: Any) -> dict:
+  """Zero k and v buffers [*lead, batch, max_len, kv_heads, head_dim] for one layer stack."""
+  shape = (*lead, batch, max_len, config.num_key_value_heads, config.head_dim)
+  dtype = dtype or config.dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def cache_inputs(cache: dict | None, segment_ids: Array) -> tuple[Any, Array]:
+  """(q_offset, kv_segments): where the new tokens go, and the segments of every key slot."""
+  if cache is None:
+    return 0, segment_ids
+  q_offset = cache["index"]
+  return q_offset, jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, q_offset))
 
 
 def _partitioned(init, names):
@@ -255,24 +333,29 @@ def _partitioned(init, names):
 
 
 class RMSNorm(nn.Module):
+  """RMSNorm over the last axis, normalised in fp32 (so bf16 runs stay finite and match HF).
+
+  offset=0 (Llama): `scale * norm(x)`, with the scale applied after casting back, as HF's Llama.
+  offset=1 (Gemma): `(1 + scale) * norm(x)` in fp32, then cast, as HF's Gemma; scale starts at 0.
+  """
+
   eps: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  offset: float = 0.0
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param(
-      "scale", _partitioned(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
-    )
-    # Normalize in fp32 and cast back before scaling, as HF does, so bf16 runs match.
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    scale = self.param("scale", _partitioned(init, ("norm",)), (x.shape[-1],), self.param_dtype)
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return (xf * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
     return scale.astype(self.dtype) * xf.astype(self.dtype)
 
 
-def _dense(
-  config: LlamaConfig, features: int, names: tuple[str, str], use_bias: bool, name: str
-) -> nn.Dense:
+def _dense(config, features: int, names: tuple[str, str], use_bias: bool, name: str) -> nn.Dense:
   return nn.Dense(
     features,
     use_bias=use_bias,
@@ -285,15 +368,50 @@ def _dense(
 
 
 class LlamaAttention(nn.Module):
-  config: LlamaConfig
+  """Self-attention with GQA, RoPE and the KV cache; the per-family switches are fields.
+
+  The config supplies the shapes plus `attention_bias`, `qk_norm`, `fused_projections`,
+  `rms_norm_eps` and `attention` (the implementation); the layer supplies its own window, score
+  soft-cap, score scale and norm offset, so Gemma's local and global layers reuse this module.
+  """
+
+  config: Any
+  sliding_window: int | None = None
+  softcap: float | None = None
+  scale: float | None = None  # None: 1 / sqrt(head_dim)
+  norm_offset: float = 0.0
 
   def setup(self):
     c = self.config
     q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    self.q_proj = _dense(c, q_out, ("embed", "q_heads"), c.attention_bias, "q_proj")
-    self.k_proj = _dense(c, kv_out, ("embed", "kv_heads"), c.attention_bias, "k_proj")
-    self.v_proj = _dense(c, kv_out, ("embed", "kv_heads"), c.attention_bias, "v_proj")
+    if c.fused_projections:
+      self.qkv_proj = _dense(
+        c, q_out + 2 * kv_out, ("embed", "q_heads"), c.attention_bias, "qkv_proj"
+      )
+    else:
+      self.q_proj = _dense(c, q_out, ("embed", "q_heads"), c.attention_bias, "q_proj")
+      self.k_proj = _dense(c, kv_out, ("embed", "kv_heads"), c.attention_bias, "k_proj")
+      self.v_proj = _dense(c, kv_out, ("embed", "kv_heads"), c.attention_bias, "v_proj")
     self.o_proj = _dense(c, c.hidden_size, ("q_heads", "embed"), False, "o_proj")
+    if c.qk_norm:
+      norm = lambda: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, self.norm_offset)
+      self.q_norm, self.k_norm = norm(), norm()
+
+  def project(self, x):
+    """q [b, s, heads, d], k and v [b, s, kv_heads, d], before RoPE."""
+    c = self.config
+    b, s, _ = x.shape
+    if c.fused_projections:
+      q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+      q, k, v = jnp.split(self.qkv_proj(x), [q_out, q_out + kv_out], axis=-1)
+    else:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    q = q.reshape(b, s, c.num_attention_heads, c.head_dim)
+    k = k.reshape(b, s, c.num_key_value_heads, c.head_dim)
+    v = v.reshape(b, s, c.num_key_value_heads, c.head_dim)
+    if c.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    return q, k, v
 
   def __call__(self, x, cos, sin, q_segments, kv_segments, q_offset, layer_cache):
     """x: [b, s, d]. Keys are the cache slots (if any) or the s new tokens.
@@ -303,9 +421,7 @@ class LlamaAttention(nn.Module):
     """
     c = self.config
     b, s, _ = x.shape
-    q = self.q_proj(x).reshape(b, s, c.num_attention_heads, c.head_dim)
-    k = self.k_proj(x).reshape(b, s, c.num_key_value_heads, c.head_dim)
-    v = self.v_proj(x).reshape(b, s, c.num_key_value_heads, c.head_dim)
+    q, k, v = self.project(x)
     q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "seq", "q_heads", "head_dim"))
     k = nn.with_logical_constraint(
       apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim")
@@ -329,23 +445,37 @@ class LlamaAttention(nn.Module):
       q_segments,
       kv_segments,
       q_offset=q_offset,
-      sliding_window=c.sliding_window,
+      sliding_window=self.sliding_window,
+      softcap=self.softcap,
+      scale=self.scale,
+      implementation=c.attention,
     )
     out = out.reshape(b, s, c.num_attention_heads * c.head_dim)
     return self.o_proj(out), new_cache
 
 
 class LlamaMLP(nn.Module):
-  config: LlamaConfig
+  """Gated MLP: down(act(gate(x)) * up(x)); Phi-3 keeps gate and up fused in `gate_up_proj`."""
+
+  config: Any
 
   def setup(self):
     c = self.config
-    self.gate_proj = _dense(c, c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "gate_proj")
-    self.up_proj = _dense(c, c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "up_proj")
+    if c.fused_projections:
+      self.gate_up_proj = _dense(
+        c, 2 * c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "gate_up_proj"
+      )
+    else:
+      self.gate_proj = _dense(c, c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "gate_proj")
+      self.up_proj = _dense(c, c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "up_proj")
     self.down_proj = _dense(c, c.hidden_size, ("mlp", "embed"), c.mlp_bias, "down_proj")
 
   def __call__(self, x):
-    h = nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    if self.config.fused_projections:
+      gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    h = ACTIVATIONS[self.config.hidden_act](gate) * up
     h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
     return self.down_proj(h)
 
@@ -357,7 +487,7 @@ class LlamaDecoderLayer(nn.Module):
 
   def setup(self):
     c = self.config
-    self.self_attn = LlamaAttention(c)
+    self.self_attn = LlamaAttention(c, sliding_window=c.sliding_window)
     self.mlp = LlamaMLP(c)
     self.input_layernorm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
     self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
@@ -371,7 +501,8 @@ class LlamaDecoderLayer(nn.Module):
     return nn.with_logical_constraint(h, ("batch", "seq", "embed")), new_cache
 
 
-def _remat(layer_cls, config: LlamaConfig):
+def remat(layer_cls, config):
+  """`layer_cls` under nn.remat with the config's policy (or unchanged for "none")."""
   if config.remat_policy == "none":
     return layer_cls
   policy = {
@@ -384,29 +515,41 @@ def _remat(layer_cls, config: LlamaConfig):
   return nn.remat(layer_cls, policy=policy, prevent_cse=not config.scan_layers)
 
 
+def scan_layers(layer_cls, length: int, n_broadcast: int):
+  """`nn.scan` of `layer_cls` over `length` steps with params stacked on a leading "layers" axis.
+
+  The layer is called as (carry, *n_broadcast shared args, per-step cache) -> (carry, cache).
+  """
+  return nn.scan(
+    layer_cls,
+    variable_axes={"params": 0},
+    split_rngs={"params": True, "dropout": True},
+    in_axes=(nn.broadcast,) * n_broadcast + (0,),
+    length=length,
+    metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+
+
+def embed(config) -> nn.Embed:
+  return nn.Embed(
+    config.vocab_size,
+    config.hidden_size,
+    dtype=config.dtype,
+    param_dtype=config.param_dtype,
+    embedding_init=_partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
+  )
+
+
 class LlamaModel(nn.Module):
   config: LlamaConfig
 
   def setup(self):
     c = self.config
-    self.embed_tokens = nn.Embed(
-      c.vocab_size,
-      c.hidden_size,
-      dtype=c.dtype,
-      param_dtype=c.param_dtype,
-      embedding_init=_partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
-    )
-    layer = _remat(LlamaDecoderLayer, c)
+    self.embed_tokens = embed(c)
+    layer = remat(LlamaDecoderLayer, c)
     if c.scan_layers:
-      self.layers = nn.scan(
-        layer,
-        variable_axes={"params": 0},
-        split_rngs={"params": True, "dropout": True},
-        # cos, sin, segments and offset are shared by every layer; the cache is per layer.
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
-        length=c.num_hidden_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-      )(c)
+      # cos, sin, segments and offset are shared by every layer; the cache is per layer.
+      self.layers = scan_layers(layer, c.num_hidden_layers, 5)(c)
     else:
       self.layers = [layer(c) for _ in range(c.num_hidden_layers)]
     self.norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
@@ -415,17 +558,10 @@ class LlamaModel(nn.Module):
     c = self.config
     h = self.embed_tokens(input_ids)
     h = nn.with_logical_constraint(h, ("batch", "seq", "embed"))
-
-    freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(c)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    cos, sin = jnp.cos(emb).astype(c.dtype), jnp.sin(emb).astype(c.dtype)
-
-    if cache is None:
-      q_offset, kv_segments, layer_caches = 0, segment_ids, None
-    else:
-      q_offset = cache["index"]
-      kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, q_offset))
-      layer_caches = {"k": cache["k"], "v": cache["v"]}
+    inv_freq = rope_inv_freq(c.rotary_dim, c.rope_theta, c.rope_scaling)
+    cos, sin = rope_cos_sin(positions, inv_freq, c.dtype)
+    q_offset, kv_segments = cache_inputs(cache, segment_ids)
+    layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
 
     args = (cos, sin, segment_ids, kv_segments, q_offset)
     if c.scan_layers:
@@ -451,13 +587,18 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-  """Causal LM. See the module docstring for init/unbox/apply."""
+  """Causal LM (implements `jlora.models.protocol.CausalLM`). See the module docstring.
+
+  Other families subclass it with another `trunk` (the `model` submodule) and, where they cap
+  logits, another `logits`; the call protocol below is written once here.
+  """
 
   config: LlamaConfig
+  trunk = LlamaModel  # a class attribute, not a dataclass field
 
   def setup(self):
     c = self.config
-    self.model = LlamaModel(c)
+    self.model = self.trunk(c)
     if not c.tie_word_embeddings:
       self.lm_head = _dense(c, c.vocab_size, ("embed", "vocab"), False, "lm_head")
 
@@ -506,3 +647,8 @@ class LlamaForCausalLM(nn.Module):
     else:
       out = self.lm_head(hidden)
     return nn.with_logical_constraint(out, ("batch", "seq", "vocab"))
+
+  @nn.nowrap
+  def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> dict:
+    """An empty KV cache for `apply(..., cache=...)` (see the module-level `init_cache`)."""
+    return init_cache(self.config, batch, max_len, dtype)

@@ -1,4 +1,4 @@
-"""Load Llama-family checkpoints into `LlamaForCausalLM` params.
+"""Load checkpoints of any registered family (`jlora.models.registry`) into its linen params.
 
 Accepted sources (see `from_pretrained`):
   * an HF checkpoint dir: config.json + model.safetensors or a sharded model.safetensors.index.json
@@ -34,8 +34,8 @@ import numpy as np
 
 from jlora import sharding as shard_lib
 from jlora.errors import UserError, read_json
+from jlora.models import registry
 from jlora.models.gguf_tokenizer import gguf_tokenizer, open_gguf
-from jlora.models.llama import DEFAULT_RULES, LlamaConfig, LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +91,10 @@ def from_pretrained(
   dtype / param_dtype: compute and storage dtypes. shardings: optional pytree of
   `jax.sharding.Sharding` matching params (boxed or plain); each param is placed directly with
   `jax.device_put`.
-  mesh: instead of shardings, place each param on this mesh by the model's logical axes
-  (`DEFAULT_RULES`).
+  mesh: instead of shardings, place each param on this mesh by the model's logical axes (the
+  family's rules in the registry, `DEFAULT_RULES` for every family today).
   cache_dir: where converted GGUF checkpoints live (default ~/.cache/jlora).
-  config_overrides: extra `LlamaConfig` fields, e.g. remat_policy="full".
+  config_overrides: extra model config fields, e.g. remat_policy="full".
 
   params come boxed exactly as `model.init` boxes them: each array in a Flax
   `nn.LogicallyPartitioned` carrying its logical axis names, with the scanned layer axis named
@@ -193,15 +193,16 @@ def load_hf_dir(
       "model.safetensors or model.safetensors.index.json"
     )
   hf_config = read_json(config_file)
-  config = LlamaConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **config_overrides)
-  model = LlamaForCausalLM(config)
+  model = registry.model_from_hf(
+    hf_config, dtype=dtype, param_dtype=param_dtype, **config_overrides
+  )
   if mesh is not None and shardings is None:
     shardings = mesh_shardings(model, mesh)
   params = load_params(directory, model, shardings=nn.meta.unbox(shardings))
   return model, with_axis_metadata(model, params), load_tokenizer(directory)
 
 
-def with_axis_metadata(model: LlamaForCausalLM, params):
+def with_axis_metadata(model, params):
   """Plain `params` boxed as `model.init` boxes them (logical axis names, scan axis "layers")."""
   boxes = jax.eval_shape(
     lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
@@ -210,8 +211,11 @@ def with_axis_metadata(model: LlamaForCausalLM, params):
   return jax.tree.map(lambda box, value: box.replace_boxed(value), boxes, params, is_leaf=is_box)
 
 
-def mesh_shardings(model: LlamaForCausalLM, mesh, rules=DEFAULT_RULES):
-  """NamedShardings for the model's params on `mesh`, from the logical axes the model names."""
+def mesh_shardings(model, mesh, rules=None):
+  """NamedShardings for the model's params on `mesh`, from the logical axes the model names.
+
+  rules: logical axis -> mesh axis; default: the model family's rules from the registry."""
+  rules = rules or registry.family_for_config(model.config).rules
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
   return shard_lib.named(mesh, shard_lib.logical_specs(abstract["params"], rules))
 
@@ -244,27 +248,12 @@ def _safetensors_files(directory: Path) -> dict[str, Path]:
   )
 
 
-def hf_tensor_names(flax_path: tuple[str, ...], config: LlamaConfig) -> tuple[list[str], bool]:
-  """HF tensor names for one flax param (one per layer for the scanned stack), and whether to transpose.
-
-  Flax names mirror HF, so this is a rename of the leaf plus the layer index.
-  """
-  *modules, leaf = flax_path
-  hf_leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}[leaf]
-  transpose = leaf == "kernel"  # torch Linear is [out, in]; a flax kernel is [in, out]
-  if config.scan_layers and modules[:2] == ["model", "layers"]:
-    rest = ".".join(modules[2:] + [hf_leaf])
-    return [f"model.layers.{i}.{rest}" for i in range(config.num_hidden_layers)], transpose
-  if len(modules) > 1 and modules[1].startswith("layers_"):
-    modules = [modules[0], "layers", modules[1].removeprefix("layers_"), *modules[2:]]
-  return [".".join(modules + [hf_leaf])], transpose
-
-
-def load_params(directory: Path, model: LlamaForCausalLM, *, shardings=None) -> dict:
+def load_params(directory: Path, model, *, shardings=None) -> dict:
   """Stream tensors from safetensors into the model's param tree, one flax param at a time."""
   from safetensors import safe_open
 
   config = model.config
+  hf_names = registry.hf_names(config)
   abstract = jax.eval_shape(
     lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
   )
@@ -294,10 +283,8 @@ def load_params(directory: Path, model: LlamaForCausalLM, *, shardings=None) -> 
       return tensor
 
     for (path, leaf), sharding in zip(leaves, sharding_leaves):
-      keys = tuple(k.key for k in path)
-      flax_name = "/".join(keys)
-      names, transpose = hf_tensor_names(keys, config)
-      stacked = config.scan_layers and keys[:2] == ("model", "layers")  # even with one layer
+      flax_name = "/".join(k.key for k in path)
+      names, transpose, stacked = hf_names.tensor_names(flax_name, leaf.shape)
       per_tensor_shape = leaf.shape[1:] if stacked else leaf.shape
       hf_shape = tuple(reversed(per_tensor_shape)) if transpose else tuple(per_tensor_shape)
       arrays = [read(n, hf_shape, flax_name) for n in names]
@@ -318,27 +305,6 @@ def load_params(directory: Path, model: LlamaForCausalLM, *, shardings=None) -> 
 
 # --------------------------------------------------------------------------------------------------
 # GGUF
-
-
-# llama.cpp tensor name (after "blk.N.") -> HF module path inside "model.layers.N."
-_GGUF_LAYER_TENSORS = {
-  "attn_norm": "input_layernorm",
-  "ffn_norm": "post_attention_layernorm",
-  "attn_q": "self_attn.q_proj",
-  "attn_k": "self_attn.k_proj",
-  "attn_v": "self_attn.v_proj",
-  "attn_output": "self_attn.o_proj",
-  "ffn_gate": "mlp.gate_proj",
-  "ffn_up": "mlp.up_proj",
-  "ffn_down": "mlp.down_proj",
-}
-_GGUF_GLOBAL_TENSORS = {
-  "token_embd": "model.embed_tokens",
-  "output_norm": "model.norm",
-  "output": "lm_head",
-}
-# GGUF architecture -> (HF model_type, whether llama.cpp permuted Q/K rows for its rope layout)
-_GGUF_ARCHS = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
 
 
 def gguf_cache_path(gguf_path: Path, cache_dir=None) -> Path:
@@ -380,7 +346,10 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-  """Write config.json, fp32 safetensors (HF names and layout) and tokenizer files into out_dir."""
+  """Write config.json, fp32 safetensors (HF names and layout) and tokenizer files into out_dir.
+
+  The architecture's `registry.GGUFMapping` gives the tensor names, whether llama.cpp permuted
+  Q/K, and the offset it folded into norm weights (Gemma stores `1 + w`)."""
   from gguf.quants import dequantize
 
   reader = open_gguf(gguf_path)
@@ -394,20 +363,52 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     return f.contents()
 
   arch = field("general.architecture")
-  if arch not in _GGUF_ARCHS:
-    raise UserError(
-      f"Unsupported GGUF architecture {arch!r} in {gguf_path}; supported: {sorted(_GGUF_ARCHS)}"
-    )
-  model_type, permuted = _GGUF_ARCHS[arch]
+  try:
+    _, mapping = registry.gguf_architecture(arch)
+  except ValueError as e:
+    raise UserError(f"{gguf_path}: {e}") from None
   tensors = {t.name: t for t in reader.tensors}
   if "rope_freqs.weight" in tensors:
     raise UserError(
       f"{gguf_path} stores llama3 rope scaling as rope_freqs.weight, which the GGUF loader does not "
       "support; load the HF checkpoint instead"
     )
+  config = registry.config_from_hf(gguf_hf_config(field, tensors, arch, mapping))
 
+  shards = _ShardWriter(out_dir, GGUF_SHARD_BYTES)
+  for name, t in tensors.items():
+    hf = gguf_to_hf_name(name, mapping)
+    if hf is None:
+      raise UserError(f"Unexpected GGUF tensor {name!r} in {gguf_path}")
+    # dequantize returns numpy in [out, in] order (torch Linear layout) for every ggml type.
+    w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    stem = name.rsplit(".", 1)[0]
+    if mapping.permute_qk and stem.endswith((".attn_q", ".attn_k")):
+      w = _unpermute(
+        w, config.num_attention_heads if stem.endswith(".attn_q") else config.num_key_value_heads
+      )
+    if mapping.norm_offset and name.endswith("norm.weight"):
+      w = w - np.float32(mapping.norm_offset)
+    shards.add(hf, w)
+  shards.close()
+  (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+  gguf_tokenizer(gguf_path, reader).save_pretrained(str(out_dir))
+
+
+def gguf_to_hf_name(name: str, mapping: registry.GGUFMapping) -> str | None:
+  """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if unknown."""
+  stem, kind = name.rsplit(".", 1)
+  if stem.startswith("blk."):
+    _, layer, short = stem.split(".", 2)
+    module = mapping.layer.get(short)
+    return None if module is None else f"model.layers.{layer}.{module}.{kind}"
+  module = mapping.globals.get(stem)
+  return None if module is None else f"{module}.{kind}"
+
+
+def gguf_hf_config(field, tensors: dict, arch: str, mapping: registry.GGUFMapping) -> dict:
+  """The HF config.json dict that a GGUF's metadata describes."""
   n_heads = int(field(f"{arch}.attention.head_count"))
-  n_kv = int(field(f"{arch}.attention.head_count_kv", n_heads))
   hidden = int(field(f"{arch}.embedding_length"))
   rope_scaling = None
   scaling_type = field(f"{arch}.rope.scaling.type", "none")
@@ -417,44 +418,26 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     raise UserError(
       f"GGUF rope scaling type {scaling_type!r} is not supported; supported: none, linear"
     )
-  config = LlamaConfig(
-    vocab_size=int(tensors["token_embd.weight"].shape[1]),  # ggml shapes are [in, out]
-    hidden_size=hidden,
-    intermediate_size=int(field(f"{arch}.feed_forward_length")),
-    num_hidden_layers=int(field(f"{arch}.block_count")),
-    num_attention_heads=n_heads,
-    num_key_value_heads=n_kv,
-    head_dim=int(field(f"{arch}.attention.key_length", hidden // n_heads)),
+  d = {
+    "model_type": mapping.model_type,
+    "vocab_size": int(tensors["token_embd.weight"].shape[1]),  # ggml shapes are [in, out]
+    "hidden_size": hidden,
+    "intermediate_size": int(field(f"{arch}.feed_forward_length")),
+    "num_hidden_layers": int(field(f"{arch}.block_count")),
+    "num_attention_heads": n_heads,
+    "num_key_value_heads": int(field(f"{arch}.attention.head_count_kv", n_heads)),
+    "head_dim": int(field(f"{arch}.attention.key_length", hidden // n_heads)),
     # GGUF stores eps as float32; round so 1e-5 reads back as 1e-5 rather than 9.9999997e-06.
-    rms_norm_eps=float(f"{field(f'{arch}.attention.layer_norm_rms_epsilon', 1e-6):.7g}"),
-    rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
-    rope_scaling=rope_scaling,
-    tie_word_embeddings="output.weight" not in tensors,
-    attention_bias="blk.0.attn_q.bias" in tensors,
-    max_position_embeddings=int(field(f"{arch}.context_length", 2048)),
-    model_type=model_type,
-  )
-
-  shards = _ShardWriter(out_dir, GGUF_SHARD_BYTES)
-  for name, t in tensors.items():
-    stem, kind = name.rsplit(".", 1)
-    if stem.startswith("blk."):
-      _, layer, short = stem.split(".", 2)
-      if short not in _GGUF_LAYER_TENSORS:
-        raise UserError(f"Unexpected GGUF tensor {name!r} in {gguf_path}")
-      hf = f"model.layers.{layer}.{_GGUF_LAYER_TENSORS[short]}.{kind}"
-    elif stem in _GGUF_GLOBAL_TENSORS:
-      hf = f"{_GGUF_GLOBAL_TENSORS[stem]}.{kind}"
-    else:
-      raise UserError(f"Unexpected GGUF tensor {name!r} in {gguf_path}")
-    # dequantize returns numpy in [out, in] order (torch Linear layout) for every ggml type.
-    w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-    if permuted and stem.endswith((".attn_q", ".attn_k")):
-      w = _unpermute(w, n_heads if stem.endswith(".attn_q") else n_kv)
-    shards.add(hf, w)
-  shards.close()
-  (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-  gguf_tokenizer(gguf_path, reader).save_pretrained(str(out_dir))
+    "rms_norm_eps": float(f"{field(f'{arch}.attention.layer_norm_rms_epsilon', 1e-6):.7g}"),
+    "rope_theta": float(field(f"{arch}.rope.freq_base", 10000.0)),
+    "rope_scaling": rope_scaling,
+    "tie_word_embeddings": "output.weight" not in tensors,
+    "attention_bias": "blk.0.attn_q.bias" in tensors,
+    "max_position_embeddings": int(field(f"{arch}.context_length", 2048)),
+  }
+  if mapping.extra_config is not None:
+    d.update(mapping.extra_config(field, arch))
+  return d
 
 
 class _ShardWriter:

@@ -1,0 +1,167 @@
+"""The model families jlora can load, train and export, keyed by HF `model_type` and GGUF arch.
+
+One `Family` entry holds everything the rest of jlora needs to know about a family:
+its config class (`protocol.ModelConfig`), its linen module (`protocol.CausalLM`), its HF
+tensor-name mapping (`names.HFNames` for a config), its default logical-axis rules, and its GGUF
+tensor mapping. Loading, the trainer, generation, PEFT IO and the exports look families up here
+only. Adding a family is one module plus one entry in `FAMILIES` (see the README, "Models").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from jlora.models.gemma import GemmaConfig, GemmaForCausalLM
+from jlora.models.llama import DEFAULT_RULES, LlamaConfig, LlamaForCausalLM
+from jlora.models.names import HFNames
+
+# llama.cpp tensor name (after "blk.N.") -> HF module path inside "model.layers.N.", per layout.
+GGUF_LLAMA_LAYER = {
+  "attn_norm": "input_layernorm",
+  "ffn_norm": "post_attention_layernorm",
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
+}
+GGUF_QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+GGUF_GEMMA_LAYER = {
+  **{k: v for k, v in GGUF_LLAMA_LAYER.items() if k != "ffn_norm"},
+  "post_attention_norm": "post_attention_layernorm",
+  "ffn_norm": "pre_feedforward_layernorm",
+  "post_ffw_norm": "post_feedforward_layernorm",
+}
+GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFMapping:
+  """How a llama.cpp GGUF of one architecture maps onto HF names.
+
+  layer / globals: GGUF tensor stem -> HF module (see GGUF_LLAMA_LAYER). permute_qk: llama.cpp
+  interleaved Q/K rows for its rope layout (Llama). norm_offset: llama.cpp stores Gemma's norm
+  weights as `1 + w`, so the loader subtracts it (and an exporter adds it). config: the GGUF
+  metadata read into an HF config dict, given `field(key, default)` and the tensor names/shapes.
+  """
+
+  model_type: str
+  layer: Mapping[str, str]
+  globals: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(GGUF_GLOBAL))
+  permute_qk: bool = False
+  norm_offset: float = 0.0
+  extra_config: Callable[[Callable, str], dict] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  name: str
+  model_types: tuple[str, ...]
+  config_cls: type
+  module_cls: type
+  rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+  gguf: Mapping[str, GGUFMapping] = dataclasses.field(default_factory=dict)
+
+  def hf_names(self, config) -> HFNames:
+    return HFNames.for_config(config)
+
+
+def _gemma_gguf_config(field: Callable, arch: str) -> dict:
+  """Gemma fields llama.cpp stores (soft-caps, window) or fixes in code (score scale = head_dim)."""
+  extra = {
+    "sliding_window": int(field(f"{arch}.attention.sliding_window", 4096)),
+    "query_pre_attn_scalar": float(field(f"{arch}.attention.key_length")),
+  }
+  if arch == "gemma2":
+    extra["attn_logit_softcapping"] = float(field("gemma2.attn_logit_softcapping", 50.0))
+    extra["final_logit_softcapping"] = float(field("gemma2.final_logit_softcapping", 30.0))
+  else:
+    extra["rope_local_base_freq"] = 10000.0  # llama.cpp hard-codes Gemma 3's local rope base
+  return extra
+
+
+FAMILIES: tuple[Family, ...] = (
+  Family(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3", "phi3"),
+    config_cls=LlamaConfig,
+    module_cls=LlamaForCausalLM,
+    gguf={
+      "llama": GGUFMapping("llama", GGUF_LLAMA_LAYER, permute_qk=True),
+      "qwen2": GGUFMapping("qwen2", GGUF_LLAMA_LAYER),
+      "qwen3": GGUFMapping("qwen3", {**GGUF_LLAMA_LAYER, **GGUF_QK_NORM}),
+    },
+  ),
+  Family(
+    name="gemma",
+    model_types=("gemma2", "gemma3_text"),
+    config_cls=GemmaConfig,
+    module_cls=GemmaForCausalLM,
+    gguf={
+      "gemma2": GGUFMapping(
+        "gemma2", GGUF_GEMMA_LAYER, norm_offset=1.0, extra_config=_gemma_gguf_config
+      ),
+      "gemma3": GGUFMapping(
+        "gemma3_text",
+        {**GGUF_GEMMA_LAYER, **GGUF_QK_NORM},
+        norm_offset=1.0,
+        extra_config=_gemma_gguf_config,
+      ),
+    },
+  ),
+)
+
+MODEL_TYPES: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
+GGUF_ARCHITECTURES: dict[str, tuple[Family, GGUFMapping]] = {
+  arch: (f, m) for f in FAMILIES for arch, m in f.gguf.items()
+}
+
+
+def family_for_model_type(model_type: str | None) -> Family:
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"Unsupported model_type {model_type!r}; jlora supports {list(MODEL_TYPES)}.")
+  return MODEL_TYPES[model_type]
+
+
+def family_for_config(config) -> Family:
+  """The family of a jlora model config, an HF config dict or a transformers PretrainedConfig."""
+  for family in FAMILIES:
+    if isinstance(config, family.config_cls):
+      return family
+  model_type = config.get("model_type") if isinstance(config, Mapping) else None
+  model_type = model_type or getattr(config, "model_type", None)
+  return family_for_model_type(model_type)
+
+
+def config_from_hf(hf_config: Any, **overrides):
+  """The jlora config of an HF config (dict or PretrainedConfig), through its family."""
+  d = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+  family = family_for_model_type(d.get("model_type"))
+  return family.config_cls.from_hf(d, **overrides)
+
+
+def model_from_hf(hf_config: Any, **overrides):
+  """The linen module (a `protocol.CausalLM`) for an HF config; overrides set config fields."""
+  config = config_from_hf(hf_config, **overrides)
+  return family_for_config(config).module_cls(config)
+
+
+def hf_names(config) -> HFNames:
+  """The HF name mapping for a jlora config or HF config dict; None gives the default layout."""
+  if config is None:
+    return HFNames()
+  if isinstance(config, Mapping) or not hasattr(config, "layer_stacks"):
+    config = config_from_hf(config)
+  return family_for_config(config).hf_names(config)
+
+
+def gguf_architecture(arch: str) -> tuple[Family, GGUFMapping]:
+  if arch not in GGUF_ARCHITECTURES:
+    raise ValueError(
+      f"Unsupported GGUF architecture {arch!r}; supported: {sorted(GGUF_ARCHITECTURES)}."
+    )
+  return GGUF_ARCHITECTURES[arch]
