@@ -98,13 +98,13 @@ def _base_leaves(base_params) -> dict[str, Any]:
   return found
 
 
-def _read(name: str, adapter, base_params, layout) -> dict[str, LoraWeight]:
+def _read(name: str, adapter, base_params, layout, model_config=None) -> dict[str, LoraWeight]:
   """One adapter's nodes by weight path, checked against the base."""
   if isinstance(adapter, (str, os.PathLike)):
     from jlora.peft import load_adapter  # PEFT IO is only needed for adapters given as dirs
 
     try:
-      adapter = load_adapter(adapter, base_params, layout=layout)
+      adapter = load_adapter(adapter, base_params, layout=layout, model_config=model_config)
     except (ValueError, FileNotFoundError) as e:
       raise ValueError(f"stack_adapters: adapter {name!r}: {e}") from e
   nodes = _nodes(meta.unbox(adapter))
@@ -172,12 +172,16 @@ def _stack_one(path, base, per_adapter: Sequence[LoraWeight | None], names) -> S
 
 
 def stack_adapters(
-  adapters: Mapping[str, Any], base_params, *, layout: config_lib.Layout | None = None
+  adapters: Mapping[str, Any],
+  base_params,
+  *,
+  layout: config_lib.Layout | None = None,
+  model_config=None,
 ):
   """params whose adapted weights hold every adapter of `adapters` ({name: params or PEFT dir}).
 
   Adapters given as params must have been built on `base_params` (same shapes); dirs are
-  read with jlora.load_adapter onto it (`layout` as there). A quantized base works as is.
+  read with jlora.load_adapter onto it (`layout` and `model_config` as there). A quantized base works as is.
   Run the result with jlora.wrap(model.apply)(..., adapter_ids=jlora.adapter_ids(...)).
   """
   if not adapters:
@@ -192,7 +196,7 @@ def stack_adapters(
   base = _base_leaves(base_params)
   read = {}
   for name in names:
-    read[name] = _read(name, adapters[name], base_params, layout)
+    read[name] = _read(name, adapters[name], base_params, layout, model_config)
     _check_base(name, read[name], base)
   paths = sorted(set().union(*(nodes.keys() for nodes in read.values())))
   stacked = {p: _stack_one(p, base[p], [read[n].get(p) for n in names], names) for p in paths}

@@ -1,15 +1,17 @@
 """Adapters in Hugging Face PEFT's on-disk format, and merged HF checkpoints.
 
-  save_adapter(dir, params, lora_cfg)    -> adapter_config.json + adapter_model.safetensors
-  load_adapter(dir, base_params)         -> params with LoraWeight nodes read from a PEFT adapter
-  export_merged(dir, params, model_cfg)  -> config.json + model.safetensors (+ tokenizer)
+  save_adapter(dir, params, lora_cfg, model_config=...)  -> adapter_config.json + adapter_model.safetensors
+  load_adapter(dir, base_params, model_config=...)       -> params with nodes read from a PEFT adapter
+  export_merged(dir, params, model_cfg)                  -> config.json + model.safetensors (+ tokenizer)
 
 Names. jlora's param trees mirror HF module names with '/' for '.', so the HF module
-of a flax module path is a rename:
+of a flax module path is a rename; the model family's `names.HFNames` (from the registry)
+says which HF layer each entry of a scanned stack is:
 
-  model/layers/self_attn/q_proj   (scanned, leading layer axis L) -> model.layers.{i}.self_attn.q_proj
-  model/layers_3/self_attn/q_proj (unrolled)                       -> model.layers.3.self_attn.q_proj
-  model/embed_tokens, lm_head                                      -> model.embed_tokens, lm_head
+  model/layers/self_attn/q_proj   (Llama, scanned, leading axis L) -> model.layers.{i}.self_attn.q_proj
+  model/layers/layers_1/self_attn/q_proj  (Gemma 2, stacked groups) -> model.layers.{2g+1}.self_attn.q_proj
+  model/layers_3/self_attn/q_proj (unrolled)                        -> model.layers.3.self_attn.q_proj
+  model/embed_tokens, lm_head                                       -> model.embed_tokens, lm_head
 
 Layout. A flax kernel is [in, out] and a = [in, r], b = [r, out]; torch's Linear is
 [out, in], so PEFT's lora_A.weight = a.T [r, in] and lora_B.weight = b.T [out, r].
@@ -46,6 +48,8 @@ from jlora import config as config_lib
 from jlora.config import EMBEDDING, IN, KERNEL, OUT, LoraConfig
 from jlora.errors import UserError, read_json
 from jlora.lora import DoraWeight, LoraWeight, is_lora, merge, weight_norm
+from jlora.models import registry
+from jlora.models.names import LEAF_NAMES, HFNames
 from jlora.multi import is_stacked
 from jlora.quant import dequantize
 
@@ -64,21 +68,6 @@ PEFT_TENSOR_NAMES = {
 
 
 # --------------------------------------------------------------------------- names
-
-
-def hf_module_names(path: str, n_lead: int, n_layers: int = 0) -> list[str]:
-  """HF module names of the flax module at `path`: one, or one per layer of a scanned stack."""
-  parts = path.split("/")
-  if n_lead == 0:
-    return [".".join(re.sub(r"^layers_(\d+)$", r"layers.\1", p) for p in parts)]
-  if n_lead == 1 and "layers" in parts[:-1]:
-    i = parts.index("layers")
-    prefix, rest = ".".join(parts[: i + 1]), ".".join(parts[i + 1 :])
-    return [f"{prefix}.{layer}.{rest}" for layer in range(n_layers)]
-  raise ValueError(
-    f"{path!r} has {n_lead} stacked axes; only a single scanned 'layers' axis maps onto HF "
-    "per-layer modules (model.layers.{i}...)."
-  )
 
 
 def _short_name(hf_name: str) -> str:
@@ -227,8 +216,9 @@ class HFModule:
   scale: float
 
 
-def hf_modules(params) -> list[HFModule]:
-  """The HF modules of every adapter in `params`, in path order."""
+def hf_modules(params, names: HFNames | None = None) -> list[HFModule]:
+  """The HF modules of every adapter in `params`, in path order (names: the family's mapping)."""
+  names = names or HFNames()
   modules = []
   for full, node in sorted(_adapted_modules(params).items()):
     path, _, leaf_name = full.rpartition("/")
@@ -244,7 +234,7 @@ def hf_modules(params) -> list[HFModule]:
       )
     n_lead = node.a.ndim - 2
     n_layers = node.a.shape[0] if n_lead else 0
-    for layer, hf_name in enumerate(hf_module_names(path, n_lead, n_layers)):
+    for layer, hf_name in enumerate(names.module_names(path, n_lead, n_layers)):
       modules.append(
         HFModule(
           path=full,
@@ -323,10 +313,13 @@ def _target_modules(params, entries) -> list[str]:
 
 
 def peft_config_from_lora(
-  cfg: LoraConfig, params, base_model_name_or_path: str | None = None
+  cfg: LoraConfig, params, base_model_name_or_path: str | None = None, *, model_config=None
 ) -> dict:
-  """The adapter_config.json content for the adapters in `params` (trained with `cfg`)."""
-  entries = hf_modules(params)
+  """The adapter_config.json content for the adapters in `params` (trained with `cfg`).
+
+  model_config: the jlora model config (or HF config dict) naming the HF layer of each scanned
+  stack entry; None is Llama's layout (a `layers` stack holds HF layers 0..n-1)."""
+  entries = hf_modules(params, registry.hf_names(model_config))
   rank_pattern, alpha_pattern = _patterns(entries, cfg, bool(cfg.use_rslora))
   return {
     "peft_type": "LORA",
@@ -408,9 +401,17 @@ def _warn_for_vllm(entries: list[HFModule], dora: bool) -> None:
 
 
 def save_adapter(
-  directory, params, lora_cfg: LoraConfig, base_model_name_or_path: str | None = None
+  directory,
+  params,
+  lora_cfg: LoraConfig,
+  base_model_name_or_path: str | None = None,
+  *,
+  model_config=None,
 ) -> Path:
   """Writes the adapters in `params` as a PEFT LoRA adapter (loadable by PEFT, transformers and vLLM).
+
+  model_config: the model's config (`model.config`), which names the HF layer of every scanned
+  stack entry through the registry; it may be omitted for Llama-family models.
 
   Every trainable child is written (a/b unscaled, PEFT recomputes the scale from
   r/lora_alpha and the patterns; DoRA's magnitude as lora_magnitude_vector). Scanned
@@ -423,9 +424,11 @@ def save_adapter(
       "modified, so PEFT would apply it to the wrong weights. Use export_merged instead."
     )
   params = meta.unbox(params)
-  entries = hf_modules(params)
+  entries = hf_modules(params, registry.hf_names(model_config))
   _check_tied_embedding(params, entries)
-  peft_cfg = peft_config_from_lora(lora_cfg, params, base_model_name_or_path)
+  peft_cfg = peft_config_from_lora(
+    lora_cfg, params, base_model_name_or_path, model_config=model_config
+  )
   tensors = _peft_tensors(entries)
   _warn_for_vllm(entries, peft_cfg["use_dora"])
   directory = Path(directory)
@@ -489,8 +492,11 @@ def check_peft_config(cfg: Mapping[str, Any]) -> None:
     )
 
 
-def _base_modules(base_params, layout) -> dict[str, tuple[str, str, int | None, Any]]:
+def _base_modules(
+  base_params, layout, hf_names: HFNames | None = None
+) -> dict[str, tuple[str, str, int | None, Any]]:
   """HF module name -> (flax module path, leaf name, layer index or None, n_lead) for every adaptable weight."""
+  hf_names = hf_names or HFNames()
   out = {}
   for path, (leaf_name, leaf) in config_lib.candidate_leaves(base_params).items():
     names = leaf.names if isinstance(leaf, meta.Partitioned) else None
@@ -500,13 +506,13 @@ def _base_modules(base_params, layout) -> dict[str, tuple[str, str, int | None, 
     except ValueError:
       # A 3-D weight in a 'layers' stack: PEFT files name each layer's 2-D weight, so the stacked
       # axis is the layer index in the file's keys; shapes are checked against the file below.
-      if len(shape) == 3 and "layers" in path.split("/")[:-1]:
+      if len(shape) == 3 and hf_names.stack_of(path) is not None:
         n_lead, roles = 1, (IN, OUT)
       else:
         continue
     if tuple(roles) != (IN, OUT) or n_lead > 1:
       continue
-    for layer, hf in enumerate(hf_module_names(path, n_lead, shape[0] if n_lead else 0)):
+    for layer, hf in enumerate(hf_names.module_names(path, n_lead, shape[0] if n_lead else 0)):
       out[hf] = (path, leaf_name, layer if n_lead else None, n_lead)
   return out
 
@@ -761,6 +767,7 @@ def load_adapter(
   layout: config_lib.Layout | None = None,
   dtype=jnp.float32,
   return_config: bool = False,
+  model_config=None,
 ):
   """Reads a PEFT LoRA (or DoRA) adapter onto `base_params`: adapted weights become nodes.
 
@@ -770,10 +777,10 @@ def load_adapter(
   smaller rank are zero-padded to the stack's largest, and a layer whose scale differs
   from the stack's has the ratio folded into its B (each layer's W_eff stays exact).
   With return_config=True, returns (params, LoraConfig) with the adapted module paths
-  spelled out exactly.
+  spelled out exactly. model_config: as for `save_adapter`.
   """
   peft_cfg, modules, base_copies = _read(Path(directory))
-  index = _base_modules(base_params, layout)
+  index = _base_modules(base_params, layout, registry.hf_names(model_config))
   _check_base_copies(base_copies, index, base_params)
   _validate(peft_cfg, modules, index)
   nodes = {
@@ -830,8 +837,6 @@ def lora_config_from_peft(peft_cfg: Mapping[str, Any], params, dtype=jnp.float32
 
 # --------------------------------------------------------------------------- merged export
 
-_HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-
 
 def _hf_config_dict(model_config) -> dict:
   if isinstance(model_config, Mapping):
@@ -841,7 +846,7 @@ def _hf_config_dict(model_config) -> dict:
   if hasattr(model_config, "to_dict"):
     return model_config.to_dict()
   raise TypeError(
-    f"model_config must be a jlora LlamaConfig, an HF config dict or a PretrainedConfig; got "
+    f"model_config must be a jlora model config, an HF config dict or a PretrainedConfig; got "
     f"{type(model_config).__name__}."
   )
 
@@ -862,20 +867,18 @@ def export_merged(
   # merge handles adapted weights; quantized weights without an adapter are decoded too.
   merged = dequantize(merge(meta.unbox(params)))
   hf_config = _hf_config_dict(model_config)
+  hf_names = registry.hf_names(model_config)
 
   tensors: dict[str, np.ndarray] = {}
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(merged)[0]:
     full = config_lib.path_str(key_path)
-    path, _, leaf_name = full.rpartition("/")
-    if leaf_name not in _HF_LEAF:
+    if full.rpartition("/")[2] not in LEAF_NAMES:
       raise ValueError(f"export_merged: don't know the HF name of the param {full!r}.")
     value = _to_numpy(leaf, full).astype(np_dtype)
-    parts = path.split("/")
-    stacked = "layers" in parts[:-1]
-    names = hf_module_names(path, 1 if stacked else 0, value.shape[0] if stacked else 0)
+    names, transpose, stacked = hf_names.tensor_names(full, value.shape)
     for i, name in enumerate(names):
       w = value[i] if stacked else value
-      tensors[f"{name}.{_HF_LEAF[leaf_name]}"] = w.T if leaf_name == KERNEL else w
+      tensors[name] = w.T if transpose else w
 
   has_head = "lm_head.weight" in tensors
   tied = bool(hf_config.get("tie_word_embeddings", False))

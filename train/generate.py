@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.models.llama import LlamaForCausalLM, init_cache
+from jlora.models.protocol import CausalLM
 from train.errors import UserError, exit_on_user_error, verbose_requested
 
 # Prompts are padded up to a multiple of this, so prompts of similar length share one compiled prefill.
@@ -83,7 +83,7 @@ def _decode_fns(apply_fn: Callable, temperature: float, top_p: float):
 
 
 def generate_ids(
-  model: LlamaForCausalLM,
+  model: CausalLM,
   params,
   prompts: Sequence[Sequence[int]],
   max_new_tokens: int,
@@ -109,7 +109,7 @@ def generate_ids(
     ids[row, prompt_len - len(p) :] = p
     segments[row, prompt_len - len(p) :] = 1
   positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
-  cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
+  cache = model.init_cache(batch, prompt_len + max_new_tokens)
 
   prefill, step = _decode_fns(apply_fn, float(temperature), float(top_p))
   keys = jax.random.split(jax.random.key(seed), max_new_tokens)
@@ -147,7 +147,7 @@ def chat_prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[i
 
 
 def generate(
-  model: LlamaForCausalLM,
+  model: CausalLM,
   params,
   tokenizer,
   prompts: Sequence[str],
@@ -305,7 +305,7 @@ def run(args: argparse.Namespace) -> None:
   apply_fn, prompts, names = None, args.prompt, None
   if args.named:
     try:  # stack_adapters raises ValueError only for adapters it can't stack
-      params = jlora.stack_adapters(args.named, params)
+      params = jlora.stack_adapters(args.named, params, model_config=model.config)
     except ValueError as e:
       raise UserError(f"--adapter: {e}") from e
     uses = args.use.split(",") if args.use else list(args.named)
@@ -313,7 +313,7 @@ def run(args: argparse.Namespace) -> None:
     names = [name for _ in args.prompt for name in uses]
   elif args.adapter:
     try:
-      params = jlora.load_adapter(args.adapter[0], params)
+      params = jlora.load_adapter(args.adapter[0], params, model_config=model.config)
     except ValueError as e:  # load_adapter raises ValueError only for an adapter it can't load
       raise UserError(f"--adapter {args.adapter[0]}: {e}") from e
     if args.merged:

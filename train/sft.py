@@ -389,7 +389,13 @@ def finish(t: Trainer, state, rows: list, before: dict, speed, started: float) -
   final_loss = rows[-1].get("eval_loss") if rows and rows[-1]["step"] == c.steps else None
   after = t.evaluator.evaluate(state["trainable"], t.frozen, eval_loss=final_loss)
   params = jlora.combine(state["trainable"], t.frozen)
-  jlora.save_adapter(t.out, params, t.lora, base_model_name_or_path=str(c.model.path))
+  jlora.save_adapter(
+    t.out,
+    params,
+    t.lora,
+    base_model_name_or_path=str(c.model.path),
+    model_config=t.model.config,
+  )
   if c.export_merged:
     jlora.export_merged(t.out / "merged", params, t.model.config, t.tokenizer)
   outputs.plot_losses(t.out / "loss.png", rows)
