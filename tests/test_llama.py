@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jlora.models import LlamaConfig, LlamaForCausalLM, from_pretrained, init_cache
-from tests.llama_fixtures import save_torch_checkpoint
+from tests.tiny import save_torch_checkpoint
 from train.generate import generate, generate_ids
 
 TINY = dict(
@@ -211,7 +211,7 @@ def test_cache_prefill_matches_plain_forward():
 
 
 def test_generate_sampling_accepts_custom_apply_fn():
-  from tests.llama_fixtures import tiny_tokenizer
+  from tests.tiny import tiny_tokenizer
 
   model = LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": 261}))
   params = random_params(model)
@@ -346,7 +346,7 @@ def test_smollm2_answers_and_matches_transformers(smollm):
 
 
 def test_generate_cli_runs_on_a_checkpoint_dir(tmp_path, capsys):
-  from tests.llama_fixtures import TINY_VOCAB_SIZE, random_hf_state, save_numpy_checkpoint
+  from tests.tiny import TINY_VOCAB_SIZE, random_hf_state, save_numpy_checkpoint
   from train.generate import main
 
   config = LlamaConfig(**{**TINY, "vocab_size": TINY_VOCAB_SIZE})

@@ -14,7 +14,7 @@ from flax.linen import meta
 
 from jlora.errors import UserError
 from jlora.models import LlamaConfig, from_pretrained, loading
-from tests.llama_fixtures import (
+from tests.tiny import (
   TINY_VOCAB_SIZE,
   random_hf_state,
   save_gguf,
@@ -199,7 +199,8 @@ def test_unsupported_gguf_architecture(tmp_path):
   writer.write_tensors_to_file()
   writer.close()
   with pytest.raises(
-    ValueError, match=r"Unsupported GGUF architecture 'falcon'.*'gemma2', 'gemma3', 'llama', 'qwen2'"
+    ValueError,
+    match=r"Unsupported GGUF architecture 'falcon'.*'gemma2', 'gemma3', 'llama', 'qwen2'",
   ):
     from_pretrained(tmp_path / "x.gguf", cache_dir=tmp_path)
 

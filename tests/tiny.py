@@ -1,5 +1,13 @@
-"""Tiny, offline stand-ins for a real checkpoint: a byte-level BPE tokenizer with a ChatML
-template, a random Llama written as an HF checkpoint dir, and a small SFT config."""
+"""Tiny, offline stand-ins for real checkpoints, shared by every test module.
+
+* Tokenizers (byte-level BPE, ChatML template): `make_tokenizer` is trained on the bundled data
+  (short token sequences for SFT runs); `tiny_tokenizer` has a fixed, known vocabulary (256 bytes +
+  3 merges + specials), which a GGUF file can list.
+* Checkpoints: `make_checkpoint` (a random model of any registered family, written by jlora's
+  export), `save_torch_checkpoint` (a random transformers model, for reference tests),
+  `random_hf_state` + `save_numpy_checkpoint` (HF tensors without torch), `save_gguf`.
+* A small SFT config, as a ConfigDict or as command-line flags.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +16,35 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen import meta
 
-CHATML = (
-  "{% for message in messages %}"
-  "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-  "{% endfor %}"
-  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+from jlora.models.llama import LlamaConfig
+
+CHAT_TEMPLATE = (
+  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "Ġt he"]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_tokenizer(vocab_size: int = 384):
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  from transformers import PreTrainedTokenizerFast
+def _byte_level(model):
+  """A byte-level BPE `tokenizers.Tokenizer` around `model`, so decode(encode(t)) == t."""
+  from tokenizers import Tokenizer, decoders, pre_tokenizers
 
-  tok = Tokenizer(models.BPE())
+  tok = Tokenizer(model)
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
+  return tok
+
+
+def make_tokenizer(vocab_size: int = 384):
+  from tokenizers import models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  tok = _byte_level(models.BPE())
   trainer = trainers.BpeTrainer(
     vocab_size=vocab_size,
     special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
@@ -37,29 +56,43 @@ def make_tokenizer(vocab_size: int = 384):
   hf = PreTrainedTokenizerFast(
     tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
   )
-  hf.chat_template = CHATML
+  hf.chat_template = CHAT_TEMPLATE
   return hf
 
 
 def make_checkpoint(
-  directory: Path, *, tied: bool = True, layers: int = 2, hidden: int = 32, seed: int = 0
+  directory: Path,
+  *,
+  tied: bool = True,
+  layers: int = 2,
+  hidden: int = 32,
+  seed: int = 0,
+  config=None,
 ) -> Path:
-  """A random Llama (GQA 2:1) saved as config.json + model.safetensors + tokenizer files."""
+  """A random model saved as config.json + model.safetensors + tokenizer files.
+
+  Without `config`: a Llama (GQA 2:1) of the given size. With `config` (any registered family's
+  config; its vocab_size is replaced by the tokenizer's): that model.
+  """
+  import dataclasses
+
   import jlora
-  from jlora.models import LlamaConfig, LlamaForCausalLM
+  from jlora.models import registry
 
   tokenizer = make_tokenizer()
-  config = LlamaConfig(
-    vocab_size=len(tokenizer),
-    hidden_size=hidden,
-    intermediate_size=2 * hidden,
-    num_hidden_layers=layers,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    tie_word_embeddings=tied,
-    max_position_embeddings=512,
-  )
-  model = LlamaForCausalLM(config)
+  if config is None:
+    config = LlamaConfig(
+      vocab_size=len(tokenizer),
+      hidden_size=hidden,
+      intermediate_size=2 * hidden,
+      num_hidden_layers=layers,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      tie_word_embeddings=tied,
+      max_position_embeddings=512,
+    )
+  config = dataclasses.replace(config, vocab_size=len(tokenizer))
+  model = registry.family_for_config(config).module_cls(config)
   params = meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"])
   jlora.export_merged(directory, params, config, tokenizer)
   return Path(directory)
@@ -129,3 +162,192 @@ def cli_args(model_dir, train_file, eval_file, output_dir, **overrides) -> list[
 
 def read_json(path: Path):
   return json.loads(Path(path).read_text())
+
+
+# --- HF / GGUF checkpoints with a known vocabulary ---------------------------------------------
+
+
+def tiny_vocab() -> list[str]:
+  """Byte-level BPE vocab: the 256 byte symbols, the merge results, then the special tokens."""
+  from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+  return list(bytes_to_unicode().values()) + ["".join(m.split()) for m in MERGES] + SPECIAL_TOKENS
+
+
+TINY_VOCAB_SIZE = 256 + len(MERGES) + len(SPECIAL_TOKENS)
+
+
+def tiny_tokenizer():
+  from tokenizers import models
+  from transformers import PreTrainedTokenizerFast
+
+  vocab = {t: i for i, t in enumerate(tiny_vocab())}
+  tok = _byte_level(models.BPE(vocab=vocab, merges=[tuple(m.split()) for m in MERGES]))
+  return PreTrainedTokenizerFast(
+    tokenizer_object=tok,
+    bos_token="<|im_start|>",
+    eos_token="<|im_end|>",
+    additional_special_tokens=SPECIAL_TOKENS,
+    chat_template=CHAT_TEMPLATE,
+  )
+
+
+def save_torch_checkpoint(
+  directory: Path, model_type: str = "llama", seed: int = 0, **config_kwargs
+) -> Path:
+  """A randomly initialised transformers model saved as safetensors (plus a tiny tokenizer).
+
+  Every weight is redrawn (norm scales around 1, biases nonzero) so the comparison exercises them all.
+  """
+  import torch
+  import transformers
+
+  classes = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+    "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+  }
+  config_cls, model_cls = classes[model_type]
+  defaults = dict(
+    vocab_size=TINY_VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+  )
+  torch.manual_seed(seed)
+  model = model_cls(config_cls(**{**defaults, **config_kwargs})).float().eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      else:
+        p.normal_(0.0, 0.1)
+  model.save_pretrained(str(directory), safe_serialization=True)
+  tiny_tokenizer().save_pretrained(str(directory))
+  return Path(directory)
+
+
+def random_hf_state(config: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
+  """HF-named float32 weights in torch layout ([out, in]) without needing torch."""
+  rng = np.random.default_rng(seed)
+  c = config
+  q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+
+  def w(*shape):
+    return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+  def norm():
+    return (1.0 + 0.1 * rng.standard_normal(c.hidden_size)).astype(np.float32)
+
+  state = {"model.embed_tokens.weight": w(c.vocab_size, c.hidden_size), "model.norm.weight": norm()}
+  if not c.tie_word_embeddings:
+    state["lm_head.weight"] = w(c.vocab_size, c.hidden_size)
+  shapes = {
+    "self_attn.q_proj": (q, c.hidden_size),
+    "self_attn.k_proj": (kv, c.hidden_size),
+    "self_attn.v_proj": (kv, c.hidden_size),
+    "self_attn.o_proj": (c.hidden_size, q),
+    "mlp.gate_proj": (c.intermediate_size, c.hidden_size),
+    "mlp.up_proj": (c.intermediate_size, c.hidden_size),
+    "mlp.down_proj": (c.hidden_size, c.intermediate_size),
+  }
+  for i in range(c.num_hidden_layers):
+    prefix = f"model.layers.{i}."
+    state[prefix + "input_layernorm.weight"] = norm()
+    state[prefix + "post_attention_layernorm.weight"] = norm()
+    for name, shape in shapes.items():
+      state[f"{prefix}{name}.weight"] = w(*shape)
+  return state
+
+
+def save_numpy_checkpoint(
+  directory: Path, config: LlamaConfig, state: dict[str, np.ndarray]
+) -> Path:
+  from safetensors.numpy import save_file
+
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  save_file(state, str(directory / "model.safetensors"))
+  (directory / "config.json").write_text(json.dumps(config.to_hf_dict()))
+  tiny_tokenizer().save_pretrained(str(directory))
+  return directory
+
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """The Q/K row permutation llama.cpp's convert_hf_to_gguf.py applies for its rope layout."""
+  return (
+    w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+  )
+
+
+_GGUF_NAMES = {
+  "input_layernorm": "attn_norm",
+  "post_attention_layernorm": "ffn_norm",
+  "self_attn.q_proj": "attn_q",
+  "self_attn.k_proj": "attn_k",
+  "self_attn.v_proj": "attn_v",
+  "self_attn.o_proj": "attn_output",
+  "mlp.gate_proj": "ffn_gate",
+  "mlp.up_proj": "ffn_up",
+  "mlp.down_proj": "ffn_down",
+}
+
+
+def save_gguf(
+  path: Path, config: LlamaConfig, state: dict[str, np.ndarray], arch: str = "llama"
+) -> Path:
+  """Write `state` (HF names/layout) as a llama.cpp-style F32 GGUF with a tiny gpt2 tokenizer."""
+  import gguf
+
+  c = config
+  writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_block_count(c.num_hidden_layers)
+  writer.add_context_length(c.max_position_embeddings)
+  writer.add_embedding_length(c.hidden_size)
+  writer.add_feed_forward_length(c.intermediate_size)
+  writer.add_head_count(c.num_attention_heads)
+  writer.add_head_count_kv(c.num_key_value_heads)
+  writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+  writer.add_rope_freq_base(c.rope_theta)
+  writer.add_rope_dimension_count(c.head_dim)
+
+  vocab = tiny_vocab()
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre("default")
+  writer.add_token_list(vocab)
+  control = set(SPECIAL_TOKENS)
+  writer.add_token_types([3 if t in control else 1 for t in vocab])
+  writer.add_token_merges(MERGES)
+  writer.add_bos_token_id(vocab.index("<|im_start|>"))
+  writer.add_eos_token_id(vocab.index("<|im_end|>"))
+  writer.add_chat_template(CHAT_TEMPLATE)
+
+  for name, w in state.items():
+    if name.startswith("model.layers."):
+      _, _, layer, rest = name.split(".", 3)
+      module, kind = rest.rsplit(".", 1)
+      if module == "self_attn.q_proj" and arch == "llama":
+        w = llama_cpp_permute(w, c.num_attention_heads)
+      elif module == "self_attn.k_proj" and arch == "llama":
+        w = llama_cpp_permute(w, c.num_key_value_heads)
+      gguf_name = f"blk.{layer}.{_GGUF_NAMES[module]}.{kind}"
+    else:
+      gguf_name = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+      }[name]
+    writer.add_tensor(gguf_name, np.ascontiguousarray(w, dtype=np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return Path(path)

@@ -1,0 +1,167 @@
+"""Every registered family against transformers' PyTorch models and PEFT (fp32, tolerance 1e-4).
+
+Each case is a random transformers checkpoint with non-default settings: GQA, explicit head_dim,
+tied and untied heads, sliding windows shorter than the test sequences, several local/global groups
+plus a remainder (Gemma), partial rotary and fused projections (Phi-3), soft-caps small enough to
+bite (Gemma 2), separate local/global RoPE bases with linear scaling (Gemma 3).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+import jlora  # noqa: E402
+from jlora.models import from_pretrained  # noqa: E402
+from tests.tiny import save_torch_checkpoint  # noqa: E402
+from train.generate import generate_ids  # noqa: E402
+
+pytestmark = pytest.mark.ref
+
+ATOL = 1e-4
+SLIDING, FULL = "sliding_attention", "full_attention"
+CASES = {
+  "qwen3": (
+    "qwen3",
+    dict(num_hidden_layers=3, num_key_value_heads=1, head_dim=24, tie_word_embeddings=False),
+  ),
+  "phi3": (
+    "phi3",
+    dict(num_key_value_heads=2, sliding_window=7, partial_rotary_factor=0.5, pad_token_id=0),
+  ),
+  "gemma2": (
+    "gemma2",
+    dict(
+      num_hidden_layers=5,  # two (local, global) groups and a local remainder
+      num_key_value_heads=2,
+      head_dim=16,
+      sliding_window=5,
+      query_pre_attn_scalar=24,
+      attn_logit_softcapping=3.0,
+      final_logit_softcapping=2.0,
+    ),
+  ),
+  "gemma3": (
+    "gemma3_text",
+    dict(
+      num_hidden_layers=7,
+      layer_types=[SLIDING, SLIDING, FULL] * 2 + [SLIDING],
+      num_key_value_heads=1,
+      head_dim=16,
+      sliding_window=5,
+      query_pre_attn_scalar=20,
+      tie_word_embeddings=False,
+      rope_parameters={
+        FULL: {"rope_type": "linear", "factor": 4.0, "rope_theta": 5000.0},
+        SLIDING: {"rope_type": "default", "rope_theta": 100.0},
+      },
+    ),
+  ),
+}
+PEFT_TARGETS = {
+  "qwen3": ["q_proj", "v_proj", "down_proj"],
+  "phi3": ["qkv_proj", "gate_up_proj"],
+  "gemma2": ["q_proj", "o_proj", "up_proj"],
+  "gemma3": ["k_proj", "gate_proj"],
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def family(request, tmp_path_factory):
+  """(case, checkpoint dir, jlora model, params, transformers model)."""
+  model_type, kwargs = CASES[request.param]
+  directory = save_torch_checkpoint(tmp_path_factory.mktemp(request.param), model_type, **kwargs)
+  model, params, _ = from_pretrained(directory)
+  reference = transformers.AutoModelForCausalLM.from_pretrained(
+    str(directory), dtype=torch.float32
+  ).eval()
+  return request.param, directory, model, params, reference
+
+
+def _torch_logits(model, ids: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.from_numpy(np.asarray(ids, np.int64))).logits.float().numpy()
+
+
+def _jlora_logits(model, params, ids, positions=None, segment_ids=None) -> np.ndarray:
+  apply = jax.jit(jlora.wrap(model.apply))
+  return np.asarray(apply({"params": params}, jnp.asarray(ids), positions, segment_ids))
+
+
+def test_packed_logits_match_transformers_per_segment(family):
+  """Two examples packed in one row (each longer than the window) equal transformers run on each."""
+  _, _, model, params, reference = family
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(0, model.config.vocab_size, 13), rng.integers(0, model.config.vocab_size, 11)
+  ids = np.concatenate([a, b])[None]
+  segments = np.array([[1] * 13 + [2] * 11], np.int32)
+  positions = np.array([list(range(13)) + list(range(11))], np.int32)
+  ours = _jlora_logits(model, params, ids, jnp.asarray(positions), jnp.asarray(segments))[0]
+  np.testing.assert_allclose(ours[:13], _torch_logits(reference, a[None])[0], atol=ATOL, rtol=0)
+  np.testing.assert_allclose(ours[13:], _torch_logits(reference, b[None])[0], atol=ATOL, rtol=0)
+
+
+def test_greedy_kv_cache_generation_matches_transformers(family):
+  _, _, model, params, reference = family
+  prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, 6)
+  ours = generate_ids(model, params, [prompt.tolist()], 32)[0]
+  reference.generation_config.eos_token_id = None
+  reference.generation_config.pad_token_id = 0
+  with torch.no_grad():
+    theirs = reference.generate(
+      torch.from_numpy(prompt[None].astype(np.int64)),
+      max_new_tokens=32,
+      min_new_tokens=32,
+      do_sample=False,
+    )[0, len(prompt) :].tolist()
+  assert ours == theirs
+
+
+def _randomize_b(params, seed=1):
+  rng = np.random.default_rng(seed)
+
+  def fill(x):
+    if not jlora.is_lora(x):
+      return x
+    return x.replace(b=jnp.asarray(0.1 * rng.standard_normal(x.b.shape, np.float32)))
+
+  return jax.tree.map(fill, params, is_leaf=jlora.is_lora)
+
+
+def test_jlora_adapter_loads_in_peft(family, tmp_path):
+  case, _, model, params, reference = family
+  ids = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, 9))
+  layout = jlora.trace_layout(model, jnp.asarray(ids))
+  cfg = jlora.LoraConfig(rank=8, alpha=16.0, targets="all-linear")
+  adapted = _randomize_b(jlora.apply(params, cfg, jax.random.key(0), layout=layout))
+  jlora.save_adapter(tmp_path, adapted, cfg, model_config=model.config)
+  peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(reference), str(tmp_path)).eval()
+  if case == "phi3":  # fused layers stay fused: PEFT's own Phi-3 target names
+    assert {"qkv_proj", "gate_up_proj"} <= set(peft_model.peft_config["default"].target_modules)
+  np.testing.assert_allclose(
+    _jlora_logits(model, adapted, ids), _torch_logits(peft_model, ids), atol=ATOL, rtol=0
+  )
+
+
+def test_peft_adapter_loads_in_jlora(family, tmp_path):
+  case, _, model, params, reference = family
+  ids = np.random.default_rng(3).integers(0, model.config.vocab_size, (2, 9))
+  torch.manual_seed(0)
+  config = peft.LoraConfig(
+    r=4, lora_alpha=8, target_modules=PEFT_TARGETS[case], init_lora_weights=False
+  )
+  peft_model = peft.get_peft_model(copy.deepcopy(reference), config).eval()
+  peft_model.save_pretrained(str(tmp_path))
+  layout = jlora.trace_layout(model, jnp.asarray(ids))
+  adapted = jlora.load_adapter(tmp_path, params, layout=layout, model_config=model.config)
+  np.testing.assert_allclose(
+    _jlora_logits(model, adapted, ids), _torch_logits(peft_model, ids), atol=ATOL, rtol=0
+  )
