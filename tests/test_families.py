@@ -165,3 +165,71 @@ def test_peft_adapter_loads_in_jlora(family, tmp_path):
   np.testing.assert_allclose(
     _jlora_logits(model, adapted, ids), _torch_logits(peft_model, ids), atol=ATOL, rtol=0
   )
+
+
+# --- GGUF ----------------------------------------------------------------------------------------
+
+GGUF_CASES = {
+  "qwen3": ("qwen3", dict(num_key_value_heads=1, tie_word_embeddings=False)),
+  "gemma2": (
+    "gemma2",
+    dict(
+      num_hidden_layers=3,
+      num_key_value_heads=2,
+      head_dim=16,
+      query_pre_attn_scalar=16,  # llama.cpp scales scores by head_dim (GGUF has no field for it)
+      sliding_window=5,
+      attn_logit_softcapping=3.0,
+      final_logit_softcapping=2.0,
+    ),
+  ),
+  "gemma3": (
+    "gemma3_text",
+    dict(
+      num_hidden_layers=7,  # llama.cpp's fixed pattern: five local, one global; one more local
+      num_key_value_heads=1,
+      head_dim=16,
+      query_pre_attn_scalar=16,
+      sliding_window=5,
+      rope_parameters={
+        FULL: {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
+        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+      },
+    ),
+  ),
+}
+
+
+@pytest.mark.parametrize("case", list(GGUF_CASES))
+def test_gguf_architectures_load_like_the_hf_checkpoint(case, tmp_path):
+  """A GGUF written from a random checkpoint (llama.cpp's names and norm offsets, checked by
+  transformers' own GGUF reader) loads to the same config and params, and transformers' logits."""
+  from safetensors.numpy import load_file
+
+  from tests.tiny import save_gguf
+
+  model_type, kwargs = GGUF_CASES[case]
+  directory = save_torch_checkpoint(tmp_path / "hf", model_type, **kwargs)
+  model, params, _ = from_pretrained(directory)
+  state = load_file(str(directory / "model.safetensors"))
+  arch = "gemma3" if model_type == "gemma3_text" else model_type
+  path = save_gguf(tmp_path / f"{case}.gguf", model.config, state, arch)
+
+  from_gguf = transformers.AutoModelForCausalLM.from_pretrained(
+    str(tmp_path), gguf_file=path.name, dtype=torch.float32
+  )
+  theirs = {k: v.numpy() for k, v in from_gguf.state_dict().items()}
+  for name, w in state.items():
+    np.testing.assert_allclose(theirs[name], w, atol=1e-6, err_msg=name)
+
+  gguf_model, gguf_params, _ = from_pretrained(path, cache_dir=tmp_path / "cache")
+  assert gguf_model.config == model.config
+  # (1 + w) - 1 in fp32 is w up to rounding
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), gguf_params, params)
+  ids = np.random.default_rng(4).integers(0, model.config.vocab_size, (2, 12))
+  reference = transformers.AutoModelForCausalLM.from_pretrained(
+    str(directory), dtype=torch.float32
+  ).eval()
+  np.testing.assert_allclose(
+    _jlora_logits(gguf_model, gguf_params, ids), _torch_logits(reference, ids), atol=ATOL, rtol=0
+  )

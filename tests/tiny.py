@@ -288,36 +288,37 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
   )
 
 
-_GGUF_NAMES = {
-  "input_layernorm": "attn_norm",
-  "post_attention_layernorm": "ffn_norm",
-  "self_attn.q_proj": "attn_q",
-  "self_attn.k_proj": "attn_k",
-  "self_attn.v_proj": "attn_v",
-  "self_attn.o_proj": "attn_output",
-  "mlp.gate_proj": "ffn_gate",
-  "mlp.up_proj": "ffn_up",
-  "mlp.down_proj": "ffn_down",
-}
+def save_gguf(path: Path, config, state: dict[str, np.ndarray], arch: str = "llama") -> Path:
+  """Write `state` (HF names/layout) as a llama.cpp-style F32 GGUF with a tiny gpt2 tokenizer.
 
-
-def save_gguf(
-  path: Path, config: LlamaConfig, state: dict[str, np.ndarray], arch: str = "llama"
-) -> Path:
-  """Write `state` (HF names/layout) as a llama.cpp-style F32 GGUF with a tiny gpt2 tokenizer."""
+  `config` is the jlora config the state belongs to. Tensor names come from the gguf package's own
+  HF -> GGUF map (llama.cpp's), not from jlora; like llama.cpp's converter, this permutes Llama's
+  Q/K rows and stores Gemma's norm weights as 1 + w.
+  """
   import gguf
 
   c = config
   writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_name("tiny")
   writer.add_block_count(c.num_hidden_layers)
   writer.add_context_length(c.max_position_embeddings)
   writer.add_embedding_length(c.hidden_size)
   writer.add_feed_forward_length(c.intermediate_size)
   writer.add_head_count(c.num_attention_heads)
   writer.add_head_count_kv(c.num_key_value_heads)
+  writer.add_key_length(c.head_dim)
+  writer.add_value_length(c.head_dim)
   writer.add_layer_norm_rms_eps(c.rms_norm_eps)
   writer.add_rope_freq_base(c.rope_theta)
   writer.add_rope_dimension_count(c.head_dim)
+  if arch.startswith("gemma"):
+    writer.add_sliding_window(c.sliding_window)
+  if arch == "gemma2":
+    writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
+    writer.add_final_logit_softcapping(c.final_logit_softcapping)
+  if c.rope_scaling:
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(c.rope_scaling["factor"])
 
   vocab = tiny_vocab()
   writer.add_tokenizer_model("gpt2")
@@ -330,22 +331,17 @@ def save_gguf(
   writer.add_eos_token_id(vocab.index("<|im_end|>"))
   writer.add_chat_template(CHAT_TEMPLATE)
 
+  arch_enum = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+  names = gguf.get_tensor_name_map(arch_enum, c.num_hidden_layers)
   for name, w in state.items():
-    if name.startswith("model.layers."):
-      _, _, layer, rest = name.split(".", 3)
-      module, kind = rest.rsplit(".", 1)
-      if module == "self_attn.q_proj" and arch == "llama":
-        w = llama_cpp_permute(w, c.num_attention_heads)
-      elif module == "self_attn.k_proj" and arch == "llama":
-        w = llama_cpp_permute(w, c.num_key_value_heads)
-      gguf_name = f"blk.{layer}.{_GGUF_NAMES[module]}.{kind}"
-    else:
-      gguf_name = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-      }[name]
-    writer.add_tensor(gguf_name, np.ascontiguousarray(w, dtype=np.float32))
+    module, kind = name.rsplit(".", 1)
+    if arch == "llama" and module.endswith("self_attn.q_proj"):
+      w = llama_cpp_permute(w, c.num_attention_heads)
+    elif arch == "llama" and module.endswith("self_attn.k_proj"):
+      w = llama_cpp_permute(w, c.num_key_value_heads)
+    if arch.startswith("gemma") and name.endswith("norm.weight"):
+      w = w + 1.0
+    writer.add_tensor(f"{names.get_name(module)}.{kind}", np.ascontiguousarray(w, np.float32))
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()

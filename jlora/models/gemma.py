@@ -207,7 +207,10 @@ class GemmaConfig:
       "rope_parameters": {GLOBAL: global_rope, LOCAL: local_rope} if is_gemma3 else global_rope,
       "layer_types": list(self.layer_types),
       "sliding_window": self.sliding_window,
-      "query_pre_attn_scalar": self.query_pre_attn_scalar,
+      # transformers' strict config wants an int where the value is integral
+      "query_pre_attn_scalar": int(self.query_pre_attn_scalar)
+      if float(self.query_pre_attn_scalar).is_integer()
+      else self.query_pre_attn_scalar,
       "attn_logit_softcapping": self.attn_logit_softcapping,
       "final_logit_softcapping": self.final_logit_softcapping,
       "hidden_activation": self.hidden_act,

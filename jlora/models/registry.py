@@ -74,7 +74,7 @@ def _gemma_gguf_config(field: Callable, arch: str) -> dict:
   """Gemma fields llama.cpp stores (soft-caps, window) or fixes in code (score scale = head_dim)."""
   extra = {
     "sliding_window": int(field(f"{arch}.attention.sliding_window", 4096)),
-    "query_pre_attn_scalar": float(field(f"{arch}.attention.key_length")),
+    "query_pre_attn_scalar": int(field(f"{arch}.attention.key_length")),
   }
   if arch == "gemma2":
     extra["attn_logit_softcapping"] = float(field("gemma2.attn_logit_softcapping", 50.0))
