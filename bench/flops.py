@@ -1,6 +1,7 @@
 """XLA's own accounting of the training step on SmolLM2-135M: FLOPs, memory, compile time.
 
     python -m bench.flops [--out bench/results/flops.json]
+    python -m bench.flops --families [--smoke]   (the other model families: bench/families.py)
 
 Batch: the first 4 packed rows (4 x 128) of data/extract_train.jsonl, as in bench.vs_peft,
 with the trainer's label gathering (the LM head runs only at the label-budget slots).
@@ -61,8 +62,19 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  parser.add_argument("--out", default="bench/results/flops.json")
+  parser.add_argument("--out", default=None)
+  parser.add_argument(
+    "--families", action="store_true", help="Gemma 2/3, Qwen3, Phi-3 shapes (bench/families.py)"
+  )
+  parser.add_argument("--smoke", action="store_true", help="with --families: tiny widths")
   args = parser.parse_args(argv)
+  if args.families:
+    from bench import families
+
+    default = "bench/results/flops_families" + ("_smoke" if args.smoke else "") + ".json"
+    families.main(args.out or default, smoke_run=args.smoke)
+    return
+  args.out = args.out or "bench/results/flops.json"
 
   import jax
   import jax.numpy as jnp
