@@ -179,3 +179,95 @@ def test_sft_trains_gemma2_and_qwen3(case, tmp_path):
   model, base, _ = from_pretrained(model_dir)
   adapted = jlora.load_adapter(out, base, model_config=model.config)
   assert jlora.adapter_count(adapted) > 0
+
+
+# --- chat templates --------------------------------------------------------------------------------
+
+# The templates of google/gemma-2-2b-it (no system role: it raises) and google/gemma-3-1b-it (the
+# system message opens the first user turn), text parts only.
+GEMMA2_TEMPLATE = (
+  "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+  "{{ raise_exception('System role not supported') }}{% endif %}"
+  "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+  "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+  "{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+  "{% else %}{% set role = message['role'] %}{% endif %}"
+  "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+  "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+GEMMA3_TEMPLATE = (
+  "{{ bos_token }}\n"
+  "{%- if messages[0]['role'] == 'system' -%}\n"
+  "    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+  "    {%- set loop_messages = messages[1:] -%}\n"
+  "{%- else -%}\n"
+  '    {%- set first_user_prefix = "" -%}\n'
+  "    {%- set loop_messages = messages -%}\n"
+  "{%- endif -%}\n"
+  "{%- for message in loop_messages -%}\n"
+  "    {%- if (message['role'] == 'assistant') -%}\n"
+  '        {%- set role = "model" -%}\n'
+  "    {%- else -%}\n"
+  "        {%- set role = message['role'] -%}\n"
+  "    {%- endif -%}\n"
+  "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+  "    {%- if message['content'] is string -%}\n"
+  "        {{ message['content'] | trim }}\n"
+  "    {%- elif message['content'] is iterable -%}\n"
+  "        {%- for item in message['content'] -%}\n"
+  "            {%- if item['type'] == 'text' -%}\n"
+  "                {{ item['text'] | trim }}\n"
+  "            {%- endif -%}\n"
+  "        {%- endfor -%}\n"
+  "    {%- endif -%}\n"
+  "    {{ '<end_of_turn>\n' }}\n"
+  "{%- endfor -%}\n"
+  "{%- if add_generation_prompt -%}\n"
+  "    {{'<start_of_turn>model\n'}}\n"
+  "{%- endif -%}\n"
+)
+
+
+@pytest.mark.parametrize("template", [GEMMA2_TEMPLATE, GEMMA3_TEMPLATE], ids=["gemma2", "gemma3"])
+def test_gemma_templates_keep_the_system_message_and_the_answer_mask(template, tmp_path):
+  from tokenizers import models, pre_tokenizers, trainers
+  from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+  from train import data as data_lib
+  from train.generate import chat_prompt_ids
+
+  tok = tiny._byte_level(models.BPE())
+  specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+  trainer = trainers.BpeTrainer(
+    vocab_size=320,
+    special_tokens=specials,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
+  tok.train_from_iterator(["Answer in French. What is the capital? Paris, la capitale."], trainer)
+  PreTrainedTokenizerFast(
+    tokenizer_object=tok,
+    bos_token="<bos>",
+    eos_token="<eos>",
+    pad_token="<pad>",
+    chat_template=template,
+  ).save_pretrained(str(tmp_path))
+  tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))  # the template from the files
+
+  row = {
+    "messages": [
+      {"role": "system", "content": "Answer in French."},
+      {"role": "user", "content": "What is the capital?"},
+      {"role": "assistant", "content": "Paris, la capitale."},
+    ]
+  }
+  ids, completion = data_lib.encode_row(tokenizer, row, "messages")
+  text = tokenizer.decode(ids)
+  assert text.startswith(
+    "<bos><start_of_turn>user\nAnswer in French.\n\nWhat is the capital?<end_of_turn>\n"
+  )
+  assert tokenizer.decode(ids[completion]) == "Paris, la capitale.<end_of_turn>"
+  prompt = tokenizer.decode(chat_prompt_ids(tokenizer, "What is the capital?", "Answer in French."))
+  assert prompt.endswith(
+    "Answer in French.\n\nWhat is the capital?<end_of_turn>\n<start_of_turn>model\n"
+  )

@@ -291,10 +291,28 @@ def has_empty_completion(row: dict, fmt: str, index: int, source: str = "dataset
 # Rendering and tokenization
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-  return tokenizer.apply_chat_template(
-    messages, tokenize=False, add_generation_prompt=add_generation_prompt
-  )
+def render_chat(tokenizer, messages, add_generation_prompt: bool) -> str:
+  """The chat template's text. A template without a system role (Gemma 2's raises on one) gets
+  the system message as the start of the first user turn, as Gemma 3's own template puts it."""
+  from jinja2.exceptions import TemplateError
+
+  try:
+    return tokenizer.apply_chat_template(
+      messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+  except TemplateError:
+    if not messages or messages[0]["role"] != "system":
+      raise
+    return render_chat(tokenizer, fold_system(messages), add_generation_prompt)
+
+
+def fold_system(messages: list[dict]) -> list[dict]:
+  """[system, user, ...] -> [user (system + blank line + user), ...]."""
+  system, *rest = messages
+  if not rest or rest[0]["role"] != "user":
+    return [{"role": "user", "content": system["content"]}, *rest]
+  first = {**rest[0], "content": f"{system['content']}\n\n{rest[0]['content']}"}
+  return [first, *rest[1:]]
 
 
 def chat_pieces(
@@ -310,14 +328,14 @@ def chat_pieces(
   earlier reasoning) break that for earlier turns, which we then leave
   unsupervised. Only the last assistant turn must satisfy it.
   """
-  full = _render(tokenizer, messages, False)
+  full = render_chat(tokenizer, messages, False)
   spans = []
   last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
   for i, m in enumerate(messages):
     if m["role"] != "assistant":
       continue
-    prefix = _render(tokenizer, messages[:i], True)
-    through = _render(tokenizer, messages[: i + 1], False).rstrip()
+    prefix = render_chat(tokenizer, messages[:i], True)
+    through = render_chat(tokenizer, messages[: i + 1], False).rstrip()
     ok = through.startswith(prefix) and full.startswith(through) and len(through) > len(prefix)
     if not ok:
       if i == last:
@@ -658,7 +676,9 @@ def prompts_and_references(
     messages = row_to_messages(row, fmt, i, source)
     last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
     if chat:
-      ids = tokenizer.encode(_render(tokenizer, messages[:last], True), add_special_tokens=False)
+      ids = tokenizer.encode(
+        render_chat(tokenizer, messages[:last], True), add_special_tokens=False
+      )
     else:
       prompt, _ = row_to_prompt_completion(row, fmt, i, source)
       ids = tokenizer.encode(prompt + ("\n\n" if fmt == "alpaca" else ""), add_special_tokens=True)

@@ -141,9 +141,9 @@ def chat_prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[i
   messages = ([{"role": "system", "content": system}] if system else []) + [
     {"role": "user", "content": prompt}
   ]
-  encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-  # transformers 5 returns a BatchEncoding here; 4.x returned the id list.
-  return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+  from train.data import render_chat  # folds the system turn where the template has none (Gemma 2)
+
+  return tokenizer.encode(render_chat(tokenizer, messages, True), add_special_tokens=False)
 
 
 def generate(
