@@ -39,6 +39,7 @@ from jlora.models.llama import (
   cache_inputs,
   embed,
   hf_config_dict,
+  hf_shape_fields,
   kv_buffers,
   remat,
   rope_cos_sin,
@@ -194,16 +195,7 @@ class GemmaConfig:
     local_rope = {"rope_type": "default", "rope_theta": self.rope_local_theta}
     is_gemma3 = self.model_type == "gemma3_text"
     return {
-      "architectures": [HF_ARCHITECTURES[self.model_type]],
-      "model_type": self.model_type,
-      "vocab_size": self.vocab_size,
-      "hidden_size": self.hidden_size,
-      "intermediate_size": self.intermediate_size,
-      "num_hidden_layers": self.num_hidden_layers,
-      "num_attention_heads": self.num_attention_heads,
-      "num_key_value_heads": self.num_key_value_heads,
-      "head_dim": self.head_dim,
-      "rms_norm_eps": self.rms_norm_eps,
+      **hf_shape_fields(self, HF_ARCHITECTURES[self.model_type]),
       "rope_parameters": {GLOBAL: global_rope, LOCAL: local_rope} if is_gemma3 else global_rope,
       "layer_types": list(self.layer_types),
       "sliding_window": self.sliding_window,

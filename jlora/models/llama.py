@@ -194,16 +194,7 @@ class LlamaConfig:
     if self.partial_rotary_factor != 1.0:
       rope["partial_rotary_factor"] = self.partial_rotary_factor
     return {
-      "architectures": [HF_ARCHITECTURES[self.model_type]],
-      "model_type": self.model_type,
-      "vocab_size": self.vocab_size,
-      "hidden_size": self.hidden_size,
-      "intermediate_size": self.intermediate_size,
-      "num_hidden_layers": self.num_hidden_layers,
-      "num_attention_heads": self.num_attention_heads,
-      "num_key_value_heads": self.num_key_value_heads,
-      "head_dim": self.head_dim,
-      "rms_norm_eps": self.rms_norm_eps,
+      **hf_shape_fields(self, HF_ARCHITECTURES[self.model_type]),
       "rope_theta": self.rope_theta,
       "rope_scaling": self.rope_scaling,
       "rope_parameters": rope,
@@ -226,6 +217,24 @@ class LlamaConfig:
   @property
   def rotary_dim(self) -> int:
     return int(self.head_dim * self.partial_rotary_factor)
+
+
+SHAPE_FIELDS = (
+  "model_type",
+  "vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+  "num_key_value_heads",
+  "head_dim",
+  "rms_norm_eps",
+)
+
+
+def hf_shape_fields(config, architecture: str) -> dict:
+  """The config.json fields every family writes alike: the architecture class and the shapes."""
+  return {"architectures": [architecture], **{k: getattr(config, k) for k in SHAPE_FIELDS}}
 
 
 def hf_config_dict(hf_config: Any, model_types: tuple[str, ...], family: str) -> dict:
