@@ -12,8 +12,7 @@ import pytest
 
 import jlora
 from jlora.models import LlamaConfig, from_pretrained
-from tests.llama_fixtures import TINY_VOCAB_SIZE, random_hf_state, save_gguf, save_numpy_checkpoint
-from tests.tiny import REPO
+from tests.tiny import REPO, TINY_VOCAB_SIZE, random_hf_state, save_gguf, save_numpy_checkpoint
 from train.errors import UserError
 from train.generate import main
 

@@ -276,7 +276,7 @@ def _convert_without_torch(model: str, tmp_path: Path) -> dict:
 
 def test_tiny_gguf_converts_and_loads_without_torch(tmp_path):
   from jlora.models import LlamaConfig
-  from tests.llama_fixtures import TINY_VOCAB_SIZE, random_hf_state, save_gguf
+  from tests.tiny import TINY_VOCAB_SIZE, random_hf_state, save_gguf
 
   config = LlamaConfig(
     vocab_size=TINY_VOCAB_SIZE,

@@ -170,7 +170,7 @@ def test_greedy_generation_of_a_mixed_batch_equals_separate_runs():
 
 
 def test_generate_cli_with_named_adapters(tmp_path, capsys):
-  from tests.llama_fixtures import TINY_VOCAB_SIZE, random_hf_state, save_numpy_checkpoint
+  from tests.tiny import TINY_VOCAB_SIZE, random_hf_state, save_numpy_checkpoint
   from train.generate import main
 
   config = LlamaConfig(**{**TINY, "vocab_size": TINY_VOCAB_SIZE})
