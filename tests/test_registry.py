@@ -65,6 +65,15 @@ def test_gemma_groups_map_to_hf_layers():
   assert HFNames().module_names("model/layers_3/mlp/up_proj", 0) == ["model.layers.3.mlp.up_proj"]
 
 
+def test_gguf_mapping_is_found_both_ways():
+  """An exporter finds the architecture a loader reads back (Mistral is written as llama)."""
+  for arch, (_, mapping) in registry.GGUF_ARCHITECTURES.items():
+    assert registry.gguf_for_model_type(mapping.model_type) == (arch, mapping)
+  assert registry.gguf_for_model_type("mistral")[0] == "llama"
+  with pytest.raises(ValueError, match=r"'phi3' has no GGUF architecture"):
+    registry.gguf_for_model_type("phi3")
+
+
 def _params(model, dtype):
   shapes = jax.eval_shape(
     lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))

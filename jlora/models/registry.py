@@ -165,3 +165,20 @@ def gguf_architecture(arch: str) -> tuple[Family, GGUFMapping]:
       f"Unsupported GGUF architecture {arch!r}; supported: {sorted(GGUF_ARCHITECTURES)}."
     )
   return GGUF_ARCHITECTURES[arch]
+
+
+# HF model_types that llama.cpp writes under another family member's GGUF architecture.
+GGUF_ARCH_ALIASES = {"mistral": "llama"}
+
+
+def gguf_for_model_type(model_type: str) -> tuple[str, GGUFMapping]:
+  """(GGUF architecture, its mapping) for an HF model_type: what a GGUF exporter writes."""
+  for arch, (_, mapping) in GGUF_ARCHITECTURES.items():
+    if mapping.model_type == model_type or arch == GGUF_ARCH_ALIASES.get(model_type):
+      return arch, mapping
+  supported = sorted(
+    {m.model_type for _, m in GGUF_ARCHITECTURES.values()} | set(GGUF_ARCH_ALIASES)
+  )
+  raise ValueError(
+    f"model_type {model_type!r} has no GGUF architecture in jlora; expected one of {supported}."
+  )
