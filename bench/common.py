@@ -9,6 +9,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 
 MODEL = "smollm2-135m-instruct"
 DATA = "data/extract_train.jsonl"
@@ -85,6 +86,21 @@ def run_child(args: list[str]) -> tuple[int, str]:
   """Runs `python -m ...args` in its own process; returns (rc, combined output)."""
   proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
   return proc.returncode, proc.stdout + proc.stderr
+
+
+def run_worker(module: str, worker_args: list[str]) -> dict:
+  """Runs `python -m module ...worker_args --worker-out FILE` in its own process; returns the JSON
+  the worker wrote, or {"error": ..., "rc": ...} with the tail of its output when it failed."""
+  with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+    path = f.name
+  try:
+    rc, output = run_child(["-m", module, *worker_args, "--worker-out", path])
+    if rc != 0:
+      return {"error": output[-3000:], "rc": rc}
+    with open(path) as f:
+      return json.load(f)
+  finally:
+    os.unlink(path)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 from bench import common
@@ -193,31 +192,18 @@ def worker_peft(config: str, steps: int, warmup: int) -> dict:
 
 
 def run_one(framework: str, config: str, steps: int, warmup: int) -> dict:
-  with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-    path = f.name
-  try:
-    rc, output = common.run_child(
-      [
-        "-m",
-        "bench.vs_peft",
-        "--worker",
-        framework,
-        "--configs",
-        config,
-        "--steps",
-        str(steps),
-        "--warmup",
-        str(warmup),
-        "--worker-out",
-        path,
-      ]
-    )
-    if rc != 0:
-      return {"framework": framework, "config": config, "error": output[-3000:]}
-    with open(path) as f:
-      return json.load(f)
-  finally:
-    os.unlink(path)
+  args = [
+    "--worker",
+    framework,
+    "--configs",
+    config,
+    "--steps",
+    str(steps),
+    "--warmup",
+    str(warmup),
+  ]
+  result = common.run_worker("bench.vs_peft", args)
+  return {"framework": framework, "config": config, **result}
 
 
 def summarize(result: dict) -> dict:

@@ -28,7 +28,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.path = "smollm2-135m-instruct"  # HF dir | .gguf | hub id | an embedded model's name
   config.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   config.model.param_dtype = "float32"  # storage dtype of the frozen base
-  config.model.remat_policy = "none"  # none | full | dots_saveable | nothing_saveable | ...
+  # auto: none below 4,096 tokens per microbatch, else keep matmul outputs and attention out/lse
+  config.model.remat_policy = (
+    "auto"  # auto | none | full | dots_and_attention_saveable | dots_saveable | ...
+  )
+  # attention: auto | blockwise | naive | cudnn | splash (auto: cudnn on GPU, splash on TPU, else blockwise)
+  config.model.attention = "auto"
 
   config.data = ml_collections.ConfigDict()
   config.data.train = (

@@ -269,7 +269,10 @@ def test_logits_match_transformers(case, tmp_path):
 
   model_type, kwargs = PARITY_CASES[case]
   directory = save_torch_checkpoint(tmp_path, model_type, **kwargs)
-  model, params, tokenizer = from_pretrained(directory)
+  # Blockwise attention with blocks of 8 (24 tokens: 3 query and 3 key blocks, causal skipping).
+  model, params, tokenizer = from_pretrained(
+    directory, attention="blockwise", attention_block_q=8, attention_block_k=8
+  )
   assert model.config.tie_word_embeddings == kwargs.get("tie_word_embeddings", False)
   assert model.config.attention_bias == (model_type == "qwen2")
   if case == "llama3_rope":

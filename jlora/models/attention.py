@@ -8,8 +8,30 @@ slot `q_offset + i` may attend to key slot `j` when
 * `q_segments[b, i] == kv_segments[b, j] != 0` (packing; segment 0 is padding),
 * and, with `sliding_window=w`, `j > q_offset + i - w`.
 
-`softcap=c` applies `c * tanh(scores / c)` to the scaled scores (Gemma 2). `scale` defaults to
-`1 / sqrt(d)`. The result is `[b, s, heads, d]` in the dtype of `v`.
+`sliding_window` may be a traced int32 scalar (per-layer windows under `nn.scan`); naive and blockwise
+take it as data, the cuDNN / splash paths need a Python int. `softcap=c` applies `c * tanh(scores / c)`
+to the scaled scores (Gemma 2). `scale` defaults to
+`1 / sqrt(d)`. The result is `[b, s, heads, d]` in the dtype of `v`; a query row that may attend to
+nothing (padding) gets zeros.
+
+Implementations (`implementation=`):
+
+* `"naive"`: fp32 scores and a full `[b, kv, groups, s, t]` mask. The reference the tests compare
+  against; memory grows with s * t.
+* `"blockwise"`: flash-style pure JAX (`jlora.models.blockwise`): O(seq) memory, skips masked blocks,
+  custom VJP. Runs on every backend; the default on CPU.
+* `"cudnn"`: `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs. cuDNN takes no
+  segment ids, so it serves only rows that hold one segment followed by padding (checked at run
+  time; packed rows fall back to blockwise through `lax.cond`), bf16/fp16, no softcap, q_offset 0,
+  s == t. Calls outside those limits go to blockwise.
+* `"splash"`: TPU splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`), which takes
+  segment ids and soft-capping; training/prefill shapes only (q_offset 0, s == t, lengths that are
+  multiples of 128), otherwise blockwise.
+* `"auto"` (the default): the fastest implementation that supports the call on the current backend:
+  cudnn on GPU, splash on TPU, blockwise elsewhere (or when the fast one can't serve the call).
+
+The cudnn and splash paths could not be run where this was written (CPU only); they are thin
+wrappers whose eligibility checks follow the JAX documentation, and they fall back to blockwise.
 """
 
 from __future__ import annotations
@@ -18,29 +40,16 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from jlora.models.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, blockwise_attention
+from jlora.models.masking import attention_mask
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("naive",)
+IMPLEMENTATIONS = ("auto", "naive", "blockwise", "cudnn", "splash")
 
-
-def attention_mask(
-  q_segments: Array,
-  kv_segments: Array,
-  q_offset: Array | int = 0,
-  sliding_window: int | None = None,
-) -> Array:
-  """Boolean `[b, s, t]`: which key slots each query may attend to (see the module docstring)."""
-  s, t = q_segments.shape[1], kv_segments.shape[1]
-  q_pos = q_offset + jnp.arange(s)
-  kv_pos = jnp.arange(t)
-  allowed = kv_pos[None, :] <= q_pos[:, None]  # [s, t]
-  if sliding_window is not None:
-    allowed &= kv_pos[None, :] > q_pos[:, None] - sliding_window
-  same_segment = (q_segments[:, :, None] == kv_segments[:, None, :]) & (
-    kv_segments[:, None, :] != 0
-  )
-  return allowed[None] & same_segment
+__all__ = ["IMPLEMENTATIONS", "attention", "attention_mask", "naive_attention", "resolve"]
 
 
 def naive_attention(
@@ -65,12 +74,128 @@ def naive_attention(
   scores = scores * scale
   if softcap is not None:
     scores = softcap * jnp.tanh(scores / softcap)
-  mask = attention_mask(q_segments, kv_segments, q_offset, sliding_window)
-  # A finite fill keeps fully masked rows (padding queries) free of NaNs.
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  mask = attention_mask(q_segments, kv_segments, q_offset, sliding_window)[:, None, None]
+  # A finite fill keeps fully masked rows (padding queries) free of NaNs; zeroing their
+  # probabilities makes their output 0 rather than the mean of V.
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype)
   out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
   return out.reshape(b, s, n_heads, d)
+
+
+# --------------------------------------------------------------------------- cuDNN (NVIDIA GPU)
+
+
+def _cudnn_eligible(q, k, v, q_offset, sliding_window, softcap) -> bool:
+  """Static limits of cuDNN's fused attention as exposed by jax.nn.dot_product_attention."""
+  return (
+    jax.default_backend() == "gpu"
+    and q.dtype in (jnp.bfloat16, jnp.float16)
+    and k.dtype == q.dtype
+    and v.dtype == q.dtype
+    and softcap is None
+    and (sliding_window is None or isinstance(sliding_window, int))
+    and isinstance(q_offset, int)
+    and q_offset == 0
+    and q.shape[1] == k.shape[1]
+    and q.shape[-1] <= 128
+    and q.shape[-1] % 8 == 0
+  )
+
+
+def _single_segment_lengths(segments: Array) -> tuple[Array, Array]:
+  """(ok, lengths): ok when every row is one nonzero segment followed only by padding."""
+  real = segments != 0
+  lengths = jnp.sum(real, axis=1).astype(jnp.int32)
+  prefix = jnp.arange(segments.shape[1])[None, :] < lengths[:, None]
+  same = (segments == segments[:, :1]) | ~real
+  return jnp.all((real == prefix) & same), lengths
+
+
+def _cudnn_attention(q, k, v, q_segments, kv_segments, *, sliding_window, scale, fallback):
+  ok, q_lengths = _single_segment_lengths(q_segments)
+  kv_ok, kv_lengths = _single_segment_lengths(kv_segments)
+
+  def fused(q, k, v):
+    out = jax.nn.dot_product_attention(
+      q,
+      k,
+      v,
+      scale=scale,
+      is_causal=True,
+      query_seq_lengths=q_lengths,
+      key_value_seq_lengths=kv_lengths,
+      local_window_size=None if sliding_window is None else (sliding_window - 1, 0),
+      implementation="cudnn",
+    )
+    return jnp.where((q_segments != 0)[:, :, None, None], out, 0).astype(v.dtype)
+
+  # Packed rows can't be expressed without segment ids: decided per batch, at run time.
+  return lax.cond(ok & kv_ok & jnp.all(q_segments == kv_segments), fused, fallback, q, k, v)
+
+
+# --------------------------------------------------------------------------- splash (TPU)
+
+
+def _splash_eligible(q, k, q_offset, sliding_window) -> bool:
+  return (
+    jax.default_backend() == "tpu"
+    and (sliding_window is None or isinstance(sliding_window, int))
+    and isinstance(q_offset, int)
+    and q_offset == 0
+    and q.shape[1] == k.shape[1]
+    and q.shape[1] % 128 == 0
+  )
+
+
+def _splash_attention(q, k, v, q_segments, kv_segments, *, sliding_window, softcap, scale):
+  # Imported here: Pallas TPU kernels are only importable/usable with a TPU backend.
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  b, s, n_heads, d = q.shape
+  n_kv = k.shape[2]
+  groups = n_heads // n_kv
+  shape = (s, s)
+  if sliding_window is None:
+    mask = splash.CausalMask(shape)
+  else:
+    mask = splash.LocalMask(shape, window_size=(sliding_window - 1, 0), offset=0)
+  kernel = splash.make_splash_mqa_single_device(
+    splash.MultiHeadMask([mask] * groups), attn_logits_soft_cap=softcap
+  )
+  scale = 1.0 / math.sqrt(d) if scale is None else scale
+  # [b, kv, groups, s, d] queries against [b, kv, s, d] keys: one MQA kernel call per KV head.
+  qg = (q * scale).reshape(b, s, n_kv, groups, d).transpose(0, 2, 3, 1, 4)
+  kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+  def one_row(q_row, k_row, v_row, q_seg, kv_seg):
+    ids = splash.SegmentIds(q=q_seg, kv=kv_seg)
+    return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(q_row, k_row, v_row)
+
+  out = jax.vmap(one_row)(qg, kg, vg, q_segments, kv_segments)
+  out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, n_heads, d)
+  # Splash treats segment 0 like any other id; padding rows are zeroed to match the contract.
+  return jnp.where((q_segments != 0)[:, :, None, None], out, 0).astype(v.dtype)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def resolve(implementation: str, q, k, v, *, q_offset=0, sliding_window=None, softcap=None) -> str:
+  """The implementation that will serve this call: `auto` and ineligible fast paths resolved."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+      f"config.model.attention: {implementation!r} is not valid; expected one of "
+      f"{', '.join(IMPLEMENTATIONS)}."
+    )
+  if implementation in ("naive", "blockwise"):
+    return implementation
+  cudnn_ok = _cudnn_eligible(q, k, v, q_offset, sliding_window, softcap)
+  splash_ok = _splash_eligible(q, k, q_offset, sliding_window)
+  if implementation == "auto":
+    return "cudnn" if cudnn_ok else "splash" if splash_ok else "blockwise"
+  ok = cudnn_ok if implementation == "cudnn" else splash_ok
+  return implementation if ok else "blockwise"
 
 
 def attention(
@@ -84,21 +209,45 @@ def attention(
   sliding_window: int | None = None,
   softcap: float | None = None,
   scale: float | None = None,
-  implementation: str = "naive",
+  implementation: str = "auto",
+  block_q: int = DEFAULT_BLOCK_Q,
+  block_k: int = DEFAULT_BLOCK_K,
 ) -> Array:
-  """Dispatches to an implementation; all of them compute what `naive_attention` computes."""
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-      f"attention implementation {implementation!r}: expected one of {IMPLEMENTATIONS}"
-    )
-  return naive_attention(
-    q,
-    k,
-    v,
-    q_segments,
-    kv_segments,
-    q_offset=q_offset,
-    sliding_window=sliding_window,
-    softcap=softcap,
-    scale=scale,
+  """Dispatches to an implementation (module docstring); all compute what `naive_attention` does.
+
+  `block_q` / `block_k` are the blockwise implementation's block lengths.
+  """
+  chosen = resolve(
+    implementation, q, k, v, q_offset=q_offset, sliding_window=sliding_window, softcap=softcap
   )
+  common = dict(sliding_window=sliding_window, softcap=softcap, scale=scale)
+  if chosen == "naive":
+    return naive_attention(q, k, v, q_segments, kv_segments, q_offset=q_offset, **common)
+
+  def blockwise(q, k, v):
+    return blockwise_attention(
+      q,
+      k,
+      v,
+      q_segments,
+      kv_segments,
+      q_offset=q_offset,
+      block_q=block_q,
+      block_k=block_k,
+      **common,
+    )
+
+  if chosen == "cudnn":
+    return _cudnn_attention(
+      q,
+      k,
+      v,
+      q_segments,
+      kv_segments,
+      sliding_window=sliding_window,
+      scale=scale,
+      fallback=blockwise,
+    )
+  if chosen == "splash":
+    return _splash_attention(q, k, v, q_segments, kv_segments, **common)
+  return blockwise(q, k, v)

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora.models.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from jlora.models.llama import (
   ACTIVATIONS,
   REMAT_POLICIES,
@@ -37,6 +38,7 @@ from jlora.models.llama import (
   LlamaMLP,
   RMSNorm,
   cache_inputs,
+  check_attention_fields,
   embed,
   hf_config_dict,
   hf_shape_fields,
@@ -78,10 +80,12 @@ class GemmaConfig:
   hidden_act: str = "gelu_pytorch_tanh"
   tie_word_embeddings: bool = True
   max_position_embeddings: int = 8192
-  attention: str = "naive"
+  attention: str = "auto"  # see LlamaConfig.attention
+  attention_block_q: int = DEFAULT_BLOCK_Q
+  attention_block_k: int = DEFAULT_BLOCK_K
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  remat_policy: str = "none"
+  remat_policy: str = "auto"  # see jlora.models.llama.checkpoint_policy
   model_type: str = "gemma2"
   # Fixed by the architecture; fields so that Llama's attention and MLP read them like Llama's.
   attention_bias: bool = False
@@ -104,6 +108,7 @@ class GemmaConfig:
       )
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
+    check_attention_fields(self)
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(
         f"hidden_act: {self.hidden_act!r} is not supported; expected one of {list(ACTIVATIONS)}."

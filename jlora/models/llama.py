@@ -33,7 +33,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from jlora.models.attention import attention
+from jlora.models.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 
 Array = jax.Array
 
@@ -77,12 +79,17 @@ ACTIVATIONS = {
   "gelu": lambda x: nn.gelu(x, approximate=False),
 }
 REMAT_POLICIES = (
+  "auto",
   "none",
   "full",
   "dots_saveable",
   "dots_with_no_batch_dims_saveable",
+  "dots_and_attention_saveable",
   "nothing_saveable",
 )
+# remat_policy="auto" rematerialises microbatches of at least this many tokens (rows x sequence)
+# with "dots_and_attention_saveable"; shorter ones keep everything ("none"), which is faster.
+LONG_ROW_TOKENS = 4096
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -109,16 +116,21 @@ class LlamaConfig:
   fused_projections: bool = False  # Phi-3: one qkv_proj and one gate_up_proj Dense
   partial_rotary_factor: float = 1.0  # Phi-3: RoPE on the first factor * head_dim dims only
   hidden_act: str = "silu"
-  attention: str = "naive"  # the `implementation` of jlora.models.attention.attention
+  # The `implementation` of jlora.models.attention.attention: auto (blockwise on CPU, cudnn on
+  # GPU, splash on TPU) | blockwise | naive | cudnn | splash
+  attention: str = "auto"
+  attention_block_q: int = DEFAULT_BLOCK_Q  # blockwise attention's query / key block lengths
+  attention_block_k: int = DEFAULT_BLOCK_K
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32
-  remat_policy: str = "none"
+  remat_policy: str = "auto"  # see checkpoint_policy
   scan_layers: bool = True
   model_type: str = "llama"
 
   def __post_init__(self):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
+    check_attention_fields(self)
     if self.num_key_value_heads is None:
       object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
     if self.head_dim is None:
@@ -252,6 +264,19 @@ def hf_config_dict(hf_config: Any, model_types: tuple[str, ...], family: str) ->
       "add them to config.json."
     )
   return d
+
+
+def check_attention_fields(config) -> None:
+  """The attention implementation and block sizes of any family's config."""
+  if config.attention not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(
+      f"config.model.attention: {config.attention!r} is not valid; expected one of "
+      f"{', '.join(ATTENTION_IMPLEMENTATIONS)}."
+    )
+  for name in ("attention_block_q", "attention_block_k"):
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f"config.model.{name}: {value!r} is not valid; expected a positive integer.")
 
 
 def _rope_type(rope_scaling: Mapping[str, Any] | None) -> str:
@@ -458,6 +483,8 @@ class LlamaAttention(nn.Module):
       softcap=self.softcap,
       scale=self.scale,
       implementation=c.attention,
+      block_q=c.attention_block_q,
+      block_k=c.attention_block_k,
     )
     out = out.reshape(b, s, c.num_attention_heads * c.head_dim)
     return self.o_proj(out), new_cache
@@ -511,17 +538,60 @@ class LlamaDecoderLayer(nn.Module):
 
 
 def remat(layer_cls, config):
-  """`layer_cls` under nn.remat with the config's policy (or unchanged for "none")."""
+  """`layer_cls` whose calls run under nn.remat with `checkpoint_policy(config.remat_policy, tokens)`.
+
+  The policy is picked per call from the first argument's [batch, seq] shape, so "auto" can tell
+  long rows from short ones. A call whose last argument (the per-layer KV cache) is not None is
+  decoding, which takes no gradients, and runs plain. Python scalars among the arguments (q_offset
+  = 0 in training) stay static, so attention still knows them at trace time (cuDNN / splash).
+  """
   if config.remat_policy == "none":
     return layer_cls
-  policy = {
+
+  class Remat(layer_cls):
+    def __call__(self, h, *args):
+      rematerialise, policy = checkpoint_policy(config.remat_policy, h.shape[0] * h.shape[1])
+      if not rematerialise or args[-1] is not None:
+        return layer_cls.__call__(self, h, *args)
+      # Indices count the module (0) and h (1).
+      static = tuple(i + 2 for i, a in enumerate(args) if isinstance(a, (int, float)))
+      call = nn.remat(
+        layer_cls.__call__,
+        policy=policy,
+        # Under scan, CSE across iterations is impossible anyway; prevent_cse would only cost speed.
+        prevent_cse=not config.scan_layers,
+        static_argnums=static,
+      )
+      return call(self, h, *args)
+
+  Remat.__name__ = Remat.__qualname__ = f"Remat{layer_cls.__name__}"
+  return Remat
+
+
+def checkpoint_policy(name: str, tokens: int) -> tuple[bool, Any]:
+  """(rematerialise?, jax.checkpoint policy) for `remat_policy=name` on a microbatch of `tokens`.
+
+  "dots_and_attention_saveable" keeps the outputs of the weight matmuls (the projections, the
+  MLP and the LoRA factors' products: dots without batch dimensions) and the attention's output and
+  logsumexp (named inside jlora.models.blockwise), and recomputes norms, RoPE and activations in the
+  backward. Batched dots (naive attention's scores and probabilities) are not kept. "auto" uses it
+  for microbatches of at least LONG_ROW_TOKENS tokens, where memory, not compute, is the limit.
+  """
+  if name == "auto":
+    name = "dots_and_attention_saveable" if tokens >= LONG_ROW_TOKENS else "none"
+  if name == "none":
+    return False, None
+  policies = jax.checkpoint_policies
+  return True, {
     "full": None,  # save nothing: recompute the whole block
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  }[config.remat_policy]
-  # Under scan, CSE across iterations is impossible anyway; prevent_cse would only cost speed.
-  return nn.remat(layer_cls, policy=policy, prevent_cse=not config.scan_layers)
+    "nothing_saveable": policies.nothing_saveable,
+    "dots_saveable": policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": policies.dots_with_no_batch_dims_saveable,
+    "dots_and_attention_saveable": policies.save_from_both_policies(
+      policies.dots_with_no_batch_dims_saveable,
+      policies.save_only_these_names("attention_out", "attention_lse"),
+    ),
+  }[name]
 
 
 def scan_layers(layer_cls, length: int, n_broadcast: int):
