@@ -64,6 +64,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
 
+  # Several processes (hosts): empty/0/-1 take JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  # JAX_PROCESS_ID from the environment, or a SLURM / Open MPI / Cloud TPU cluster's own settings.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator = ""  # host:port of process 0
+  config.distributed.num_processes = 0
+  config.distributed.process_id = -1
+  config.distributed.timeout_s = 300  # how long to wait for every process to join
+  config.distributed.heartbeat_s = 100  # a process silent this long counts as dead
+
   config.log_every = 1
   config.eval_every = 15
   config.save_every = 10

@@ -617,6 +617,10 @@ class TrainIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
+    return take_rows(self.arrays, self.next_ids())
+
+  def next_ids(self) -> np.ndarray:
+    """The row indices of the next batch, without materialising it (a process takes its share)."""
     picks = []
     need = self.batch_size
     while need:
@@ -627,25 +631,29 @@ class TrainIterator:
       self.index += len(take)
       if self.index == self.n:
         self.epoch, self.index = self.epoch + 1, 0
-    rows = np.concatenate(picks)
-    return {k: self.arrays[k][rows] for k in BATCH_KEYS}
+    return np.concatenate(picks)
+
+
+def take_rows(arrays: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
+  """The rows `ids` of `arrays`; an id of -1 is an all-zero padding row."""
+  ids = np.asarray(ids)
+  real = ids >= 0
+  return {k: np.where(real[:, None], arrays[k][np.where(real, ids, 0)], 0) for k in BATCH_KEYS}
+
+
+def eval_batch_ids(n_rows: int, batch_size: int) -> Iterator[np.ndarray]:
+  """eval_batches' row ids: one pass in order, the last batch padded with -1 (weight 0)."""
+  for start in range(0, n_rows, batch_size):
+    ids = np.full(batch_size, -1, np.int64)
+    stop = min(start + batch_size, n_rows)
+    ids[: stop - start] = np.arange(start, stop)
+    yield ids
 
 
 def eval_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
   """One pass in file/pack order; the last batch is padded with all-zero rows of weight 0."""
-  n = len(arrays["input_ids"])
-  for start in range(0, n, batch_size):
-    rows = np.arange(start, min(start + batch_size, n))
-    batch = {k: arrays[k][rows] for k in BATCH_KEYS}
-    weight = np.ones(batch_size, np.int32)
-    pad = batch_size - len(rows)
-    if pad:
-      batch = {
-        k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], np.int32)]) for k, v in batch.items()
-      }
-      weight[len(rows) :] = 0
-    batch["weight"] = weight
-    yield batch
+  for ids in eval_batch_ids(len(arrays["input_ids"]), batch_size):
+    yield {**take_rows(arrays, ids), "weight": (ids >= 0).astype(np.int32)}
 
 
 # ----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.models.protocol import CausalLM
+from train.distributed import to_host
 from train.errors import UserError, exit_on_user_error, verbose_requested
 
 # Prompts are padded up to a multiple of this, so prompts of similar length share one compiled prefill.
@@ -118,14 +119,14 @@ def generate_ids(
   token, cache = prefill(params, ids, positions, segments, cache, keys[0], adapter_ids)
   position = jnp.asarray(positions[:, -1] + 1)
   eos = np.asarray(list(eos_ids), np.int32)
-  out = [np.asarray(token)]
+  out = [to_host(token)]
   done = np.isin(out[-1], eos)
   for i in range(1, max_new_tokens):
     if done.all():
       break
     token, cache = step(params, token, position, cache, keys[i], adapter_ids)
     position = position + 1
-    out.append(np.asarray(token))
+    out.append(to_host(token))
     done |= np.isin(out[-1], eos)
 
   tokens = np.stack(out, axis=1)

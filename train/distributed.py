@@ -1,0 +1,258 @@
+"""Several processes, one training run: start-up, each process's rows, gathering for outputs.
+
+JAX runs one process per host (a TPU pod slice, a GPU node, or `python -m train.launch` on one
+machine). Every process runs the same program over the global mesh (`jax.devices()`); XLA moves
+data between them. This module holds the few places where a process must know it is one of many.
+
+Start-up (`initialize`)
+  - `config.distributed.coordinator` / `num_processes` / `process_id`, or the environment variables
+    `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` (config fields win), call
+    `jax.distributed.initialize` with those values. JAX itself reads only the coordinator address
+    from the environment, so the other two are passed explicitly.
+  - With none of them set, a cluster that JAX can describe itself (SLURM with several tasks, Open MPI,
+    a multi-host Cloud TPU) gets `jax.distributed.initialize()` with no arguments, as JAX documents.
+  - Otherwise nothing happens: a single process runs exactly as before.
+
+The global batch (`put_rows`)
+  The trainer computes the same sequence of global batches in every process: the packing and the
+  shuffled order depend only on the data and the seed, never on the process count, so a run resumes
+  on any number of processes and its results do not depend on it. A batch is a list of row indices
+  into the packed row arrays. Each process then materialises only the rows that its own devices
+  hold under the batch sharding (`local_row_range`), and `jax.make_array_from_process_local_data`
+  assembles the global array from those slices; no process ever transfers the whole batch.
+
+Outputs (`gather_to_host`, `is_main`)
+  Arrays sharded over several processes are gathered (`process_allgather`) before process 0 writes
+  them; every gathered tensor is checked to have its full shape and not be empty.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+
+from train.errors import UserError
+
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+@dataclass(frozen=True)
+class Settings:
+  """Where this process finds the others. Each value names where it came from, for errors."""
+
+  coordinator: str | None
+  num_processes: int | None
+  process_id: int | None
+  sources: Mapping[str, str]  # field -> how the user set it ("JAX_NUM_PROCESSES", ...)
+  timeout_s: int = 300
+  heartbeat_s: int = 100
+
+
+def _pick(config_value, unset, env_name: str, config_name: str, environ) -> tuple[object, str]:
+  if config_value != unset and config_value is not None:
+    return config_value, config_name
+  return environ.get(env_name) or None, env_name
+
+
+def _as_int(value, source: str, minimum: int) -> int | None:
+  if value is None:
+    return None
+  try:
+    number = int(value)
+  except (TypeError, ValueError):
+    number = None
+  if number is None or number < minimum or str(value).strip() != str(number):
+    raise UserError(f"{source}={value!r} is not valid; expected an integer >= {minimum}.")
+  return number
+
+
+def settings(distributed=None, environ: Mapping[str, str] = os.environ) -> Settings:
+  """The start-up values from `config.distributed` (may be None) and the environment."""
+  get = (lambda k, d: getattr(distributed, k, d)) if distributed is not None else (lambda k, d: d)
+  coordinator, c_src = _pick(
+    get("coordinator", ""), "", ENV_COORDINATOR, "config.distributed.coordinator", environ
+  )
+  num, n_src = _pick(
+    get("num_processes", 0), 0, ENV_NUM_PROCESSES, "config.distributed.num_processes", environ
+  )
+  pid, p_src = _pick(
+    get("process_id", -1), -1, ENV_PROCESS_ID, "config.distributed.process_id", environ
+  )
+  timeout = _as_int(get("timeout_s", 300), "config.distributed.timeout_s", 1)
+  heartbeat = _as_int(get("heartbeat_s", 100), "config.distributed.heartbeat_s", 1)
+  return Settings(
+    coordinator=coordinator or None,
+    num_processes=_as_int(num, n_src, 1),
+    process_id=_as_int(pid, p_src, 0),
+    sources={"coordinator": c_src, "num_processes": n_src, "process_id": p_src},
+    timeout_s=timeout,
+    heartbeat_s=heartbeat,
+  )
+
+
+def detected_cluster(environ: Mapping[str, str] = os.environ) -> str | None:
+  """The multi-process cluster JAX can describe by itself, or None (the same tests JAX runs)."""
+  slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+  if all(k in environ for k in slurm) and environ["SLURM_NTASKS"].strip() not in ("", "1"):
+    return "SLURM"
+  if "OMPI_MCA_orte_hnp_uri" in environ:
+    return "Open MPI"
+  hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
+  if len([h for h in hosts.split(",") if h.strip()]) > 1:
+    return "Cloud TPU"
+  return None
+
+
+def check_settings(s: Settings) -> None:
+  """One-line errors for settings that can't start a run, before JAX tries (and waits)."""
+  src = s.sources
+  if s.num_processes is None:
+    raise UserError(
+      f"{src['coordinator'] if s.coordinator else src['process_id']} is set but "
+      f"{src['num_processes']} is not; set it to the number of processes in the run."
+    )
+  if s.coordinator is None:
+    raise UserError(
+      f"{src['num_processes']}={s.num_processes} needs a coordinator: set "
+      f"{ENV_COORDINATOR} (or config.distributed.coordinator) to host:port of process 0."
+    )
+  host, _, port = s.coordinator.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise UserError(
+      f"{src['coordinator']}={s.coordinator!r} is not valid; expected host:port, e.g. 10.0.0.1:1234."
+    )
+  if s.process_id is None:
+    raise UserError(
+      f"{src['num_processes']}={s.num_processes} needs this process's id: set {ENV_PROCESS_ID} "
+      f"(or config.distributed.process_id) to 0..{s.num_processes - 1}."
+    )
+  if s.process_id >= s.num_processes:
+    raise UserError(
+      f"{src['process_id']}={s.process_id} is not valid; expected 0..{s.num_processes - 1} "
+      f"for {src['num_processes']}={s.num_processes}."
+    )
+
+
+def initialize(distributed=None, environ: Mapping[str, str] = os.environ) -> str:
+  """Joins the other processes of the run, if any. Returns what was done, for the log."""
+  if jax.distributed.is_initialized():
+    return f"process {jax.process_index()} of {jax.process_count()}"
+  s = settings(distributed, environ)
+  explicit = (s.coordinator, s.num_processes, s.process_id) != (None, None, None)
+  if not explicit:
+    cluster = detected_cluster(environ)
+    if cluster is None:
+      return "single process"
+    _join(f"the {cluster} coordinator", s, None, None, None)
+    return f"process {jax.process_index()} of {jax.process_count()} ({cluster})"
+  if s.num_processes == 1 and s.coordinator is None:
+    return "single process"
+  check_settings(s)
+  _join(f"the coordinator at {s.coordinator}", s, s.coordinator, s.num_processes, s.process_id)
+  return f"process {s.process_id} of {s.num_processes} (coordinator {s.coordinator})"
+
+
+def _join(what: str, s: Settings, coordinator, num_processes, process_id) -> None:
+  try:
+    jax.distributed.initialize(
+      coordinator,
+      num_processes,
+      process_id,
+      initialization_timeout=s.timeout_s,
+      heartbeat_timeout_seconds=s.heartbeat_s,
+    )
+  except Exception as e:  # JAX raises XlaRuntimeError / RuntimeError / ValueError here
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(
+      f"process {process_id if process_id is not None else '?'} could not join {what} within "
+      f"config.distributed.timeout_s={s.timeout_s} s ({first[:200]}); check that every process "
+      "was started and that the address is reachable."
+    ) from e
+
+
+# --------------------------------------------------------------------------- who does what
+
+
+def is_main() -> bool:
+  """Process 0 writes the outputs and the logs."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def main_first(name: str, fn: Callable[[], object]):
+  """fn() on process 0, then on the others once it is done (e.g. a conversion they then read)."""
+  result = fn() if is_main() else None
+  barrier(name)
+  return result if is_main() else fn()
+
+
+# --------------------------------------------------------------------------- the global batch
+
+
+def local_row_range(sharding: NamedSharding, global_shape: tuple[int, ...]) -> tuple[int, int]:
+  """[start, stop): the rows of a batch of `global_shape` that this process's devices hold."""
+  spans = {
+    index[0].indices(global_shape[0])[:2]
+    for index in sharding.addressable_devices_indices_map(global_shape).values()
+  }
+  start, stop = min(s for s, _ in spans), max(e for _, e in spans)
+  covered = np.zeros(stop - start, bool)
+  for s, e in spans:
+    covered[s - start : e - start] = True
+  if not covered.all():  # never for the meshes make_mesh builds: a process's devices are adjacent
+    raise ValueError(f"this process's rows {sorted(spans)} are not one contiguous range.")
+  return start, stop
+
+
+def put_rows(
+  rows_of: Callable[[np.ndarray], dict[str, np.ndarray]],
+  row_ids: np.ndarray,
+  sharding: NamedSharding,
+) -> dict[str, jax.Array]:
+  """The global batch of `row_ids` as arrays laid out by `sharding`, built from local rows only.
+
+  `rows_of(ids)` materialises the rows `ids` (a dict of [len(ids), ...] arrays); it is called once,
+  with this process's share of `row_ids`.
+  """
+  n = len(row_ids)
+  start, stop = local_row_range(sharding, (n,))
+  local = rows_of(np.asarray(row_ids)[start:stop])
+  return {
+    k: jax.make_array_from_process_local_data(sharding, v, (n, *v.shape[1:]))
+    for k, v in local.items()
+  }
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def to_host(x, name: str = "array") -> np.ndarray:
+  """The full value of a (possibly process-sharded) array, on every process; checked complete."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    value = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  else:
+    value = np.asarray(x)
+  expected = tuple(x.shape)
+  if value.shape != expected or (value.size == 0 and math.prod(expected) != 0):
+    raise RuntimeError(f"{name}: gathered shape {value.shape} for an array of shape {expected}.")
+  return value
+
+
+def gather_to_host(tree):
+  """`to_host` on every array leaf of `tree` (jlora nodes keep their structure)."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, x: to_host(x, jax.tree_util.keystr(path)) if hasattr(x, "shape") else x, tree
+  )
