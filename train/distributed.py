@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -157,8 +159,33 @@ def initialize(distributed=None, environ: Mapping[str, str] = os.environ) -> str
   if s.num_processes == 1 and s.coordinator is None:
     return "single process"
   check_settings(s)
+  if s.process_id != 0:  # process 0 serves the coordinator; the others must reach it
+    wait_for_coordinator(s)
   _join(f"the coordinator at {s.coordinator}", s, s.coordinator, s.num_processes, s.process_id)
   return f"process {s.process_id} of {s.num_processes} (coordinator {s.coordinator})"
+
+
+def wait_for_coordinator(s: Settings, poll_s: float = 0.25) -> None:
+  """Waits until the coordinator accepts connections, or raises a one-line error.
+
+  JAX aborts the whole process (a fatal C++ check, no Python exception) when it can't register
+  with the coordinator in time, so this process checks that it can reach it first.
+  """
+  host, _, port = s.coordinator.rpartition(":")
+  host = host.strip("[]")
+  deadline = time.monotonic() + s.timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=min(2.0, s.timeout_s)):
+        return
+    except OSError as e:
+      if time.monotonic() + poll_s > deadline:
+        raise UserError(
+          f"process {s.process_id} could not reach the coordinator at "
+          f"{s.sources['coordinator']}={s.coordinator} within config.distributed.timeout_s="
+          f"{s.timeout_s} s ({e.strerror or e}); start process 0 there, or fix the address."
+        ) from None
+      time.sleep(poll_s)
 
 
 def _join(what: str, s: Settings, coordinator, num_processes, process_id) -> None:

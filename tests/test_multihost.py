@@ -1,0 +1,354 @@
+"""Several JAX processes on this machine (train.launch, gloo CPU collectives) against one process.
+
+The multi-process runs are slow (each process compiles the whole run); they share runs through
+module fixtures: one 2-process run is the reference that the 1-process runs, the resumed runs and
+PEFT are compared with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tests import tiny
+from train import distributed
+from train.errors import UserError
+
+# Small and fast: 4 steps of 8 rows, a checkpoint every 2 steps, one short generation.
+FAST = {
+  "data.batch_size": 8,
+  "data.eval_batch_size": 8,
+  "steps": 4,
+  "save_every": 2,
+  "eval_every": 100,
+  "eval_examples": 2,
+  "samples": 1,
+  "max_new_tokens": 2,
+}
+OUTPUTS = {
+  "adapter_config.json",
+  "adapter_model.safetensors",
+  "before.json",
+  "checkpoints",
+  "logs",
+  "loss.png",
+  "metrics.jsonl",
+  "summary.json",
+}
+
+
+def _env(**extra) -> dict:
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.pop("XLA_FLAGS", None)
+  return {**env, "PYTHONPATH": str(tiny.REPO), **extra}
+
+
+def _sft_args(files, out: Path, **overrides) -> list[str]:
+  return tiny.cli_args(files["model"], files["train"], files["eval"], out, **{**FAST, **overrides})
+
+
+def _launch(files, out: Path, processes=2, devices=4, timeout=400, **overrides):
+  command = [
+    sys.executable,
+    "-m",
+    "train.launch",
+    f"--processes={processes}",
+    f"--devices-per-process={devices}",
+    f"--timeout={timeout - 20}",
+    "--",
+    *_sft_args(files, out, **overrides),
+  ]
+  return subprocess.run(
+    command, env=_env(), cwd=tiny.REPO, capture_output=True, text=True, timeout=timeout
+  )
+
+
+def _one_process(files, out: Path, devices: int, **overrides):
+  env = _env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.run(
+    [sys.executable, "-m", "train.sft", *_sft_args(files, out, **overrides)],
+    env=env,
+    cwd=tiny.REPO,
+    capture_output=True,
+    text=True,
+    timeout=400,
+  )
+
+
+def _ok(result) -> None:
+  assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+
+
+def _assert_same_adapter(got_dir: Path, want_dir: Path, atol: float) -> None:
+  got = load_file(got_dir / "adapter_model.safetensors")
+  want = load_file(want_dir / "adapter_model.safetensors")
+  assert got.keys() == want.keys()
+  for key in want:
+    assert got[key].shape == want[key].shape and got[key].size, key
+    np.testing.assert_allclose(got[key], want[key], atol=atol, rtol=0, err_msg=key)
+
+
+# --------------------------------------------------------------------------- start-up (fast)
+
+
+@pytest.mark.parametrize(
+  "env, message",
+  [
+    ({"JAX_NUM_PROCESSES": "2"}, r"JAX_NUM_PROCESSES=2 needs a coordinator: set JAX_COORDINATOR"),
+    ({"JAX_NUM_PROCESSES": "two"}, r"JAX_NUM_PROCESSES='two' is not valid; expected an integer"),
+    (
+      {"JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_ADDRESS": "localhost:1234"},
+      r"needs this process's id: set JAX_PROCESS_ID",
+    ),
+    (
+      {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2", "JAX_COORDINATOR_ADDRESS": "h:1"},
+      r"JAX_PROCESS_ID=2 is not valid; expected 0..1",
+    ),
+    (
+      {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0", "JAX_COORDINATOR_ADDRESS": "nohost"},
+      r"JAX_COORDINATOR_ADDRESS='nohost' is not valid; expected host:port",
+    ),
+    ({"JAX_PROCESS_ID": "0"}, r"JAX_PROCESS_ID is set but JAX_NUM_PROCESSES is not"),
+  ],
+)
+def test_bad_start_up_settings_are_one_line_errors(env, message):
+  with pytest.raises(UserError, match=message):
+    distributed.initialize(None, env)
+
+
+def test_config_fields_win_over_the_environment():
+  class Fields:
+    coordinator, num_processes, process_id, timeout_s, heartbeat_s = "h:9", 4, 3, 5, 7
+
+  s = distributed.settings(Fields, {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"})
+  assert (s.coordinator, s.num_processes, s.process_id, s.timeout_s) == ("h:9", 4, 3, 5)
+  assert s.sources["num_processes"] == "config.distributed.num_processes"
+
+
+def test_single_process_and_cluster_detection():
+  assert distributed.initialize(None, {}) == "single process"
+  assert distributed.initialize(None, {"JAX_NUM_PROCESSES": "1"}) == "single process"
+  slurm = dict.fromkeys(
+    ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID"), "0"
+  )
+  assert distributed.detected_cluster({**slurm, "SLURM_NTASKS": "4"}) == "SLURM"
+  assert distributed.detected_cluster({**slurm, "SLURM_NTASKS": "1"}) is None
+  assert distributed.detected_cluster({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://h:1"}) == "Open MPI"
+  assert distributed.detected_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1"}) == "Cloud TPU"
+  assert distributed.detected_cluster({"TPU_WORKER_HOSTNAMES": "w0"}) is None
+
+
+def test_unreachable_coordinator_is_a_one_line_error_not_a_hang(tmp_path):
+  port = __import__("train.launch", fromlist=["free_port"]).free_port()  # nobody listens there
+  env = _env(JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}")
+  args = ["--config", str(tiny.REPO / "configs" / "llama.py"), "--config.distributed.timeout_s=2"]
+  args.append(f"--config.output_dir={tmp_path / 'out'}")
+  started = time.monotonic()
+  result = subprocess.run(
+    [sys.executable, "-m", "train.sft", *args],
+    env=env,
+    cwd=tiny.REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert f"coordinator at JAX_COORDINATOR_ADDRESS=127.0.0.1:{port} within" in lines[0]
+  assert time.monotonic() - started < 90
+
+
+# --------------------------------------------------------------------------- the launcher (fast)
+
+
+def _probe(tmp_path, action: str, processes: int = 3, grace: float = 2.0):
+  command = [sys.executable, "-m", "train.launch", f"--processes={processes}"]
+  command += ["--devices-per-process=2", f"--grace={grace}", f"--log-dir={tmp_path / 'logs'}"]
+  command += ["--module=tests.launch_probe", "--", str(tmp_path), action]
+  started = time.monotonic()
+  result = subprocess.run(
+    command, env=_env(), cwd=tiny.REPO, capture_output=True, text=True, timeout=60
+  )
+  records = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(processes)]
+  return result, records, time.monotonic() - started
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  status = Path(f"/proc/{pid}/status")
+  return not (status.exists() and "zombie" in status.read_text())
+
+
+def test_launcher_gives_each_process_its_place(tmp_path):
+  result, records, _ = _probe(tmp_path, "ok")
+  assert result.returncode == 0, result.stderr
+  assert "probe 0 says hello" in result.stdout  # process 0 is streamed
+  assert "probe 1" not in result.stdout
+  assert "probe 2 says hello" in (tmp_path / "logs" / "process-2.log").read_text()
+  assert [r["JAX_PROCESS_ID"] for r in records] == ["0", "1", "2"]
+  assert {r["JAX_NUM_PROCESSES"] for r in records} == {"3"}
+  assert len({r["JAX_COORDINATOR_ADDRESS"] for r in records}) == 1
+  assert all("--xla_force_host_platform_device_count=2" in r["XLA_FLAGS"] for r in records)
+
+
+@pytest.mark.parametrize("action", ["fail-1", "fail-1-stuck"])
+def test_launcher_stops_every_process_when_one_fails(tmp_path, action):
+  # fail-1-stuck: the survivors ignore SIGTERM, so they get SIGKILL after the grace period.
+  result, records, elapsed = _probe(tmp_path, action, grace=1.0)
+  assert result.returncode == 3
+  assert "process 1 exited with status 3" in result.stderr
+  assert elapsed < 30
+  assert not any(_alive(r["pid"]) for r in records)
+
+
+# --------------------------------------------------------------------------- training (slow)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  root = tmp_path_factory.mktemp("multihost")
+  return {
+    "model": tiny.make_checkpoint(root / "model"),
+    "train": tiny.write_rows(root / "train.jsonl", 48),
+    "eval": tiny.write_rows(root / "eval.jsonl", 8, start=1000),
+    "root": root,
+  }
+
+
+@pytest.fixture(scope="module")
+def two(files):
+  """The reference: 2 processes x 4 CPU devices, mesh data=8."""
+  out = files["root"] / "two"
+  result = _launch(files, out)
+  _ok(result)
+  return out, result
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_complete_copy_of_each_output(two):
+  out, result = two
+  assert {p.name for p in out.iterdir()} == OUTPUTS
+  assert sorted(p.name for p in (out / "logs").iterdir()) == ["process-1.log"]
+  rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["steps"] == 4 and len(summary["samples"]) == 1
+  assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  tensors = load_file(out / "adapter_model.safetensors")
+  assert tensors and all(t.size for t in tensors.values())
+  # Only process 0 logs: one "done" line, in process 0's stream.
+  assert result.stdout.count("done in") == 1
+  assert "done in" not in (out / "logs" / "process-1.log").read_text()
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(files, two):
+  eight = files["root"] / "one-8"
+  _ok(_one_process(files, eight, devices=8))
+  _assert_same_adapter(two[0], eight, atol=1e-5)
+  single = files["root"] / "one-1"
+  _ok(_one_process(files, single, devices=1))
+  _assert_same_adapter(two[0], single, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_nf4(files):
+  quant = {"quant.kind": "nf4", "quant.block_size": 16, "steps": 2, "save_every": 2}
+  two = files["root"] / "two-nf4"
+  _ok(_launch(files, two, **quant))
+  one = files["root"] / "one-8-nf4"
+  _ok(_one_process(files, one, devices=8, **quant))
+  _assert_same_adapter(two, one, atol=1e-5)
+
+
+def _children(pid: int) -> list[int]:
+  return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.slow
+def test_sigkill_one_process_then_resume_on_two_and_on_one(files, two):
+  out = files["root"] / "killed"
+  command = [sys.executable, "-m", "train.launch", "--processes=2", "--devices-per-process=4"]
+  command += ["--grace=5", "--", *_sft_args(files, out)]
+  launcher = subprocess.Popen(
+    command, env=_env(), cwd=tiny.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
+  deadline = time.monotonic() + 300
+  while not (out / "checkpoints" / "2").is_dir():
+    assert launcher.poll() is None, launcher.stderr.read().decode()[-3000:]
+    assert time.monotonic() < deadline, "no checkpoint at step 2 in time"
+    time.sleep(0.05)
+  processes = _children(launcher.pid)
+  assert len(processes) == 2
+  os.kill(processes[1], signal.SIGKILL)
+  killed_at = time.monotonic()
+  launcher.wait(timeout=60)
+  assert time.monotonic() - killed_at < 30, "the other process must be stopped promptly"
+  assert launcher.returncode == 128 + signal.SIGKILL
+  assert not any(_alive(p) for p in processes)
+  assert not (out / "adapter_model.safetensors").exists(), "the run finished before the kill"
+
+  # A copy resumes on one process (8 devices), the original on two processes.
+  other = files["root"] / "killed-then-one"
+  shutil.copytree(out, other)
+  resumed = _launch(files, out)
+  _ok(resumed)
+  assert "resuming from step" in resumed.stdout
+  _assert_same_adapter(out, two[0], atol=1e-6)
+  one = _one_process(files, other, devices=8)
+  _ok(one)
+  assert "resuming from step" in one.stdout
+  _assert_same_adapter(other, two[0], atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"mesh.data": 2}, r"uses 2 of the 4 devices of 2 processes; with several processes"),
+    ({"data.batch_size": 6}, r"must divide evenly over the data x fsdp = 4 mesh shards"),
+  ],
+)
+def test_bad_multi_process_configs_are_one_line_errors(files, tmp_path, overrides, message):
+  result = _launch(files, tmp_path / "out", devices=2, timeout=200, **overrides)
+  assert result.returncode == 2, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and __import__("re").search(message, errors[0]), result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.ref
+def test_gathered_adapter_loads_in_peft_with_jlora_logits(files, two):
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  transformers = pytest.importorskip("transformers")
+  import jax.numpy as jnp
+
+  import jlora
+  from jlora.models import from_pretrained
+
+  ids = np.random.RandomState(0).randint(0, 300, (2, 12))
+  model, base, _ = from_pretrained(files["model"])
+  ours = jlora.wrap(model.apply)({"params": jlora.load_adapter(two[0], base)}, jnp.asarray(ids))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(files["model"]), dtype=torch.float32)
+  reference = peft.PeftModel.from_pretrained(hf.eval(), str(two[0])).eval()
+  with torch.no_grad():
+    theirs = reference(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+  np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)
+  with torch.no_grad():
+    plain = hf(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+  assert not np.allclose(plain, theirs, atol=1e-4), "the adapter must change the logits"
