@@ -352,3 +352,52 @@ def test_gathered_adapter_loads_in_peft_with_jlora_logits(files, two):
   with torch.no_grad():
     plain = hf(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
   assert not np.allclose(plain, theirs, atol=1e-4), "the adapter must change the logits"
+
+
+SHARDED_LOAD = r"""
+import json, sys
+import jax, numpy as np
+from jlora import sharding as shard_lib
+from jlora.models import loading
+from jlora.models.llama import DEFAULT_RULES, LlamaForCausalLM
+from jlora.models.loading import load_params
+from tests import tiny
+
+directory = tiny.make_checkpoint(sys.argv[1], tied=False, layers=3, hidden=48)
+model, full, _ = loading.load_hf_dir(directory)
+mesh = shard_lib.make_mesh(2, 2, 2)
+abstract = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros((1, 8), jax.numpy.int32))
+specs = shard_lib.logical_specs(abstract["params"], DEFAULT_RULES)
+reads = []
+block = loading.read_block
+def spy(slices, transpose, stacked, leaf, index):
+  out = block(slices, transpose, stacked, leaf, index)
+  reads.append((out.size, int(np.prod(leaf.shape))))
+  return out
+loading.read_block = spy
+sharded = load_params(directory, model, shardings=shard_lib.named(mesh, specs))
+same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), sharded, full)
+split = jax.tree.map(lambda s: any(a is not None for a in s), specs,
+                     is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+print(json.dumps({"same": all(jax.tree.leaves(same)), "reads": reads,
+                  "sharded_leaves": sum(jax.tree.leaves(split)), "leaves": len(jax.tree.leaves(split))}))
+"""
+
+
+def test_sharded_load_reads_only_each_devices_slices(tmp_path):
+  result = subprocess.run(
+    [sys.executable, "-c", SHARDED_LOAD, str(tmp_path / "model")],
+    env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    cwd=tiny.REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["same"], "sharded loading must give the same values as a full read"
+  assert report["sharded_leaves"] >= 5
+  # 8 devices each read their block: a whole tensor only for the replicated params.
+  full_reads = sum(got == whole for got, whole in report["reads"])
+  assert len(report["reads"]) == 8 * report["leaves"]
+  assert full_reads <= 8 * (report["leaves"] - report["sharded_leaves"])

@@ -17,6 +17,7 @@ It is an ordinary HF checkpoint dir: transformers' LlamaForCausalLM.from_pretrai
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -249,7 +250,12 @@ def _safetensors_files(directory: Path) -> dict[str, Path]:
 
 
 def load_params(directory: Path, model, *, shardings=None) -> dict:
-  """Stream tensors from safetensors into the model's param tree, one flax param at a time."""
+  """Stream tensors from safetensors into the model's param tree, one flax param at a time.
+
+  With `shardings`, each param is built with `jax.make_array_from_callback`: every device asks
+  for its own slice, read with safetensors' `get_slice`, so a process reads only the slices its
+  devices hold and never a full copy of a tensor it shards (one process per host, as on a pod).
+  """
   from safetensors import safe_open
 
   config = model.config
@@ -267,30 +273,32 @@ def load_params(directory: Path, model, *, shardings=None) -> dict:
       f: stack.enter_context(safe_open(str(f), framework="numpy")) for f in set(files.values())
     }
 
-    def read(name: str, expected_hf_shape: tuple[int, ...], flax_name: str) -> np.ndarray:
+    def tensor(name: str, expected_hf_shape: tuple[int, ...], flax_name: str):
+      """The tensor's lazy slice handle, after checking its shape (nothing is read yet)."""
       if name not in files:
         raise UserError(
           f"checkpoint in {directory} has no tensor {name!r} (needed for param {flax_name})"
         )
-      # safetensors' numpy backend returns bf16 as ml_dtypes.bfloat16, so bf16 checkpoints need no torch.
-      tensor = handles[files[name]].get_tensor(name)
-      if tuple(tensor.shape) != expected_hf_shape:
+      handle = handles[files[name]].get_slice(name)
+      if tuple(handle.get_shape()) != expected_hf_shape:
         raise UserError(
           f"shape mismatch for tensor {name!r} (param {flax_name}): expected {expected_hf_shape} "
-          f"from config.json, found {tuple(tensor.shape)} in the checkpoint"
+          f"from config.json, found {tuple(handle.get_shape())} in the checkpoint"
         )
       used.add(name)
-      return tensor
+      return handle
 
     for (path, leaf), sharding in zip(leaves, sharding_leaves):
       flax_name = "/".join(k.key for k in path)
       names, transpose, stacked = hf_names.tensor_names(flax_name, leaf.shape)
       per_tensor_shape = leaf.shape[1:] if stacked else leaf.shape
       hf_shape = tuple(reversed(per_tensor_shape)) if transpose else tuple(per_tensor_shape)
-      arrays = [read(n, hf_shape, flax_name) for n in names]
-      arrays = [(a.T if transpose else a).astype(leaf.dtype) for a in arrays]
-      value = np.stack(arrays) if stacked else arrays[0]
-      out.append(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
+      slices = [tensor(n, hf_shape, flax_name) for n in names]
+      read = functools.partial(read_block, slices, transpose, stacked, leaf)
+      if sharding is None:
+        out.append(jnp.asarray(read(tuple(slice(None) for _ in leaf.shape))))
+      else:
+        out.append(jax.make_array_from_callback(leaf.shape, sharding, read))
 
   unused = sorted(
     n
@@ -301,6 +309,22 @@ def load_params(directory: Path, model, *, shardings=None) -> dict:
   if unused:
     logger.warning("%d checkpoint tensors were not used, e.g. %s", len(unused), unused[:5])
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def read_block(slices, transpose: bool, stacked: bool, leaf, index: tuple) -> np.ndarray:
+  """The block `index` (slices over the flax param's shape) read from safetensors slice handles.
+
+  A stacked param's first axis picks layers (one HF tensor each); a kernel is stored transposed
+  (torch Linear is [out, in], a flax kernel [in, out]), so its index is reversed for the read.
+  """
+  index = tuple(index) + (slice(None),) * (len(leaf.shape) - len(tuple(index)))
+  layers, per_tensor = (range(len(slices))[index[0]], index[1:]) if stacked else ([0], index)
+  blocks = []
+  # safetensors' numpy backend returns bf16 as ml_dtypes.bfloat16, so bf16 checkpoints need no torch.
+  for layer in layers:
+    block = slices[layer][tuple(reversed(per_tensor)) if transpose else per_tensor]
+    blocks.append((block.T if transpose else block).astype(leaf.dtype))
+  return np.stack(blocks) if stacked else blocks[0]
 
 
 # --------------------------------------------------------------------------------------------------
