@@ -268,11 +268,19 @@ def test_two_processes_equal_one_process(files, two):
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_nf4(files):
   quant = {"quant.kind": "nf4", "quant.block_size": 16, "steps": 2, "save_every": 2}
+  quant["export_merged"] = True
   two = files["root"] / "two-nf4"
   _ok(_launch(files, two, **quant))
   one = files["root"] / "one-8-nf4"
   _ok(_one_process(files, one, devices=8, **quant))
   _assert_same_adapter(two, one, atol=1e-5)
+  # The merged export is gathered from both processes: complete, and equal to one process's.
+  got = load_file(two / "merged" / "model.safetensors")
+  want = load_file(one / "merged" / "model.safetensors")
+  assert got.keys() == want.keys()
+  for key in want:
+    assert got[key].shape == want[key].shape and got[key].size, key
+    np.testing.assert_allclose(got[key], want[key], atol=1e-5, rtol=0, err_msg=key)
 
 
 def _children(pid: int) -> list[int]:

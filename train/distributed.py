@@ -263,6 +263,12 @@ def put_rows(
   }
 
 
+def put_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host array every process holds, placed by rows: each process transfers only its rows."""
+  start, stop = local_row_range(sharding, value.shape)
+  return jax.make_array_from_process_local_data(sharding, value[start:stop], value.shape)
+
+
 # --------------------------------------------------------------------------- outputs
 
 

@@ -95,11 +95,15 @@ def generate_ids(
   seed: int = 0,
   apply_fn: Callable | None = None,
   adapter_ids=None,
+  place: Callable[[np.ndarray], jax.Array] | None = None,
 ) -> list[list[int]]:
   """Generate from token-id prompts; returns the new ids per prompt, cut after the first eos.
 
   adapter_ids: with params from jlora.stack_adapters, the adapter of each row (-1: the base).
+  place: puts a host [prompts, ...] array on the devices, e.g. split by rows over a mesh's data
+  axes (`train.distributed.put_array`), so each device decodes only its own prompts.
   """
+  place = place or (lambda x: x)
   apply_fn = apply_fn or model.apply
   batch = len(prompts)
   prompt_len = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
@@ -116,7 +120,9 @@ def generate_ids(
   keys = jax.random.split(jax.random.key(seed), max_new_tokens)
   if adapter_ids is not None:
     adapter_ids = jnp.asarray(adapter_ids, jnp.int32)
-  token, cache = prefill(params, ids, positions, segments, cache, keys[0], adapter_ids)
+  token, cache = prefill(
+    params, place(ids), place(positions), place(segments), cache, keys[0], adapter_ids
+  )
   position = jnp.asarray(positions[:, -1] + 1)
   eos = np.asarray(list(eos_ids), np.int32)
   out = [to_host(token)]
