@@ -220,13 +220,7 @@ def test_launcher_stops_every_process_when_one_fails(tmp_path, action):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-  root = tmp_path_factory.mktemp("multihost")
-  return {
-    "model": tiny.make_checkpoint(root / "model"),
-    "train": tiny.write_rows(root / "train.jsonl", 48),
-    "eval": tiny.write_rows(root / "eval.jsonl", 8, start=1000),
-    "root": root,
-  }
+  return tiny.sft_files(tmp_path_factory.mktemp("multihost"))
 
 
 @pytest.fixture(scope="module")

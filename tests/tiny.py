@@ -105,6 +105,17 @@ def write_rows(path: Path, n: int, start: int = 0) -> Path:
   return Path(path)
 
 
+def sft_files(root: Path) -> dict:
+  """A tiny model dir, 48 training rows and 8 eval rows under `root`: the inputs of an SFT run."""
+  root = Path(root)
+  return {
+    "model": make_checkpoint(root / "model"),
+    "train": write_rows(root / "train.jsonl", 48),
+    "eval": write_rows(root / "eval.jsonl", 8, start=1000),
+    "root": root,
+  }
+
+
 # Small enough that a whole run, evaluation and generation included, takes seconds.
 TINY = {
   "data.max_length": 96,
