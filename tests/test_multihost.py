@@ -403,3 +403,23 @@ def test_sharded_load_reads_only_each_devices_slices(tmp_path):
   full_reads = sum(got == whole for got, whole in report["reads"])
   assert len(report["reads"]) == 8 * report["leaves"]
   assert full_reads <= 8 * (report["leaves"] - report["sharded_leaves"])
+
+
+def test_helpers_on_two_real_processes(tmp_path):
+  command = [sys.executable, "-m", "train.launch", "--processes=2", "--devices-per-process=2"]
+  command += ["--timeout=150", "--module=tests.multihost_probe", "--", str(tmp_path)]
+  result = subprocess.run(
+    command, env=_env(), cwd=tiny.REPO, capture_output=True, text=True, timeout=180
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  got = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
+  rows = np.arange(24 * 3).reshape(24, 3)[::-1]
+  # Each process built only its half of the global batch, and the halves make the whole.
+  assert sorted(got[0]["asked"]) == list(range(12, 24))
+  assert sorted(got[1]["asked"]) == list(range(12))
+  for g in got:
+    assert g["gathered"] == rows.tolist()
+    assert g["sum"] == rows.sum(axis=0).tolist()
+    assert g["shared"] == {"run": "from process 0", "by": 0}
+    assert g["error"] == "main says no"
+  assert got[1]["joined"].startswith("process 1 of 2")

@@ -28,6 +28,7 @@ Outputs (`gather_to_host`, `is_main`)
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -224,6 +225,30 @@ def main_first(name: str, fn: Callable[[], object]):
   result = fn() if is_main() else None
   barrier(name)
   return result if is_main() else fn()
+
+
+def share_from_main(fn: Callable[[], object]):
+  """fn() run on process 0 only, its JSON-able result given to every process.
+
+  For decisions every process must take alike (which run owns the output dir, whether to
+  resume). A `UserError` on process 0 is raised on every process, so none waits for the others.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  if is_main():
+    try:
+      message = {"value": fn()}
+    except UserError as e:
+      message = {"error": str(e)}
+    data = np.frombuffer(json.dumps(message).encode(), np.uint8)
+  else:
+    data = np.zeros(0, np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
+  buffer = data if is_main() else np.zeros(size, np.uint8)
+  message = json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))))
+  if "error" in message:
+    raise UserError(message["error"])
+  return message["value"]
 
 
 # --------------------------------------------------------------------------- the global batch
