@@ -347,13 +347,13 @@ def test_gathered_adapter_loads_in_peft_with_jlora_logits(files, two):
   model, base, _ = from_pretrained(files["model"])
   ours = jlora.wrap(model.apply)({"params": jlora.load_adapter(two[0], base)}, jnp.asarray(ids))
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(files["model"]), dtype=torch.float32)
-  reference = peft.PeftModel.from_pretrained(hf.eval(), str(two[0])).eval()
+  with torch.no_grad():  # before PEFT wraps (and changes) the model in place
+    plain = hf.eval()(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+  reference = peft.PeftModel.from_pretrained(hf, str(two[0])).eval()
   with torch.no_grad():
     theirs = reference(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
   np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)
-  with torch.no_grad():
-    plain = hf(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
-  assert not np.allclose(plain, theirs, atol=1e-4), "the adapter must change the logits"
+  assert not np.allclose(plain, theirs, atol=1e-3), "the adapter must change the logits"
 
 
 SHARDED_LOAD = r"""
