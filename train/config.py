@@ -241,12 +241,16 @@ def mesh_sizes(config, devices: int | None = None) -> dict[str, int]:
       )
     sizes[free[0]] = devices // fixed
   used = math.prod(sizes.values())
+  if jax.process_count() > 1:  # the devices of every process count
+    devices_word = f"devices of {jax.process_count()} processes"
+  else:
+    devices_word = "devices"
   if used != devices:
     shown = " x ".join(f"config.mesh.{a}={config.mesh[a]}" for a in MESH_AXES)
     problem = (
       f"needs {used} devices, but only {devices} exist"
       if used > devices
-      else f"uses {used} of the {devices} devices, leaving {devices - used} idle "
+      else f"uses {used} of the {devices} {devices_word}, leaving {devices - used} idle "
       f"(devices {used}..{devices - 1} would hold no shard and do no work)"
     )
     raise UserError(
@@ -259,6 +263,12 @@ def mesh_sizes(config, devices: int | None = None) -> dict[str, int]:
       f"config.data.batch_size: {config.data.batch_size} / config.data.grad_accum="
       f"{config.data.grad_accum} = {rows} rows per microbatch do not split over config.mesh.data x "
       f"config.mesh.fsdp = {shards} shards; make it a multiple of {shards}."
+    )
+  if config.data.eval_batch_size % shards:
+    raise UserError(
+      f"config.data.eval_batch_size: {config.data.eval_batch_size} rows do not split over "
+      f"config.mesh.data x config.mesh.fsdp = {shards} shards ({devices} {devices_word}); make it "
+      f"a multiple of {shards}."
     )
   return sizes
 

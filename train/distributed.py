@@ -220,11 +220,23 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def main_first(name: str, fn: Callable[[], object]):
+def describe() -> str:
+  n = jax.process_count()
+  return "single process" if n == 1 else f"process {jax.process_index()} of {n}"
+
+
+def main_first(fn: Callable[[], object]):
   """fn() on process 0, then on the others once it is done (e.g. a conversion they then read)."""
   result = fn() if is_main() else None
-  barrier(name)
+  barrier("main-first")
   return result if is_main() else fn()
+
+
+def all_processes(value: int) -> list[int]:
+  """Every process's `value` (a small int), in process order; a collective when there are many."""
+  if jax.process_count() == 1:
+    return [int(value)]
+  return np.asarray(multihost_utils.process_allgather(np.int32(value))).ravel().tolist()
 
 
 def share_from_main(fn: Callable[[], object]):

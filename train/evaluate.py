@@ -16,11 +16,13 @@ import math
 import sys
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import jlora
 from train import data as data_lib
+from train import distributed
 from train import step as step_lib
 from train.errors import UserError
 from train.generate import generate_ids
@@ -107,9 +109,17 @@ def perplexity(loss: float) -> float:
   return math.exp(loss) if loss < 700 else math.inf
 
 
-def put_batch(batch: dict, mesh) -> dict:
-  spec = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-  return {k: jax.device_put(v, spec) for k, v in batch.items()}
+def put_batch(arrays: dict, ids, budget: int, mesh, weighted: bool = False) -> dict:
+  """The global batch of rows `ids` (-1: padding of weight 0), sharded over (data, fsdp).
+
+  Each process builds only the rows its own devices hold (see train/distributed.py).
+  """
+
+  def rows_of(local_ids):
+    batch = step_lib.gather_labels(data_lib.take_rows(arrays, local_ids), budget)
+    return {**batch, "weight": (local_ids >= 0).astype(np.int32)} if weighted else batch
+
+  return distributed.put_rows(rows_of, ids, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
 
 
 def _warn_once(warned: set, message: str) -> None:
@@ -149,22 +159,29 @@ class Evaluator:
 
   def loss(self, trainable, frozen) -> float:
     total = count = 0.0
-    for batch in data_lib.eval_batches(self.arrays, self.config.data.eval_batch_size):
-      batch = put_batch(step_lib.gather_labels(batch, self.budget), self.mesh)
+    n_rows = len(self.arrays["input_ids"])
+    for ids in data_lib.eval_batch_ids(n_rows, self.config.data.eval_batch_size):
+      batch = put_batch(self.arrays, ids, self.budget, self.mesh, weighted=True)
       value, n = self.loss_fn(trainable, frozen, batch)
       total, count = total + float(value), count + float(n)
     return total / max(count, 1.0)
 
   def generations(self, trainable, frozen) -> list[str]:
     eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+    prompts = [e["prompt_ids"] for e in self.examples]
+    # The prompts are split over the data-parallel devices (of every process): pad to a multiple.
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    padded = prompts + prompts[:1] * (-len(prompts) % shards)
+    sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
     outputs = generate_ids(
       self.model,
       jlora.combine(trainable, frozen),
-      [e["prompt_ids"] for e in self.examples],
+      padded,
       self.config.max_new_tokens,
       eos_ids=eos,
       apply_fn=self.apply_fn,
-    )
+      place=lambda x: distributed.put_array(x, sharding),
+    )[: len(prompts)]
     return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
 
   def evaluate(self, trainable, frozen, eval_loss: float | None = None) -> dict:

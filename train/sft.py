@@ -43,7 +43,7 @@ from jlora.models.loading import load_hf_dir, resolve_checkpoint
 from jlora.quant import is_quantized
 from train import config as config_lib
 from train import data as data_lib
-from train import outputs
+from train import distributed, outputs
 from train import step as step_lib
 from train.checkpoint import Checkpointer
 from train.errors import UserError, exit_on_user_error, verbose_requested
@@ -51,7 +51,8 @@ from train.evaluate import Evaluator, put_batch
 
 
 def log(message: str) -> None:
-  tqdm.write(message, file=sys.stdout)
+  if distributed.is_main():  # one copy of the log, from process 0
+    tqdm.write(message, file=sys.stdout)
 
 
 def mib(n: float) -> str:
@@ -105,7 +106,8 @@ def load_model(config, mesh):
   """(model, base params placed on `mesh`, tokenizer, layout)."""
   overrides = config_lib.model_overrides(config)
   try:
-    directory = resolve_checkpoint(config.model.path)
+    # A GGUF is converted by process 0; the others wait for it, then read its cache.
+    directory = distributed.main_first(lambda: resolve_checkpoint(config.model.path))
     model, params, tokenizer = load_hf_dir(directory, mesh=mesh, **overrides)
   except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:  # a bad path or file
     message = str(e).strip("'\"")
@@ -203,7 +205,10 @@ def setup(config, out: Path, mesh, record: outputs.RunRecord) -> Trainer:
     f"d={model.config.hidden_size}), quant: {config.quant.kind}"
   )
   log(param_summary(trainable, frozen))
-  log(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.default_backend()} device(s)")
+  log(
+    f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.default_backend()} device(s); "
+    f"{distributed.describe()}"
+  )
   arrays, stats = load_train_data(config, tokenizer)
   o = config.optim
   tx, schedule = step_lib.make_optimizer(
@@ -233,8 +238,8 @@ def setup(config, out: Path, mesh, record: outputs.RunRecord) -> Trainer:
     checkpoints=Checkpointer(out / "checkpoints"),
     rng=jax.random.key(config.seed),
   )
-  first = next(iter(data_lib.TrainIterator(arrays, config.data.batch_size, seed=config.seed)))
-  t.step_fn = compile_step(t, put_batch(step_lib.gather_labels(first, t.budget), mesh))
+  first = data_lib.TrainIterator(arrays, config.data.batch_size, seed=config.seed).next_ids()
+  t.step_fn = compile_step(t, put_batch(arrays, first, t.budget, mesh))
   return t
 
 
@@ -298,17 +303,23 @@ class SignalFlag:
       self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
+  def agree(self) -> None:
+    """With several processes, a signal that reached any of them stops all after this step."""
+    signals = distributed.all_processes(self.signum or 0)
+    self.signum = next((int(s) for s in signals if s), None)
+
   def __exit__(self, *exc):
     for s, handler in self._previous.items():
       signal.signal(s, handler)
     return False
 
 
-def train_step(t: Trainer, state: dict, step: int, host_batch: dict) -> tuple[dict, dict, float]:
-  """One optimizer step: (new state, metrics as floats, seconds)."""
+def train_step(t: Trainer, state: dict, step: int, ids) -> tuple[dict, dict, float]:
+  """One optimizer step on the rows `ids`: (new state, metrics as floats, seconds)."""
   tick = time.perf_counter()
+  batch = put_batch(t.train_arrays, ids, t.budget, t.mesh)
   trainable, opt_state, metrics = t.step_fn(
-    state["trainable"], state["opt_state"], t.frozen, put_batch(host_batch, t.mesh), step, t.rng
+    state["trainable"], state["opt_state"], t.frozen, batch, step, t.rng
   )
   metrics = {k: float(v) for k, v in metrics.items()}
   return {"trainable": trainable, "opt_state": opt_state}, metrics, time.perf_counter() - tick
@@ -318,7 +329,8 @@ def stop_non_finite(t: Trainer, state, step: int, position, metrics, rows) -> No
   # The step left the state untouched, so this is the last good one, before the bad batch.
   if t.checkpoints.latest_step() != step:  # else that very state is already saved
     t.checkpoints.save(step, state, checkpoint_meta(t, step, position))
-  outputs.write_metrics(t.out / "metrics.jsonl", rows)
+  if distributed.is_main():
+    outputs.write_metrics(t.out / "metrics.jsonl", rows)
   raise UserError(
     f"step {step + 1}: the loss is {metrics['loss']} (grad norm {metrics['grad_norm']}). Saved the "
     f"last good state as checkpoint {step} in {t.out / 'checkpoints'}. Lower config.optim.lr, or "
@@ -330,17 +342,20 @@ def train(t: Trainer, state, start: int, data_state, rows: list, flag: SignalFla
   """Steps start..config.steps: (final state, metric rows, train tokens/s after the first step)."""
   c, metrics_path = t.config, t.out / "metrics.jsonl"
   batches = data_lib.TrainIterator(t.train_arrays, c.data.batch_size, seed=c.seed, state=data_state)
+  progress = progress and distributed.is_main()
   bar = tqdm(total=c.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+  row_tokens = (t.train_arrays["segment_ids"] > 0).sum(axis=1)
   seconds = tokens = 0.0
   if flag.signum is not None:
     raise Interrupted(flag.signum, None, t.out)
   for step in range(start, c.steps):
     position = batches.state()
-    host_batch = step_lib.gather_labels(next(batches), t.budget)
-    state, metrics, elapsed = train_step(t, state, step, host_batch)
+    ids = batches.next_ids()
+    state, metrics, elapsed = train_step(t, state, step, ids)
     if not metrics["finite"]:
       stop_non_finite(t, state, step, position, metrics, rows)
-    n = int((host_batch["segment_ids"] > 0).sum())
+    n = int(row_tokens[ids].sum())
+    flag.agree()  # every process stops after the same step
     if step > start:  # the first step after a (re)start includes warm-up effects
       seconds, tokens = seconds + elapsed, tokens + n
     done = step + 1 == c.steps
@@ -349,7 +364,7 @@ def train(t: Trainer, state, start: int, data_state, rows: list, flag: SignalFla
     if (step + 1) % c.eval_every == 0 or done:
       row["eval_loss"] = t.evaluator.loss(state["trainable"], t.frozen)
     rows.append(row)
-    if (step + 1) % c.log_every == 0 or done or flag.signum is not None:
+    if ((step + 1) % c.log_every == 0 or done or flag.signum is not None) and distributed.is_main():
       outputs.write_metrics(metrics_path, rows)
     bar.update(1)
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{n / elapsed:,.0f}")
@@ -374,7 +389,8 @@ def evaluate_before(t: Trainer, resumed: bool) -> dict:
     return saved
   log("evaluating the base model ...")
   before = {"run_id": t.record.run_id, **t.evaluator.evaluate(t.trainable, t.frozen)}
-  outputs.write_json(path, before)
+  if distributed.is_main():
+    outputs.write_json(path, before)
   return before
 
 
@@ -388,17 +404,9 @@ def finish(t: Trainer, state, rows: list, before: dict, speed, started: float) -
   log("evaluating the fine-tuned model ...")
   final_loss = rows[-1].get("eval_loss") if rows and rows[-1]["step"] == c.steps else None
   after = t.evaluator.evaluate(state["trainable"], t.frozen, eval_loss=final_loss)
-  params = jlora.combine(state["trainable"], t.frozen)
-  jlora.save_adapter(
-    t.out,
-    params,
-    t.lora,
-    base_model_name_or_path=str(c.model.path),
-    model_config=t.model.config,
-  )
-  if c.export_merged:
-    jlora.export_merged(t.out / "merged", params, t.model.config, t.tokenizer)
-  outputs.plot_losses(t.out / "loss.png", rows)
+  save_adapter_and_export(t, state["trainable"])
+  if distributed.is_main():
+    outputs.plot_losses(t.out / "loss.png", rows)
   examples = t.evaluator.examples
   summary = {
     "run_id": t.record.run_id,
@@ -418,8 +426,26 @@ def finish(t: Trainer, state, rows: list, before: dict, speed, started: float) -
       for e, b, a in zip(examples, before["samples"], after["samples"])
     ],
   }
-  outputs.write_json(t.out / "summary.json", summary)
+  if distributed.is_main():
+    outputs.write_json(t.out / "summary.json", summary)
   return summary
+
+
+def save_adapter_and_export(t: Trainer, trainable) -> None:
+  """The PEFT adapter and, on request, the merged export: gathered from every process (each
+  tensor checked complete), then written by process 0."""
+  params = jlora.combine(distributed.gather_to_host(trainable), t.frozen)
+  path = str(t.config.model.path)
+  if distributed.is_main():
+    jlora.save_adapter(
+      t.out, params, t.lora, base_model_name_or_path=path, model_config=t.model.config
+    )
+  if t.config.export_merged:
+    # Merged on the mesh (every process takes part), then gathered weight by weight.
+    merged = distributed.gather_to_host(jlora.merge(jlora.combine(trainable, t.frozen)))
+    if distributed.is_main():
+      jlora.export_merged(t.out / "merged", merged, t.model.config, t.tokenizer)
+  distributed.barrier("outputs-written")
 
 
 def report(summary: dict, n_eval: int, out: Path) -> None:
@@ -444,12 +470,24 @@ def report(summary: dict, n_eval: int, out: Path) -> None:
 # --------------------------------------------------------------------------- the run
 
 
+def claim(out: Path, config) -> tuple[outputs.RunRecord, bool]:
+  """outputs.claim, decided by process 0 alone and shared, so every process agrees on the run."""
+
+  def decide() -> list:
+    record, resumed = outputs.claim(out, config)
+    return [dataclasses.asdict(record), resumed]
+
+  record, resumed = distributed.share_from_main(decide)
+  return outputs.RunRecord(**record), resumed
+
+
 def run(config, progress: bool = True) -> dict:
   """setup -> restore -> train -> evaluate -> finish. Every config value is checked first."""
+  distributed.initialize(config.get("distributed"))  # before anything asks JAX for devices
   config_lib.check_config(config)
   started = time.time()
   out = outputs.check_output_dir(config.output_dir)
-  record, resumed = outputs.claim(out, config)
+  record, resumed = claim(out, config)
   sizes = config_lib.mesh_sizes(config)
   mesh = shard_lib.make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"])
   with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES), SignalFlag() as flag:
