@@ -58,7 +58,7 @@ def _sft_args(files, out: Path, **overrides) -> list[str]:
   return tiny.cli_args(files["model"], files["train"], files["eval"], out, **{**FAST, **overrides})
 
 
-def _launch(files, out: Path, processes=2, devices=4, timeout=400, **overrides):
+def _launch(files, out: Path, processes=2, devices=4, timeout=900, **overrides):
   command = [
     sys.executable,
     "-m",
@@ -82,7 +82,7 @@ def _one_process(files, out: Path, devices: int, **overrides):
     cwd=tiny.REPO,
     capture_output=True,
     text=True,
-    timeout=400,
+    timeout=900,
   )
 
 
@@ -290,7 +290,7 @@ def test_sigkill_one_process_then_resume_on_two_and_on_one(files, two):
   launcher = subprocess.Popen(
     command, env=_env(), cwd=tiny.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
   )
-  deadline = time.monotonic() + 300
+  deadline = time.monotonic() + 600
   while not (out / "checkpoints" / "2").is_dir():
     assert launcher.poll() is None, launcher.stderr.read().decode()[-3000:]
     assert time.monotonic() < deadline, "no checkpoint at step 2 in time"

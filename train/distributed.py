@@ -13,17 +13,22 @@ Start-up (`initialize`)
     a multi-host Cloud TPU) gets `jax.distributed.initialize()` with no arguments, as JAX documents.
   - Otherwise nothing happens: a single process runs exactly as before.
 
-The global batch (`put_rows`)
-  The trainer computes the same sequence of global batches in every process: the packing and the
-  shuffled order depend only on the data and the seed, never on the process count, so a run resumes
-  on any number of processes and its results do not depend on it. A batch is a list of row indices
-  into the packed row arrays. Each process then materialises only the rows that its own devices
-  hold under the batch sharding (`local_row_range`), and `jax.make_array_from_process_local_data`
-  assembles the global array from those slices; no process ever transfers the whole batch.
+The global batch (`put_rows`, `put_array`)
+  Every process tokenizes and packs the whole dataset the same way (packing is seeded, and its input
+  is the same rows in the same order), so the packed row arrays are identical everywhere. The
+  shuffled order depends only on the seed and the epoch. A global batch is therefore a list of row
+  indices that every process computes alike, whatever the number of processes; that is what makes
+  results independent of the process count and lets a run resume on another count (the data
+  position in the checkpoint is an (epoch, index) into that order). Each process then materialises
+  only the rows that its own devices hold under the batch sharding (`local_row_range`: a contiguous
+  block, since a process's devices are adjacent in the mesh), and
+  `jax.make_array_from_process_local_data` assembles the global array from those slices. No process
+  ever builds or transfers the whole batch.
 
-Outputs (`gather_to_host`, `is_main`)
-  Arrays sharded over several processes are gathered (`process_allgather`) before process 0 writes
-  them; every gathered tensor is checked to have its full shape and not be empty.
+Decisions and outputs (`share_from_main`, `gather_to_host`, `is_main`)
+  What every process must agree on (which run owns the output dir) is decided by process 0 and
+  broadcast. Arrays sharded over several processes are gathered (`process_allgather`) before
+  process 0 writes them; every gathered tensor is checked to have its full shape and not be empty.
 """
 
 from __future__ import annotations
