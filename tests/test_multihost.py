@@ -360,6 +360,7 @@ def test_gathered_adapter_loads_in_peft_with_jlora_logits(files, two):
 SHARDED_LOAD = r"""
 import json, sys
 import jax, numpy as np
+from flax.linen import meta
 from jlora import sharding as shard_lib
 from jlora.models import loading
 from jlora.models.llama import DEFAULT_RULES, LlamaForCausalLM
@@ -368,6 +369,7 @@ from tests import tiny
 
 directory = tiny.make_checkpoint(sys.argv[1], tied=False, layers=3, hidden=48)
 model, full, _ = loading.load_hf_dir(directory)
+full = meta.unbox(full)  # load_hf_dir boxes params as model.init does
 mesh = shard_lib.make_mesh(2, 2, 2)
 abstract = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros((1, 8), jax.numpy.int32))
 specs = shard_lib.logical_specs(abstract["params"], DEFAULT_RULES)
