@@ -154,9 +154,11 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
   """write(tmp_name) then rename over `path`: readers never see a half-written file."""
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   os.close(fd)
-  os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file gets the user's umask
   try:
     write(tmp)
+    # mkstemp makes 0600, and safetensors' save_file replaces the file with a new 0600 one, so
+    # the mode is set after writing: a saved file gets the user's umask.
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
