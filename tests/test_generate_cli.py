@@ -80,6 +80,24 @@ BAD_INPUTS = {
     ["--adapter", "{root}/truncated_weights"],
     ["truncated_weights/adapter_model.safetensors", "truncated"],
   ),
+  "several adapters, one unnamed": (
+    ["--adapter", "a={root}/adapter", "--adapter", "{root}/adapter"],
+    ["--adapter", "{root}/adapter", "NAME=DIR"],
+  ),
+  "adapter named base": (["--adapter", "base={root}/adapter"], ["--adapter", "'base'", "reserved"]),
+  "named adapter missing": (
+    ["--adapter", "a={root}/adapter", "--adapter", "b={root}/nope"],
+    ["--adapter", "{root}/nope", "does not exist"],
+  ),
+  "use without named adapters": (["--use", "a,base"], ["--use", "'a,base'", "NAME=DIR"]),
+  "use of an unknown name": (
+    ["--adapter", "a={root}/adapter", "--use", "a,zz"],
+    ["--use", "'a,zz'", "['a'] or 'base'"],
+  ),
+  "merged with named adapters": (
+    ["--adapter", "a={root}/adapter", "--merged"],
+    ["--merged", "single --adapter DIR"],
+  ),
 }
 
 
