@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import jlora
+from jlora.errors import UserError
 from jlora.models import GemmaConfig, LlamaConfig, LlamaForCausalLM, from_pretrained, registry
 from jlora.models.names import HFNames
 from tests import tiny
@@ -134,7 +135,7 @@ def test_final_logit_softcap_applies_in_the_chunked_loss_head():
 
 
 def test_unregistered_model_type_names_the_supported_ones():
-  with pytest.raises(ValueError, match=r"model_type 'gpt_neox'.*'gemma2', 'gemma3_text'"):
+  with pytest.raises(UserError, match=r"model_type 'gpt_neox'.*'gemma2', 'gemma3_text'"):
     registry.model_from_hf({"model_type": "gpt_neox", "hidden_size": 8})
   with pytest.raises(ValueError, match=r"model_type 'llama'.*supports \['gemma2', 'gemma3_text'\]"):
     GemmaConfig.from_hf({"model_type": "llama"})
@@ -145,7 +146,7 @@ def test_missing_config_field_is_named(tmp_path):
   config = json.loads((directory / "config.json").read_text())
   del config["intermediate_size"]
   (directory / "config.json").write_text(json.dumps(config))
-  with pytest.raises(ValueError, match=r"'gemma2' lacks required fields \['intermediate_size'\]"):
+  with pytest.raises(UserError, match=r"'gemma2' lacks required fields \['intermediate_size'\]"):
     from_pretrained(directory)
 
 
@@ -158,7 +159,7 @@ def test_missing_tensor_is_named(tmp_path):
   del state["model.layers.3.post_feedforward_layernorm.weight"]
   save_file(state, str(directory / "model.safetensors"))
   with pytest.raises(
-    KeyError, match=r"'model.layers.3.post_feedforward_layernorm.weight'.*model/tail/layers_0"
+    UserError, match=r"'model.layers.3.post_feedforward_layernorm.weight'.*model/tail/layers_0"
   ):
     from_pretrained(directory)
 

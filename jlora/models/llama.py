@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora.errors import UserError
 from jlora.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from jlora.models.attention import attention
 from jlora.models.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
@@ -254,12 +255,12 @@ def hf_config_dict(hf_config: Any, model_types: tuple[str, ...], family: str) ->
   d = dict(hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict())
   model_type = d.get("model_type")
   if model_type not in model_types:
-    raise ValueError(
+    raise UserError(
       f"Unsupported model_type {model_type!r}; {family} supports {list(model_types)}."
     )
   missing = [k for k in REQUIRED_HF_FIELDS if k not in d]
   if missing:
-    raise ValueError(
+    raise UserError(
       f"HF config for model_type {model_type!r} lacks required fields {missing}; "
       "add them to config.json."
     )

@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from jlora.errors import UserError
 from jlora.models.gemma import GemmaConfig, GemmaForCausalLM
 from jlora.models.llama import DEFAULT_RULES, LlamaConfig, LlamaForCausalLM
 from jlora.models.names import HFNames
@@ -123,7 +124,7 @@ GGUF_ARCHITECTURES: dict[str, tuple[Family, GGUFMapping]] = {
 
 def family_for_model_type(model_type: str | None) -> Family:
   if model_type not in MODEL_TYPES:
-    raise ValueError(f"Unsupported model_type {model_type!r}; jlora supports {list(MODEL_TYPES)}.")
+    raise UserError(f"Unsupported model_type {model_type!r}; jlora supports {list(MODEL_TYPES)}.")
   return MODEL_TYPES[model_type]
 
 
@@ -161,7 +162,7 @@ def hf_names(config) -> HFNames:
 
 def gguf_architecture(arch: str) -> tuple[Family, GGUFMapping]:
   if arch not in GGUF_ARCHITECTURES:
-    raise ValueError(
+    raise UserError(
       f"Unsupported GGUF architecture {arch!r}; supported: {sorted(GGUF_ARCHITECTURES)}."
     )
   return GGUF_ARCHITECTURES[arch]
