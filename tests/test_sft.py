@@ -366,10 +366,10 @@ def test_plain_text_answers_in_every_format(files, tmp_path, fmt):
     train = _write(tmp_path / "train.jsonl", train_rows)
   evals = _write(tmp_path / "eval.jsonl", eval_rows)
   config = tiny.sft_config(
-    files["model"], train, evals, tmp_path / "out", steps=2, eval_every=2, save_every=2
+    files["model"], train, evals, tmp_path / "out", steps=1, eval_every=1, save_every=1
   )
   config.eval.metrics = ""  # a generic run: loss and perplexity only
-  config.eval_examples, config.samples, config.max_new_tokens = 2, 2, 3
+  config.eval_examples, config.samples, config.max_new_tokens = 1, 1, 2
   summary = sft.run(config, progress=False)
   tokenizer = load_tokenizer(files["model"])
   assert summary["data"]["label_tokens"] == _expected_label_tokens(tokenizer, kind, train_rows)
@@ -377,7 +377,7 @@ def test_plain_text_answers_in_every_format(files, tmp_path, fmt):
   for stage in ("before", "after"):
     assert set(summary[stage]) == {"eval_loss", "perplexity"}
     assert summary[stage]["perplexity"] == pytest.approx(np.exp(summary[stage]["eval_loss"]))
-  assert len(summary["samples"]) == 2 and all(
+  assert len(summary["samples"]) == 1 and all(
     {"before", "after"} <= set(s) for s in summary["samples"]
   )
 
@@ -445,7 +445,9 @@ def test_before_and_summary_belong_to_one_run(files, finished, tmp_path):
   config = tiny.sft_config(files["model"], files["train"], files["eval"], copy, export_merged=True)
   record, resumed = outputs.claim(copy, config)
   assert not resumed and record.run_id != summary["run_id"]
-  trainer = types.SimpleNamespace(out=copy, record=record, evaluator=_CountingEvaluator())
+  trainer = types.SimpleNamespace(
+    out=copy, record=record, evaluator=_CountingEvaluator(), trainable=None, frozen=None
+  )
   fresh = sft.evaluate_before(trainer, resumed)
   assert trainer.evaluator.calls == 1 and fresh["run_id"] == record.run_id
 

@@ -518,16 +518,26 @@ def parse_flags(argv: list[str]):
     raise UserError(unknown_field_message(argv, innermost_text(e))) from e
   except (TypeError, ValueError) as e:  # a value of the wrong type for its field
     raise UserError(f"{e}") from e
+  except OSError as e:  # the config file failed to load, seen by a later --config.FIELD
+    raise config_file_error(e, argv) from e
   if len(rest) > 1:
     raise UserError(f"unexpected arguments {rest[1:]}; override fields as --config.FIELD=VALUE.")
   config = _CONFIG.value
   error = getattr(config, "__dict__", {}).get("_error")  # config_flags' stand-in for a failed load
   if error is not None:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    raise UserError(
-      f"--config={flags.FLAGS['config'].config_filename}: can't load it ({lines[-1]})."
-    )
+    raise config_file_error(error, argv)
   return config
+
+
+def config_file_error(error: BaseException, argv: list[str]) -> UserError:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  given = [
+    value if flag == "--config" else flag.partition("=")[2]
+    for flag, value in zip(argv, [*argv[1:], ""])
+    if flag == "--config" or flag.startswith("--config=")
+  ]
+  name = given[-1] if given else flags.FLAGS["config"].default
+  return UserError(f"--config={name}: can't load it ({lines[-1] if lines else error}).")
 
 
 def innermost_text(error: BaseException) -> str:
