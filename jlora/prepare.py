@@ -43,9 +43,11 @@ def prepare_for_training(
 
 
 def _named_specs(params):
-  """({path: PartitionSpec} like params, mesh) when every param has a NamedSharding, else (None, None)."""
-  shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(params)]
+  """(PartitionSpecs like the unboxed params, mesh) when every param has a NamedSharding, else
+  (None, None). Params may be boxed with Flax axis metadata (as `from_pretrained` returns them)."""
+  plain = meta.unbox(params)
+  shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(plain)]
   if not shardings or not all(isinstance(s, NamedSharding) for s in shardings):
     return None, None
   # Specs by the plain tree: apply/quantize return plain trees, boxed input or not.
-  return jax.tree.map(lambda x: x.sharding.spec, meta.unbox(params)), shardings[0].mesh
+  return jax.tree.map(lambda x: x.sharding.spec, plain), shardings[0].mesh

@@ -92,8 +92,8 @@ report = {"losses": [r["loss"] for r in rows if "loss" in r]}
 if name == "2x2x2":
   m = sft.shard_lib.make_mesh(*mesh)
   with jax.set_mesh(m), sft.nn.logical_axis_rules(sft.DEFAULT_RULES):
-    model, params, _, layout = sft.load_model(config, m)
-    params = sft.jlora.combine(*sft.adapt(config, params, layout))
+    model, params, _ = sft.load_model(config, m)
+    params = sft.jlora.combine(*sft.adapt(config, params))
   node = params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
   embed = params["model"]["embed_tokens"]["embedding"]
   report.update(base=str(node.base.sharding.spec), a=str(node.a.sharding.spec),

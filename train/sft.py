@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from absl import flags
 from absl import logging as absl_logging
 from flax import linen as nn
@@ -103,7 +102,8 @@ class Interrupted(Exception):
 
 
 def load_model(config, mesh):
-  """(model, base params placed on `mesh`, tokenizer, layout)."""
+  """(model, base params placed on `mesh`, tokenizer). The params come boxed with their axis
+  names, so jlora knows their layout."""
   overrides = config_lib.model_overrides(config)
   try:
     # A GGUF is converted by process 0; the others wait for it, then read its cache.
@@ -112,17 +112,14 @@ def load_model(config, mesh):
   except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:  # a bad path or file
     message = str(e).strip("'\"")
     raise UserError(f"config.model.path = {config.model.path!r}: {message}") from e
-  layout = jlora.trace_layout(model, jnp.zeros((1, 8), jnp.int32))
-  return model, params, tokenizer, layout
+  return model, params, tokenizer
 
 
-def adapt(config, params, layout):
+def adapt(config, params):
   """(trainable, frozen): the base quantized by config.quant, adapted by config.lora."""
   lora, quant = config_lib.library_config(config, "lora"), config_lib.quant_config(config)
   with config_lib.user_words():
-    return jlora.prepare_for_training(
-      params, lora, jax.random.key(config.seed), quant=quant, layout=layout
-    )
+    return jlora.prepare_for_training(params, lora, jax.random.key(config.seed), quant=quant)
 
 
 def param_summary(trainable, frozen) -> str:
@@ -197,8 +194,8 @@ def compile_step(t: Trainer, example_batch):
 
 def setup(config, out: Path, mesh, record: outputs.RunRecord) -> Trainer:
   """Model, adapters, data, evaluator, optimizer and the compiled step."""
-  model, base, tokenizer, layout = load_model(config, mesh)
-  trainable, frozen = adapt(config, base, layout)
+  model, base, tokenizer = load_model(config, mesh)
+  trainable, frozen = adapt(config, base)
   del base
   log(
     f"model: {config.model.path} ({model.config.num_hidden_layers} layers, "
