@@ -6,7 +6,7 @@
 Model: the embedded SmolLM2-135M-Instruct; PEFT loads the HF dir that jlora's GGUF
 conversion caches (config.json + model.safetensors, fp32), so both start from the
 same weights. Batch: the first 4 packed rows (4 x 128 tokens) of data/extract_train.jsonl
-from train.data.prepare (chat template, loss on the assistant completion only).
+from train.data.prepare_spec (chat template, loss on the assistant completion only).
 
 Both sides: LoRA alpha = 2r, dropout 0, B = 0 at init; AdamW(lr=1e-4, betas 0.9/0.999,
 eps 1e-8, weight decay 0), constant lr, no clipping; the same batch every step.
