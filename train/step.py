@@ -56,13 +56,23 @@ def make_optimizer(
   clip_norm: float,
   b1: float = 0.9,
   b2: float = 0.999,
+  min_lr_ratio: float = 0.1,
 ) -> tuple[optax.GradientTransformation, Callable]:
+  """(AdamW after global-norm clipping, its lr schedule), as HF's Trainer (and so TRL) steps them.
+
+  The schedule is HF's `get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=min_lr_ratio)`,
+  step for step: update k uses schedule(k); a warmup rises linearly from 0 (so update 0 has
+  lr 0 when warmup_steps > 0, as in HF), then a cosine falls to min_lr_ratio * lr at `steps`.
+  AdamW is torch's: eps 1e-8 outside the square root, bias correction, decoupled weight decay
+  scaled by the scheduled lr, on every trainable leaf (HF decays all but biases and norms,
+  which jlora never trains). The clip sees the gradient of the whole accumulated step.
+  """
   schedule = optax.warmup_cosine_decay_schedule(
-    0.0, lr, max(warmup_steps, 1), max(steps, warmup_steps + 1), end_value=0.1 * lr
+    0.0, lr, warmup_steps, max(steps, warmup_steps + 1), end_value=min_lr_ratio * lr
   )
   tx = optax.chain(
     optax.clip_by_global_norm(clip_norm),
-    optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay),
+    optax.adamw(schedule, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay),
   )
   return tx, schedule
 
