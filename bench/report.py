@@ -188,6 +188,44 @@ from the previous length, exceeds the limit.
 """
 
 
+def fidelity_section(path: Path) -> str:
+  title = "## 6. Training fidelity: the same 20 steps in jlora and in PEFT + PyTorch (SmolLM2-135M, fp32)\n"
+  if not path.exists():
+    return (
+      title
+      + "\n`python -m bench.fidelity` has not been run in a benchmark sitting yet, so there are no "
+      "numbers here. `tests/test_fidelity.py` runs the same comparison on a tiny random Llama in the suite.\n"
+    )
+  r = json.loads(path.read_text())
+  s, w, t = r["settings"], r["worst"], r["targets"]
+  verdict = lambda key: "met" if r["met"][key] else "**not met**"
+  clipped = sum(row["clipped"] for row in r["rows"])
+  return f"""{title}
+`{r["command"]}` ({r["wall_s"] / 60:.0f} min). {common.machine_line(r["machine"])}, no GPU.
+
+Both sides start from the same weights and the same initial adapter: jlora writes it with `save_adapter`,
+and PEFT loads it. Both see the same {s["steps"]} batches of {s["rows"]} unpacked rows × {s["seq"]} tokens
+from `{r["data"]["file"]}`, with the loss on the completion only, in the same order. The run uses gradient
+accumulation {s["accum"]}, LoRA r={s["rank"]} (alpha {s["alpha"]:g}, {s["targets"]}), lr {s["lr"]:g},
+{s["warmup_steps"]} warmup steps, then a cosine to {s["min_lr_ratio"]:g} × lr, weight decay
+{s["weight_decay"]:g} and clip norm {s["clip_norm"]:g} (it bound on {clipped} of the {s["steps"]} steps).
+jlora runs `train/step.py`. PyTorch runs a loop written the way transformers' `Trainer` runs a step:
+HF's loss over `num_items_in_batch`, one `clip_grad_norm_`, `torch.optim.AdamW`, and HF's warmup +
+cosine `LambdaLR`.
+
+{r["table_markdown"].strip()}
+
+![loss curves of jlora and PEFT + PyTorch]({r["plot"]})
+
+| | worst over the run | target | |
+|---|---|---|---|
+| loss, relative | {w["loss_rel"]:.1e} | {t["loss_rel"]:g} | {verdict("loss_rel")} |
+| grad norm, relative | {w["grad_norm_rel"]:.1e} | {t["grad_norm_rel"]:g} | {verdict("grad_norm_rel")} |
+| lr, relative (float32 vs float64) | {w["lr_rel"]:.1e} | {t["lr_rel"]:g} | {verdict("lr_rel")} |
+| final adapter, absolute ({r["adapter_tensors"]} tensors, largest value {r["adapter_max_abs_value"]:.3f}) | {w["adapter_abs"]:.1e} | {t["adapter_abs"]:g} | {verdict("adapter_abs")} |
+"""
+
+
 def main() -> None:
   sections = [
     "# Benchmarks\n\nWritten by `python -m bench.report` from the JSON files in `bench/results/`. Each section "
@@ -198,6 +236,7 @@ def main() -> None:
     quant_section(load("quant_table.json")),
     gpu_section(),
     default_run_section(load("default_run.json")),
+    fidelity_section(RESULTS / "fidelity.json"),
   ]
   if (RESULTS / "long_context.json").exists():
     sections.insert(3, long_context_section(load("long_context.json")))
