@@ -94,6 +94,26 @@ def test_twenty_steps_match_peft_and_torch_step_by_step(tmp_path):
   assert moved > 100 * fidelity.TARGETS["adapter_abs"]  # so the adapter comparison means something
 
 
+@pytest.mark.ref
+@pytest.mark.parametrize("warmup, steps, min_lr_ratio", [(0, 10, 0.1), (3, 10, 0.1), (4, 7, 0.0)])
+def test_schedule_is_hfs_lambda_lr_step_for_step(warmup, steps, min_lr_ratio):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  _, schedule = step_lib.make_optimizer(
+    2e-3, steps, warmup, weight_decay=0.0, clip_norm=1.0, min_lr_ratio=min_lr_ratio
+  )
+  opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-3)
+  hf = transformers.get_cosine_with_min_lr_schedule_with_warmup(
+    opt, warmup, steps, min_lr_rate=min_lr_ratio
+  )
+  for k in range(steps):
+    want = hf.get_last_lr()[0]  # the lr update k uses
+    np.testing.assert_allclose(float(schedule(k)), want, rtol=1e-6, atol=0)
+    opt.step()
+    hf.step()
+  assert float(schedule(0)) == (0.0 if warmup else pytest.approx(2e-3))
+
+
 # --------------------------------------------------------------------------- QLoRA
 
 
