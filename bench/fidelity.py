@@ -17,7 +17,8 @@ on the assistant completion only) from train.data, drawn by train.data.TrainIter
            parameters HF's Trainer.get_decay_parameter_names picks), and the LambdaLR of
            get_cosine_with_min_lr_schedule_with_warmup, stepped after the optimizer.
 
-Everything is fp32 on CPU; LoRA dropout is 0. The JSON holds the per-step table; the plot
+Each side runs in its own process, one after the other (peak RSS per framework, no
+contention). Everything is fp32 on CPU; LoRA dropout is 0. The JSON holds the per-step table; the plot
 shows both loss curves. `python -m bench.report` copies them into BENCHMARKS.md.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -94,10 +96,15 @@ def microbatches(batch: dict, accum: int) -> list[dict]:
   return [{k: v[i * n : (i + 1) * n] for k, v in batch.items()} for i in range(accum)]
 
 
-def read_adapter(directory: Path) -> dict[str, np.ndarray]:
+def read_adapter_file(path: Path) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file
 
-  return load_file(str(Path(directory) / "adapter_model.safetensors"))
+  return load_file(str(path))
+
+
+def read_adapter(directory: Path) -> dict[str, np.ndarray]:
+  """The tensors of a PEFT adapter dir, by PEFT key."""
+  return read_adapter_file(Path(directory) / "adapter_model.safetensors")
 
 
 # --------------------------------------------------------------------------- the two runs
@@ -310,6 +317,48 @@ def plot(path: Path, rows: list[dict]) -> None:
 # --------------------------------------------------------------------------- driver
 
 
+def benchmark_data(s: Settings):
+  """(model dir, row arrays, data stats, batches) of the benchmark: every process builds the same."""
+  from jlora.models.loading import load_tokenizer, resolve_checkpoint
+  from train import data as data_lib
+
+  model_dir = resolve_checkpoint(common.MODEL)
+  arrays, stats = data_lib.prepare(
+    common.DATA, load_tokenizer(model_dir), max_length=s.seq, pack=False, seed=s.seed
+  )
+  return model_dir, arrays, stats, train_batches(arrays, s)
+
+
+def worker(side: str, s: Settings, work: Path) -> None:
+  """One side in its own process (peak memory per framework); results go to work/<side>.*"""
+  from safetensors.numpy import save_file
+
+  model_dir, arrays, _, batches = benchmark_data(s)
+  tick = time.time()
+  if side == "jlora":
+    out = run_jlora(model_dir, arrays, batches, s, work)
+  else:
+    out = run_torch(model_dir, work / "initial", batches, s)
+  out["wall_s"], out["peak_rss_mib"] = time.time() - tick, common.peak_rss_mib()
+  save_file(out.pop("adapter"), str(work / f"{side}.safetensors"))
+  (work / f"{side}.json").write_text(json.dumps(out))
+
+
+def run_side(side: str, s: Settings, work: Path) -> dict:
+  rc, output = common.run_child(
+    ["-m", "bench.fidelity", "--worker", side, "--steps", str(s.steps), "--work", str(work)]
+  )
+  if rc != 0:
+    raise SystemExit(f"the {side} run failed:\n{output[-3000:]}")
+  out = json.loads((work / f"{side}.json").read_text())
+  out["adapter"] = read_adapter_file(work / f"{side}.safetensors")
+  print(
+    f"{side}: {s.steps} steps in {out['wall_s']:.0f} s, peak RSS {out['peak_rss_mib']:.0f} MiB",
+    flush=True,
+  )
+  return out
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -317,32 +366,23 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=Settings.steps)
   parser.add_argument("--out", default="bench/results/fidelity.json")
   parser.add_argument("--plot", default="bench/results/fidelity_loss.png")
+  parser.add_argument("--worker", choices=["jlora", "torch"], help=argparse.SUPPRESS)
+  parser.add_argument("--work", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.steps < 1:
     parser.error(f"--steps: {args.steps} is not valid; expected a positive integer.")
   s = Settings(steps=args.steps)
-
-  from jlora.models.loading import load_tokenizer, resolve_checkpoint
-  from train import data as data_lib
+  if args.worker:
+    worker(args.worker, s, Path(args.work))
+    return
 
   machine = common.machine()
   print(common.machine_line(machine), flush=True)
   started = time.time()
-  model_dir = resolve_checkpoint(common.MODEL)
-  arrays, stats = data_lib.prepare(
-    common.DATA, load_tokenizer(model_dir), max_length=s.seq, pack=False, seed=s.seed
-  )
-  batches = train_batches(arrays, s)
+  _, _, stats, _ = benchmark_data(s)  # converts the GGUF once, before the workers start
   with tempfile.TemporaryDirectory() as tmp:
-    work = Path(tmp)
-    tick = time.time()
-    j = run_jlora(model_dir, arrays, batches, s, work)
-    jlora_s = time.time() - tick
-    print(f"jlora: {s.steps} steps in {jlora_s:.0f} s", flush=True)
-    tick = time.time()
-    t = run_torch(model_dir, work / "initial", batches, s)
-    torch_s = time.time() - tick
-    print(f"PEFT + PyTorch: {s.steps} steps in {torch_s:.0f} s", flush=True)
+    j = run_side("jlora", s, Path(tmp))  # also writes the initial adapter PyTorch loads
+    t = run_side("torch", s, Path(tmp))
   result = compare(j, t, s)
   table = table_markdown(result["rows"])
   print(table)
@@ -357,8 +397,11 @@ def main(argv=None) -> None:
       "data": {"file": common.DATA, **{k: int(v) for k, v in stats.items()}},
       "machine": machine,
       "wall_s": time.time() - started,
-      "jlora_s": jlora_s,
-      "torch_s": torch_s,
+      **{
+        f"{side}_{key}": r[key]
+        for side, r in (("jlora", j), ("torch", t))
+        for key in ("wall_s", "peak_rss_mib", "step_s")
+      },
       "targets": TARGETS,
       "plot": args.plot,
       "table_markdown": table,
