@@ -189,7 +189,7 @@ from the previous length, exceeds the limit.
 
 
 def fidelity_section(path: Path) -> str:
-  title = "## 6. Training fidelity: the same 20 steps in jlora and in PEFT + PyTorch (SmolLM2-135M, fp32)\n"
+  title = "## 6. Training fidelity: jlora and PEFT + PyTorch, step by step (SmolLM2-135M, fp32)\n"
   if not path.exists():
     return (
       title
