@@ -323,7 +323,7 @@ def benchmark_data(s: Settings):
   from train import data as data_lib
 
   model_dir = resolve_checkpoint(common.MODEL)
-  arrays, stats = data_lib.prepare(
+  arrays, stats = data_lib.prepare_spec(
     common.DATA, load_tokenizer(model_dir), max_length=s.seq, pack=False, seed=s.seed
   )
   return model_dir, arrays, stats, train_batches(arrays, s)

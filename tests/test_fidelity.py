@@ -53,7 +53,7 @@ def test_twenty_steps_match_peft_and_torch_step_by_step(tmp_path):
   )
   rows_file = tmp_path / "rows.jsonl"
   rows_file.write_text("".join(json.dumps(r) + "\n" for r in varied_rows(80)))
-  arrays, stats = data_lib.prepare(
+  arrays, stats = data_lib.prepare_spec(
     str(rows_file), load_tokenizer(model_dir), max_length=SEQ, pack=False, seed=0
   )
   assert stats["truncated"] == 0 and stats["packed_rows"] == 80  # unpacked: one example a row
