@@ -211,7 +211,9 @@ accumulation {s["accum"]}, LoRA r={s["rank"]} (alpha {s["alpha"]:g}, {s["targets
 {s["weight_decay"]:g} and clip norm {s["clip_norm"]:g} (it bound on {clipped} of the {s["steps"]} steps).
 jlora runs `train/step.py`. PyTorch runs a loop written the way transformers' `Trainer` runs a step:
 HF's loss over `num_items_in_batch`, one `clip_grad_norm_`, `torch.optim.AdamW`, and HF's warmup +
-cosine `LambdaLR`.
+cosine `LambdaLR`. The task's completions have similar lengths, so the two microbatches of a step carry
+about the same number of labelled tokens: this run checks the numerics at model scale. The normalisation
+across microbatches of very different weight is checked by `tests/test_fidelity.py` on a tiny model.
 
 {r["table_markdown"].strip()}
 
