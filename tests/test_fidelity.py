@@ -45,7 +45,7 @@ def test_twenty_steps_match_peft_and_torch_step_by_step(tmp_path):
   pytest.importorskip("peft")
   from bench import fidelity
   from jlora.models.loading import load_tokenizer
-  from tests.llama_fixtures import save_torch_checkpoint
+  from tests.tiny import save_torch_checkpoint
   from train import data as data_lib
 
   model_dir = save_torch_checkpoint(
