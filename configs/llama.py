@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.output_dir = "runs/llama-sft"
   config.steps = 30
   config.export_merged = False
+  # "" (off) or a GGUF type (f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0): writes model-<type>.gguf
+  # (merged) and adapter.gguf (llama.cpp LoRA) into output_dir for llama.cpp / Ollama / LM Studio.
+  config.export_gguf = ""
   config.overwrite = False  # True: replace another run's outputs in output_dir
 
   config.model = ml_collections.ConfigDict()

@@ -13,10 +13,11 @@ from jlora.lora import (
   unmerge,
   weight_norms,
 )
+from jlora.models.export import export_gguf, export_merged, save_adapter_gguf
 from jlora.multi import StackedLoraWeight, adapter_ids, stack_adapters
 from jlora.ops import trace_layout, wrap
 from jlora.optim import optimizer
-from jlora.peft import export_merged, load_adapter, save_adapter
+from jlora.peft import load_adapter, save_adapter
 from jlora.prepare import prepare_for_training
 from jlora.quant import QuantConfig, QuantizedWeight, bytes_per_weight, dequantize, quantize
 
@@ -33,6 +34,7 @@ __all__ = [
   "bytes_per_weight",
   "combine",
   "dequantize",
+  "export_gguf",
   "export_merged",
   "is_lora",
   "is_node",
@@ -42,6 +44,7 @@ __all__ = [
   "prepare_for_training",
   "quantize",
   "save_adapter",
+  "save_adapter_gguf",
   "split",
   "stack_adapters",
   "trace_layout",

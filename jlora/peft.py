@@ -1,8 +1,7 @@
-"""Adapters in Hugging Face PEFT's on-disk format, and merged HF checkpoints.
+"""Adapters in Hugging Face PEFT's on-disk format (merged checkpoints: jlora.models.export).
 
   save_adapter(dir, params, lora_cfg, model_config=...)  -> adapter_config.json + adapter_model.safetensors
   load_adapter(dir, base_params, model_config=...)       -> params with nodes read from a PEFT adapter
-  export_merged(dir, params, model_cfg)                  -> config.json + model.safetensors (+ tokenizer)
 
 Names. jlora's param trees mirror HF module names with '/' for '.', so the HF module
 of a flax module path is a rename; the model family's `names.HFNames` (from the registry)
@@ -29,13 +28,10 @@ it checks this by replaying PEFT's lookup before writing.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import re
-import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +43,11 @@ from flax.linen import meta
 from jlora import config as config_lib
 from jlora.config import EMBEDDING, IN, KERNEL, OUT, LoraConfig
 from jlora.errors import UserError, read_json
-from jlora.lora import DoraWeight, LoraWeight, is_lora, merge, weight_norm
+from jlora.io import host_array, write_json, write_safetensors
+from jlora.lora import DoraWeight, LoraWeight, is_lora, weight_norm
 from jlora.models import registry
-from jlora.models.names import LEAF_NAMES, HFNames
+from jlora.models.names import HFNames
 from jlora.multi import is_stacked
-from jlora.quant import dequantize
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -128,61 +124,6 @@ def peft_targets(peft_cfg: Mapping[str, Any], module_name: str, leaf_name: str =
         break
     found = match is not None and int(match.group("idx")) in layers
   return found
-
-
-# --------------------------------------------------------------------------- host arrays
-
-
-def _to_numpy(x, name: str) -> np.ndarray:
-  """A host copy of a (possibly sharded) array; never an empty or partial tensor."""
-  if isinstance(x, jax.Array):
-    if not x.is_fully_addressable:
-      raise ValueError(
-        f"{name} is sharded across processes (not fully addressable from this one), so this process "
-        "can't write it. Gather it first, e.g. jax.experimental.multihost_utils.process_allgather(x, "
-        "tiled=True), then save from process 0."
-      )
-    x = jax.device_get(x)
-  out = np.asarray(x)
-  expected = tuple(getattr(x, "shape", out.shape))
-  if out.shape != expected or (out.size == 0 and math.prod(expected) != 0):
-    raise ValueError(f"{name}: gathered {out.shape} for an array of shape {expected}.")
-  return out
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-  """write(tmp_name) then rename over `path`: readers never see a half-written file."""
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  os.close(fd)
-  try:
-    write(tmp)
-    # mkstemp makes 0600, and safetensors' save_file replaces the file with a new 0600 one, so
-    # the mode is set after writing: a saved file gets the user's umask.
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _umask() -> int:
-  mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-  os.umask(mask)
-  return mask
-
-
-def _write_json(path: Path, obj) -> None:
-  _atomic_write(
-    path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-  )
-
-
-def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-  from safetensors.numpy import save_file
-
-  tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-  _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 # --------------------------------------------------------------------------- save
@@ -378,7 +319,7 @@ def _peft_tensors(entries: list[HFModule]) -> dict[str, np.ndarray]:
           f"{e.path}: PEFT has no tensor for its trainable field {field!r} on a {e.kind}."
         )
       if (e.path, field) not in gathered:
-        gathered[e.path, field] = _to_numpy(getattr(e.node, field), f"{e.path} ({field})")
+        gathered[e.path, field] = host_array(getattr(e.node, field), f"{e.path} ({field})")
       value = gathered[e.path, field]
       value = value[e.layer] if e.layer is not None else value
       tensors[f"{KEY_PREFIX}{e.hf_name}.{names[field]}"] = value.T
@@ -435,8 +376,8 @@ def save_adapter(
   _warn_for_vllm(entries, peft_cfg["use_dora"])
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  _write_safetensors(directory / ADAPTER_WEIGHTS, tensors)
-  _write_json(directory / ADAPTER_CONFIG, peft_cfg)
+  write_safetensors(directory / ADAPTER_WEIGHTS, tensors)
+  write_json(directory / ADAPTER_CONFIG, peft_cfg)
   return directory
 
 
@@ -835,71 +776,3 @@ def lora_config_from_peft(peft_cfg: Mapping[str, Any], params, dtype=jnp.float32
     alpha_pattern=alpha_pattern,
     dtype=dtype,
   )
-
-
-# --------------------------------------------------------------------------- merged export
-
-
-def _hf_config_dict(model_config) -> dict:
-  if isinstance(model_config, Mapping):
-    return dict(model_config)
-  if hasattr(model_config, "to_hf_dict"):
-    return model_config.to_hf_dict()
-  if hasattr(model_config, "to_dict"):
-    return model_config.to_dict()
-  raise TypeError(
-    f"model_config must be a jlora model config, an HF config dict or a PretrainedConfig; got "
-    f"{type(model_config).__name__}."
-  )
-
-
-def export_merged(
-  directory, params, model_config, tokenizer=None, *, dtype: str = "float32"
-) -> Path:
-  """Merges the adapters and writes an HF checkpoint: config.json, model.safetensors, tokenizer files.
-
-  Quantized bases merge into their dequantized weights (the weights the adapter was
-  trained against). dtype: 'float32' or 'bfloat16' for the stored tensors.
-  """
-  import ml_dtypes
-
-  np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}.get(dtype)
-  if np_dtype is None:
-    raise ValueError(f"export_merged: dtype={dtype!r}; use 'float32' or 'bfloat16'.")
-  # merge handles adapted weights; quantized weights without an adapter are decoded too.
-  merged = dequantize(merge(meta.unbox(params)))
-  hf_config = _hf_config_dict(model_config)
-  hf_names = registry.hf_names(model_config)
-
-  tensors: dict[str, np.ndarray] = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(merged)[0]:
-    full = config_lib.path_str(key_path)
-    if full.rpartition("/")[2] not in LEAF_NAMES:
-      raise ValueError(f"export_merged: don't know the HF name of the param {full!r}.")
-    value = _to_numpy(leaf, full).astype(np_dtype)
-    names, transpose, stacked = hf_names.tensor_names(full, value.shape)
-    for i, name in enumerate(names):
-      w = value[i] if stacked else value
-      tensors[name] = w.T if transpose else w
-
-  has_head = "lm_head.weight" in tensors
-  tied = bool(hf_config.get("tie_word_embeddings", False))
-  if tied and has_head:
-    raise ValueError(
-      "export_merged: the config ties the output head to the embeddings, but params have lm_head."
-    )
-  if not tied and not has_head:
-    raise ValueError(
-      "export_merged: params have no lm_head, so the embeddings must be tied; the config says "
-      "tie_word_embeddings=false."
-    )
-  hf_config["torch_dtype"] = dtype
-  hf_config["dtype"] = dtype
-
-  directory = Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  _write_safetensors(directory / "model.safetensors", tensors)
-  _write_json(directory / "config.json", hf_config)
-  if tokenizer is not None:
-    tokenizer.save_pretrained(str(directory))
-  return directory

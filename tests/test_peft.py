@@ -25,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 import jlora  # noqa: E402
 import jlora.models  # noqa: E402,F401
 from jlora import peft as jpeft  # noqa: E402
+from jlora.models import export as jexport  # noqa: E402
 
 pytestmark = pytest.mark.ref
 
@@ -346,7 +347,7 @@ def test_export_merged_loads_in_transformers(tied, base_dir, tied_dir, jbase, tm
   lora = _randomize_b(_apply(params, cfg, layout))
   ours = _jlora_logits(model, lora)
 
-  jpeft.export_merged(tmp_path, lora, model.config, tokenizer)
+  jexport.export_merged(tmp_path, lora, model.config, tokenizer)
   merged = _hf(tmp_path)
   theirs = _torch_logits(merged)
   np.testing.assert_allclose(theirs, ours, atol=ATOL, rtol=RTOL)
@@ -354,7 +355,7 @@ def test_export_merged_loads_in_transformers(tied, base_dir, tied_dir, jbase, tm
   assert transformers.AutoTokenizer.from_pretrained(str(tmp_path)).convert_tokens_to_ids("t5") == 5
   assert not list(tmp_path.glob("*.tmp"))
   if tied:  # bf16 export: stored and loaded as bf16
-    jpeft.export_merged(tmp_path / "bf16", lora, model.config, dtype="bfloat16")
+    jexport.export_merged(tmp_path / "bf16", lora, model.config, dtype="bfloat16")
     cfg_json = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert cfg_json["torch_dtype"] == "bfloat16"
     half = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16")).eval()

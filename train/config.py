@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 import jlora
+from jlora.models.export import check_gguf_type
 from jlora.models.llama import LlamaConfig
 from train.errors import UserError
 from train.evaluate import check_metrics
@@ -195,6 +196,11 @@ def check_config(config) -> None:
       f"config.data.batch_size: {config.data.batch_size} is not divisible by "
       f"config.data.grad_accum={config.data.grad_accum}; make it a multiple."
     )
+  if config.export_gguf:  # checked now, not after training
+    try:
+      check_gguf_type(config.export_gguf, "config.export_gguf")
+    except ValueError as e:
+      raise UserError(str(e)) from None
   check_optim(config.optim)
   library_config(config, "lora")
   quant_config(config)

@@ -7,7 +7,7 @@ quantizes it, adds LoRA adapters, and trains them with a step compiled over a
 (data, fsdp, tensor) mesh. Rerunning the same command resumes from the latest
 checkpoint in output_dir; Ctrl-C (or SIGTERM) saves one at the end of the current step.
 Outputs: a PEFT adapter, metrics.jsonl, loss.png, before.json, summary.json and, on
-request, a merged HF checkpoint.
+request, a merged HF checkpoint and GGUF files for llama.cpp.
 
 The run is five stages, each a function below: setup (model, adapters, data, compiled
 step), restore (the newest readable checkpoint), train (the loop), evaluate, finish
@@ -37,6 +37,7 @@ from tqdm import tqdm
 import jlora
 from jlora import sharding as shard_lib
 from jlora.lora import is_lora
+from jlora.models import export as export_lib
 from jlora.models.llama import DEFAULT_RULES
 from jlora.models.loading import load_hf_dir, resolve_checkpoint
 from jlora.quant import is_quantized
@@ -395,6 +396,21 @@ def scores(result: dict) -> dict:
   return {k: v for k, v in result.items() if k not in ("samples", "run_id")}
 
 
+def write_gguf(t: Trainer, params) -> None:
+  """model-<type>.gguf (merged) and, where llama.cpp can hold the adapters, adapter.gguf."""
+  c = t.config
+  pre = export_lib.source_tokenizer_pre(c.model.path)
+  merged = t.out / f"model-{c.export_gguf}.gguf"
+  jlora.export_gguf(
+    merged, params, t.model.config, t.tokenizer, c.export_gguf, overwrite=True, tokenizer_pre=pre
+  )
+  log(f"wrote {merged} (llama-cli -m {merged})")
+  try:
+    jlora.save_adapter_gguf(t.out / "adapter.gguf", params, t.lora, t.model.config, overwrite=True)
+  except ValueError as e:  # e.g. an adapted embedding: the merged file still has it
+    log(f"no adapter.gguf: {e}")
+
+
 def finish(t: Trainer, state, rows: list, before: dict, speed, started: float) -> dict:
   """Final eval, adapter, optional merged export, plot and summary.json."""
   c = t.config
@@ -442,6 +458,8 @@ def save_adapter_and_export(t: Trainer, trainable) -> None:
     merged = distributed.gather_to_host(jlora.merge(jlora.combine(trainable, t.frozen)))
     if distributed.is_main():
       jlora.export_merged(t.out / "merged", merged, t.model.config, t.tokenizer)
+  if t.config.export_gguf and distributed.is_main():
+    write_gguf(t, params)
   distributed.barrier("outputs-written")
 
 

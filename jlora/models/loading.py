@@ -35,7 +35,7 @@ import numpy as np
 
 from jlora import sharding as shard_lib
 from jlora.errors import UserError, read_json
-from jlora.models import registry
+from jlora.models import gguf_spec, registry
 from jlora.models.gguf_tokenizer import gguf_tokenizer, open_gguf
 
 logger = logging.getLogger(__name__)
@@ -362,13 +362,6 @@ def gguf_to_hf_dir(gguf_path: str | os.PathLike, *, cache_dir=None) -> Path:
   return target
 
 
-def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
-  """Undo llama.cpp's convert permute, which interleaves each head's two rope halves."""
-  return (
-    w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-  )
-
-
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
   """Write config.json, fp32 safetensors (HF names and layout) and tokenizer files into out_dir.
 
@@ -408,7 +401,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
     stem = name.rsplit(".", 1)[0]
     if mapping.permute_qk and stem.endswith((".attn_q", ".attn_k")):
-      w = _unpermute(
+      w = gguf_spec.unpermute_rope_rows(
         w, config.num_attention_heads if stem.endswith(".attn_q") else config.num_key_value_heads
       )
     if mapping.norm_offset and name.endswith("norm.weight"):
