@@ -10,10 +10,11 @@ import math
 import gguf
 import jax
 import numpy as np
+from flax.linen import meta
 from gguf import GGMLQuantizationType as Q
 
 import jlora
-from jlora.models import loading
+from jlora.models import registry
 from tests.tiny import llama_cpp_permute
 
 # HF module (after model.layers.N.) -> llama.cpp's name (after blk.N.), as in llama.cpp's
@@ -45,15 +46,16 @@ def gguf_name(hf_name: str) -> str:
 
 
 def merged_hf_state(params, config) -> dict[str, np.ndarray]:
-  """jlora.merge(params) as HF-named fp32 tensors in torch layout."""
-  merged = jlora.dequantize(jlora.merge(params))
+  """jlora.merge(params) as HF-named fp32 tensors in torch layout (names from the registry)."""
+  merged = jlora.dequantize(jlora.merge(meta.unbox(params)))
+  hf_names = registry.hf_names(config)
   state = {}
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(merged)[0]:
-    keys = tuple(k.key for k in key_path)
-    names, transpose = loading.hf_tensor_names(keys, config)
+    full = "/".join(k.key for k in key_path)
     value = np.asarray(leaf, np.float32)
+    names, transpose, stacked = hf_names.tensor_names(full, value.shape)
     for i, name in enumerate(names):
-      w = value[i] if len(names) > 1 else value
+      w = value[i] if stacked else value
       state[name] = np.ascontiguousarray(w.T if transpose else w)
   return state
 

@@ -256,8 +256,9 @@ def _rope_freqs(config) -> np.ndarray | None:
   scaling = dict(config.rope_scaling or {})
   if scaling.get("rope_type", scaling.get("type")) != "llama3":
     return None
-  unscaled = rope_inv_freq(dataclasses.replace(config, rope_scaling=None))
-  return np.asarray(unscaled / rope_inv_freq(config), np.float32)
+  unscaled = rope_inv_freq(config.head_dim, config.rope_theta, None)
+  scaled = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+  return np.asarray(unscaled / scaled, np.float32)
 
 
 def gguf_plan(params, config, dtype: str) -> list[GgufTensor]:
