@@ -473,12 +473,7 @@ def quantize(params, qcfg: QuantConfig, *, layout: config_lib.Layout | None = No
   """
   if not isinstance(qcfg, QuantConfig):
     raise TypeError(f"quantize: expected a QuantConfig, got {type(qcfg).__name__}.")
-  for leaf in jax.tree.leaves(params, is_leaf=config_lib.is_opaque):
-    if is_quantized(leaf) or is_quantized(getattr(leaf, "base", None)):
-      raise ValueError(
-        "quantize: the params are already quantized (they hold QuantizedWeight nodes). "
-        "Call jlora.quant.dequantize(params) first to re-quantize with other settings."
-      )
+  _check_not_quantized(params)
   chosen = set(config_lib.select(params, qcfg.targets, qcfg.exclude, field="QuantConfig.targets"))
 
   def visit(path, name, value, n_lead, roles):
@@ -486,26 +481,46 @@ def quantize(params, qcfg: QuantConfig, *, layout: config_lib.Layout | None = No
       raise ValueError(
         f"quantize: {path!r} already holds a {type(value).__name__}; quantize before jlora.apply."
       )
-    shape = tuple(value.shape)
-    per_layer = shape[n_lead:]
-    n_in = math.prod(d for d, r in zip(per_layer, roles) if r == IN)
-    if n_in % 2:
-      raise ValueError(
-        f"quantize: {path}/{name} has an odd input size {n_in} (shape {per_layer}, roles {roles}); 4-bit codes "
-        f"are packed in pairs along it. Exclude it (QuantConfig.exclude=[{path.rpartition('/')[2]!r}])."
-      )
-    if n_in % qcfg.block_size:
-      raise ValueError(
-        f"quantize: {path}/{name} has input size {n_in} (shape {per_layer}, roles {roles}), which is not "
-        f"divisible by QuantConfig.block_size={qcfg.block_size}. Valid block sizes for it: "
-        f"{_valid_block_sizes(n_in)}; or exclude it "
-        f"(QuantConfig.exclude=[{path.rpartition('/')[2]!r}])."
-      )
+    _check_quantizable(path, name, tuple(value.shape)[n_lead:], roles, qcfg.block_size)
     todo[f"{path}/{name}"] = (value, n_lead, roles)
     return value
 
   todo: dict[str, tuple[Any, int, tuple[str, ...]]] = {}
   unboxed = config_lib.map_selected(params, chosen, visit, layout)
+  nodes = _quantized_nodes(todo, qcfg)
+  return jax.tree_util.tree_map_with_path(
+    lambda kp, v: nodes.get(config_lib.path_str(kp), v), unboxed, is_leaf=config_lib.is_opaque
+  )
+
+
+def _check_not_quantized(params) -> None:
+  for leaf in jax.tree.leaves(params, is_leaf=config_lib.is_opaque):
+    if is_quantized(leaf) or is_quantized(getattr(leaf, "base", None)):
+      raise ValueError(
+        "quantize: the params are already quantized (they hold QuantizedWeight nodes). "
+        "Call jlora.quant.dequantize(params) first to re-quantize with other settings."
+      )
+
+
+def _check_quantizable(path: str, name: str, per_layer, roles, block_size: int) -> None:
+  """Raises unless the kernel's input size packs into pairs of 4-bit codes and whole blocks."""
+  n_in = math.prod(d for d, r in zip(per_layer, roles) if r == IN)
+  if n_in % 2:
+    raise ValueError(
+      f"quantize: {path}/{name} has an odd input size {n_in} (shape {per_layer}, roles {roles}); 4-bit codes "
+      f"are packed in pairs along it. Exclude it (QuantConfig.exclude=[{path.rpartition('/')[2]!r}])."
+    )
+  if n_in % block_size:
+    raise ValueError(
+      f"quantize: {path}/{name} has input size {n_in} (shape {per_layer}, roles {roles}), which is not "
+      f"divisible by QuantConfig.block_size={block_size}. Valid block sizes for it: "
+      f"{_valid_block_sizes(n_in)}; or exclude it "
+      f"(QuantConfig.exclude=[{path.rpartition('/')[2]!r}])."
+    )
+
+
+def _quantized_nodes(todo: dict, qcfg: QuantConfig) -> dict[str, QuantizedWeight]:
+  """{path: QuantizedWeight} for each (value, n_lead, roles) in `todo`."""
   # One compiled program for all selected kernels (one compile instead of one per shape).
   keys = sorted(todo)
   outputs = _quantize_many(
@@ -530,9 +545,7 @@ def quantize(params, qcfg: QuantConfig, *, layout: config_lib.Layout | None = No
       block_size=qcfg.block_size,
       dtype_name=jnp.dtype(qcfg.dtype if qcfg.dtype is not None else value.dtype).name,
     )
-  return jax.tree_util.tree_map_with_path(
-    lambda kp, v: nodes.get(config_lib.path_str(kp), v), unboxed, is_leaf=config_lib.is_opaque
-  )
+  return nodes
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
