@@ -13,6 +13,7 @@ import tempfile
 
 MODEL = "smollm2-135m-instruct"
 DATA = "data/extract_train.jsonl"
+LR = 1e-4  # every benchmark trains with AdamW at this rate, weight decay 0
 
 
 def cpu_model() -> str:
@@ -82,25 +83,40 @@ def bench_batch(tokenizer, rows: int = 4, max_length: int = 128) -> dict:
   return {k: v[:rows].copy() for k, v in arrays.items()}
 
 
-def run_child(args: list[str]) -> tuple[int, str]:
-  """Runs `python -m ...args` in its own process; returns (rc, combined output)."""
-  proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+def run_child(args: list[str], env: dict | None = None) -> tuple[int, str]:
+  """Runs `python ...args` in its own process (environment `env`, default this one's);
+  returns (rc, combined output)."""
+  proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
   return proc.returncode, proc.stdout + proc.stderr
 
 
-def run_worker(module: str, worker_args: list[str]) -> dict:
+def run_worker(module: str, worker_args: list[str], env: dict | None = None) -> dict:
   """Runs `python -m module ...worker_args --worker-out FILE` in its own process; returns the JSON
   the worker wrote, or {"error": ..., "rc": ...} with the tail of its output when it failed."""
   with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
     path = f.name
   try:
-    rc, output = run_child(["-m", module, *worker_args, "--worker-out", path])
+    rc, output = run_child(["-m", module, *worker_args, "--worker-out", path], env=env)
     if rc != 0:
       return {"error": output[-3000:], "rc": rc}
     with open(path) as f:
       return json.load(f)
   finally:
     os.unlink(path)
+
+
+def write_worker_result(path: str, result: dict) -> None:
+  """What a worker process hands back to run_worker."""
+  with open(path, "w") as f:
+    json.dump(result, f)
+
+
+def flops_of(compiled) -> float:
+  """XLA's FLOP count of a compiled program."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0]
+  return float(cost["flops"])
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

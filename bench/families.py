@@ -127,7 +127,7 @@ def abstract_step(config, tx):
   layout = jlora.trace_layout(model, example)
   cfg = jlora.LoraConfig(rank=RANK, alpha=2.0 * RANK, targets="all-linear")
   trainable, frozen = jax.eval_shape(
-    lambda p: jlora.split(jlora.apply(p, cfg, jax.random.key(0), layout=layout)), params
+    lambda p: jlora.prepare_for_training(p, cfg, jax.random.key(0), layout=layout), params
   )
   ids = np.zeros((ROWS, SEQ), np.int32)
   host = {
@@ -156,11 +156,6 @@ def abstract_step(config, tx):
   return lowered_step, lower_s, lowered_forward, n
 
 
-def flops_of(compiled) -> float:
-  cost = compiled.cost_analysis()
-  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
-
-
 def measure(name: str, config, tx) -> dict:
   """Compile time at full depth, and FLOPs per token extrapolated from depths P and 2P."""
   lowered, lower_s, _, n_full = abstract_step(config, tx)
@@ -171,7 +166,7 @@ def measure(name: str, config, tx) -> dict:
   counts = {}
   for depth in (p, 2 * p):
     step, _, forward, _ = abstract_step(with_depth(config, depth), tx)
-    counts[depth] = (flops_of(forward.compile()), flops_of(step.compile()))
+    counts[depth] = (common.flops_of(forward.compile()), common.flops_of(step.compile()))
   groups = config.num_hidden_layers / p
   fwd, lora = (counts[p][i] + (groups - 1) * (counts[2 * p][i] - counts[p][i]) for i in (0, 1))
   tokens = ROWS * SEQ

@@ -33,15 +33,7 @@ import time
 from bench import common
 
 ROWS, SEQ = 4, 128
-LR = 1e-4
 LORA_CONFIGS = {"qv-r8": (("q_proj", "v_proj"), 8), "all-r16": ("all-linear", 16)}
-
-
-def flops_of(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
-    cost = cost[0]
-  return float(cost["flops"])
 
 
 def memory_of(compiled) -> dict:
@@ -87,16 +79,17 @@ def main(argv=None) -> None:
 
   machine = common.machine()
   print(common.machine_line(machine), flush=True)
-  tx = optax.adamw(LR, weight_decay=0.0)
+  tx = optax.adamw(common.LR, weight_decay=0.0)
   example = jnp.zeros((1, 8), jnp.int32)
 
   def adapted(model, params, lora, quant=False):
     layout = jlora.trace_layout(model, example)
-    if quant:
-      params = jlora.quantize(params, jlora.QuantConfig(kind="nf4"), layout=layout)
     targets, rank = LORA_CONFIGS[lora]
     cfg = jlora.LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets)
-    return jlora.split(jlora.apply(params, cfg, jax.random.key(0), layout=layout))
+    quant_cfg = jlora.QuantConfig(kind="nf4") if quant else None
+    return jlora.prepare_for_training(
+      params, cfg, jax.random.key(0), quant=quant_cfg, layout=layout
+    )
 
   def lora_step(model, trainable, frozen, batch):
     fn = jax.jit(step_lib.make_train_step(model, tx), donate_argnums=(0, 1))
@@ -163,20 +156,20 @@ def main(argv=None) -> None:
   for lora in LORA_CONFIGS:
     trainable, frozen = adapted(model_u, params_u, lora)
     comp, secs = timed_compile(forward(model_u, trainable, frozen, batch))
-    fl[f"forward ({lora} LoRA params)"] = flops_of(comp)
+    fl[f"forward ({lora} LoRA params)"] = common.flops_of(comp)
     print(
       f"  forward {lora}: {fl[f'forward ({lora} LoRA params)']:.4g} flops (compile {secs:.1f} s)",
       flush=True,
     )
     comp, secs = timed_compile(lora_step(model_u, trainable, frozen, batch))
-    fl[f"LoRA step ({lora})"] = flops_of(comp)
+    fl[f"LoRA step ({lora})"] = common.flops_of(comp)
     print(
       f"  LoRA step {lora}: {fl[f'LoRA step ({lora})']:.4g} flops (compile {secs:.1f} s)",
       flush=True,
     )
     del trainable, frozen
   comp, secs = timed_compile(full_step(model_u, params_u, batch))
-  fl["full FT step"] = flops_of(comp)
+  fl["full FT step"] = common.flops_of(comp)
   print(f"  full FT step: {fl['full FT step']:.4g} flops (compile {secs:.1f} s)", flush=True)
   del model_u, params_u, comp
 

@@ -33,10 +33,8 @@ run that fails is reported as failed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 
 from bench import common
@@ -50,7 +48,7 @@ SHAPE = dict(
   tie_word_embeddings=True,
   rope_theta=500000.0,
 )
-RANK, ALPHA, LR = 16, 32.0, 1e-4
+RANK, ALPHA = 16, 32.0
 H100_PEAK = 989e12
 
 
@@ -129,14 +127,15 @@ def worker_jlora(args, qlora: bool) -> dict:
   example = jnp.zeros((1, 8), jnp.int32)
   params = meta.unbox(jax.jit(model.init)(jax.random.key(0), example)["params"])
   layout = jlora.trace_layout(model, example)
-  if qlora:
-    params = jlora.quantize(params, jlora.QuantConfig(kind="nf4"), layout=layout)
   cfg = jlora.LoraConfig(rank=RANK, alpha=ALPHA, targets="all-linear", dtype=jnp.float32)
-  trainable, frozen = jlora.split(jlora.apply(params, cfg, jax.random.key(1), layout=layout))
+  quant = jlora.QuantConfig(kind="nf4") if qlora else None
+  trainable, frozen = jlora.prepare_for_training(
+    params, cfg, jax.random.key(1), quant=quant, layout=layout
+  )
   del params
   host, _ = make_batch(args.batch, args.seq, args.vocab)
   batch = jax.device_put(step_lib.gather_labels(host, step_lib.label_budget(host["loss_mask"])))
-  tx = optax.adamw(LR, weight_decay=0.0)
+  tx = optax.adamw(common.LR, weight_decay=0.0)
   opt_state = tx.init(trainable)
   step_fn = jax.jit(step_lib.make_train_step(model, tx), donate_argnums=(0, 1))
   rng = jax.random.key(0)
@@ -215,7 +214,7 @@ def worker_peft(args) -> dict:
     "shift_labels": as_t(host["targets"]),
   }  # every token labelled
   params = [p for p in model.parameters() if p.requires_grad]
-  opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+  opt = torch.optim.AdamW(params, lr=common.LR, weight_decay=0.0)
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
@@ -245,27 +244,11 @@ def worker_peft(args) -> dict:
 
 
 def run_worker(name: str, argv: list[str]) -> dict:
-  with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-    path = f.name
   env = dict(os.environ)
   env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)  # the parent set it for itself only
   if name == "peft":
     env["JAX_PLATFORMS"] = "cpu"  # keep jax (if anything imports it) off the GPU torch uses
-  try:
-    import subprocess
-
-    proc = subprocess.run(
-      [sys.executable, "-m", "bench.gpu", *argv, "--worker", name, "--worker-out", path],
-      capture_output=True,
-      text=True,
-      env=env,
-    )
-    if proc.returncode != 0:
-      return {"error": (proc.stdout + proc.stderr)[-3000:]}
-    with open(path) as f:
-      return json.load(f)
-  finally:
-    os.unlink(path)
+  return common.run_worker("bench.gpu", [*argv, "--worker", name], env=env)
 
 
 def main(argv=None) -> None:
@@ -308,8 +291,7 @@ def main(argv=None) -> None:
       if args.worker == "peft"
       else worker_jlora(args, qlora=args.worker == "jlora-qlora")
     )
-    with open(args.worker_out, "w") as f:
-      json.dump(result, f)
+    common.write_worker_result(args.worker_out, result)
     return
 
   os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = (

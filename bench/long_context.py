@@ -27,7 +27,6 @@ killed for memory) is recorded as an error and longer lengths of that framework 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ from bench import common
 
 SEQS = (512, 2048, 4096, 8192, 16384)
 FRAMEWORKS = ("peft", "jlora", "jlora-naive")
-RANK, LR = 8, 1e-4
+RANK = 8
 GIB = 2**30
 
 
@@ -72,7 +71,7 @@ def worker_jlora(seq: int, attention: str, steps: int, warmup: int, limit: float
   model, params, _ = from_pretrained(common.MODEL, attention=attention)
   layout = jlora.trace_layout(model, jnp.zeros((1, 8), jnp.int32))
   cfg = jlora.LoraConfig(rank=RANK, alpha=2.0 * RANK, targets=("q_proj", "v_proj"))
-  trainable, frozen = jlora.split(jlora.apply(params, cfg, jax.random.key(0), layout=layout))
+  trainable, frozen = jlora.prepare_for_training(params, cfg, jax.random.key(0), layout=layout)
   del params
   ids = token_row(seq, model.config.vocab_size)
   mask = np.ones((1, seq), np.int32)
@@ -85,7 +84,7 @@ def worker_jlora(seq: int, attention: str, steps: int, warmup: int, limit: float
     "loss_mask": mask,
   }
   batch = jax.device_put(step_lib.gather_labels(host, step_lib.label_budget(mask)))
-  tx = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+  tx = optax.adamw(common.LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
   opt_state = tx.init(trainable)
   step_fn = jax.jit(step_lib.make_train_step(model, tx), donate_argnums=(0, 1))
   rng = jax.random.key(0)
@@ -131,7 +130,7 @@ def worker_peft(seq: int, steps: int, warmup: int) -> dict:
   model.train()
   ids = torch.from_numpy(token_row(seq, model.config.vocab_size).astype(np.int64))
   params = [p for p in model.parameters() if p.requires_grad]
-  opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+  opt = torch.optim.AdamW(params, lr=common.LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
   def run_step():
     opt.zero_grad(set_to_none=True)
@@ -275,8 +274,7 @@ def main(argv=None) -> None:
       attention = "naive" if args.worker == "jlora-naive" else "auto"
       result = worker_jlora(seqs[0], attention, args.steps, args.warmup, args.memory_limit_gib)
     result["peak_rss_mib"] = common.peak_rss_mib()
-    with open(args.worker_out, "w") as f:
-      json.dump(result, f)
+    common.write_worker_result(args.worker_out, result)
     return
 
   machine = common.machine()

@@ -163,8 +163,7 @@ def main(argv=None) -> None:
   if args.worker:
     worker = worker_jlora if args.worker == "jlora" else worker_peft
     result = worker(args.adapters, args.new_tokens, args.repeats)
-    with open(args.worker_out, "w") as f:
-      json.dump(result, f)
+    common.write_worker_result(args.worker_out, result)
     return
 
   machine = common.machine()

@@ -32,7 +32,6 @@ only and compared against PEFT's fp32 LoRA.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -45,7 +44,6 @@ CONFIGS = {  # name -> (targets, rank)
   "all-r8": ("all-linear", 8),
   "all-r16": ("all-linear", 16),
 }
-LR = 1e-4
 ROWS, SEQ = 4, 128
 
 
@@ -66,20 +64,20 @@ def worker_jlora(config: str, steps: int, warmup: int, qlora: bool) -> dict:
   t0 = time.perf_counter()
   model, params, tokenizer = from_pretrained(common.MODEL)
   layout = jlora.trace_layout(model, jnp.zeros((1, 8), jnp.int32))
-  if qlora:
-    params = jlora.quantize(params, jlora.QuantConfig(kind="nf4"), layout=layout)
   cfg = jlora.LoraConfig(
     rank=rank, alpha=2.0 * rank, targets=("q_proj", "v_proj") if targets == "qv" else targets
   )
-  params = jlora.apply(params, cfg, jax.random.key(0), layout=layout)
-  trainable, frozen = jlora.split(params)
+  quant = jlora.QuantConfig(kind="nf4") if qlora else None
+  trainable, frozen = jlora.prepare_for_training(
+    params, cfg, jax.random.key(0), quant=quant, layout=layout
+  )
   del params
   load_s = time.perf_counter() - t0
 
   host = common.bench_batch(tokenizer, ROWS, SEQ)
   batch = step_lib.gather_labels(host, step_lib.label_budget(host["loss_mask"]))
   batch = jax.device_put({k: np.asarray(v) for k, v in batch.items()})
-  tx = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+  tx = optax.adamw(common.LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
   opt_state = tx.init(trainable)
   step_fn = jax.jit(step_lib.make_train_step(model, tx), donate_argnums=(0, 1))
   rng = jax.random.key(0)
@@ -160,7 +158,7 @@ def worker_peft(config: str, steps: int, warmup: int) -> dict:
   host = common.bench_batch(load_tokenizer(directory), ROWS, SEQ)
   inputs = hf_inputs(host)
   params = [p for p in model.parameters() if p.requires_grad]
-  opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+  opt = torch.optim.AdamW(params, lr=common.LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
   times, warm, losses = [], [], []
   for i in range(warmup + steps):
@@ -250,8 +248,7 @@ def main(argv=None) -> None:
     else:
       result = worker_jlora(config, args.steps, args.warmup, qlora=args.worker == "jlora-qlora")
     result["peak_rss_mib"] = common.peak_rss_mib()
-    with open(args.worker_out, "w") as f:
-      json.dump(result, f)
+    common.write_worker_result(args.worker_out, result)
     return
 
   machine = common.machine()
@@ -336,7 +333,7 @@ def main(argv=None) -> None:
   table = common.markdown_table(header, rows)
   print()
   print(
-    f"SmolLM2-135M, batch {ROWS}x{SEQ} tokens, fp32, AdamW lr {LR}, median of {args.steps} steps after "
+    f"SmolLM2-135M, batch {ROWS}x{SEQ} tokens, fp32, AdamW lr {common.LR}, median of {args.steps} steps after "
     f"{args.warmup} warm-up; tokens/s counts all {ROWS * SEQ} positions per step"
   )
   print(table)
@@ -349,7 +346,7 @@ def main(argv=None) -> None:
     "machine": machine,
     "model": common.MODEL,
     "batch": [ROWS, SEQ],
-    "lr": LR,
+    "lr": common.LR,
     "steps_timed": args.steps,
     "warmup": args.warmup,
     "wall_s": time.time() - started,
