@@ -122,10 +122,11 @@ def run_jlora(model_dir: Path, arrays: dict, batches: list[dict], s: Settings, w
   model, params, _ = from_pretrained(model_dir)
   layout = jlora.trace_layout(model, jnp.zeros((1, 8), jnp.int32))
   cfg = jlora.LoraConfig(rank=s.rank, alpha=s.alpha, targets=s.targets)
-  params = jlora.apply(params, cfg, jax.random.key(s.seed), layout=layout)
-  jlora.save_adapter(work / "initial", params, cfg, base_model_name_or_path=str(model_dir))
-  trainable, frozen = jlora.split(params)
+  trainable, frozen = jlora.prepare_for_training(params, cfg, jax.random.key(s.seed), layout=layout)
   del params
+  initial = jlora.combine(trainable, frozen)
+  jlora.save_adapter(work / "initial", initial, cfg, base_model_name_or_path=str(model_dir))
+  del initial
   tx, schedule = step_lib.make_optimizer(
     s.lr, s.steps, s.warmup_steps, s.weight_decay, s.clip_norm, min_lr_ratio=s.min_lr_ratio
   )

@@ -4,12 +4,14 @@
    internal stays internal, and a name used elsewhere is made public (or moved).
 2. No function in jlora/ or train/ is longer than 60 lines unless its docstring has a sentence
    starting with "Long because" that says why.
+3. The README's Layout section lists every module of jlora/, jlora/models/, train/ and bench/.
 """
 
 from __future__ import annotations
 
 import ast
 import pathlib
+import re
 import textwrap
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -97,3 +99,26 @@ def test_the_checks_catch_what_they_are_for():
   assert long_functions(f"def f():\n{body}\n", "m.py") == [f"m.py:1 f {MAX_LINES + 1} lines"]
   assert long_functions(f"def f():\n  'Long because a table.'\n{body}\n", "m.py") == []
   assert long_functions(f"def f():\n{body[: body.rindex(chr(10))]}\n", "m.py") == []
+
+
+def _layout_rows() -> dict[str, set[str]]:
+  """{folder: file names} as the README's Layout section lists them."""
+  readme = (ROOT / "README.md").read_text()
+  block = readme.split("## Layout\n", 1)[1].split("```\n", 2)[1]
+  rows: dict[str, set[str]] = {}
+  folder = None
+  for line in block.splitlines():
+    if line and not line.startswith(" "):
+      folder, line = line.split(None, 1)[0].rstrip("/"), line.split(None, 1)[1]
+    rows.setdefault(folder, set()).update(re.findall(r"\b([\w]+\.py)\b", line))
+  return rows
+
+
+def test_readme_layout_lists_every_module():
+  rows = _layout_rows()
+  for folder in ("jlora", "jlora/models", "train", "bench"):
+    on_disk = {p.name for p in (ROOT / folder).glob("*.py")} - {"__init__.py"}
+    listed = rows.get(folder, set()) - {"__init__.py"}
+    assert listed == on_disk, (
+      f"README Layout, {folder}/: missing {sorted(on_disk - listed)}, gone {sorted(listed - on_disk)}"
+    )
