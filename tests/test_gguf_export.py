@@ -3,7 +3,7 @@ reads back to the model they came from, adapters that reproduce jlora's forward 
 llama.cpp applies them, streaming memory, and bad input.
 
 References: llama.cpp's names and Q/K permutation written out in tests/ (gguf_reference,
-llama_fixtures); per-element error bounds derived from each format; the merged model computed by
+tiny); per-element error bounds derived from each format; the merged model computed by
 jlora.merge and the loader's name mapping; adapters applied by hand as W + alpha/r * B @ A.
 """
 
