@@ -1,6 +1,7 @@
 """jlora: LoRA and QLoRA for JAX/Flax as pure parameter-tree transforms."""
 
 from jlora.config import LoraConfig, is_node
+from jlora.intercept import trace_layout, wrap
 from jlora.lora import (
   DoraWeight,
   LoraWeight,
@@ -15,7 +16,6 @@ from jlora.lora import (
 )
 from jlora.models.export import export_gguf, export_merged, save_adapter_gguf
 from jlora.multi import StackedLoraWeight, adapter_ids, stack_adapters
-from jlora.ops import trace_layout, wrap
 from jlora.optim import optimizer
 from jlora.peft import load_adapter, save_adapter
 from jlora.prepare import prepare_for_training

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
-from jlora import ops
+from jlora import intercept
 from jlora.models import LlamaConfig, LlamaForCausalLM
 
 CONFIG = LlamaConfig(
@@ -54,7 +54,7 @@ def test_fused_forward_and_gradients_match_per_layer_and_merged(monkeypatch):
   merged = model.apply({"params": jlora.merge(params)}, ids)
   np.testing.assert_allclose(fused_loss, jnp.sum(merged**2), rtol=1e-5)
 
-  monkeypatch.setattr(ops, "SHARED_INPUT_GROUPS", ())
+  monkeypatch.setattr(intercept, "SHARED_INPUT_GROUPS", ())
   jax.clear_caches()  # the scanned layer's trace is cached by function identity
   plain_jaxpr = str(jax.make_jaxpr(loss)(trainable))
   plain_loss, plain_grads = jax.jit(jax.value_and_grad(loss))(trainable)
