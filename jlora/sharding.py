@@ -108,7 +108,7 @@ def named(mesh: Mesh, specs):
   )
 
 
-def follow_params(state, param_shardings, mesh: Mesh):
+def optimizer_state_shardings(state, param_shardings, mesh: Mesh):
   """Shardings for an optimizer state: every leaf that mirrors a param (optax's mu, nu, ...)
   takes that param's sharding, matched by key path; counters and scalars are replicated."""
   by_path = {

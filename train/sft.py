@@ -212,7 +212,7 @@ def setup(config, out: Path, mesh, record: outputs.RunRecord) -> Trainer:
   tx, schedule = step_lib.make_optimizer(
     o.lr, config.steps, o.warmup_steps, o.weight_decay, o.clip_norm
   )
-  opt_sh = shard_lib.follow_params(
+  opt_sh = shard_lib.optimizer_state_shardings(
     jax.eval_shape(tx.init, trainable), jax.tree.map(lambda x: x.sharding, trainable), mesh
   )
   t = Trainer(
