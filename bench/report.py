@@ -172,6 +172,8 @@ def long_context_section(lc: dict) -> str:
     f" Longest row trained: jlora {longest.get('jlora')}, jlora naive {longest.get('jlora-naive')}, "
     f"PEFT {longest.get('peft')} tokens (memory limit {lc['memory_limit_gib']:.0f} GiB).",
   ]
+  # Conditions of the sitting that the numbers alone don't show, recorded in the JSON by whoever ran it.
+  lines += [f"- {note}" for note in lc.get("notes", [])]
   return f"""## Long rows: one LoRA step on one row of 512 to 16,384 tokens (CPU, fp32)
 
 `python -m bench.long_context` ({lc["wall_s"] / 60:.0f} min). {common.machine_line(lc["machine"])}, no GPU.
