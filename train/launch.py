@@ -94,7 +94,10 @@ def supervise(procs, logs, timeout: float | None, grace: float) -> int:
     if failed is not None:
       stop(procs, grace)
       status = exit_status(codes[failed])
-      where = f"; its log ends with:\n{tail(logs[failed])}" if logs[failed] else ""
+      # Echoed lines carry the process's tag, so they never pass for the launcher's own `error:` line.
+      echoed = tail(logs[failed]).splitlines() if logs[failed] else []
+      where = "".join(f"\n  [process {failed}] {line}" for line in echoed)
+      where = f"; its log ends with:{where}" if where else ""
       print(f"launch: process {failed} exited with status {status}{where}", file=sys.stderr)
       return status
     if all(c == 0 for c in codes):
