@@ -115,7 +115,7 @@ def test_window_may_vary_per_layer_under_scan():
 def test_block_plan_skips_blocks_above_diagonal_outside_window_and_across_segments():
   from jlora.models.blockwise import _Static
 
-  static = _Static(block_q=4, block_k=4, windowed=True, softcap=None, scale=1.0)
+  static = _Static(block_q=4, block_k=4, groups=1, windowed=True, softcap=None, scale=1.0)
   window = jnp.int32(6)
   # Two segments of 8 tokens: query block 2 (tokens 8-11) needs key block 2 only; block 3 needs
   # blocks 2 and 3; segment 1's blocks never see segment 2's and vice versa.

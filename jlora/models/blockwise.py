@@ -14,8 +14,11 @@ arguments, same masking rule) without ever holding a `[seq, seq]` array:
   segment ids), so skipped blocks cost nothing, not a masked matmul.
 * A custom VJP saves only the output and the per-row logsumexp, and the backward recomputes the
   block probabilities (FlashAttention-2's backward), so the residuals are O(seq) per layer.
-* GQA: query heads are grouped by the KV head they share (`[b, kv, groups, seq, d]`); K and V are
-  never repeated.
+* GQA without repeating K and V: internally the queries are `[b, kv heads, seq * groups, d]`, the
+  query heads that share a KV head stacked position-major as rows, so every block product is one
+  plain matmul per (batch, KV head) whose contracting axis is already contiguous. (Grouping as
+  `[b, kv, groups, seq, d]` made XLA:CPU transpose the probabilities and their gradient in every
+  backward block, about a quarter of the backward's time at 4,096 tokens.)
 
 Query rows that may attend to nothing (padding, segment 0) get a zero output and zero gradients.
 """
@@ -34,12 +37,13 @@ from jlora.models.masking import attention_mask
 
 Array = jax.Array
 
-# Measured on the (busy) 2-core CPU of the development machine, forward + backward of one layer's
-# attention at the SmolLM2-135M shape (9 heads, 3 KV heads, d 64), fp32, CPU seconds: 128 x 128 was
-# the fastest of {64, 128, 256, 512, 1024} pairs at 2,048 and 8,192 tokens (8,192: 5.1 s vs 6.1 s for
-# 256 x 256 and 8.2 s for 512 x 512), and beat naive at 4 x 128 and 512 tokens as well.
-DEFAULT_BLOCK_Q = 128
-DEFAULT_BLOCK_K = 128
+# Measured with `python -m bench.attention_blocks` on an idle 2-core AMD EPYC, forward + backward
+# of one layer's attention at the SmolLM2-135M shape (9 heads, 3 KV heads, d 64), fp32: at 8,192
+# tokens 256 x 256 took 2.6-2.9 s, 256 x 384 and 128 x 256 the same within the noise, 128 x 128
+# 3.2 s and 64 x 256 3.9 s (torch's fused CPU kernel: 2.6 s); at 2,048 tokens 256 x 256 was the
+# fastest (0.17 s; 128 x 128: 0.23 s, torch: 0.21 s).
+DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_K = 256
 _BLOCK_MULTIPLE = 8  # padded block lengths are rounded to this, to keep vector loops whole
 
 
@@ -49,6 +53,7 @@ class _Static:
 
   block_q: int
   block_k: int
+  groups: int  # query heads per KV head: a query block is block_q * groups rows
   windowed: bool  # the window length itself is a (possibly traced) argument
   softcap: float | None
   scale: float
@@ -94,7 +99,7 @@ def blockwise_attention(
   bk, nk = blocking(t, block_k)
   scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
   cap = None if softcap is None else float(softcap)
-  static = _Static(bq, bk, sliding_window is not None, cap, scale)
+  static = _Static(bq, bk, groups, sliding_window is not None, cap, scale)
 
   pad_q, pad_k = nq * bq - s, nk * bk - t
   q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
@@ -102,15 +107,16 @@ def blockwise_attention(
   v = jnp.pad(v, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
   q_segments = jnp.pad(q_segments.astype(jnp.int32), ((0, 0), (0, pad_q)))
   kv_segments = jnp.pad(kv_segments.astype(jnp.int32), ((0, 0), (0, pad_k)))
-  # Internal layout: heads before positions, so a block is a slice of one axis and every block
-  # product is a plain batched matmul over (batch, kv head).
-  q = q.reshape(b, nq * bq, n_kv, groups, d).transpose(0, 2, 3, 1, 4)
+  # Internal layout (see the module docstring): rows = (position, group), heads before rows.
+  q = q.reshape(b, nq * bq, n_kv, groups, d).transpose(0, 2, 1, 3, 4)
+  q = q.reshape(b, n_kv, nq * bq * groups, d)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   offset = jnp.asarray(q_offset, jnp.int32)
   # The window is data, not a trace-time constant, so a scanned model may vary it per layer.
   window = jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32)
   out = _flash(static, q, k, v, q_segments, kv_segments, offset, window)
-  out = out.transpose(0, 3, 1, 2, 4).reshape(b, nq * bq, n_heads, d)
+  out = out.reshape(b, n_kv, nq * bq, groups, d).transpose(0, 2, 1, 3, 4)
+  out = out.reshape(b, nq * bq, n_heads, d)
   return out[:, :s]
 
 
@@ -156,13 +162,13 @@ def _loop_range(needed: Array) -> tuple[Array, Array]:
 
 
 def _block_scores(static: _Static, qi: Array, kj: Array, mask: Array) -> tuple[Array, Array | None]:
-  """Masked fp32 scores [b, kv, g, bq, bk] (-inf where not allowed) and tanh for the softcap."""
-  raw = jnp.einsum("bkgqd,bktd->bkgqt", qi, kj, preferred_element_type=jnp.float32) * static.scale
+  """Masked fp32 scores [b, kv, rows, bk] (-inf where not allowed) and tanh for the softcap."""
+  raw = jnp.einsum("bkrd,bktd->bkrt", qi, kj, preferred_element_type=jnp.float32) * static.scale
   capped = None
   if static.softcap is not None:
     capped = jnp.tanh(raw / static.softcap)
     raw = static.softcap * capped
-  return jnp.where(mask[:, None, None], raw, -jnp.inf), capped
+  return jnp.where(mask[:, None], raw, -jnp.inf), capped
 
 
 def _slice(x: Array, index: Array, length: int, axis: int) -> Array:
@@ -170,28 +176,31 @@ def _slice(x: Array, index: Array, length: int, axis: int) -> Array:
 
 
 def _block_mask(static: _Static, q_segments, kv_segments, q_offset, window, i, j) -> Array:
+  """[b, rows, bk]: the block's [b, bq, bk] mask with each query row repeated for its groups."""
   bq, bk = static.block_q, static.block_k
-  return attention_mask(
+  mask = attention_mask(
     _slice(q_segments, i, bq, 1),
     _slice(kv_segments, j, bk, 1),
     q_offset + i * bq,
     window if static.windowed else None,
     kv_offset=j * bk,
   )
+  return jnp.repeat(mask, static.groups, axis=1)
 
 
 # --------------------------------------------------------------------------- forward
 
 
 def _forward(static: _Static, q, k, v, q_segments, kv_segments, q_offset, window):
-  """(out [b, kv, g, S, d] in v's dtype, logsumexp [b, kv, g, S] fp32; +inf on empty rows)."""
+  """(out [b, kv, S * g, d] in v's dtype, logsumexp [b, kv, S * g] fp32; +inf on empty rows)."""
   bq, bk = static.block_q, static.block_k
-  nq = q.shape[3] // bq
+  rows = bq * static.groups
+  nq = q.shape[2] // rows
   needed = block_plan(static, q_segments, kv_segments, q_offset, window)
 
   def query_block(i, carry):
     out, lse = carry
-    qi = _slice(q, i, bq, 3)
+    qi = _slice(q, i, rows, 2)
 
     def key_block(j, state):
       def update(state):
@@ -204,7 +213,7 @@ def _forward(static: _Static, q, k, v, q_segments, kv_segments, q_offset, window
         p = jnp.exp(scores - m_safe[..., None])
         alpha = jnp.exp(m - m_safe)
         pv = jnp.einsum(
-          "bkgqt,bktd->bkgqd",
+          "bkrt,bktd->bkrd",
           p.astype(v.dtype),
           _slice(v, j, bk, 2),
           preferred_element_type=jnp.float32,
@@ -213,10 +222,9 @@ def _forward(static: _Static, q, k, v, q_segments, kv_segments, q_offset, window
 
       return lax.cond(needed[i, j], update, lambda state: state, state)
 
-    rows = qi.shape[:4]
     init = (
-      jnp.full(rows, -jnp.inf, jnp.float32),
-      jnp.zeros(rows, jnp.float32),
+      jnp.full(qi.shape[:3], -jnp.inf, jnp.float32),
+      jnp.zeros(qi.shape[:3], jnp.float32),
       jnp.zeros(qi.shape, jnp.float32),
     )
     first, end = _loop_range(needed[i])
@@ -225,11 +233,11 @@ def _forward(static: _Static, q, k, v, q_segments, kv_segments, q_offset, window
     total = jnp.where(empty, 1.0, total)
     o = acc / total[..., None]
     lse_i = jnp.where(empty, jnp.inf, m + jnp.log(total))
-    out = lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), i * bq, axis=3)
-    lse = lax.dynamic_update_slice_in_dim(lse, lse_i, i * bq, axis=3)
+    out = lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), i * rows, axis=2)
+    lse = lax.dynamic_update_slice_in_dim(lse, lse_i, i * rows, axis=2)
     return out, lse
 
-  init = (jnp.zeros(q.shape, v.dtype), jnp.zeros(q.shape[:4], jnp.float32))
+  init = (jnp.zeros(q.shape, v.dtype), jnp.zeros(q.shape[:3], jnp.float32))
   return lax.fori_loop(0, nq, query_block, init)
 
 
@@ -240,6 +248,7 @@ def _backward(static: _Static, residuals, d_out):
   """FlashAttention-2's backward: per key block, loop over the query blocks that need it."""
   q, k, v, q_segments, kv_segments, q_offset, window, out, lse = residuals
   bq, bk = static.block_q, static.block_k
+  rows = bq * static.groups
   nk = k.shape[2] // bk
   needed = block_plan(static, q_segments, kv_segments, q_offset, window)
   d_out = d_out.astype(v.dtype)
@@ -247,20 +256,20 @@ def _backward(static: _Static, residuals, d_out):
 
   def block_grads(i, j, kj, vj):
     """(dq_i, dk_j, dv_j) contributions of one block pair, fp32."""
-    qi, d_out_i = _slice(q, i, bq, 3), _slice(d_out, i, bq, 3)
+    qi, d_out_i = _slice(q, i, rows, 2), _slice(d_out, i, rows, 2)
     mask = _block_mask(static, q_segments, kv_segments, q_offset, window, i, j)
     scores, capped = _block_scores(static, qi, kj, mask)
-    p = jnp.exp(scores - _slice(lse, i, bq, 3)[..., None])
+    p = jnp.exp(scores - _slice(lse, i, rows, 2)[..., None])
     dv = jnp.einsum(
-      "bkgqt,bkgqd->bktd", p.astype(v.dtype), d_out_i, preferred_element_type=jnp.float32
+      "bkrt,bkrd->bktd", p.astype(v.dtype), d_out_i, preferred_element_type=jnp.float32
     )
-    dp = jnp.einsum("bkgqd,bktd->bkgqt", d_out_i, vj, preferred_element_type=jnp.float32)
-    ds = p * (dp - _slice(delta, i, bq, 3)[..., None])
+    dp = jnp.einsum("bkrd,bktd->bkrt", d_out_i, vj, preferred_element_type=jnp.float32)
+    ds = p * (dp - _slice(delta, i, rows, 2)[..., None])
     if capped is not None:
       ds = ds * (1.0 - capped * capped)  # d/dx c*tanh(x/c) = 1 - tanh^2
     ds = (ds * static.scale).astype(q.dtype)
-    dq = jnp.einsum("bkgqt,bktd->bkgqd", ds, kj, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bkgqt,bkgqd->bktd", ds, qi, preferred_element_type=jnp.float32)
+    dq = jnp.einsum("bkrt,bktd->bkrd", ds, kj, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bkrt,bkrd->bktd", ds, qi, preferred_element_type=jnp.float32)
     return dq, dk, dv
 
   def key_block(j, carry):
@@ -269,10 +278,10 @@ def _backward(static: _Static, residuals, d_out):
 
     def query_block(i, state):
       dq, dk_j, dv_j = state
-      zeros = (jnp.zeros(q.shape[:3] + (bq, q.shape[4]), jnp.float32), dk_j * 0, dv_j * 0)
+      zeros = (jnp.zeros(q.shape[:2] + (rows, q.shape[3]), jnp.float32), dk_j * 0, dv_j * 0)
       # The cond returns only block-sized values: carrying the full dq through it could copy it.
       dq_i, dk_i, dv_i = lax.cond(needed[i, j], lambda: block_grads(i, j, kj, vj), lambda: zeros)
-      dq = lax.dynamic_update_slice_in_dim(dq, _slice(dq, i, bq, 3) + dq_i, i * bq, axis=3)
+      dq = lax.dynamic_update_slice_in_dim(dq, _slice(dq, i, rows, 2) + dq_i, i * rows, axis=2)
       return dq, dk_j + dk_i, dv_j + dv_i
 
     first, end = _loop_range(needed[:, j])
