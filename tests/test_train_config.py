@@ -148,3 +148,35 @@ def test_output_dir_that_cannot_hold_a_run(tmp_path, where):
     where.write_text("")
   with pytest.raises(UserError, match=r"config.output_dir: .*(is a file|system file system)"):
     outputs.check_output_dir(str(where))
+
+
+def test_output_dir_on_a_read_only_file_system(tmp_path, monkeypatch):
+  import errno
+  from pathlib import Path
+
+  # A real read-only mount needs privileges a test can't assume, so the OS answer is simulated
+  # at the one call that meets it first: creating the directory.
+  def read_only(self, *args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+  monkeypatch.setattr(Path, "mkdir", read_only)
+  where = str(tmp_path / "mnt" / "run")
+  with pytest.raises(UserError) as raised:
+    outputs.check_output_dir(where)
+  assert str(raised.value) == (
+    f"config.output_dir: {where!r} can't be written (the file system is read-only); "
+    "use a writable directory."
+  )
+
+
+def test_output_dir_without_write_permission(tmp_path):
+  import os
+
+  if os.geteuid() == 0:
+    pytest.skip("root may write into a read-only directory")
+  locked = tmp_path / "locked"
+  locked.mkdir(mode=0o555)
+  with pytest.raises(
+    UserError, match=r"config.output_dir: .* can't be written \(Permission denied\)"
+  ):
+    outputs.check_output_dir(str(locked / "run"))
