@@ -37,11 +37,10 @@ from jlora.models.masking import attention_mask
 
 Array = jax.Array
 
-# Measured with `python -m bench.attention_blocks` on an idle 2-core AMD EPYC, forward + backward
-# of one layer's attention at the SmolLM2-135M shape (9 heads, 3 KV heads, d 64), fp32: at 8,192
-# tokens 256 x 256 took 2.6-2.9 s, 256 x 384 and 128 x 256 the same within the noise, 128 x 128
-# 3.2 s and 64 x 256 3.9 s (torch's fused CPU kernel: 2.6 s); at 2,048 tokens 256 x 256 was the
-# fastest (0.17 s; 128 x 128: 0.23 s, torch: 0.21 s).
+# Chosen with `python -m bench.attention_blocks` (table in BENCHMARKS.md, "Long rows"): forward +
+# backward of one layer's attention at the SmolLM2-135M shape, fp32, on an idle 2-core AMD EPYC.
+# 128 x 256, 256 x 256 and 256 x 384 were within ~10% of each other and of torch's fused CPU kernel
+# at 2,048 and 8,192 tokens; 128 x 128 and 512 x 512 were 10-25% slower.
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 256
 _BLOCK_MULTIPLE = 8  # padded block lengths are rounded to this, to keep vector loops whole
