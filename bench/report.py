@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from bench import common
+from jlora.models.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 
 RESULTS = Path("bench/results")
 
@@ -245,7 +246,7 @@ def attention_blocks_section(ab: dict) -> str:
 One layer's causal attention at SmolLM2-135M's shape (9 query heads, 3 KV heads, head dim 64), batch 1,
 fp32, forward + backward; fastest of {ab["repeats"]} interleaved repeats. GFLOP/s counts the 7 matmuls
 of a flash forward + backward over half the square. "jlora BQxBK" is `blockwise_attention` with query
-blocks of BQ and key blocks of BK tokens; the default is 256 x 256.
+blocks of BQ and key blocks of BK tokens; the default is {DEFAULT_BLOCK_Q} x {DEFAULT_BLOCK_K}.
 
 {common.markdown_table(header, rows)}
 """

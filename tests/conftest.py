@@ -2,12 +2,11 @@
 
 import pytest
 
-# Module-scoped fixtures that cost tens of seconds each (a multi-process training run, a full
+# Module-scoped fixtures that cost tens of seconds each: a multi-process training run, a full
 # `train.sft` run, an adapted model with its exports, a converted checkpoint per model family,
-# tiny GGUFs per architecture). Under
-# `pytest -n 2` every worker that runs a test using one builds its own copy, so a split group
-# pays twice; with `--dist loadgroup` (pyproject.toml) each group below runs on one worker, and
-# every other test is still spread over the workers as it comes.
+# tiny GGUFs per architecture. Under `pytest -n 2` every worker that runs a test using one builds
+# its own copy, so a split group pays twice. With `--dist loadgroup` (pyproject.toml) each group
+# below runs on one worker; every other test is still spread over the workers as it comes.
 SHARED_FIXTURES = ("two", "finished", "adapted", "family", "tiny_ggufs")
 
 

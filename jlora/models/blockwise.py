@@ -17,8 +17,8 @@ arguments, same masking rule) without ever holding a `[seq, seq]` array:
 * GQA without repeating K and V: internally the queries are `[b, kv heads, seq * groups, d]`, the
   query heads that share a KV head stacked position-major as rows, so every block product is one
   plain matmul per (batch, KV head) whose contracting axis is already contiguous. (Grouping as
-  `[b, kv, groups, seq, d]` made XLA:CPU transpose the probabilities and their gradient in every
-  backward block, about a quarter of the backward's time at 4,096 tokens.)
+  `[b, kv, groups, seq, d]` made XLA:CPU copy-transpose the probabilities and their gradient in
+  every backward block: see the `copy` ops in the compiled HLO.)
 
 Query rows that may attend to nothing (padding, segment 0) get a zero output and zero gradients.
 """
