@@ -10,6 +10,9 @@ import pytest
 SHARED_FIXTURES = ("two", "finished", "adapted", "family", "tiny_ggufs")
 
 
+# tryfirst: pytest-xdist reads the xdist_group marks in its own collection hook, so they must be
+# on the items before it runs.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
   for item in items:
     for name in SHARED_FIXTURES:
