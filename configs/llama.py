@@ -61,6 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.warmup_steps = 3
   config.optim.weight_decay = 0.0
   config.optim.clip_norm = 1.0
+  # LoRA+ (Hayou et al. 2024): B's lr is this many times lr (PEFT's loraplus_lr_ratio, ~16); 0 = off.
+  config.optim.loraplus_ratio = 0.0
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # -1: all remaining devices

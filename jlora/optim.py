@@ -1,13 +1,18 @@
-"""Optimizers that touch only adapter leaves."""
+"""Optimizers that touch only adapter leaves, with LoRA+'s larger learning rate for B."""
 
 from __future__ import annotations
 
 import jax
 import optax
 
+from jlora import config as config_lib
+from jlora.config import EMBEDDING
 from jlora.lora import frozen_children, is_lora
 
 ADAPTER, FROZEN = "adapter", "frozen"
+# LoRA+ (Hayou et al. 2024) trains B with lr * ratio; PEFT's create_loraplus_optimizer puts
+# lora_B and every 1-D trainable tensor (DoRA's magnitude) in that group.
+LORAPLUS_FIELDS = ("b", "magnitude")
 
 
 def adapter_labels(params):
@@ -25,12 +30,65 @@ def adapter_labels(params):
   return jax.tree.map(label, params, is_leaf=is_lora)
 
 
-def optimizer(tx: optax.GradientTransformation, params=None) -> optax.GradientTransformation:
+def loraplus_factors(params, ratio: float, embedding_ratio: float = 1.0):
+  """The learning-rate multiplier of every leaf: `ratio` for B (and DoRA's magnitude) of a
+  kernel adapter, `embedding_ratio` for both factors of an embedding adapter, 1 elsewhere."""
+
+  def factor(key_path, x):
+    if not is_lora(x):
+      return jax.tree.map(lambda _: 1.0, x)
+    is_embedding = config_lib.path_str(key_path).rpartition("/")[2] == EMBEDDING
+    per_field = lambda f: (
+      embedding_ratio if is_embedding else (ratio if f in LORAPLUS_FIELDS else 1.0)
+    )
+    return x.replace(
+      **{f: jax.tree.map(lambda _: 1.0, getattr(x, f)) for f in frozen_children(x)},
+      **{f: jax.tree.map(lambda _, f=f: per_field(f), getattr(x, f)) for f in x.trainable_fields},
+    )
+
+  return jax.tree_util.tree_map_with_path(factor, params, is_leaf=is_lora)
+
+
+def scale_by_loraplus(ratio: float, embedding_ratio: float = 1.0) -> optax.GradientTransformation:
+  """Multiplies each update by its leaf's LoRA+ factor (stateless).
+
+  Placed after an optimizer whose update is linear in its learning rate (SGD, Adam, AdamW with
+  decoupled decay), this is that optimizer with lr * factor for each leaf: PEFT's parameter
+  groups, while clipping or any other transform before it still sees every leaf at once.
+  """
+
+  def update(updates, state, params=None):
+    del params
+    factors = loraplus_factors(updates, ratio, embedding_ratio)
+    return jax.tree.map(lambda u, f: u * f if u is not None else None, updates, factors), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def optimizer(
+  tx: optax.GradientTransformation,
+  params=None,
+  *,
+  loraplus_ratio: float | None = None,
+  loraplus_embedding_ratio: float = 1.0,
+) -> optax.GradientTransformation:
   """`tx` on the adapter leaves; frozen leaves get zero updates and hold no state.
 
-  For a training step that keeps the whole tree together. With jlora.split you can
-  instead pass only the trainable tree to `tx` directly. `params` is accepted for
-  symmetry with the README's snippet; the labels are derived from the tree at init.
+  For a training step that keeps the whole tree together (it also takes jlora.split's trainable
+  half). `params` is accepted for symmetry with the README's snippet; the labels are derived
+  from the tree at init. `loraplus_ratio` (LoRA+, e.g. 16): B's learning rate is that many times
+  `tx`'s, as PEFT's `create_loraplus_optimizer(..., loraplus_lr_ratio=)`; `tx` must scale its
+  update linearly with its lr (SGD, Adam, AdamW and chains with clipping before them do).
+  PEFT gives embedding adapters an absolute lr (`loraplus_lr_embedding`, 1e-6); here they get
+  `loraplus_embedding_ratio` times `tx`'s lr (default: the same lr).
   """
   del params
-  return optax.multi_transform({ADAPTER: tx, FROZEN: optax.set_to_zero()}, adapter_labels)
+  masked = optax.multi_transform({ADAPTER: tx, FROZEN: optax.set_to_zero()}, adapter_labels)
+  if loraplus_ratio is None:
+    return masked
+  if not loraplus_ratio > 0 or not loraplus_embedding_ratio > 0:
+    raise ValueError(
+      f"optimizer: loraplus_ratio={loraplus_ratio!r} and loraplus_embedding_ratio="
+      f"{loraplus_embedding_ratio!r} must be positive (LoRA+ uses about 16 for B)."
+    )
+  return optax.chain(masked, scale_by_loraplus(loraplus_ratio, loraplus_embedding_ratio))

@@ -216,8 +216,8 @@ def check_optim(optim) -> None:
       f"config.optim.lr: {lr!r} is not valid; expected a number in (0, {MAX_LR:g}) "
       "(LoRA typically uses 1e-5 to 1e-3)."
     )
-  for name in ("weight_decay", "clip_norm"):
-    value = optim[name]
+  for name in ("weight_decay", "clip_norm", "loraplus_ratio"):
+    value = optim.get(name, 0.0)
     if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
       raise UserError(f"config.optim.{name}: {value!r} is not valid; expected a number >= 0.")
 

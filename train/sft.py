@@ -210,7 +210,7 @@ def setup(config, out: Path, mesh, record: outputs.RunRecord) -> Trainer:
   arrays, stats = load_train_data(config, tokenizer)
   o = config.optim
   tx, schedule = step_lib.make_optimizer(
-    o.lr, config.steps, o.warmup_steps, o.weight_decay, o.clip_norm
+    o.lr, config.steps, o.warmup_steps, o.weight_decay, o.clip_norm, o.get("loraplus_ratio", 0.0)
   )
   opt_sh = shard_lib.optimizer_state_shardings(
     jax.eval_shape(tx.init, trainable), jax.tree.map(lambda x: x.sharding, trainable), mesh

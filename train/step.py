@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 import jlora
+from jlora.optim import scale_by_loraplus
 
 # Tokens per cross-entropy chunk: bounds the live [chunk, vocab] fp32 logits.
 CE_CHUNK = 1024
@@ -54,6 +55,7 @@ def make_optimizer(
   warmup_steps: int,
   weight_decay: float,
   clip_norm: float,
+  loraplus_ratio: float = 0.0,
   b1: float = 0.9,
   b2: float = 0.999,
   min_lr_ratio: float = 0.1,
@@ -66,6 +68,7 @@ def make_optimizer(
   AdamW is torch's: eps 1e-8 outside the square root, bias correction, decoupled weight decay
   scaled by the scheduled lr, on every trainable leaf (HF decays all but biases and norms,
   which jlora never trains). The clip sees the gradient of the whole accumulated step.
+  loraplus_ratio > 0 is LoRA+: B's lr (schedule and decay included) is that many times A's.
   """
   schedule = optax.warmup_cosine_decay_schedule(
     0.0, lr, warmup_steps, max(steps, warmup_steps + 1), end_value=min_lr_ratio * lr
@@ -74,6 +77,8 @@ def make_optimizer(
     optax.clip_by_global_norm(clip_norm),
     optax.adamw(schedule, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay),
   )
+  if loraplus_ratio:
+    tx = optax.chain(tx, scale_by_loraplus(loraplus_ratio))
   return tx, schedule
 
 
