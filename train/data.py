@@ -635,10 +635,14 @@ class TrainIterator:
 
 
 def take_rows(arrays: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
-  """The rows `ids` of `arrays`; an id of -1 is an all-zero padding row."""
+  """The rows `ids` of every array in `arrays` (BATCH_KEYS and any other, e.g. a pair axis or
+  reference log-probs); an id of -1 is an all-zero padding row."""
   ids = np.asarray(ids)
   real = ids >= 0
-  return {k: np.where(real[:, None], arrays[k][np.where(real, ids, 0)], 0) for k in BATCH_KEYS}
+  picked = lambda a: a[np.where(real, ids, 0)]
+  return {
+    k: np.where(real.reshape(-1, *[1] * (a.ndim - 1)), picked(a), 0) for k, a in arrays.items()
+  }
 
 
 def eval_batch_ids(n_rows: int, batch_size: int) -> Iterator[np.ndarray]:

@@ -11,7 +11,9 @@ request, a merged HF checkpoint and GGUF files for llama.cpp.
 
 The run is five stages, each a function below: setup (model, adapters, data, compiled
 step), restore (the newest readable checkpoint), train (the loop), evaluate, finish
-(adapter and summary). `Trainer` holds what setup builds for the later stages.
+(adapter and summary). `Trainer` holds what setup builds for the later stages. What is trained
+on comes from a `Task` (its data, loss, evaluator and report): `SFT` here, preference pairs in
+train/dpo.py; every stage is shared.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +62,38 @@ def mib(n: float) -> str:
   return f"{n / 2**20:,.1f} MiB"
 
 
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What a run trains on and how it is judged; the stages below are the same for every task.
+
+  command: the CLI module (`train.sft`), named in the resume hint.
+  default_config: the config file used when the command line names none.
+  check(config): task-specific config checks (one-line UserErrors), before the model loads.
+  load_train_data(config, tokenizer) -> (arrays with a leading row axis, stats).
+  objective(config) -> step.Objective: the loss the compiled step minimises.
+  make_evaluator(config, model, tokenizer, mesh): an object with `loss(trainable, frozen)`,
+    `evaluate(trainable, frozen, eval_loss=None)` -> {'eval_loss', scores..., 'samples'} and
+    `examples` ([{'prompt_ids', 'reference'}]), like train.evaluate.Evaluator.
+  prepare(trainer): runs after setup has built everything but the compiled step (e.g. adds
+    reference log-probs to trainer.train_arrays).
+  report_scores(summary, n_eval): logs the before -> after scores.
+  """
+
+  command: str
+  default_config: str
+  check: Callable[[Any], None]
+  load_train_data: Callable
+  objective: Callable[[Any], step_lib.Objective]
+  make_evaluator: Callable
+  prepare: Callable
+  report_scores: Callable[[dict, int], None]
+
+
 @dataclasses.dataclass
 class Trainer:
   """What setup builds; restore, train, evaluate and finish read it."""
 
+  task: Task
   config: Any
   out: Path
   mesh: Any
@@ -87,7 +118,7 @@ class Trainer:
 class Interrupted(Exception):
   """SIGINT / SIGTERM arrived; the state at `step` is saved (if any step ran)."""
 
-  def __init__(self, signum: int, step: int | None, out: Path):
+  def __init__(self, signum: int, step: int | None, out: Path, command: str = "train.sft"):
     self.signum, self.step, self.out = signum, step, out
     name = signal.Signals(signum).name
     saved = (
@@ -95,7 +126,7 @@ class Interrupted(Exception):
       if step is not None
       else "no step had run, nothing to save"
     )
-    command = shlex.join(["python", "-m", "train.sft", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", command, *sys.argv[1:]])
     super().__init__(f"interrupted by {name}: {saved}. Rerun the same command to resume: {command}")
 
 
@@ -174,7 +205,11 @@ def compile_step(t: Trainer, example_batch):
     sharding_of(t.opt_state),
   )
   step = step_lib.make_train_step(
-    t.model, t.tx, accum_steps=t.config.data.grad_accum, dropout_rng=t.lora.dropout > 0
+    t.model,
+    t.tx,
+    accum_steps=t.config.data.grad_accum,
+    dropout_rng=t.lora.dropout > 0,
+    objective=t.task.objective(t.config),
   )
   jitted = jax.jit(
     step,
@@ -193,7 +228,7 @@ def compile_step(t: Trainer, example_batch):
   return compiled
 
 
-def setup(config, out: Path, mesh, record: outputs.RunRecord) -> Trainer:
+def setup(config, out: Path, mesh, record: outputs.RunRecord, task: Task) -> Trainer:
   """Model, adapters, data, evaluator, optimizer and the compiled step."""
   model, base, tokenizer = load_model(config, mesh)
   trainable, frozen = adapt(config, base)
@@ -207,7 +242,7 @@ def setup(config, out: Path, mesh, record: outputs.RunRecord) -> Trainer:
     f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.default_backend()} device(s); "
     f"{distributed.describe()}"
   )
-  arrays, stats = load_train_data(config, tokenizer)
+  arrays, stats = task.load_train_data(config, tokenizer)
   o = config.optim
   tx, schedule = step_lib.make_optimizer(
     o.lr, config.steps, o.warmup_steps, o.weight_decay, o.clip_norm, o.get("loraplus_ratio", 0.0)
@@ -216,6 +251,7 @@ def setup(config, out: Path, mesh, record: outputs.RunRecord) -> Trainer:
     jax.eval_shape(tx.init, trainable), jax.tree.map(lambda x: x.sharding, trainable), mesh
   )
   t = Trainer(
+    task=task,
     config=config,
     out=out,
     mesh=mesh,
@@ -228,7 +264,7 @@ def setup(config, out: Path, mesh, record: outputs.RunRecord) -> Trainer:
     train_arrays=arrays,
     data_stats=stats,
     budget=step_lib.label_budget(arrays["loss_mask"]),
-    evaluator=Evaluator(config, model, tokenizer, mesh),
+    evaluator=task.make_evaluator(config, model, tokenizer, mesh),
     tx=tx,
     schedule=schedule,
     opt_state=jax.jit(tx.init, out_shardings=opt_sh)(trainable),
@@ -236,6 +272,7 @@ def setup(config, out: Path, mesh, record: outputs.RunRecord) -> Trainer:
     checkpoints=Checkpointer(out / "checkpoints"),
     rng=jax.random.key(config.seed),
   )
+  task.prepare(t)
   first = data_lib.TrainIterator(arrays, config.data.batch_size, seed=config.seed).next_ids()
   t.step_fn = compile_step(t, put_batch(arrays, first, t.budget, mesh))
   return t
@@ -336,16 +373,21 @@ def stop_non_finite(t: Trainer, state, step: int, position, metrics, rows) -> No
   )
 
 
+# Every objective's step reports these; a task's other metrics (e.g. rewards) join the rows.
+STEP_METRICS = ("loss", "grad_norm", "finite", "tokens")
+
+
 def train(t: Trainer, state, start: int, data_state, rows: list, flag: SignalFlag, progress: bool):
   """Steps start..config.steps: (final state, metric rows, train tokens/s after the first step)."""
   c, metrics_path = t.config, t.out / "metrics.jsonl"
   batches = data_lib.TrainIterator(t.train_arrays, c.data.batch_size, seed=c.seed, state=data_state)
   progress = progress and distributed.is_main()
   bar = tqdm(total=c.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
-  row_tokens = (t.train_arrays["segment_ids"] > 0).sum(axis=1)
+  segments = t.train_arrays["segment_ids"]
+  row_tokens = (segments > 0).reshape(len(segments), -1).sum(axis=1)
   seconds = tokens = 0.0
   if flag.signum is not None:
-    raise Interrupted(flag.signum, None, t.out)
+    raise Interrupted(flag.signum, None, t.out, t.task.command)
   for step in range(start, c.steps):
     position = batches.state()
     ids = batches.next_ids()
@@ -359,6 +401,7 @@ def train(t: Trainer, state, start: int, data_state, rows: list, flag: SignalFla
     done = step + 1 == c.steps
     row = {"step": step + 1, "loss": metrics["loss"], "lr": float(t.schedule(step))}
     row.update(grad_norm=metrics["grad_norm"], tokens_per_s=n / elapsed)
+    row.update((k, v) for k, v in metrics.items() if k not in STEP_METRICS)  # the task's own
     if (step + 1) % c.eval_every == 0 or done:
       row["eval_loss"] = t.evaluator.loss(state["trainable"], t.frozen)
     rows.append(row)
@@ -370,7 +413,7 @@ def train(t: Trainer, state, start: int, data_state, rows: list, flag: SignalFla
       t.checkpoints.save(step + 1, state, checkpoint_meta(t, step + 1, batches.state()))
     if flag.signum is not None and not done:
       bar.close()
-      raise Interrupted(flag.signum, step + 1, t.out)
+      raise Interrupted(flag.signum, step + 1, t.out, t.task.command)
   bar.close()
   t.checkpoints.close()
   return state, rows, tokens / seconds if seconds else None
@@ -463,12 +506,16 @@ def save_adapter_and_export(t: Trainer, trainable) -> None:
   distributed.barrier("outputs-written")
 
 
-def report(summary: dict, n_eval: int, out: Path) -> None:
+def report_scores(summary: dict, n_eval: int) -> None:
   b, a = summary["before"], summary["after"]
   log(f"eval loss: {b['eval_loss']:.4f} -> {a['eval_loss']:.4f}")
   log(f"perplexity: {b['perplexity']:.2f} -> {a['perplexity']:.2f}")
   for name in (k for k in a if k not in ("eval_loss", "perplexity")):
     log(f"{name} on {n_eval} eval rows: {b[name]:.1%} -> {a[name]:.1%}")
+
+
+def report(summary: dict, n_eval: int, out: Path, task: Task) -> None:
+  task.report_scores(summary, n_eval)
   for i, s in enumerate(summary["samples"], 1):
     log(
       f"--- sample {i}\n{s['prompt'].strip()}\n  reference: {s['reference']}\n"
@@ -496,24 +543,37 @@ def claim(out: Path, config) -> tuple[outputs.RunRecord, bool]:
   return outputs.RunRecord(**record), resumed
 
 
-def run(config, progress: bool = True) -> dict:
+SFT = Task(
+  command="train.sft",
+  default_config="configs/llama.py",
+  check=lambda config: None,
+  load_train_data=load_train_data,
+  objective=lambda config: step_lib.SFT,
+  make_evaluator=Evaluator,
+  prepare=lambda trainer: None,
+  report_scores=report_scores,
+)
+
+
+def run(config, progress: bool = True, task: Task = SFT) -> dict:
   """setup -> restore -> train -> evaluate -> finish. Every config value is checked first."""
   distributed.initialize(config.get("distributed"))  # before anything asks JAX for devices
   config_lib.check_config(config)
+  task.check(config)
   started = time.time()
   out = outputs.check_output_dir(config.output_dir)
   record, resumed = claim(out, config)
   sizes = config_lib.mesh_sizes(config)
   mesh = shard_lib.make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"])
   with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES), SignalFlag() as flag:
-    t = setup(config, out, mesh, record)
+    t = setup(config, out, mesh, record, task)
     state, start, data_state = restore(t)
     before = evaluate_before(t, resumed and start > 0)
     rows = outputs.read_metrics(out / "metrics.jsonl", start) if start else []
     rows = rows or [{"step": 0, "eval_loss": before["eval_loss"]}]
     state, rows, speed = train(t, state, start, data_state, rows, flag, progress)
     summary = finish(t, state, rows, before, speed, started)
-  report(summary, len(t.evaluator.examples), out)
+  report(summary, len(t.evaluator.examples), out, task)
   return summary
 
 
@@ -523,8 +583,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 flags.DEFINE_bool("verbose", False, "Show full tracebacks for errors in the input too.")
 
 
-def parse_flags(argv: list[str]):
-  """The config from the command line; a bad flag, config file or field is a UserError."""
+def parse_flags(argv: list[str], default_config: str | None = None):
+  """The config from the command line; a bad flag, config file or field is a UserError.
+  `default_config`: the file to load when argv names none (another task's default)."""
+  if default_config and not any(a == "--config" or a.startswith("--config=") for a in argv):
+    argv = [argv[0], f"--config={default_config}", *argv[1:]]
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
@@ -573,15 +636,15 @@ def unknown_field_message(argv: list[str], message: str) -> str:
   return f"unknown config field {name!r}. {hint}".strip()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, task: Task = SFT) -> None:
   """The command line. Flag parsing is inside the one error path too: a bad flag, a missing
   config file or an unknown field is one line and exit 2, like every other input error."""
   argv = sys.argv if argv is None else argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file operation at INFO
   with exit_on_user_error(verbose_requested(argv)):
-    config = parse_flags(argv)
+    config = parse_flags(argv, task.default_config)
     try:
-      run(config)
+      run(config, task=task)
     except Interrupted as e:
       print(str(e), file=sys.stderr)
       sys.exit(128 + e.signum)

@@ -7,7 +7,7 @@ so XLA never computes a weight gradient for the base and optax holds no state fo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,17 +23,19 @@ CE_CHUNK = 1024
 
 def label_budget(loss_mask: np.ndarray, multiple: int = 16) -> int:
   """Static number of labelled positions per row: the most any row has, rounded up."""
-  most = int(loss_mask.sum(axis=1).max()) if loss_mask.size else 0
+  most = int(loss_mask.sum(axis=-1).max()) if loss_mask.size else 0
   return max(multiple, -(-most // multiple) * multiple)
 
 
 def gather_labels(batch: dict[str, np.ndarray], budget: int) -> dict[str, np.ndarray]:
-  """Adds label_pos / label_targets / label_mask [rows, budget]: where the head must run.
+  """Adds label_pos / label_targets / label_mask [..., budget]: where the head must run.
 
   The LM head is the largest matmul of a small model; running it (and the softmax)
   only at labelled positions is the biggest saving for SFT, where prompts are masked.
+  Leading axes (rows, or pairs x 2) are kept.
   """
-  mask = batch["loss_mask"].astype(bool)
+  lead = batch["loss_mask"].shape[:-1]
+  mask = batch["loss_mask"].reshape(-1, batch["loss_mask"].shape[-1]).astype(bool)
   rows = mask.shape[0]
   pos = np.zeros((rows, budget), np.int32)
   valid = np.zeros((rows, budget), np.int32)
@@ -45,8 +47,14 @@ def gather_labels(batch: dict[str, np.ndarray], budget: int) -> dict[str, np.nda
       )
     pos[r, : len(where)] = where
     valid[r, : len(where)] = 1
-  targets = np.take_along_axis(batch["targets"], pos, axis=1) * valid
-  return {**batch, "label_pos": pos, "label_targets": targets.astype(np.int32), "label_mask": valid}
+  targets = np.take_along_axis(batch["targets"].reshape(rows, -1), pos, axis=1) * valid
+  shaped = lambda x: x.reshape(*lead, budget)
+  return {
+    **batch,
+    "label_pos": shaped(pos),
+    "label_targets": shaped(targets.astype(np.int32)),
+    "label_mask": shaped(valid),
+  }
 
 
 def make_optimizer(
@@ -82,8 +90,9 @@ def make_optimizer(
   return tx, schedule
 
 
-def loss_sum(apply_fn, model_cls, params, batch, rngs=None) -> tuple[jax.Array, jax.Array]:
-  """(sum of token cross-entropies, number of labelled tokens). Logits exist only in chunks."""
+def token_logps(apply_fn, model_cls, params, batch, rngs=None) -> jax.Array:
+  """log p(label_targets) at each label position, [rows, budget] (0 where label_mask is 0).
+  Logits exist only in chunks of CE_CHUNK positions."""
   hidden = apply_fn(
     {"params": params},
     batch["input_ids"],
@@ -93,7 +102,7 @@ def loss_sum(apply_fn, model_cls, params, batch, rngs=None) -> tuple[jax.Array, 
     rngs=rngs,
   )
   picked = jnp.take_along_axis(hidden, batch["label_pos"][..., None], axis=1)
-  dim = picked.shape[-1]
+  rows, budget, dim = picked.shape
   flat_h = picked.reshape(-1, dim)
   flat_t = batch["label_targets"].reshape(-1)
   flat_m = batch["label_mask"].reshape(-1).astype(jnp.float32)
@@ -106,68 +115,104 @@ def loss_sum(apply_fn, model_cls, params, batch, rngs=None) -> tuple[jax.Array, 
     flat_m = jnp.pad(flat_m, (0, pad))
   chunks = (flat_h.reshape(-1, chunk, dim), flat_t.reshape(-1, chunk), flat_m.reshape(-1, chunk))
 
-  def chunk_loss(h, t, m):
+  def chunk_logps(h, t, m):
     logits = apply_fn({"params": params}, h[None], method=model_cls.logits)[0].astype(jnp.float32)
     picked_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked_logit) * m)
+    return (picked_logit - jax.nn.logsumexp(logits, axis=-1)) * m
 
   # With several chunks, rematerialise each: the backward recomputes one chunk's logits at a
   # time instead of keeping all of them. With one chunk that would only add a head forward.
   if len(chunks[0]) > 1:
-    chunk_loss = jax.checkpoint(chunk_loss)
+    chunk_logps = jax.checkpoint(chunk_logps)
 
-  def body(total, xs):
-    return total + chunk_loss(*xs), None
+  _, out = jax.lax.scan(lambda carry, xs: (carry, chunk_logps(*xs)), None, chunks)
+  return out.reshape(-1)[:n].reshape(rows, budget)
 
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks)
+
+def loss_sum(apply_fn, model_cls, params, batch, rngs=None) -> tuple[jax.Array, jax.Array]:
+  """(sum of token cross-entropies, number of labelled tokens)."""
+  total = -jnp.sum(token_logps(apply_fn, model_cls, params, batch, rngs))
   return total, jnp.sum(batch["label_mask"]).astype(jnp.float32)
 
 
+class Objective(NamedTuple):
+  """What a train step minimises, in two parts, so accumulation is exact for any normaliser.
+
+  totals(batch) -> {name: array}: the normalisers (token or pair counts) of the whole step's
+    batch, computed from its masks before any microbatch runs.
+  micro(apply_fn, model_cls, trainable, frozen, microbatch, totals, rngs) -> (loss, metrics):
+    the microbatch's share of the step's loss (already divided by the totals) and of each
+    metric; the step sums both over microbatches.
+  """
+
+  totals: Callable
+  micro: Callable
+
+
+def sft_totals(batch) -> dict:
+  return {"tokens": jnp.maximum(jnp.sum(batch["label_mask"]).astype(jnp.float32), 1.0)}
+
+
+def sft_micro(apply_fn, model_cls, trainable, frozen, batch, totals, rngs):
+  params = jlora.combine(trainable, frozen)
+  total, _ = loss_sum(apply_fn, model_cls, params, batch, rngs)
+  return total / totals["tokens"], {}
+
+
+SFT = Objective(sft_totals, sft_micro)
+
+
 def make_train_step(
-  model, tx: optax.GradientTransformation, *, accum_steps: int = 1, dropout_rng: bool = False
+  model,
+  tx: optax.GradientTransformation,
+  *,
+  accum_steps: int = 1,
+  dropout_rng: bool = False,
+  objective: Objective = SFT,
 ):
   """step(trainable, opt_state, frozen, batch, step, rng) -> (trainable, opt_state, metrics).
 
   dropout_rng: feed the model a "dropout" rng (needed when any adapter has LoRA dropout > 0).
+  objective: the loss (SFT's token cross-entropy by default; train.dpo passes its own).
 
-  The batch's leading axis holds accum_steps microbatches back to back; gradients are
-  summed over them and divided by the total number of labelled tokens, so the result
+  The batch's leading axis holds accum_steps microbatches back to back; each microbatch's loss
+  is divided by the whole batch's totals (e.g. its labelled tokens) and summed, so the result
   does not depend on how the batch is split. A non-finite loss or gradient leaves the
   state untouched and reports finite=False, so the caller still holds the last good state.
   """
   apply_fn = jlora.wrap(model.apply)
   model_cls = type(model)
 
-  def micro_loss(trainable, frozen, batch, rng):
+  def micro_loss(trainable, frozen, batch, totals, rng):
     rngs = {"dropout": rng} if dropout_rng else None
-    return loss_sum(apply_fn, model_cls, jlora.combine(trainable, frozen), batch, rngs)
+    return objective.micro(apply_fn, model_cls, trainable, frozen, batch, totals, rngs)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step(trainable, opt_state, frozen, batch, step_no, rng):
     rng = jax.random.fold_in(rng, step_no)
+    totals = objective.totals(batch)
     micro = jax.tree.map(
       lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch
     )
+    _, shapes = jax.eval_shape(micro_loss, trainable, frozen, batch, totals, rng)
 
     def accumulate(carry, xs):
-      grads, total, count = carry
+      grads, loss, sums = carry
       mb, i = xs
-      (value, n), g = grad_fn(trainable, frozen, mb, jax.random.fold_in(rng, i))
-      return (jax.tree.map(jnp.add, grads, g), total + value, count + n), None
+      (value, parts), g = grad_fn(trainable, frozen, mb, totals, jax.random.fold_in(rng, i))
+      sums = jax.tree.map(jnp.add, sums, parts)
+      return (jax.tree.map(jnp.add, grads, g), loss + value, sums), None
 
     zeros = jax.tree.map(jnp.zeros_like, trainable)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, total, count), _ = jax.lax.scan(accumulate, init, (micro, jnp.arange(accum_steps)))
-    count = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)
-    loss = total / count
+    init = (zeros, jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, shapes))
+    (grads, loss, sums), _ = jax.lax.scan(accumulate, init, (micro, jnp.arange(accum_steps)))
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **totals, **sums}
     return keep(new_trainable, trainable), keep(new_opt_state, opt_state), metrics
 
   return step
