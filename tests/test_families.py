@@ -65,6 +65,22 @@ CASES = {
       },
     ),
   ),
+  "qwen3_moe": (
+    "qwen3_moe",
+    dict(
+      num_experts=8,
+      num_experts_per_tok=2,
+      moe_intermediate_size=40,
+      norm_topk_prob=False,
+      num_key_value_heads=2,
+      head_dim=24,
+      rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
+    ),
+  ),
+  "mixtral": (
+    "mixtral",
+    dict(num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=3, sliding_window=7),
+  ),
 }
 PEFT_TARGETS = {
   "qwen3": ["q_proj", "v_proj", "down_proj"],

@@ -35,7 +35,7 @@ from jlora.io import atomic_write, check_new_file, host_array, write_json, write
 from jlora.lora import LoraWeight, is_lora, merge_weight
 from jlora.models import gguf_spec, gguf_vocab, loading, registry
 from jlora.models.llama import rope_inv_freq
-from jlora.models.names import LEAF_NAMES
+from jlora.models.names import LEAF_NAMES, to_torch, torch_shape
 from jlora.quant import dequantized, is_quantized
 
 
@@ -62,7 +62,7 @@ def _read_merged(leaf, layer: int | None, leaf_name: str, label: str) -> np.ndar
     leaf = jax.tree.map(lambda x: x[layer], leaf)
   value = merge_weight(leaf) if is_lora(leaf) else dequantized(leaf)
   value = host_array(value, label)
-  return value.T if leaf_name == KERNEL else value
+  return to_torch(value) if leaf_name == KERNEL else value
 
 
 def hf_tensors(params, model_config) -> list[HfTensor]:
@@ -78,7 +78,7 @@ def hf_tensors(params, model_config) -> list[HfTensor]:
       raise ValueError(f"params: don't know the HF name of the param {full!r}.")
     names, transpose, stacked = hf_names.tensor_names(full, tuple(leaf.shape))
     shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
-    hf_shape = shape[::-1] if transpose else shape
+    hf_shape = torch_shape(shape) if transpose else shape
     for i, name in enumerate(names):
       layer = i if stacked else None
       read = functools.partial(_read_merged, leaf, layer, leaf_name, full)

@@ -54,6 +54,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("seq", None),
   ("norm", None),
   ("head_dim", None),
+  ("expert", None),
 )
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -162,44 +163,7 @@ class LlamaConfig:
     (`rope_parameters`). `overrides` (e.g. dtype, remat_policy) win over the file.
     """
     d = hf_config_dict(hf_config, SUPPORTED_MODEL_TYPES, "jlora's Llama")
-    model_type = d["model_type"]
-    sliding_window = d.get("sliding_window")
-    if model_type in ("qwen2", "qwen3"):
-      if d.get("use_sliding_window"):
-        raise ValueError(
-          f"use_sliding_window: True (per-layer windows) is not supported for {model_type}; "
-          "expected False."
-        )
-      sliding_window = None  # Qwen configs carry a window they do not use
-    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    rope_theta = rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
-    partial_rotary = rope.pop("partial_rotary_factor", None) or d.get("partial_rotary_factor", 1.0)
-    rope_scaling = rope if _rope_type(rope) != "default" else None
-    kwargs = dict(
-      vocab_size=d["vocab_size"],
-      hidden_size=d["hidden_size"],
-      intermediate_size=d["intermediate_size"],
-      num_hidden_layers=d["num_hidden_layers"],
-      num_attention_heads=d["num_attention_heads"],
-      num_key_value_heads=d.get("num_key_value_heads"),
-      head_dim=d.get("head_dim"),
-      rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-      rope_theta=float(rope_theta),
-      rope_scaling=rope_scaling,
-      tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-      # Qwen2 configs don't spell the bias out: it is part of the architecture.
-      attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
-      mlp_bias=bool(d.get("mlp_bias", False)),
-      max_position_embeddings=d.get("max_position_embeddings", 2048),
-      sliding_window=sliding_window,
-      qk_norm=model_type == "qwen3",
-      fused_projections=model_type == "phi3",
-      partial_rotary_factor=float(partial_rotary),
-      hidden_act=d.get("hidden_act", "silu"),
-      model_type=model_type,
-    )
-    kwargs.update(overrides)
-    return cls(**kwargs)
+    return cls(**{**llama_fields(d), **overrides})
 
   def to_hf_dict(self) -> dict:
     """The HF `config.json` content for this config (used when caching converted checkpoints)."""
@@ -230,6 +194,47 @@ class LlamaConfig:
   @property
   def rotary_dim(self) -> int:
     return int(self.head_dim * self.partial_rotary_factor)
+
+
+def llama_fields(d: Mapping[str, Any]) -> dict:
+  """LlamaConfig's fields from a checked HF config dict (both transformers layouts), for the
+  families built on Llama's attention (Llama itself, the MoE families)."""
+  model_type = d["model_type"]
+  sliding_window = d.get("sliding_window")
+  if model_type in ("qwen2", "qwen3", "qwen3_moe"):
+    if d.get("use_sliding_window"):
+      raise ValueError(
+        f"use_sliding_window: True (per-layer windows) is not supported for {model_type}; "
+        "expected False."
+      )
+    sliding_window = None  # Qwen configs carry a window they do not use
+  rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+  rope_theta = rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
+  partial_rotary = rope.pop("partial_rotary_factor", None) or d.get("partial_rotary_factor", 1.0)
+  rope_scaling = rope if _rope_type(rope) != "default" else None
+  return dict(
+    vocab_size=d["vocab_size"],
+    hidden_size=d["hidden_size"],
+    intermediate_size=d["intermediate_size"],
+    num_hidden_layers=d["num_hidden_layers"],
+    num_attention_heads=d["num_attention_heads"],
+    num_key_value_heads=d.get("num_key_value_heads"),
+    head_dim=d.get("head_dim"),
+    rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+    rope_theta=float(rope_theta),
+    rope_scaling=rope_scaling,
+    tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+    # Qwen2 configs don't spell the bias out: it is part of the architecture.
+    attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
+    mlp_bias=bool(d.get("mlp_bias", False)),
+    max_position_embeddings=d.get("max_position_embeddings", 2048),
+    sliding_window=sliding_window,
+    qk_norm=model_type in ("qwen3", "qwen3_moe"),
+    fused_projections=model_type == "phi3",
+    partial_rotary_factor=float(partial_rotary),
+    hidden_act=d.get("hidden_act", "silu"),
+    model_type=model_type,
+  )
 
 
 SHAPE_FIELDS = (
@@ -390,7 +395,7 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * xf.astype(self.dtype)
 
 
-def _dense(config, features: int, names: tuple[str, str], use_bias: bool, name: str) -> nn.Dense:
+def linear(config, features: int, names: tuple[str, str], use_bias: bool, name: str) -> nn.Dense:
   return nn.Dense(
     features,
     use_bias=use_bias,
@@ -420,14 +425,14 @@ class LlamaAttention(nn.Module):
     c = self.config
     q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     if c.fused_projections:
-      self.qkv_proj = _dense(
+      self.qkv_proj = linear(
         c, q_out + 2 * kv_out, ("embed", "q_heads"), c.attention_bias, "qkv_proj"
       )
     else:
-      self.q_proj = _dense(c, q_out, ("embed", "q_heads"), c.attention_bias, "q_proj")
-      self.k_proj = _dense(c, kv_out, ("embed", "kv_heads"), c.attention_bias, "k_proj")
-      self.v_proj = _dense(c, kv_out, ("embed", "kv_heads"), c.attention_bias, "v_proj")
-    self.o_proj = _dense(c, c.hidden_size, ("q_heads", "embed"), False, "o_proj")
+      self.q_proj = linear(c, q_out, ("embed", "q_heads"), c.attention_bias, "q_proj")
+      self.k_proj = linear(c, kv_out, ("embed", "kv_heads"), c.attention_bias, "k_proj")
+      self.v_proj = linear(c, kv_out, ("embed", "kv_heads"), c.attention_bias, "v_proj")
+    self.o_proj = linear(c, c.hidden_size, ("q_heads", "embed"), False, "o_proj")
     if c.qk_norm:
       norm = lambda: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, self.norm_offset)
       self.q_norm, self.k_norm = norm(), norm()
@@ -499,13 +504,13 @@ class LlamaMLP(nn.Module):
   def setup(self):
     c = self.config
     if c.fused_projections:
-      self.gate_up_proj = _dense(
+      self.gate_up_proj = linear(
         c, 2 * c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "gate_up_proj"
       )
     else:
-      self.gate_proj = _dense(c, c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "gate_proj")
-      self.up_proj = _dense(c, c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "up_proj")
-    self.down_proj = _dense(c, c.hidden_size, ("mlp", "embed"), c.mlp_bias, "down_proj")
+      self.gate_proj = linear(c, c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "gate_proj")
+      self.up_proj = linear(c, c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "up_proj")
+    self.down_proj = linear(c, c.hidden_size, ("mlp", "embed"), c.mlp_bias, "down_proj")
 
   def __call__(self, x):
     if self.config.fused_projections:
@@ -521,11 +526,12 @@ class LlamaDecoderLayer(nn.Module):
   """One block. Signature follows `nn.scan`: (carry, *args) -> (carry, per-layer output)."""
 
   config: LlamaConfig
+  mlp_block = LlamaMLP  # a class attribute: the MoE families swap in their sparse block
 
   def setup(self):
     c = self.config
     self.self_attn = LlamaAttention(c, sliding_window=c.sliding_window)
-    self.mlp = LlamaMLP(c)
+    self.mlp = self.mlp_block(c)
     self.input_layernorm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
     self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
 
@@ -602,7 +608,7 @@ def scan_layers(layer_cls, length: int, n_broadcast: int):
   """
   return nn.scan(
     layer_cls,
-    variable_axes={"params": 0},
+    variable_axes={"params": 0, "intermediates": 0},
     split_rngs={"params": True, "dropout": True},
     in_axes=(nn.broadcast,) * n_broadcast + (0,),
     length=length,
@@ -622,11 +628,12 @@ def embed(config) -> nn.Embed:
 
 class LlamaModel(nn.Module):
   config: LlamaConfig
+  decoder_layer = LlamaDecoderLayer  # a class attribute: the MoE families swap in their block
 
   def setup(self):
     c = self.config
     self.embed_tokens = embed(c)
-    layer = remat(LlamaDecoderLayer, c)
+    layer = remat(self.decoder_layer, c)
     if c.scan_layers:
       # cos, sin, segments and offset are shared by every layer; the cache is per layer.
       self.layers = scan_layers(layer, c.num_hidden_layers, 5)(c)
@@ -680,7 +687,7 @@ class LlamaForCausalLM(nn.Module):
     c = self.config
     self.model = self.trunk(c)
     if not c.tie_word_embeddings:
-      self.lm_head = _dense(c, c.vocab_size, ("embed", "vocab"), False, "lm_head")
+      self.lm_head = linear(c, c.vocab_size, ("embed", "vocab"), False, "lm_head")
 
   def __call__(
     self,

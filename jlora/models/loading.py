@@ -36,6 +36,7 @@ import numpy as np
 from jlora import sharding as shard_lib
 from jlora.errors import UserError, read_json
 from jlora.models import gguf_spec, registry
+from jlora.models.names import to_torch, torch_shape
 from jlora.models.gguf_tokenizer import gguf_tokenizer, open_gguf
 
 logger = logging.getLogger(__name__)
@@ -288,12 +289,24 @@ def load_params(directory: Path, model, *, shardings=None) -> dict:
       used.add(name)
       return handle
 
+    def fused_or_parts(name: str, hf_shape: tuple[int, ...], flax_name: str):
+      """The tensor, or for fused experts stored one expert at a time, a handle over the parts."""
+      if name in files:
+        return tensor(name, hf_shape, flax_name)
+      if hf_names.on_disk(name) in files:
+        return tensor(hf_names.on_disk(name), hf_shape, flax_name)
+      parts = hf_names.expert_parts(name, hf_shape[0])
+      if parts is None:
+        return tensor(name, hf_shape, flax_name)
+      part_shape = (hf_shape[1] // len(parts[0]), *hf_shape[2:])
+      return ExpertParts([[tensor(n, part_shape, flax_name) for n in e] for e in parts])
+
     for (path, leaf), sharding in zip(leaves, sharding_leaves):
       flax_name = "/".join(k.key for k in path)
       names, transpose, stacked = hf_names.tensor_names(flax_name, leaf.shape)
       per_tensor_shape = leaf.shape[1:] if stacked else leaf.shape
-      hf_shape = tuple(reversed(per_tensor_shape)) if transpose else tuple(per_tensor_shape)
-      slices = [tensor(n, hf_shape, flax_name) for n in names]
+      hf_shape = torch_shape(per_tensor_shape) if transpose else tuple(per_tensor_shape)
+      slices = [fused_or_parts(n, hf_shape, flax_name) for n in names]
       read = functools.partial(read_block, slices, transpose, stacked, leaf)
       if sharding is None:
         out.append(jnp.asarray(read(tuple(slice(None) for _ in leaf.shape))))
@@ -311,19 +324,36 @@ def load_params(directory: Path, model, *, shardings=None) -> dict:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+class ExpertParts:
+  """A slice handle over a fused expert parameter [E, out, in] stored as E experts, each as parts
+  [out / n, in] concatenated along out (how transformers saves Mixtral's w1/w3, Qwen's gate/up)."""
+
+  def __init__(self, experts: list[list[Any]]):
+    self.experts = experts
+
+  def __getitem__(self, index: tuple) -> np.ndarray:
+    experts, out, rest = index[0], index[1], tuple(index[2:])
+    blocks = [
+      np.concatenate([part[(slice(None), *rest)] for part in parts], axis=0)[out]
+      for parts in self.experts[experts]
+    ]
+    return np.stack(blocks)
+
+
 def read_block(slices, transpose: bool, stacked: bool, leaf, index: tuple) -> np.ndarray:
   """The block `index` (slices over the flax param's shape) read from safetensors slice handles.
 
   A stacked param's first axis picks layers (one HF tensor each); a kernel is stored transposed
-  (torch Linear is [out, in], a flax kernel [in, out]), so its index is reversed for the read.
+  (torch Linear is [out, in], a flax kernel [in, out]; experts [E, out, in]), so the last two
+  axes of its index swap for the read.
   """
   index = tuple(index) + (slice(None),) * (len(leaf.shape) - len(tuple(index)))
   layers, per_tensor = (range(len(slices))[index[0]], index[1:]) if stacked else ([0], index)
   blocks = []
   # safetensors' numpy backend returns bf16 as ml_dtypes.bfloat16, so bf16 checkpoints need no torch.
   for layer in layers:
-    block = slices[layer][tuple(reversed(per_tensor)) if transpose else per_tensor]
-    blocks.append((block.T if transpose else block).astype(leaf.dtype))
+    block = slices[layer][torch_shape(per_tensor) if transpose else per_tensor]
+    blocks.append((to_torch(block) if transpose else block).astype(leaf.dtype))
   return np.stack(blocks) if stacked else blocks[0]
 
 

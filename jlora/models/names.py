@@ -12,7 +12,9 @@ family's config lists its stacks (`config.layer_stacks()`), and `HFNames` does t
 config, a stack under a `layers` module holds HF layers 0..n-1 in order (Llama's layout).
 
 Leaves: a flax kernel is [in, out] and torch's Linear weight is [out, in], so kernels transpose;
-embeddings, norm scales and biases do not.
+embeddings, norm scales and biases do not. MoE experts are one HF parameter per weight with an
+expert axis first (`mlp.experts.gate_up_proj` [E, out, in], no `.weight`), which is the flax module
+`mlp/experts/gate_up_proj` with a kernel [E, in, out]: the last two axes swap (`to_torch`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,26 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import numpy as np
+
 # flax leaf name -> HF tensor suffix
 LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 HF_LAYERS = "model.layers"
+# A module directly under a module of this name is an HF parameter of its own (fused experts).
+EXPERTS = "experts"
+
+
+def to_torch(x):
+  """A flax kernel in torch's layout: the last two axes swapped (a transpose for a 2-D kernel)."""
+  return np.swapaxes(x, -1, -2)
+
+
+def torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  return (*shape[:-2], shape[-1], shape[-2])
+
+
+def is_expert_param(module_path: str) -> bool:
+  return module_path.rpartition("/")[0].rpartition("/")[2] == EXPERTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +49,37 @@ class HFNames:
   """stacks: (flax module path of a scanned stack, HF layer index of each entry on its axis)."""
 
   stacks: tuple[tuple[str, tuple[int, ...]], ...] = ()
+  # Checkpoints on disk keep each expert's weights apart (as transformers saves them):
+  # (HF module renames, {fused parameter: per-expert tensors concatenated along torch's dim 0}).
+  # E.g. Mixtral: ((".mlp.", ".block_sparse_moe."),), {"gate_up_proj": ("w1", "w3"), ...}.
+  expert_files: tuple[tuple[tuple[str, str], ...], tuple[tuple[str, tuple[str, ...]], ...]] = (
+    (),
+    (),
+  )
 
   @classmethod
   def for_config(cls, config) -> HFNames:
     """The mapping for a jlora model config (any object with `layer_stacks()`), or the default."""
     stacks = getattr(config, "layer_stacks", None)
-    return cls(tuple(stacks())) if stacks is not None else cls()
+    experts = getattr(config, "expert_files", None)
+    return cls(
+      tuple(stacks()) if stacks is not None else (),
+      experts() if experts is not None else ((), ()),
+    )
+
+  def on_disk(self, hf_name: str) -> str:
+    """The name transformers saves a tensor under (Mixtral: block_sparse_moe for the mlp)."""
+    for old, new in self.expert_files[0]:
+      hf_name = hf_name.replace(old, new)
+    return hf_name
+
+  def expert_parts(self, hf_name: str, num_experts: int) -> list[list[str]] | None:
+    """The on-disk tensors of a fused expert parameter: per expert, the parts to concatenate."""
+    parts = self.expert_files[1]
+    module, _, param = self.on_disk(hf_name).rpartition(".")
+    if not module.endswith("." + EXPERTS) or param not in dict(parts):
+      return None
+    return [[f"{module}.{e}.{p}.weight" for p in dict(parts)[param]] for e in range(num_experts)]
 
   def stack_of(self, module_path: str) -> tuple[str, tuple[int, ...] | None] | None:
     """(stack prefix, HF layer indices or None for "0..n-1") if the module sits in a stack."""
@@ -79,4 +123,7 @@ class HFNames:
       )
     stacked = self.stack_of(module_path) is not None
     names = self.module_names(module_path, int(stacked), shape[0] if stacked else 0)
-    return [f"{n}.{LEAF_NAMES[leaf]}" for n in names], leaf == "kernel", stacked
+    suffix = "" if is_expert_param(module_path) else f".{LEAF_NAMES[leaf]}"
+    if is_expert_param(module_path) and leaf == "bias":
+      suffix = "_bias"  # gpt-oss: experts.gate_up_proj_bias
+    return [f"{n}{suffix}" for n in names], leaf == "kernel", stacked

@@ -16,6 +16,7 @@ from typing import Any
 from jlora.errors import UserError
 from jlora.models.gemma import GemmaConfig, GemmaForCausalLM
 from jlora.models.llama import DEFAULT_RULES, LlamaConfig, LlamaForCausalLM
+from jlora.models.moe import MoeConfig, MoeForCausalLM
 from jlora.models.names import HFNames
 
 # llama.cpp tensor name (after "blk.N.") -> HF module path inside "model.layers.N.", per layout.
@@ -98,6 +99,12 @@ FAMILIES: tuple[Family, ...] = (
     },
   ),
   Family(
+    name="moe",
+    model_types=("mixtral", "qwen3_moe"),
+    config_cls=MoeConfig,
+    module_cls=MoeForCausalLM,
+  ),
+  Family(
     name="gemma",
     model_types=("gemma2", "gemma3_text"),
     config_cls=GemmaConfig,
@@ -130,9 +137,11 @@ def family_for_model_type(model_type: str | None) -> Family:
 
 def family_for_config(config) -> Family:
   """The family of a jlora model config, an HF config dict or a transformers PretrainedConfig."""
-  for family in FAMILIES:
-    if isinstance(config, family.config_cls):
-      return family
+  # The exact class first: MoeConfig extends LlamaConfig.
+  for match in (lambda f: type(config) is f.config_cls, lambda f: isinstance(config, f.config_cls)):
+    for family in FAMILIES:
+      if match(family):
+        return family
   model_type = config.get("model_type") if isinstance(config, Mapping) else None
   model_type = model_type or getattr(config, "model_type", None)
   return family_for_model_type(model_type)
