@@ -26,6 +26,11 @@ ADAPTABLE_LEAVES = (KERNEL, EMBEDDING)
 # "all-linear" skips the output head, as PEFT does: adapting it is rarely wanted and it
 # is the largest matrix of a small model.
 OUTPUT_HEAD_NAMES = ("lm_head", "output", "head")
+# ... and the routers of MoE layers (PEFT's all-linear leaves them out too: in transformers they are
+# not nn.Linear). The experts themselves are included.
+ROUTER_NAMES = ("gate", "router")
+# The logical axis of MoE expert weights ([E, in, out]): a batch axis of the kernel.
+EXPERT_AXIS = "expert"
 INITS = ("default", "gaussian", "pissa")
 
 # Roles of the axes of one (unstacked) kernel: "in" axes are contracted with the input,
@@ -179,7 +184,8 @@ def _shape(leaf) -> tuple[int, ...]:
 def _matches(path: str, leaf_name: str, targets: Targets) -> bool:
   if isinstance(targets, str):
     if targets == "all-linear":
-      return leaf_name == KERNEL and path.rpartition("/")[2] not in OUTPUT_HEAD_NAMES
+      name = path.rpartition("/")[2]
+      return leaf_name == KERNEL and name not in OUTPUT_HEAD_NAMES + ROUTER_NAMES
     return re.fullmatch(targets, path) is not None
   return any(path == t or path.endswith("/" + t) for t in targets)
 
@@ -258,8 +264,11 @@ def kernel_roles(
     n_lead = 0
     while n_lead < len(boxed_names) and boxed_names[n_lead] in scan_axis_names:
       n_lead += 1
-    if len(shape) - n_lead == 2:
-      return n_lead, (IN, OUT)
+    experts = tuple(BATCH for n in boxed_names[n_lead:] if n == EXPERT_AXIS)
+    if len(shape) - n_lead - len(experts) == 2 and boxed_names[n_lead : n_lead + len(experts)] == (
+      (EXPERT_AXIS,) * len(experts)
+    ):
+      return n_lead, (*experts, IN, OUT)
   elif len(shape) == 2:
     return 0, (IN, OUT)
   raise ValueError(

