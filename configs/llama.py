@@ -7,13 +7,13 @@ For a Llama-3 checkpoint, point model.path at its HF dir or hub id, e.g.
 Every field can be overridden on the command line: --config.lora.rank=16.
 config.lora and config.quant hold every field of jlora.LoraConfig / jlora.QuantConfig, e.g.
   --config.lora.rank_pattern="{'o_proj': 4}" --config.lora.targets=q_proj,v_proj
-config.model holds `path` and any jlora LlamaConfig field (dtype, remat_policy, ...).
+config.model holds `path` and every field of the model family's config class (dtype, rope_theta, ...).
 """
 
 import ml_collections
 
 import jlora
-from train.config import NO_QUANT, dataclass_section
+from train.config import NO_QUANT, dataclass_section, model_section
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -27,16 +27,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.export_gguf = ""
   config.overwrite = False  # True: replace another run's outputs in output_dir
 
-  config.model = ml_collections.ConfigDict()
-  config.model.path = "smollm2-135m-instruct"  # HF dir | .gguf | hub id | an embedded model's name
-  config.model.dtype = "float32"  # compute dtype: float32 | bfloat16
-  config.model.param_dtype = "float32"  # storage dtype of the frozen base
-  # auto: none below 4,096 tokens per microbatch, else keep matmul outputs and attention out/lse
-  config.model.remat_policy = (
-    "auto"  # auto | none | full | dots_and_attention_saveable | dots_saveable | ...
+  # Every field of the model family's config class is here too (rope_theta, attention_block_q,
+  # Gemma's layer_types, ...); None takes the checkpoint's value.
+  config.model = model_section(
+    path="smollm2-135m-instruct",  # HF dir | .gguf | hub id | an embedded model's name
+    dtype="float32",  # compute dtype: float32 | bfloat16
+    param_dtype="float32",  # storage dtype of the frozen base
+    # auto: none below 4,096 tokens per microbatch, else keep matmul outputs and attention out/lse
+    remat_policy="auto",  # auto | none | full | dots_and_attention_saveable | dots_saveable | ...
+    # auto | blockwise | naive | cudnn | splash (auto: cudnn on GPU, splash on TPU, else blockwise)
+    attention="auto",
   )
-  # attention: auto | blockwise | naive | cudnn | splash (auto: cudnn on GPU, splash on TPU, else blockwise)
-  config.model.attention = "auto"
 
   config.data = ml_collections.ConfigDict()
   config.data.train = (

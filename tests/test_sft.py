@@ -526,7 +526,7 @@ def test_sigterm_saves_then_resume_finishes_with_rank_pattern_from_the_cli(files
 
 BAD_CLI = [
   (["--config=no/such/config.py"], ["--config=no/such/config.py", "No such file"]),
-  (["--config.lora.rnk=8"], ["--config.lora.rnk=8", 'Did you mean "rank"']),
+  (["--config.lora.rnk=8"], ["--config.lora.rnk=8", "valid fields: rank"]),
   (["--config.lora.rank=abc"], ["--config.lora.rank=abc", "'abc'"]),
   (["--config.lora.rank=-1"], ["config.lora.rank", "-1"]),
   (["--config.lora.targets=no_such_layer"], ["config.lora.targets", "no_such_layer"]),

@@ -3,8 +3,9 @@
 `config.lora` holds exactly the fields of `jlora.LoraConfig` and `config.quant` those of
 `jlora.QuantConfig` (built by `dataclass_section`), so every library field, patterns included, is
 settable as `--config.lora.<field>=...`; `library_config` turns a section back into the dataclass.
-`config.model` holds `path` plus any `LlamaConfig` field (dtype, remat_policy, ...), passed through
-unchanged. Every message names the field as the user typed it: `config.lora.rank`, not
+`config.model` holds `path` plus every field of every model family's config class (dtype,
+remat_policy, rope_theta, Gemma's layer_types, ...; None: the checkpoint's value), checked against
+the family of the checkpoint. Every message names the field as the user typed it: `config.lora.rank`, not
 `LoraConfig.rank`.
 """
 
@@ -22,9 +23,10 @@ import jax.numpy as jnp
 import ml_collections
 
 import jlora
+from jlora.models import registry
 from jlora.models.export import check_gguf_type
-from jlora.models.llama import LlamaConfig
-from train.errors import UserError
+from jlora.models.registry import FAMILIES
+from train.errors import UserError, closest_first
 from train.evaluate import check_metrics
 
 # config.quant.kind = "none" trains on the full-precision base (plain LoRA).
@@ -48,6 +50,21 @@ MAX_LR = 1.0
 # What a checkpoint must agree with to be resumed.
 FINGERPRINT_FIELDS = ("model", "data", "lora", "quant", "optim", "seed", "steps")
 MESH_AXES = ("data", "fsdp", "tensor")
+# config.model fields the trainer reads itself; every other one is a field of the model config class.
+TRAINER_MODEL_FIELDS = ("path",)
+# Model config fields set by the checkpoint's architecture only, never by the user.
+FIXED_MODEL_FIELDS = ("model_type",)
+# Fields whose valid values depend on the checkpoint's shape: checked once the checkpoint is read.
+SHAPE_FIELDS = (
+  "vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+  "num_key_value_heads",
+  "head_dim",
+  "layer_types",
+)
 _SIMPLE_TYPES = (bool, int, float, str)
 
 
@@ -142,23 +159,68 @@ def user_words(names: dict[str, str] | None = None, section: str | None = None):
 # --------------------------------------------------------------------------- model section
 
 
-def model_overrides(config) -> dict[str, Any]:
-  """Every config.model field but `path`, as `LlamaConfig` overrides (dtypes as jnp dtypes)."""
-  fields = {f.name for f in dataclasses.fields(LlamaConfig)}
-  out = {}
-  for key, value in config.model.to_dict().items():
-    if key == "path":
-      continue
-    if key not in fields:
-      raise UserError(
-        f"config.model.{key} is not a model setting; valid: path, {', '.join(sorted(fields))}."
-      )
-    if key.endswith("dtype"):
-      value = _dtype(f"config.model.{key}", value)
-    out[key] = value
-  with user_words(section="config.model"):  # the model's own checks, on its default shape
-    LlamaConfig(**out)
+def family_fields() -> dict[str, list[str]]:
+  """Every settable model config field -> the families whose config class has it."""
+  out: dict[str, list[str]] = {}
+  for family in FAMILIES:
+    for field in dataclasses.fields(family.config_cls):
+      if field.name not in FIXED_MODEL_FIELDS:
+        out.setdefault(field.name, []).append(family.name)
   return out
+
+
+def model_section(**values) -> ml_collections.ConfigDict:
+  """config.model: the trainer's own fields (`path`) plus every field of every family's model
+  config class, so each is settable as --config.model.FIELD=VALUE. A field left at None takes the
+  checkpoint's value; `values` sets fields (with their types) as the config file shows them."""
+  section = ml_collections.ConfigDict()
+  for name, value in values.items():
+    section[name] = value
+  for name in sorted(family_fields()):
+    if name not in section:
+      section[name] = ml_collections.FieldReference(None, field_type=object)
+  return section
+
+
+def model_overrides(config, hf_config: dict | None = None) -> dict[str, Any]:
+  """The config.model fields set (not None), but the trainer's own, as model config overrides
+  (dtypes as jnp dtypes). With the checkpoint's `hf_config`, checked against its family's config
+  class on the real shape; without, against every family on the default shape (fields that depend
+  on the shape aside)."""
+  values = {
+    k: v
+    for k, v in config.model.to_dict().items()
+    if k not in TRAINER_MODEL_FIELDS and v is not None
+  }
+  out = {}
+  for key, value in values.items():
+    out[key] = _dtype(f"config.model.{key}", value) if key.endswith("dtype") else value
+  if hf_config is not None:
+    family = registry.family_for_config(hf_config)
+    _check_model_fields(out, family)
+    with user_words(section="config.model"):
+      registry.config_from_hf(hf_config, **out)
+    return out
+  shapeless = {k: v for k, v in out.items() if k not in SHAPE_FIELDS}
+  for family in FAMILIES:
+    names = {f.name for f in dataclasses.fields(family.config_cls)}
+    if set(shapeless) <= names:
+      with user_words(section="config.model"):  # the model's own checks, on its default shape
+        family.config_cls(**shapeless)
+  return out
+
+
+def _check_model_fields(values: dict, family) -> None:
+  valid = {f.name for f in dataclasses.fields(family.config_cls)} - set(FIXED_MODEL_FIELDS)
+  for key in values:
+    if key not in valid:
+      others = [f for f in family_fields().get(key, []) if f != family.name]
+      where = f" (a field of the {', '.join(others)} family)" if others else ""
+      raise UserError(
+        f"config.model.{key}{where} is not a field of {family.config_cls.__name__}, the config of "
+        f"this checkpoint's {family.name} family; valid: "
+        f"{', '.join([*TRAINER_MODEL_FIELDS, *closest_first(key, valid)])}."
+      )
 
 
 def _dtype(field: str, value):
@@ -288,6 +350,8 @@ def fingerprint(config) -> dict:
   for key in FINGERPRINT_FIELDS:
     value = config[key]
     out[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+  # Model fields left at None take the checkpoint's value: not a setting of this run.
+  out["model"] = {k: v for k, v in out["model"].items() if v is not None}
   return _jsonable(out)
 
 

@@ -31,11 +31,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
 
 from jlora.models.protocol import CausalLM
 from train.distributed import to_host
-from train.errors import UserError, exit_on_user_error, verbose_requested
+from train.errors import OneLineParser, UserError, exit_on_user_error, naming, verbose_requested
 
+# What reading a bad model or adapter path raises, reported under the flag that gave the path.
+MODEL_ERRORS = (ValueError, KeyError, TypeError, OSError, SafetensorError)
 # Prompts are padded up to a multiple of this, so prompts of similar length share one compiled prefill.
 PROMPT_BUCKET = 16
 
@@ -197,18 +200,10 @@ def generate(
   return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
 
 
-class _OneLineParser(argparse.ArgumentParser):
-  """argparse, but a usage error is one `error: ...` line and exit 2, like every other user error."""
-
-  def error(self, message: str):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
   from jlora.models import DEFAULT_MODEL
 
-  parser = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   add = parser.add_argument
   add("--model", default=DEFAULT_MODEL, help="HF dir, .gguf file, hub id or embedded name")
   add(
@@ -302,7 +297,8 @@ def run(args: argparse.Namespace) -> None:
   from jlora.models import from_pretrained
 
   # from_pretrained boxes params with their axis names, so jlora knows the layer axis unaided.
-  model, params, tokenizer = from_pretrained(args.model)
+  with naming(f"--model {args.model!r}", MODEL_ERRORS):
+    model, params, tokenizer = from_pretrained(args.model)
   context = model.config.max_position_embeddings
   if args.max_new_tokens > context:  # the KV cache is sized by it: a huge value exhausts memory
     raise UserError(
@@ -311,18 +307,14 @@ def run(args: argparse.Namespace) -> None:
     )
   apply_fn, prompts, names = None, args.prompt, None
   if args.named:
-    try:  # stack_adapters raises ValueError only for adapters it can't stack
+    with naming("--adapter", MODEL_ERRORS):
       params = jlora.stack_adapters(args.named, params, model_config=model.config)
-    except ValueError as e:
-      raise UserError(f"--adapter: {e}") from e
     uses = args.use.split(",") if args.use else list(args.named)
     prompts = [prompt for prompt in args.prompt for _ in uses]
     names = [name for _ in args.prompt for name in uses]
   elif args.adapter:
-    try:
+    with naming(f"--adapter {args.adapter[0]!r}", MODEL_ERRORS):
       params = jlora.load_adapter(args.adapter[0], params, model_config=model.config)
-    except ValueError as e:  # load_adapter raises ValueError only for an adapter it can't load
-      raise UserError(f"--adapter {args.adapter[0]}: {e}") from e
     if args.merged:
       params = jlora.merge(params)
     else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -26,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from train.errors import OneLineParser
 
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 POLL_S = 0.1
@@ -115,9 +118,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     own, rest = argv[:cut], argv[cut + 1 :]
   else:
     own, rest = argv, []
-  parser = argparse.ArgumentParser(
-    prog="python -m train.launch", description=__doc__.split("\n")[0]
-  )
+  parser = OneLineParser(prog="python -m train.launch", description=__doc__.split("\n")[0])
   parser.add_argument("--processes", type=int, required=True, help="number of JAX processes")
   parser.add_argument("--devices-per-process", type=int, default=1, help="fake CPU devices each")
   parser.add_argument("--module", default="train.sft", help="the module each process runs")
@@ -125,11 +126,18 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--timeout", type=float, default=None, help="stop everything after S s")
   parser.add_argument("--grace", type=float, default=10.0, help="SIGTERM-to-SIGKILL delay (s)")
   args = parser.parse_args(own)
-  if args.processes < 1:
-    parser.error(f"--processes={args.processes} is not valid; expected a positive integer.")
-  if args.devices_per_process < 1:
+  for flag, value, least in (
+    ("--processes", args.processes, 1),
+    ("--devices-per-process", args.devices_per_process, 1),
+    ("--grace", args.grace, 0),
+  ):
+    if not value >= least or value != value:
+      parser.error(f"{flag}={value} is not valid; expected a number >= {least}.")
+  if args.timeout is not None and not args.timeout > 0:
+    parser.error(f"--timeout={args.timeout} is not valid; expected a number of seconds > 0.")
+  if importlib.util.find_spec(args.module.split(".")[0]) is None:
     parser.error(
-      f"--devices-per-process={args.devices_per_process} is not valid; expected a positive integer."
+      f"--module={args.module!r} is not valid; no such module (expected e.g. train.sft)."
     )
   return args, rest
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import runpy
 import shlex
 import signal
 import sys
@@ -31,7 +32,6 @@ from typing import Any
 
 import jax
 from absl import flags
-from absl import logging as absl_logging
 from flax import linen as nn
 from ml_collections import config_flags
 from safetensors import SafetensorError
@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import jlora
 from jlora import sharding as shard_lib
+from jlora.errors import read_json
 from jlora.lora import is_lora
 from jlora.models import export as export_lib
 from jlora.models.llama import DEFAULT_RULES
@@ -49,7 +50,14 @@ from train import data as data_lib
 from train import distributed, outputs
 from train import step as step_lib
 from train.checkpoint import Checkpointer
-from train.errors import UserError, exit_on_user_error, verbose_requested
+from train.errors import (
+  Stopped,
+  UserError,
+  closest_first,
+  exit_on_user_error,
+  naming,
+  verbose_requested,
+)
 from train.evaluate import Evaluator, put_batch
 
 
@@ -135,16 +143,16 @@ class Interrupted(Exception):
 
 def load_model(config, mesh):
   """(model, base params placed on `mesh`, tokenizer). The params come boxed with their axis
-  names, so jlora knows their layout."""
-  overrides = config_lib.model_overrides(config)
-  try:
+  names, so jlora knows their layout. The config.model fields are checked against the
+  checkpoint's family before any weight is read."""
+  path_errors = (ValueError, KeyError, TypeError, OSError, SafetensorError)
+  with naming(f"config.model.path = {config.model.path!r}", path_errors):
     # A GGUF is converted by process 0; the others wait for it, then read its cache.
     directory = distributed.main_first(lambda: resolve_checkpoint(config.model.path))
-    model, params, tokenizer = load_hf_dir(directory, mesh=mesh, **overrides)
-  except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:  # a bad path or file
-    message = str(e).strip("'\"")
-    raise UserError(f"config.model.path = {config.model.path!r}: {message}") from e
-  return model, params, tokenizer
+    hf_config = read_json(Path(directory) / "config.json")
+  overrides = config_lib.model_overrides(config, hf_config)
+  with naming(f"config.model.path = {config.model.path!r}", path_errors):
+    return load_hf_dir(directory, mesh=mesh, **overrides)
 
 
 def adapt(config, params):
@@ -328,8 +336,8 @@ class SignalFlag:
     self._previous = {}
 
   def _handle(self, signum, frame):
-    if self.signum == signum:
-      raise KeyboardInterrupt
+    if self.signum == signum:  # the second one: stop now, the last saved checkpoint stays
+      raise Stopped(signum, "a second time, before the current step was saved")
     self.signum = signum
     log(f"{signal.Signals(signum).name}: stopping after the current step (again to stop now)")
 
@@ -577,22 +585,30 @@ def run(config, progress: bool = True, task: Task = SFT) -> dict:
   return summary
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", "configs/llama.py", "Path to an ml_collections config file.", lock_config=True
-)
-flags.DEFINE_bool("verbose", False, "Show full tracebacks for errors in the input too.")
+DEFAULT_CONFIG = "configs/llama.py"
 
 
 def parse_flags(argv: list[str], default_config: str | None = None):
-  """The config from the command line; a bad flag, config file or field is a UserError.
+  """The config from the command line; a bad flag, config file or field is a UserError. Each call
+  parses into fresh flag values, so a process (a test) can parse several command lines.
   `default_config`: the file to load when argv names none (another task's default)."""
   if default_config and not any(a == "--config" or a.startswith("--config=") for a in argv):
     argv = [argv[0], f"--config={default_config}", *argv[1:]]
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file(
+    "config",
+    DEFAULT_CONFIG,
+    "Path to an ml_collections config file.",
+    flag_values=values,
+    lock_config=True,
+    sys_argv=list(argv),
+  )
+  flags.DEFINE_bool("verbose", False, "Show full tracebacks and library logs.", flag_values=values)
   try:
-    rest = flags.FLAGS(argv)
+    rest = values(argv)
   except flags.Error as e:
     raise UserError(str(e)) from e
-  except (AttributeError, KeyError) as e:  # ml_collections: an unknown field, with "did you mean"
+  except (AttributeError, KeyError) as e:  # ml_collections: an unknown field
     raise UserError(unknown_field_message(argv, innermost_text(e))) from e
   except (TypeError, ValueError) as e:  # a value of the wrong type for its field
     raise UserError(f"{e}") from e
@@ -600,7 +616,7 @@ def parse_flags(argv: list[str], default_config: str | None = None):
     raise config_file_error(e, argv) from e
   if len(rest) > 1:
     raise UserError(f"unexpected arguments {rest[1:]}; override fields as --config.FIELD=VALUE.")
-  config = _CONFIG.value
+  config = holder.value
   error = getattr(config, "__dict__", {}).get("_error")  # config_flags' stand-in for a failed load
   if error is not None:
     raise config_file_error(error, argv)
@@ -614,7 +630,7 @@ def config_file_error(error: BaseException, argv: list[str]) -> UserError:
     for flag, value in zip(argv, [*argv[1:], ""])
     if flag == "--config" or flag.startswith("--config=")
   ]
-  name = given[-1] if given else flags.FLAGS["config"].default
+  name = given[-1] if given else DEFAULT_CONFIG
   return UserError(f"--config={name}: can't load it ({lines[-1] if lines else error}).")
 
 
@@ -625,22 +641,41 @@ def innermost_text(error: BaseException) -> str:
   return str(error.args[0]) if error.args else str(error)
 
 
+def section_fields(argv: list[str], section: str) -> list[str]:
+  """The fields of `section` ('config.optim') in the config file the command line names."""
+  given = [
+    value if flag == "--config" else flag.partition("=")[2]
+    for flag, value in zip(argv, [*argv[1:], ""])
+    if flag == "--config" or flag.startswith("--config=")
+  ]
+  try:
+    path = (given[-1] if given else DEFAULT_CONFIG).partition(":")[0]
+    node = runpy.run_path(path)["get_config"]()
+    for part in section.split(".")[1:]:
+      node = node[part]
+    return list(node.keys())
+  except Exception:  # the file is checked, and reported, by the parse itself
+    return []
+
+
 def unknown_field_message(argv: list[str], message: str) -> str:
-  """'--config.lora.rnk=8: config.lora has no field 'rnk'. Did you mean "rank" ...?'"""
-  name, _, hint = message.partition("\n")
-  name = name.strip("'\"")
+  """'--config.optim.learning_rate=1e-3: config.optim has no field 'learning_rate'; valid
+  fields: lr, clip_norm, ... (closest first).'"""
+  name = message.partition("\n")[0].strip("'\"")
   for arg in argv:
     path = arg.partition("=")[0].removeprefix("--")
     if path.startswith("config.") and path.rsplit(".", 1)[-1] == name:
-      return f"{arg}: {path.rpartition('.')[0]} has no field {name!r}. {hint}".strip()
-  return f"unknown config field {name!r}. {hint}".strip()
+      section = path.rpartition(".")[0]
+      valid = closest_first(name, section_fields(argv, section))
+      listed = f"; valid fields: {', '.join(valid)}." if valid else "."
+      return f"{arg}: {section} has no field {name!r}{listed}"
+  return f"unknown config field {name!r}."
 
 
 def main(argv: list[str] | None = None, task: Task = SFT) -> None:
   """The command line. Flag parsing is inside the one error path too: a bad flag, a missing
   config file or an unknown field is one line and exit 2, like every other input error."""
   argv = sys.argv if argv is None else argv
-  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file operation at INFO
   with exit_on_user_error(verbose_requested(argv)):
     config = parse_flags(argv, task.default_config)
     try:
