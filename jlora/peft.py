@@ -173,7 +173,8 @@ def hf_modules(params, names: HFNames | None = None) -> list[HFModule]:
     if tuple(node.roles) != (IN, OUT):
       raise ValueError(
         f"{full}: kernel roles {node.roles} have no torch Linear/Embedding equivalent; PEFT "
-        "adapters need 2-D weights per layer ([in, out])."
+        "adapters need 2-D weights per layer ([in, out]). Adapters on MoE experts can't be saved "
+        "in PEFT's target_parameters format yet: exclude the experts, or use jlora.export_merged."
       )
     n_lead = node.a.ndim - 2
     n_layers = node.a.shape[0] if n_lead else 0

@@ -254,3 +254,22 @@ def test_gguf_architectures_load_like_the_hf_checkpoint(case, tmp_path):
   np.testing.assert_allclose(
     _jlora_logits(gguf_model, gguf_params, ids), _torch_logits(reference, ids), atol=ATOL, rtol=0
   )
+
+
+def test_merged_moe_export_loads_in_transformers_and_jlora(family, tmp_path):
+  """LoRA on every linear weight, experts included, merged: transformers reads the fused expert
+  tensors, and so does jlora's loader (beside the per-expert files transformers itself writes)."""
+  case, directory, model, params, _ = family
+  if case not in MOE_CASES:
+    pytest.skip("the dense families' merged export is tested in tests/test_peft.py")
+  ids = np.random.default_rng(5).integers(0, model.config.vocab_size, (2, 9))
+  cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets="all-linear")
+  layout = jlora.trace_layout(model, jnp.asarray(ids))
+  adapted = _randomize_b(jlora.apply(params, cfg, jax.random.key(0), layout=layout))
+  assert jlora.is_lora(adapted["model"]["layers"]["mlp"]["experts"]["gate_up_proj"]["kernel"])
+  jlora.export_merged(tmp_path, adapted, model.config, from_pretrained(directory)[2])
+  merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+  ours = _jlora_logits(model, adapted, ids)
+  np.testing.assert_allclose(ours, _torch_logits(merged.eval(), ids), atol=ATOL, rtol=0)
+  reloaded_model, reloaded, _ = from_pretrained(tmp_path)
+  np.testing.assert_allclose(_jlora_logits(reloaded_model, reloaded, ids), ours, atol=ATOL, rtol=0)

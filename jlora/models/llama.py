@@ -171,7 +171,7 @@ class LlamaConfig:
     if self.partial_rotary_factor != 1.0:
       rope["partial_rotary_factor"] = self.partial_rotary_factor
     return {
-      **hf_shape_fields(self, HF_ARCHITECTURES[self.model_type]),
+      **hf_shape_fields(self, self.hf_architecture()),
       "rope_theta": self.rope_theta,
       "rope_scaling": self.rope_scaling,
       "rope_parameters": rope,
@@ -184,6 +184,10 @@ class LlamaConfig:
       "hidden_act": self.hidden_act,
       "torch_dtype": "float32",
     }
+
+  def hf_architecture(self) -> str:
+    """The HF model class written into config.json."""
+    return HF_ARCHITECTURES[self.model_type]
 
   def layer_stacks(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """Flax path of each scanned layer stack -> the HF layer index of each entry (see names.py)."""

@@ -101,6 +101,9 @@ class MoeConfig(LlamaConfig):
       }
     )
 
+  def hf_architecture(self) -> str:
+    return HF_ARCHITECTURES[self.model_type]
+
   def expert_files(self):
     """How transformers saves the experts (see names.HFNames.expert_files)."""
     if self.model_type == "mixtral":
@@ -110,7 +113,6 @@ class MoeConfig(LlamaConfig):
 
   def to_hf_dict(self) -> dict:
     d = super().to_hf_dict()
-    d["architectures"] = [HF_ARCHITECTURES[self.model_type]]
     d["num_experts_per_tok"] = self.num_experts_per_tok
     if self.model_type == "qwen3_moe":
       d.update(
