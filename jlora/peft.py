@@ -41,12 +41,12 @@ import numpy as np
 from flax.linen import meta
 
 from jlora import config as config_lib
-from jlora.config import EMBEDDING, IN, KERNEL, OUT, LoraConfig
+from jlora.config import BATCH, EMBEDDING, IN, KERNEL, OUT, LoraConfig
 from jlora.errors import UserError, read_json
 from jlora.io import host_array, write_json, write_safetensors
 from jlora.lora import DoraWeight, LoraWeight, is_lora, weight_norm
 from jlora.models import registry
-from jlora.models.names import HFNames
+from jlora.models.names import HFNames, is_expert_param
 from jlora.multi import is_stacked
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -54,6 +54,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 # vLLM's --max-lora-rank must be one of these; an adapter of another rank is padded or refused.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# transformers' expert modules register these parameters in this order, and PEFT wraps the adapted
+# ones in that order: the first is innermost (its keys carry one `.base_layer` per later one).
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 # PEFT inits that change the base weights: such an adapter is only valid on the modified base.
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq")
 # PEFT's tensor name of each trainable child of a node, by weight kind (torch layout: transposed).
@@ -157,6 +160,7 @@ class HFModule:
   layer: int | None  # the index into the node's stacked axis, None when unstacked
   rank: int
   scale: float
+  expert: bool = False  # a fused MoE expert parameter: PEFT's target_parameters
 
 
 def hf_modules(params, names: HFNames | None = None) -> list[HFModule]:
@@ -170,13 +174,13 @@ def hf_modules(params, names: HFNames | None = None) -> list[HFModule]:
         f"{full} holds stacked adapters {list(node.names)}; a PEFT adapter holds one. Save each "
         "adapter's own params (before jlora.stack_adapters)."
       )
-    if tuple(node.roles) != (IN, OUT):
+    expert = is_expert_param(path) and tuple(node.roles) == (BATCH, IN, OUT)
+    if tuple(node.roles) != (IN, OUT) and not expert:
       raise ValueError(
         f"{full}: kernel roles {node.roles} have no torch Linear/Embedding equivalent; PEFT "
-        "adapters need 2-D weights per layer ([in, out]). Adapters on MoE experts can't be saved "
-        "in PEFT's target_parameters format yet: exclude the experts, or use jlora.export_merged."
+        "adapters need 2-D weights per layer ([in, out]), or MoE experts [E, in, out]."
       )
-    n_lead = node.a.ndim - 2
+    n_lead = node.a.ndim - len(node.roles)
     n_layers = node.a.shape[0] if n_lead else 0
     for layer, hf_name in enumerate(names.module_names(path, n_lead, n_layers)):
       modules.append(
@@ -188,6 +192,7 @@ def hf_modules(params, names: HFNames | None = None) -> list[HFModule]:
           layer=layer if n_lead else None,
           rank=int(node.a.shape[-1]),
           scale=float(node.scale),
+          expert=expert,
         )
       )
   if not modules:
@@ -246,8 +251,32 @@ def _patterns(entries, cfg: LoraConfig, use_rslora: bool) -> tuple[dict, dict]:
   return rank_pattern, alpha_pattern
 
 
+def _target_parameters(entries) -> list[str] | None:
+  """PEFT's target_parameters for the expert adapters (e.g. mlp.experts.gate_up_proj)."""
+  names = sorted(
+    {".".join(e.hf_name.split(".")[-3:]) for e in entries if e.expert}, key=_wrap_order
+  )
+  return names or None
+
+
+def _wrap_order(name: str) -> tuple[int, str]:
+  short = _short_name(name)
+  return (EXPERT_PARAMS.index(short) if short in EXPERT_PARAMS else len(EXPERT_PARAMS), short)
+
+
+def _expert_key(e: HFModule, entries) -> str:
+  """PEFT's key prefix for one expert parameter: the experts module, with one `.base_layer` per
+  ParamWrapper that PEFT wrapped around it later (in the module's parameter order)."""
+  module = e.hf_name.rpartition(".")[0]
+  later = [p for p in _target_parameters(entries) if _wrap_order(p) > _wrap_order(e.hf_name)]
+  return module + ".base_layer" * len(later)
+
+
 def _target_modules(params, entries) -> list[str]:
   """Module names (e.g. q_proj) when they select exactly the adapted modules, else full HF names."""
+  entries = [e for e in entries if not e.expert]
+  if not entries:
+    return []
   adapted = {e.path.rpartition("/")[0] for e in entries}
   shorts = sorted({_short_name(e.hf_name) for e in entries})
   candidates = {p for p in config_lib.candidate_leaves(params) if p.rpartition("/")[2] in shorts}
@@ -274,6 +303,7 @@ def peft_config_from_lora(
     "lora_dropout": cfg.dropout,
     "use_rslora": bool(cfg.use_rslora),
     "target_modules": _target_modules(params, entries),
+    "target_parameters": _target_parameters(entries),
     "rank_pattern": rank_pattern,
     "alpha_pattern": alpha_pattern,
     "bias": "none",
@@ -323,8 +353,23 @@ def _peft_tensors(entries: list[HFModule]) -> dict[str, np.ndarray]:
         gathered[e.path, field] = host_array(getattr(e.node, field), f"{e.path} ({field})")
       value = gathered[e.path, field]
       value = value[e.layer] if e.layer is not None else value
-      tensors[f"{KEY_PREFIX}{e.hf_name}.{names[field]}"] = value.T
+      if e.expert:
+        tensors[f"{KEY_PREFIX}{_expert_key(e, entries)}.{names[field]}"] = _peft_expert(
+          field, value
+        )
+      else:
+        tensors[f"{KEY_PREFIX}{e.hf_name}.{names[field]}"] = value.T
   return tensors
+
+
+def _peft_expert(field: str, value: np.ndarray) -> np.ndarray:
+  """An expert factor in PEFT's ParamWrapper layout: lora_A [E*r, in] (row e*r + j) from a
+  [E, in, r]; lora_B [out, r*E] (column j*E + e) from b [E, r, out]."""
+  if field == "a":
+    return value.transpose(0, 2, 1).reshape(-1, value.shape[1])
+  if field == "b":
+    return value.transpose(2, 1, 0).reshape(value.shape[2], -1)
+  raise ValueError(f"PEFT's target_parameters adapters have no {field!r} (DoRA is not supported).")
 
 
 def _warn_for_vllm(entries: list[HFModule], dora: bool) -> None:
