@@ -26,6 +26,7 @@ import jlora
 from jlora.models import registry
 from jlora.models.export import check_gguf_type
 from jlora.models.registry import FAMILIES
+from train import data as data_lib
 from train.errors import UserError, closest_first
 from train.evaluate import check_metrics
 
@@ -47,6 +48,9 @@ POSITIVE_INTS = (
 NON_NEGATIVE_INTS = ("eval_examples", "samples", "optim.warmup_steps")
 # Adam steps move each weight by about lr; at 1 or more LoRA training only diverges.
 MAX_LR = 1.0
+# The data specs whose contents a run records (data_lib.content_fingerprint), under this key.
+DATA_FIELDS = ("train", "eval")
+DATA_CONTENT = "data_content"
 # What a checkpoint must agree with to be resumed.
 FINGERPRINT_FIELDS = ("model", "data", "lora", "quant", "optim", "seed", "steps")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -352,6 +356,12 @@ def fingerprint(config) -> dict:
     out[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
   # Model fields left at None take the checkpoint's value: not a setting of this run.
   out["model"] = {k: v for k, v in out["model"].items() if v is not None}
+  # What the data files hold, not only their names: new rows under the same name are another run.
+  out[DATA_CONTENT] = {
+    name: data_lib.content_fingerprint(config.data[name])
+    for name in DATA_FIELDS
+    if name in config.data
+  }
   return _jsonable(out)
 
 
@@ -369,7 +379,9 @@ def fingerprint_differences(saved: dict, current: dict, prefix: str = "config") 
   """'config.lora.rank: 4 -> 8' for each field whose value differs (or exists on one side only)."""
   out = []
   for key in sorted(set(saved) | set(current)):
-    path = f"{prefix}.{key}"
+    if prefix == "config" and key == DATA_CONTENT and key not in saved:
+      continue  # a run recorded before data fingerprints existed
+    path = f"{prefix}.{key}" if key != DATA_CONTENT else "the data in config.data"
     old, new = saved.get(key, "<unset>"), current.get(key, "<unset>")
     if prefix == "config" and isinstance(old, dict) and isinstance(new, dict):  # a section
       out += fingerprint_differences(old, new, path)

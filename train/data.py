@@ -31,10 +31,12 @@ pad the last batch to a static shape.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -185,6 +187,36 @@ def _load_hub(load_dataset, name: str, split: str, where: str):
       f"file must end in {'/'.join(LOCAL_EXTENSIONS)}; hub datasets need "
       "network access or a warm HF datasets cache."
     ) from e
+
+
+def content_fingerprint(spec) -> str:
+  """What a data spec holds, in a line: a local file's size and sha256, a directory's files',
+  or a hub dataset's cached revision. A resumed run compares it with the one it started with."""
+  if not isinstance(spec, str) or not spec:
+    return repr(spec)
+  source, split = parse_spec(spec)
+  path = Path(source)
+  if path.is_file():
+    return f"{path.stat().st_size:,d} bytes, sha256 {_sha256([path])}"
+  if path.is_dir():
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    size = sum(p.stat().st_size for p in files)
+    return f"{len(files)} files, {size:,d} bytes, sha256 {_sha256(files, root=path)}"
+  refs = Path(os.environ.get("HF_HUB_CACHE", Path.home() / ".cache" / "huggingface" / "hub"))
+  ref = refs / f"datasets--{source.replace('/', '--')}" / "refs" / "main"
+  revision = ref.read_text().strip() if ref.is_file() else "revision unknown (not cached)"
+  return f"hub dataset {source}{f':{split}' if split else ''} at {revision}"
+
+
+def _sha256(files, root: Path | None = None) -> str:
+  digest = hashlib.sha256()
+  for file in files:
+    if root is not None:
+      digest.update(str(file.relative_to(root)).encode() + b"\0")
+    with open(file, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+  return digest.hexdigest()[:16]
 
 
 def detect_format(rows: Sequence[dict], source: str = "dataset") -> str:

@@ -129,13 +129,17 @@ def _existing_parent(path: Path) -> Path:
   return path
 
 
+def _size(n: float) -> str:
+  return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
+
+
 def disk_full_error(path, needed_bytes: int | None = None, kept: str = "") -> UserError:
   """The one line for a full disk: the path, the space needed and free, what is intact."""
   free = shutil.disk_usage(_existing_parent(Path(path))).free
-  need = f"needs about {needed_bytes / 2**20:,.1f} MiB, " if needed_bytes else ""
+  need = f"needs about {_size(needed_bytes)}, " if needed_bytes else ""
   kept = f"{kept}; " if kept else ""
   return UserError(
-    f"disk full: could not write {path} ({need}{free / 2**20:,.1f} MiB free there); {kept}"
+    f"disk full: could not write {path} ({need}{_size(free)} free there); {kept}"
     "free some space and rerun the same command to resume."
   )
 

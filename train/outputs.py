@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from train.config import fingerprint, fingerprint_differences
-from train.errors import UserError
+from train.errors import UserError, writing
 
 RUN_FILE = "run.json"
 # Everything a run writes into its output dir; only these are ever replaced or removed.
@@ -55,8 +55,9 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> None:
   path = Path(path)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   try:
-    write(str(tmp))
-    os.replace(tmp, path)
+    with writing(path, kept=f"the previous {path.name} is intact"):
+      write(str(tmp))
+      os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)

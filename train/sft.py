@@ -57,6 +57,7 @@ from train.errors import (
   exit_on_user_error,
   naming,
   verbose_requested,
+  writing,
 )
 from train.evaluate import Evaluator, put_batch
 
@@ -396,33 +397,36 @@ def train(t: Trainer, state, start: int, data_state, rows: list, flag: SignalFla
   seconds = tokens = 0.0
   if flag.signum is not None:
     raise Interrupted(flag.signum, None, t.out, t.task.command)
-  for step in range(start, c.steps):
-    position = batches.state()
-    ids = batches.next_ids()
-    state, metrics, elapsed = train_step(t, state, step, ids)
-    if not metrics["finite"]:
-      stop_non_finite(t, state, step, position, metrics, rows)
-    n = int(row_tokens[ids].sum())
-    flag.agree()  # every process stops after the same step
-    if step > start:  # the first step after a (re)start includes warm-up effects
-      seconds, tokens = seconds + elapsed, tokens + n
-    done = step + 1 == c.steps
-    row = {"step": step + 1, "loss": metrics["loss"], "lr": float(t.schedule(step))}
-    row.update(grad_norm=metrics["grad_norm"], tokens_per_s=n / elapsed)
-    row.update((k, v) for k, v in metrics.items() if k not in STEP_METRICS)  # the task's own
-    if (step + 1) % c.eval_every == 0 or done:
-      row["eval_loss"] = t.evaluator.loss(state["trainable"], t.frozen)
-    rows.append(row)
-    if ((step + 1) % c.log_every == 0 or done or flag.signum is not None) and distributed.is_main():
-      outputs.write_metrics(metrics_path, rows)
-    bar.update(1)
-    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{n / elapsed:,.0f}")
-    if (step + 1) % c.save_every == 0 or done or flag.signum is not None:
-      t.checkpoints.save(step + 1, state, checkpoint_meta(t, step + 1, batches.state()))
-    if flag.signum is not None and not done:
-      bar.close()
-      raise Interrupted(flag.signum, step + 1, t.out, t.task.command)
-  bar.close()
+  try:  # an error's line then starts on a line of its own, not after the progress bar
+    for step in range(start, c.steps):
+      position = batches.state()
+      ids = batches.next_ids()
+      state, metrics, elapsed = train_step(t, state, step, ids)
+      if not metrics["finite"]:
+        stop_non_finite(t, state, step, position, metrics, rows)
+      n = int(row_tokens[ids].sum())
+      flag.agree()  # every process stops after the same step
+      if step > start:  # the first step after a (re)start includes warm-up effects
+        seconds, tokens = seconds + elapsed, tokens + n
+      done = step + 1 == c.steps
+      row = {"step": step + 1, "loss": metrics["loss"], "lr": float(t.schedule(step))}
+      row.update(grad_norm=metrics["grad_norm"], tokens_per_s=n / elapsed)
+      row.update((k, v) for k, v in metrics.items() if k not in STEP_METRICS)  # the task's own
+      if (step + 1) % c.eval_every == 0 or done:
+        row["eval_loss"] = t.evaluator.loss(state["trainable"], t.frozen)
+      rows.append(row)
+      if (
+        (step + 1) % c.log_every == 0 or done or flag.signum is not None
+      ) and distributed.is_main():
+        outputs.write_metrics(metrics_path, rows)
+      bar.update(1)
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{n / elapsed:,.0f}")
+      if (step + 1) % c.save_every == 0 or done or flag.signum is not None:
+        t.checkpoints.save(step + 1, state, checkpoint_meta(t, step + 1, batches.state()))
+      if flag.signum is not None and not done:
+        raise Interrupted(flag.signum, step + 1, t.out, t.task.command)
+  finally:
+    bar.close()
   t.checkpoints.close()
   return state, rows, tokens / seconds if seconds else None
 
@@ -500,17 +504,23 @@ def save_adapter_and_export(t: Trainer, trainable) -> None:
   tensor checked complete), then written by process 0."""
   params = jlora.combine(distributed.gather_to_host(trainable), t.frozen)
   path = str(t.config.model.path)
+  kept = f"the checkpoints in {t.out / 'checkpoints'} and earlier outputs are intact"
   if distributed.is_main():
-    jlora.save_adapter(
-      t.out, params, t.lora, base_model_name_or_path=path, model_config=t.model.config
-    )
+    adapter_bytes = step_lib.tree_bytes(trainable)
+    with writing(t.out / "adapter_model.safetensors", adapter_bytes, kept):
+      jlora.save_adapter(
+        t.out, params, t.lora, base_model_name_or_path=path, model_config=t.model.config
+      )
+  model_bytes = step_lib.tree_bytes(t.frozen)
   if t.config.export_merged:
     # Merged on the mesh (every process takes part), then gathered weight by weight.
     merged = distributed.gather_to_host(jlora.merge(jlora.combine(trainable, t.frozen)))
     if distributed.is_main():
-      jlora.export_merged(t.out / "merged", merged, t.model.config, t.tokenizer)
+      with writing(t.out / "merged", model_bytes, kept):
+        jlora.export_merged(t.out / "merged", merged, t.model.config, t.tokenizer)
   if t.config.export_gguf and distributed.is_main():
-    write_gguf(t, params)
+    with writing(t.out / f"model-{t.config.export_gguf}.gguf", model_bytes, kept):
+      write_gguf(t, params)
   distributed.barrier("outputs-written")
 
 
