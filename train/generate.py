@@ -43,33 +43,42 @@ MODEL_ERRORS = (ValueError, KeyError, TypeError, OSError, SafetensorError)
 PROMPT_BUCKET = 16
 
 
+def nucleus(logits: jax.Array, top_p) -> jax.Array:
+  """logits [b, vocab] with every token outside the top_p nucleus set to -inf (top_p: scalar or [b, 1])."""
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  # Keep the smallest set whose mass reaches top_p: a token stays if the mass before it is < top_p.
+  kept = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+  threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
 def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
   """logits [b, vocab] -> token ids [b]. Greedy when temperature == 0, else temperature + nucleus."""
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / temperature
   if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    # Keep the smallest set whose mass reaches top_p: a token stays if the mass before it is < top_p.
-    kept = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
-    threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+    logits = nucleus(logits, top_p)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def last_logits(apply_fn: Callable, params, ids, positions, segments, cache, adapter_ids):
+  """(logits [b, vocab] of each row's last token, new cache): one prefill or decode step."""
+  last = jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
+  # Per-row adapters (jlora.stack_adapters params) only; a plain apply_fn never sees the kwarg.
+  rows = {} if adapter_ids is None else {"adapter_ids": adapter_ids}
+  logits, cache = apply_fn(
+    {"params": params}, ids, positions, segments, cache=cache, logits_at=last, **rows
+  )
+  return logits[:, -1], cache
 
 
 @functools.lru_cache(maxsize=16)
 def _decode_fns(apply_fn: Callable, temperature: float, top_p: float):
   """Jitted (prefill, step), cached so repeated generate calls (e.g. eval during training) reuse them."""
 
-  def forward(params, ids, positions, segments, cache, adapter_ids):
-    last = jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
-    # Per-row adapters (jlora.stack_adapters params) only; a plain apply_fn never sees the kwarg.
-    rows = {} if adapter_ids is None else {"adapter_ids": adapter_ids}
-    logits, cache = apply_fn(
-      {"params": params}, ids, positions, segments, cache=cache, logits_at=last, **rows
-    )
-    return logits[:, -1], cache
+  forward = functools.partial(last_logits, apply_fn)
 
   @jax.jit
   def prefill(params, ids, positions, segments, cache, key, adapter_ids):

@@ -1,0 +1,304 @@
+"""`train.serve`: OpenAI's API over a continuous batch of mixed-adapter requests.
+
+The server runs on a free loopback port (module fixture) over a tiny random Llama and three
+adapters of different ranks and targets; the official `openai` client and raw httpx talk to it.
+Reference: `train.generate.generate_ids` (the independent path: one batch per adapter, each
+adapter loaded alone with jlora.load_adapter, no stack, its own KV cache), token for token.
+Every request is bounded (max_tokens, client timeouts).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import socket
+import threading
+import time
+
+import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from jlora.models import LlamaConfig, from_pretrained
+from tests.tiny import TINY_VOCAB_SIZE, random_hf_state, save_numpy_checkpoint
+from train import serve
+from train.generate import chat_prompt_ids, generate_ids
+
+CONFIG = LlamaConfig(
+  vocab_size=TINY_VOCAB_SIZE,
+  hidden_size=64,
+  intermediate_size=128,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  tie_word_embeddings=False,
+  max_position_embeddings=256,
+)
+ADAPTERS = {
+  "qv": jlora.LoraConfig(rank=2, alpha=4.0, targets=["q_proj", "v_proj"]),
+  "all": jlora.LoraConfig(rank=8, alpha=8.0, targets="all-linear", use_rslora=True),
+  "mlp": jlora.LoraConfig(rank=4, alpha=16.0, targets=["gate_proj", "up_proj", "down_proj"]),
+  "late": jlora.LoraConfig(rank=4, alpha=4.0, targets=["k_proj", "o_proj"]),  # loaded at run time
+}
+PROMPTS = ["hello there", "the hat", "x"]  # 20-26 tokens with the template: one prefill bucket
+STEPS = 12  # tokens of every reference; shorter requests compare with a prefix
+MAX_LEN = 64  # short, so the cache's columns wrap (the engine's roll) within a test
+# Ranks 2 and 4 test the zero-padding to --max-lora-rank; vLLM's rank list doesn't matter here.
+pytestmark = pytest.mark.filterwarnings("ignore:save_adapter. rank")
+
+
+def _random(params, seed):
+  """Adapters big enough to change the greedy tokens of a random model."""
+  rng = np.random.default_rng(seed)
+  fill = lambda n: n.replace(  # noqa: E731
+    a=jnp.asarray(0.5 * rng.standard_normal(n.a.shape), n.a.dtype),
+    b=jnp.asarray(0.5 * rng.standard_normal(n.b.shape), n.b.dtype),
+  )
+  return jax.tree.map(lambda n: fill(n) if jlora.is_lora(n) else n, params, is_leaf=jlora.is_lora)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+  root = tmp_path_factory.mktemp("serve")
+  # Weights 3x the usual random scale, so greedy outputs vary instead of repeating one token.
+  state = {k: v if "norm" in k else 3 * v for k, v in random_hf_state(CONFIG).items()}
+  model_dir = save_numpy_checkpoint(root / "model", CONFIG, state)
+  argv = ["--model", str(model_dir), "--max-num-seqs", "4", "--max-loras", "4"]
+  args = serve._parser().parse_args(
+    argv + ["--max-lora-rank", "8", "--max-model-len", str(MAX_LEN)]
+  )
+  serve.check_args(args)
+  engine, server = serve.build(args)
+  params = engine.base_params
+  for i, (name, cfg) in enumerate(ADAPTERS.items()):
+    jlora.save_adapter(root / name, _random(jlora.apply(params, cfg, jax.random.key(i)), i), cfg)
+  for name in ("qv", "all", "mlp"):  # what --adapter NAME=DIR does at start-up
+    engine.load_adapter(name, str(root / name))
+  narrow = dataclasses.replace(CONFIG, hidden_size=32)
+  other = save_numpy_checkpoint(root / "other", narrow, random_hf_state(narrow))
+  _, other_params, _ = from_pretrained(other)
+  cfg = ADAPTERS["qv"]
+  jlora.save_adapter(root / "other_adapter", jlora.apply(other_params, cfg, jax.random.key(9)), cfg)
+  import uvicorn
+
+  sock = socket.socket()
+  sock.bind(("127.0.0.1", 0))
+  web = uvicorn.Server(uvicorn.Config(serve.create_app(server), log_level="warning"))
+  thread = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True)
+  thread.start()
+  deadline = time.time() + 30
+  while not web.started and time.time() < deadline:
+    time.sleep(0.05)
+  assert web.started
+  url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+  yield dict(
+    url=url, root=root, model=engine.model, params=engine.base_params,
+    tokenizer=server.tokenizer, engine=engine, base=str(model_dir),
+  )  # fmt: skip
+  web.should_exit = True
+  thread.join(timeout=10)
+  engine.close()
+
+
+RAW = "the cat sat on the mat, the end"  # a /v1/completions prompt (no chat template)
+
+
+@pytest.fixture(scope="module")
+def references(served):
+  """{adapter: {prompt: new token ids}} from train.generate: one batch, a row per adapter and
+  prompt, over jlora.stack_adapters of the adapter dirs as saved (no padding, own scales)."""
+  model, params, tok = served["model"], served["params"], served["tokenizer"]
+  dirs = {name: served["root"] / name for name in ADAPTERS}
+  stacked = jlora.stack_adapters(dirs, params, model_config=model.config)
+  prompts = {p: chat_prompt_ids(tok, p) for p in PROMPTS} | {RAW: tok.encode(RAW)}
+  rows = [(name, p) for name in ["base", *ADAPTERS] for p in prompts]
+  ids = generate_ids(
+    model,
+    stacked,
+    [prompts[p] for _, p in rows],
+    STEPS,
+    eos_ids=[tok.eos_token_id],
+    apply_fn=jlora.wrap(model.apply),
+    adapter_ids=jlora.adapter_ids(stacked, [name for name, _ in rows]),
+  )
+  refs = {name: {} for name in ["base", *ADAPTERS]}
+  for (name, p), new in zip(rows, ids):
+    refs[name][p] = new
+  assert refs["qv"] != refs["base"] and refs["all"] != refs["mlp"]  # the adapters matter
+  return refs
+
+
+def _client(served):
+  from openai import OpenAI
+
+  return OpenAI(base_url=served["url"] + "/v1", api_key="none", timeout=60, max_retries=0)
+
+
+def _name(served, adapter):
+  return served["base"] if adapter == "base" else adapter
+
+
+def _chat(served, adapter, prompt, max_tokens=STEPS, **extra):
+  return _client(served).chat.completions.create(
+    model=_name(served, adapter),
+    messages=[{"role": "user", "content": prompt}],
+    max_tokens=max_tokens,
+    temperature=0,
+    **extra,
+  )
+
+
+def _expect(served, references, adapter, prompt, max_tokens=STEPS):
+  ids = references[adapter][prompt][:max_tokens]
+  return served["tokenizer"].decode(ids, skip_special_tokens=True), len(ids)
+
+
+def test_models_lists_the_base_and_each_adapter_with_its_parent(served):
+  models = {m.id: m for m in _client(served).models.list().data}
+  assert set(models) == {served["base"], "qv", "all", "mlp"}
+  assert models["qv"].parent == served["base"] and models["qv"].root == str(served["root"] / "qv")
+
+
+@pytest.mark.parametrize("adapter", ["base", "qv", "all", "mlp"])
+def test_greedy_chat_equals_train_generate(served, references, adapter):
+  prompt = PROMPTS[1]
+  reply = _chat(served, adapter, prompt)
+  text, count = _expect(served, references, adapter, prompt)
+  assert reply.choices[0].message.content == text
+  prompt_tokens = len(chat_prompt_ids(served["tokenizer"], prompt))
+  assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, count)
+  assert reply.choices[0].finish_reason == "length"
+
+
+def test_completions_endpoint_over_raw_http_equals_train_generate(served, references):
+  tok = served["tokenizer"]
+  body = {"model": "all", "prompt": RAW, "max_tokens": 6, "temperature": 0}
+  response = httpx.post(served["url"] + "/v1/completions", json=body, timeout=60).json()
+  text, count = _expect(served, references, "all", RAW, 6)
+  assert response["choices"][0]["text"] == text
+  prompt_tokens = len(tok.encode(RAW))
+  assert response["usage"] == {
+    "prompt_tokens": prompt_tokens,
+    "completion_tokens": count,
+    "total_tokens": prompt_tokens + count,
+  }
+
+
+def test_eight_concurrent_requests_over_three_adapters_and_base_each_equal_solo(served, references):
+  jobs = [(a, PROMPTS[i % 3]) for i, a in enumerate(["qv", "all", "mlp", "base"] * 2)]
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    replies = list(
+      pool.map(lambda job: _chat(served, *job, max_tokens=STEPS - (hash(job) % 2)), jobs)
+    )
+  for (adapter, prompt), reply in zip(jobs, replies):
+    n = reply.usage.completion_tokens
+    assert reply.choices[0].message.content == _expect(served, references, adapter, prompt, n)[0]
+
+
+def test_streaming_concatenates_to_the_non_streamed_text_with_the_same_usage(served):
+  whole = _chat(served, "mlp", PROMPTS[0], seed=3)
+  stream = _chat(
+    served, "mlp", PROMPTS[0], stream=True, stream_options={"include_usage": True}, seed=3
+  )
+  chunks = list(stream)
+  text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+  assert text == whole.choices[0].message.content
+  assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+  # Raw SSE on /v1/completions: data lines, then [DONE].
+  body = {"model": "qv", "prompt": RAW, "max_tokens": 5, "temperature": 0, "stream": True}
+  with httpx.stream("POST", served["url"] + "/v1/completions", json=body, timeout=60) as r:
+    lines = [line for line in r.iter_lines() if line]
+  assert lines[-1] == "data: [DONE]"
+  events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+  assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_load_use_unload_reload_while_others_run(served, references):
+  engine, url = served["engine"], served["url"]
+  compiled = engine.step_fn._cache_size()
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    running = [pool.submit(_chat, served, "qv", p) for p in PROMPTS[:2]]
+    late = {"lora_name": "late", "lora_path": str(served["root"] / "late")}
+    assert httpx.post(url + "/v1/load_lora_adapter", json=late, timeout=60).status_code == 200
+    reply = _chat(served, "late", PROMPTS[2])
+    assert reply.choices[0].message.content == _expect(served, references, "late", PROMPTS[2])[0]
+    unload = {"lora_name": "late"}
+    assert httpx.post(url + "/v1/unload_lora_adapter", json=unload, timeout=60).status_code == 200
+    gone = httpx.post(url + "/v1/chat/completions", json=_body("late"), timeout=60)
+    assert gone.status_code == 404 and "late" in gone.json()["error"]["message"]
+    assert httpx.post(url + "/v1/load_lora_adapter", json=late, timeout=60).status_code == 200
+    reply = _chat(served, "late", PROMPTS[1])
+    assert reply.choices[0].message.content == _expect(served, references, "late", PROMPTS[1])[0]
+    for future, prompt in zip(running, PROMPTS):
+      text = future.result(timeout=60).choices[0].message.content
+      assert text == _expect(served, references, "qv", prompt)[0]
+  assert httpx.post(url + "/v1/unload_lora_adapter", json=unload, timeout=60).status_code == 200
+  assert engine.step_fn._cache_size() == compiled  # loading never recompiled the decode step
+
+
+def test_adapter_for_another_base_is_refused_and_the_server_keeps_serving(served, references):
+  other = {"lora_name": "other", "lora_path": str(served["root"] / "other_adapter")}
+  response = httpx.post(served["url"] + "/v1/load_lora_adapter", json=other, timeout=60)
+  assert response.status_code == 400
+  message = response.json()["error"]["message"]
+  assert "other_adapter" in message and "but base_params has (2, 64, 64)" in message
+  reply = _chat(served, "qv", PROMPTS[2])
+  assert reply.choices[0].message.content == _expect(served, references, "qv", PROMPTS[2])[0]
+
+
+def _body(model, **extra):
+  return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
+
+
+BAD_REQUESTS = {
+  "unknown model": (_body("nope"), 404, "'nope' does not exist"),
+  "negative max_tokens": (_body("qv", max_tokens=-1), 400, "max_tokens: -1"),
+  "negative temperature": (_body("qv", temperature=-0.5), 400, "temperature: -0.5"),
+  "top_p zero": (_body("qv", top_p=0), 400, "top_p: 0"),
+  "n above one": (_body("qv", n=2), 400, "n: 2"),
+  "prompt over the context": (_body("qv", max_tokens=MAX_LEN), 400, "maximum context length"),
+  "no messages": ({"model": "qv", "messages": []}, 400, "messages"),
+  "malformed JSON": ('{"model": "qv", ', 400, "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_openai_shaped_errors_and_the_server_stays_up(served, case):
+  body, status, message = BAD_REQUESTS[case]
+  send = {"content": body} if isinstance(body, str) else {"json": body}
+  response = httpx.post(served["url"] + "/v1/chat/completions", timeout=60, **send)
+  assert response.status_code == status
+  error = response.json()["error"]
+  assert message in error["message"] and error["code"] == status and error["type"]
+  assert httpx.get(served["url"] + "/v1/models", timeout=60).status_code == 200
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
+  cancelled = served["engine"].cancelled
+  body = _body("all", max_tokens=MAX_LEN - 30, stream=True, temperature=0)
+  with httpx.stream("POST", served["url"] + "/v1/chat/completions", json=body, timeout=60) as r:
+    next(r.iter_lines())
+  deadline = time.time() + 20
+  while any(served["engine"].slots) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not any(served["engine"].slots)
+  assert served["engine"].cancelled == cancelled + 1  # freed early, not run to max_tokens
+
+
+def test_bad_flags_are_one_line_errors(capsys):
+  for argv, expected in [
+    (["--max-num-seqs", "0"], "error: --max-num-seqs: 0 is not valid; expected an integer >= 1."),
+    (["--adapter", "runs/a"], "error: --adapter: 'runs/a' is not valid; expected NAME=DIR."),
+    (
+      ["--quant", "int3"],
+      "error: argument --quant: invalid choice: 'int3' (choose from 'none', 'nf4')",
+    ),
+  ]:
+    with pytest.raises(SystemExit) as exit_:
+      serve.main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == expected

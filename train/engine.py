@@ -1,0 +1,478 @@
+"""Continuous batching for `train.serve`: fixed sequence slots, one compiled decode step for all.
+
+Requests join and leave between decode steps. Each slot (a row of the batch) carries its own
+adapter id, RoPE position and KV-cache row, so one compiled step serves every request whatever
+adapter it names; a new request is prefilled alone in one of a few padded lengths (`buckets`),
+so new prompt lengths don't recompile either.
+
+The KV cache (the model's own `init_cache`) has one write column, `index`, shared by every row:
+that keeps its shapes static. So a slot's tokens sit in the columns just before it,
+[index - len, index), and segment ids mark each row's own columns (0 elsewhere: never attended,
+so rows never see stale or foreign entries). A joining request's prefilled keys/values are
+copied into its row ending at `index`; when `index` reaches the end, every row's columns roll
+left together (each row ends at `index`, so one roll keeps them all contiguous).
+
+Adapters live in one stack of `max_loras` entries of rank `max_lora_rank` (jlora.stack_adapters
+over zero adapters; smaller ranks are zero-padded, which is exact, and each adapter's scale is
+folded into its B), so loading one writes arrays of the same shapes and never recompiles. An
+entry is reused only when no request still runs on it: in-flight requests finish on the adapter
+they started with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import queue
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jlora
+from jlora.multi import BASE, is_stacked
+from train.generate import PROMPT_BUCKET, last_logits, nucleus
+
+log = logging.getLogger(__name__)
+
+
+class AdapterError(ValueError):
+  """An adapter that can't be loaded or unloaded; `status` is the HTTP status to answer with."""
+
+  def __init__(self, message: str, status: int = 400):
+    super().__init__(message)
+    self.status = status
+
+
+@dataclasses.dataclass
+class Request:
+  """One generation. `emit` receives ("token", id) per new token, then ("done", finish_reason)
+  ("stop": an eos token, "length": max_tokens) or ("error", http_status, message); it is called
+  from the engine thread. Set `cancelled` to free the slot early (client gone, stop string seen)."""
+
+  prompt: Sequence[int]
+  adapter: str
+  max_tokens: int
+  emit: Callable[[tuple], None]
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int = 0
+  cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+@dataclasses.dataclass
+class _Running:
+  request: Request
+  adapter_id: int
+  produced: int = 0
+  token: int = 0  # the last sampled token, fed to the next step
+
+
+class AdapterTable:
+  """Adapter names -> stack entries, and how many running requests use each entry."""
+
+  def __init__(self, capacity: int):
+    self.ids: dict[str, int] = {}
+    self.paths: dict[str, str] = {}
+    self.users = [0] * capacity
+
+  def free_entry(self) -> int | None:
+    """An entry no name maps to and no request runs on (so writing it changes nothing running)."""
+    taken = set(self.ids.values())
+    return next((i for i, n in enumerate(self.users) if n == 0 and i not in taken), None)
+
+  def acquire(self, name: str) -> int:
+    if name == BASE:
+      return -1
+    entry = self.ids[name]  # KeyError: not loaded (any more)
+    self.users[entry] += 1
+    return entry
+
+  def release(self, entry: int) -> None:
+    if entry >= 0:
+      self.users[entry] -= 1
+
+
+def prompt_buckets(max_len: int) -> list[int]:
+  """Padded prefill lengths: PROMPT_BUCKET doubling up to max_len (the last is max_len)."""
+  buckets = [PROMPT_BUCKET]
+  while buckets[-1] < max_len:
+    buckets.append(min(2 * buckets[-1], max_len))
+  return buckets
+
+
+def empty_stack(base_params, max_loras: int, max_lora_rank: int):
+  """params whose all-linear weights hold `max_loras` zero adapters of rank max_lora_rank, scale 1."""
+  cfg = jlora.LoraConfig(rank=max_lora_rank, alpha=float(max_lora_rank), targets="all-linear")
+  template = jlora.apply(base_params, cfg, jax.random.key(0))
+  zero = jax.tree.map(
+    lambda n: n.replace(a=jnp.zeros_like(n.a), b=jnp.zeros_like(n.b)) if jlora.is_lora(n) else n,
+    template,
+    is_leaf=jlora.is_lora,
+  )
+  return jlora.stack_adapters({f"entry{i}": zero for i in range(max_loras)}, base_params)
+
+
+def _stacked_nodes(params) -> dict[str, jlora.LoraWeight]:
+  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_stacked)[0]
+  return {jax.tree_util.keystr(kp): leaf for kp, leaf in leaves if is_stacked(leaf)}
+
+
+def check_fits(name: str, single, stack) -> None:
+  """Refuses an adapter (stack_adapters params of one) that the server's stack can't hold."""
+  ours = _stacked_nodes(stack)
+  for path, node in _stacked_nodes(single).items():
+    if path not in ours:
+      raise AdapterError(
+        f"adapter {name!r} adapts {path}, which the server's adapter stack (all-linear "
+        "weights) does not hold."
+      )
+    rank, limit = node.a.shape[-1], ours[path].a.shape[-1]
+    if rank > limit:
+      raise AdapterError(
+        f"adapter {name!r} has rank {rank} at {path}, over --max-lora-rank {limit}; restart "
+        f"the server with --max-lora-rank {rank} or more."
+      )
+
+
+def _entry_factors(stack_node, one) -> tuple[np.ndarray, np.ndarray]:
+  """One adapter's (a, b) for a stack entry, on the host: rank zero-padded, scale folded into b."""
+  lead = stack_node.n_lead
+  shape_a = stack_node.a.shape[:lead] + stack_node.a.shape[lead + 1 :]
+  shape_b = stack_node.b.shape[:lead] + stack_node.b.shape[lead + 1 :]
+  if one is None:
+    return np.zeros(shape_a, stack_node.a.dtype), np.zeros(shape_b, stack_node.b.dtype)
+  a = np.take(np.asarray(one.a), 0, axis=lead)
+  b = np.take(np.asarray(one.b), 0, axis=lead)
+  b = b * np.asarray(one.scales[0], b.dtype)  # what StackedLoraWeight.rows multiplies by
+  rank_axis_of_b = lead + stack_node.roles.count(jlora.config.BATCH)
+  pad_a, pad_b = [(0, 0)] * a.ndim, [(0, 0)] * b.ndim
+  pad_a[-1] = pad_b[rank_axis_of_b] = (0, shape_a[-1] - a.shape[-1])
+  return np.pad(a, pad_a).astype(stack_node.a.dtype), np.pad(b, pad_b).astype(stack_node.b.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+def _set_entry(stacked: jax.Array, value, entry, lead: int) -> jax.Array:
+  return stacked.at[(slice(None),) * lead + (entry,)].set(value)
+
+
+def write_entry(stack, single, entry: int):
+  """stack with entry `entry` holding the one adapter of `single` (zeros where it adapts nothing).
+
+  The stack's factor arrays are updated in place (donated): `stack` must not be used afterwards.
+  """
+  ones = _stacked_nodes(single)
+
+  def put(key_path, node):
+    if not is_stacked(node):
+      return node
+    a, b = _entry_factors(node, ones.get(jax.tree_util.keystr(key_path)))
+    entry_id = np.int32(entry)
+    return node.replace(
+      a=_set_entry(node.a, a, entry_id, node.n_lead), b=_set_entry(node.b, b, entry_id, node.n_lead)
+    )
+
+  return jax.tree_util.tree_map_with_path(put, stack, is_leaf=is_stacked)
+
+
+def sample_rows(logits, seeds, steps, temperature, top_p) -> jax.Array:
+  """Per-row sampling: greedy where temperature == 0, else temperature + nucleus with the row's
+  own key (its seed folded with its step, so a request's draws don't depend on its neighbours)."""
+  logits = logits.astype(jnp.float32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def draw():
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    cut = top_p[:, None] < 1.0
+    scaled = jax.lax.cond(
+      jnp.any(cut), lambda: jnp.where(cut, nucleus(scaled, top_p[:, None]), scaled), lambda: scaled
+    )
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
+    return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+  sampled = jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)
+  return jnp.where(temperature > 0, sampled, greedy)
+
+
+def _column_axes(leaf) -> tuple[int, int]:
+  """(batch axis, column axis) of a k/v buffer [..., batch, max_len, kv_heads, head_dim]."""
+  return leaf.ndim - 4, leaf.ndim - 3
+
+
+@jax.jit
+def _insert(cache, small, row, start):
+  """cache with `small`'s (batch 1) k/v written into row `row`, columns from `start`."""
+
+  def put(big, one):
+    if big.ndim < 4:  # segment_ids and index: the engine sets them
+      return big
+    batch_axis, column_axis = _column_axes(big)
+    at = [0] * big.ndim
+    at[batch_axis], at[column_axis] = row, start
+    return jax.lax.dynamic_update_slice(big, one.astype(big.dtype), at)
+
+  return jax.tree.map(put, cache, small)
+
+
+@jax.jit
+def _roll(cache, shift):
+  """Every row's k/v columns moved by `shift` (segment ids are rewritten by the engine)."""
+  return jax.tree.map(
+    lambda x: jnp.roll(x, shift, axis=_column_axes(x)[1]) if x.ndim >= 4 else x, cache
+  )
+
+
+class Engine:
+  """The slot scheduler; `start()` runs it in a background thread (`submit` from any thread)."""
+
+  def __init__(
+    self,
+    model,
+    base_params,
+    *,
+    max_num_seqs: int = 8,
+    max_loras: int = 4,
+    max_lora_rank: int = 16,
+    max_model_len: int = 2048,
+    eos_ids: Sequence[int] = (),
+    model_config=None,
+  ):
+    self.model, self.base_params = model, base_params
+    self.model_config = model_config or model.config
+    self.slots: list[_Running | None] = [None] * max_num_seqs
+    self.max_model_len = max_model_len
+    self.buckets = prompt_buckets(max_model_len)
+    self.eos = set(eos_ids)
+    self.adapters = AdapterTable(max_loras)
+    self.params = empty_stack(base_params, max_loras, max_lora_rank)
+    self.cache = model.init_cache(max_num_seqs, max_model_len)
+    self.index = 0  # the shared write column (host copy of cache["index"])
+    self.lens = np.zeros(max_num_seqs, np.int64)  # tokens in the cache per row
+    self.waiting: deque[Request] = deque()
+    self.cancelled = 0  # requests freed before they finished (client gone, stop string)
+    self.inbox: queue.Queue = queue.Queue()
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    apply_fn = jlora.wrap(model.apply)
+    self.prefill_fn = jax.jit(functools.partial(self._prefill, model, apply_fn))
+    self.step_fn = jax.jit(functools.partial(self._step, apply_fn), donate_argnums=(4,))
+
+  # ---------------------------------------------------------------- compiled pieces
+
+  @staticmethod
+  def _prefill(model, apply_fn, params, ids, positions, segments, adapter_ids, sampling):
+    cache = model.init_cache(ids.shape[0], ids.shape[1])
+    logits, cache = last_logits(apply_fn, params, ids, positions, segments, cache, adapter_ids)
+    return sample_rows(logits, *sampling), cache
+
+  @staticmethod
+  def _step(apply_fn, params, tokens, positions, live, cache, adapter_ids, sampling):
+    logits, cache = last_logits(
+      apply_fn, params, tokens[:, None], positions[:, None], live[:, None], cache, adapter_ids
+    )
+    return sample_rows(logits, *sampling), cache
+
+  # ---------------------------------------------------------------- the public side
+
+  def start(self) -> Engine:
+    self._thread = threading.Thread(target=self._loop, name="jlora-engine", daemon=True)
+    self._thread.start()
+    return self
+
+  def close(self) -> None:
+    self._stop.set()
+    self.inbox.put(None)
+    if self._thread is not None:
+      self._thread.join(timeout=30)
+
+  def submit(self, request: Request) -> None:
+    self.inbox.put(request)
+
+  def loaded(self) -> dict[str, str]:
+    """{adapter name: the path it was loaded from}."""
+    return dict(self.adapters.paths)
+
+  def load_adapter(self, name: str, path: str) -> None:
+    """Reads and checks the adapter here (the caller's thread), then writes it between steps."""
+    if not name or name == BASE:
+      raise AdapterError(
+        f"lora_name {name!r} is not valid; use a non-empty name other than 'base'."
+      )
+    if name in self.adapters.ids:
+      raise AdapterError(f"The lora adapter {name!r} has already been loaded.")
+    try:
+      single = jlora.stack_adapters({name: path}, self.base_params, model_config=self.model_config)
+    except (ValueError, OSError) as e:  # OSError: a path that can't be read
+      raise AdapterError(f"lora_path {path!r}: {e}") from e
+    check_fits(name, single, self.params)
+    self._call("load", name, path, single)
+
+  def unload_adapter(self, name: str) -> None:
+    self._call("unload", name)
+
+  def _call(self, *command):
+    done: Future = Future()
+    self.inbox.put((done, *command))
+    return done.result(timeout=600)
+
+  # ---------------------------------------------------------------- the engine thread
+
+  def _loop(self) -> None:
+    while not self._stop.is_set():
+      busy = any(self.slots) or self.waiting
+      self._read_inbox(block=not busy)
+      try:
+        self._admit()
+        if any(self.slots):
+          self.decode()
+      except Exception:  # a bug: fail the running requests, keep serving the next ones
+        log.error("engine step failed:\n%s", traceback.format_exc())
+        for row, run in enumerate(self.slots):
+          if run is not None:
+            self._finish(row, ("error", 500, "internal error in the engine; see the server log"))
+
+  def _read_inbox(self, block: bool) -> None:
+    try:
+      item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+    except queue.Empty:
+      return
+    while item is not None:
+      if isinstance(item, Request):
+        self.waiting.append(item)
+      else:
+        self._command(*item)
+      try:
+        item = self.inbox.get_nowait()
+      except queue.Empty:
+        return
+
+  def _command(self, done: Future, kind: str, name: str, *rest) -> None:
+    try:
+      if kind == "load":
+        path, single = rest
+        entry = self.adapters.free_entry()
+        if entry is None:
+          raise AdapterError(
+            f"cannot load {name!r}: all --max-loras {len(self.adapters.users)} adapter entries "
+            "are in use; unload one first (or restart with a larger --max-loras)."
+          )
+        self.params = write_entry(self.params, single, entry)
+        self.adapters.ids[name], self.adapters.paths[name] = entry, path
+      else:
+        if name not in self.adapters.ids:
+          raise AdapterError(f"The lora adapter {name!r} is not loaded.", status=404)
+        del self.adapters.ids[name], self.adapters.paths[name]  # running requests keep the entry
+      done.set_result(None)
+    except Exception as e:
+      done.set_exception(e)
+
+  def _admit(self) -> None:
+    while self.waiting and None in self.slots:
+      request = self.waiting.popleft()
+      if request.cancelled.is_set():
+        continue
+      try:
+        adapter_id = self.adapters.acquire(request.adapter)
+      except KeyError:
+        request.emit(("error", 404, f"The model {request.adapter!r} was unloaded."))
+        continue
+      self.prefill(self.slots.index(None), request, adapter_id)
+
+  def prefill(self, row: int, request: Request, adapter_id: int) -> None:
+    """Prefills `request` alone in a padded bucket, then copies its k/v into row `row`."""
+    n = len(request.prompt)
+    bucket = next(b for b in self.buckets if b >= n)
+    ids = np.zeros((1, bucket), np.int32)
+    ids[0, bucket - n :] = request.prompt
+    segments = (np.arange(bucket) >= bucket - n).astype(np.int32)[None]
+    positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
+    sampling = _sampling([request], [0])
+    token, small = self.prefill_fn(
+      self.params, ids, positions, segments, np.asarray([adapter_id], np.int32), sampling
+    )
+    if self.index < bucket:
+      self._move(bucket)
+    self.cache = _insert(self.cache, small, row, self.index - bucket)
+    self.lens[row] = n
+    self.slots[row] = _Running(request, adapter_id)
+    self._write_segments()
+    self._accept(row, int(token[0]))
+
+  def decode(self) -> None:
+    """One step for every slot: feeds each running request its last token, samples the next."""
+    for row, run in enumerate(self.slots):
+      if run is not None and run.request.cancelled.is_set():
+        self.cancelled += 1
+        self._finish(row, None)
+    if not any(self.slots):
+      return
+    if self.index == self.max_model_len:
+      self._move(int(self.lens.max()))
+    live = np.asarray([run is not None for run in self.slots], np.int32)
+    tokens = np.asarray([run.token if run else 0 for run in self.slots], np.int32)
+    ids = np.asarray([run.adapter_id if run else -1 for run in self.slots], np.int32)
+    runs = [run.request if run else None for run in self.slots]
+    steps = [run.produced if run else 0 for run in self.slots]
+    next_tokens, self.cache = self.step_fn(
+      self.params,
+      tokens,
+      self.lens.astype(np.int32),
+      live,
+      self.cache,
+      ids,
+      _sampling(runs, steps),
+    )
+    self.index += 1
+    self.lens += live
+    for row, token in enumerate(np.asarray(next_tokens).tolist()):
+      if self.slots[row] is not None:
+        self._accept(row, token)
+
+  def _accept(self, row: int, token: int) -> None:
+    run = self.slots[row]
+    run.token, run.produced = token, run.produced + 1
+    run.request.emit(("token", token))
+    if token in self.eos:
+      self._finish(row, ("done", "stop"))
+    elif run.produced >= run.request.max_tokens:
+      self._finish(row, ("done", "length"))
+
+  def _finish(self, row: int, event: tuple | None) -> None:
+    run = self.slots[row]
+    self.slots[row] = None
+    self.lens[row] = 0
+    self.adapters.release(run.adapter_id)
+    if event is not None:
+      run.request.emit(event)
+
+  def _move(self, index: int) -> None:
+    """Moves the write column to `index`, rolling every row's columns with it."""
+    self.cache = _roll(self.cache, index - self.index)
+    self.index = index
+    self._write_segments()
+
+  def _write_segments(self) -> None:
+    columns = np.arange(self.cache["segment_ids"].shape[1])
+    starts = (self.index - self.lens)[:, None]
+    segments = (columns >= starts) & (columns < self.index) & (self.lens[:, None] > 0)
+    self.cache = {
+      **self.cache,
+      "segment_ids": jnp.asarray(segments, jnp.int32),
+      "index": jnp.asarray(self.index, jnp.int32),
+    }
+
+
+def _sampling(requests: Sequence[Request | None], steps: Sequence[int]) -> tuple:
+  """(seeds, steps, temperature, top_p) arrays for sample_rows; idle rows are greedy."""
+  return (
+    np.asarray([r.seed if r else 0 for r in requests], np.uint32),
+    np.asarray(steps, np.int32),
+    np.asarray([r.temperature if r else 0.0 for r in requests], np.float32),
+    np.asarray([r.top_p if r else 1.0 for r in requests], np.float32),
+  )
