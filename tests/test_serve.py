@@ -26,6 +26,7 @@ import jlora
 from jlora.models import LlamaConfig, from_pretrained
 from tests.tiny import TINY_VOCAB_SIZE, random_hf_state, save_numpy_checkpoint
 from train import serve
+from train.engine import Engine, Request
 from train.generate import chat_prompt_ids, generate_ids
 
 CONFIG = LlamaConfig(
@@ -68,9 +69,7 @@ def served(tmp_path_factory):
   state = {k: v if "norm" in k else 3 * v for k, v in random_hf_state(CONFIG).items()}
   model_dir = save_numpy_checkpoint(root / "model", CONFIG, state)
   argv = ["--model", str(model_dir), "--max-num-seqs", "4", "--max-loras", "4"]
-  args = serve._parser().parse_args(
-    argv + ["--max-lora-rank", "8", "--max-model-len", str(MAX_LEN)]
-  )
+  args = serve.parser().parse_args(argv + ["--max-lora-rank", "8", "--max-model-len", str(MAX_LEN)])
   serve.check_args(args)
   engine, server = serve.build(args)
   params = engine.base_params
@@ -277,16 +276,27 @@ def test_bad_requests_get_openai_shaped_errors_and_the_server_stays_up(served, c
   assert httpx.get(served["url"] + "/v1/models", timeout=60).status_code == 200
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
-  cancelled = served["engine"].cancelled
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(served, monkeypatch):
+  engine = served["engine"]
+  step = engine.step_fn
+
+  def slow_step(*args):  # 50 ms a token, so the request can't finish before the disconnect
+    time.sleep(0.05)
+    return step(*args)
+
+  monkeypatch.setattr(engine, "step_fn", slow_step)
+  cancelled = engine.cancelled
   body = _body("all", max_tokens=MAX_LEN - 30, stream=True, temperature=0)
   with httpx.stream("POST", served["url"] + "/v1/chat/completions", json=body, timeout=60) as r:
-    next(r.iter_lines())
+    lines = (
+      line for line in r.iter_lines() if '"content": "' in line and '"content": ""' not in line
+    )
+    next(lines)  # a token arrived: the request holds a slot
   deadline = time.time() + 20
-  while any(served["engine"].slots) and time.time() < deadline:
-    time.sleep(0.1)
-  assert not any(served["engine"].slots)
-  assert served["engine"].cancelled == cancelled + 1  # freed early, not run to max_tokens
+  while any(engine.slots) and time.time() < deadline:
+    time.sleep(0.05)
+  assert not any(engine.slots)
+  assert engine.cancelled == cancelled + 1  # freed early, not run to max_tokens
 
 
 def test_bad_flags_are_one_line_errors(capsys):
@@ -302,3 +312,29 @@ def test_bad_flags_are_one_line_errors(capsys):
       serve.main(argv)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == expected
+
+
+def test_nf4_base_serves_adapters_as_generate_does(served):
+  """--quant nf4: the engine over a quantized base equals train.generate on the same base."""
+  model, tok, root = served["model"], served["tokenizer"], served["root"]
+  quantized = jlora.quantize(served["params"], jlora.QuantConfig(kind="nf4", block_size=32))
+  engine = Engine(model, quantized, max_num_seqs=2, max_loras=1, max_lora_rank=8, max_model_len=48)
+  engine.start()
+  try:
+    engine.load_adapter("qv", str(root / "qv"))
+    prompt = chat_prompt_ids(tok, PROMPTS[0])
+    events, done = [], threading.Event()
+
+    def emit(event):
+      events.append(event)
+      if event[0] != "token":
+        done.set()
+
+    engine.submit(Request(prompt, "qv", 6, emit))
+    assert done.wait(timeout=120)
+  finally:
+    engine.close()
+  adapted = jlora.load_adapter(root / "qv", quantized)
+  wrapped = jlora.wrap(model.apply)
+  ref = generate_ids(model, adapted, [prompt], 6, eos_ids=[tok.eos_token_id], apply_fn=wrapped)[0]
+  assert [e[1] for e in events[:-1]] == ref and events[-1][0] == "done"

@@ -291,6 +291,19 @@ class Engine:
     if self._thread is not None:
       self._thread.join(timeout=30)
 
+  def warm_up(self) -> Engine:
+    """Compiles the decode step (all slots idle) and the shortest prefill before the first request.
+
+    Call it before `start`. The idle step writes column 0 of rows nothing attends to."""
+    ids = np.zeros((len(self.slots),), np.int32)
+    sampling = _sampling([None] * len(self.slots), ids)
+    _, self.cache = self.step_fn(self.params, ids, ids, ids, self.cache, ids - 1, sampling)
+    bucket = np.zeros((1, self.buckets[0]), np.int32)
+    self.prefill_fn(
+      self.params, bucket, bucket, bucket + 1, bucket[:, 0] - 1, _sampling([None], [0])
+    )
+    return self
+
   def submit(self, request: Request) -> None:
     self.inbox.put(request)
 
@@ -380,7 +393,7 @@ class Engine:
       try:
         adapter_id = self.adapters.acquire(request.adapter)
       except KeyError:
-        request.emit(("error", 404, f"The model {request.adapter!r} was unloaded."))
+        _emit(request, ("error", 404, f"The model {request.adapter!r} was unloaded."))
         continue
       self.prefill(self.slots.index(None), request, adapter_id)
 
@@ -437,7 +450,7 @@ class Engine:
   def _accept(self, row: int, token: int) -> None:
     run = self.slots[row]
     run.token, run.produced = token, run.produced + 1
-    run.request.emit(("token", token))
+    _emit(run.request, ("token", token))
     if token in self.eos:
       self._finish(row, ("done", "stop"))
     elif run.produced >= run.request.max_tokens:
@@ -449,7 +462,7 @@ class Engine:
     self.lens[row] = 0
     self.adapters.release(run.adapter_id)
     if event is not None:
-      run.request.emit(event)
+      _emit(run.request, event)
 
   def _move(self, index: int) -> None:
     """Moves the write column to `index`, rolling every row's columns with it."""
@@ -466,6 +479,14 @@ class Engine:
       "segment_ids": jnp.asarray(segments, jnp.int32),
       "index": jnp.asarray(self.index, jnp.int32),
     }
+
+
+def _emit(request: Request, event: tuple) -> None:
+  """Hands `event` to the request's consumer; a consumer that is gone cancels its request."""
+  try:
+    request.emit(event)
+  except Exception:  # e.g. the client's event loop closed
+    request.cancelled.set()
 
 
 def _sampling(requests: Sequence[Request | None], steps: Sequence[int]) -> tuple:

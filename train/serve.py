@@ -264,7 +264,11 @@ def _choice(chat: bool, text: str | None, finish: str | None, streamed: bool) ->
 
 
 def create_app(server: Server):
-  """The FastAPI app: OpenAI's routes over `server`."""
+  """The FastAPI app: OpenAI's routes over `server`.
+
+  Long because each route is a few lines over the closures they share (the error shape, the body
+  reader, the completion loop); split apart they would pass those around instead.
+  """
   from fastapi import FastAPI
   from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -365,11 +369,11 @@ def create_app(server: Server):
 # ---------------------------------------------------------------- the command line
 
 
-def _parser():
+def parser():
   from jlora.models import DEFAULT_MODEL
 
-  parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  add = parser.add_argument
+  cli = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  add = cli.add_argument
   add("--model", default=DEFAULT_MODEL, help="HF dir, .gguf file, hub id or embedded name")
   add("--adapter", action="append", default=[], help="NAME=DIR, a PEFT adapter dir; repeatable")
   add("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
@@ -385,7 +389,7 @@ def _parser():
   add("--quant", choices=["none", "nf4"], default="none", help="quantize the base to 4 bits")
   add("--served-model-name", help="the base model's name in the API (default: --model)")
   add("--verbose", action="store_true", help="show the full traceback of an error")
-  return parser
+  return cli
 
 
 def check_args(args) -> None:
@@ -429,7 +433,8 @@ def build(args) -> tuple[Engine, Server]:
     max_lora_rank=args.max_lora_rank,
     max_model_len=max_len,
     eos_ids=eos,
-  ).start()
+  )
+  engine.warm_up().start()
   for name, path in args.named.items():
     try:
       engine.load_adapter(name, path)
@@ -442,7 +447,7 @@ def build(args) -> tuple[Engine, Server]:
 def main(argv: Sequence[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else list(argv)
   with exit_on_user_error(verbose_requested(argv)):
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     check_args(args)
     engine, server = build(args)
   import uvicorn

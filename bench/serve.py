@@ -1,0 +1,242 @@
+"""Serving: `train.serve` under 1, 4 and 16 concurrent streaming clients, spread over 4 adapters
+and over 1 adapter, against `train.generate` run one request at a time.
+
+    python -m bench.serve [--requests-per-client 2] [--max-tokens 32] [--out bench/results/serve.json]
+    python -m bench.serve --smoke      # a tiny random model, to check that it runs
+
+Model: the embedded SmolLM2-135M-Instruct (fp32). Four LoRA adapters (rank 16 on q,k,v,o;
+random non-zero B), written as PEFT dirs and loaded by the server at start-up. The server runs
+in this process (uvicorn in a thread, 127.0.0.1, a free port, --max-num-seqs 16); the clients
+are asyncio httpx streams on loopback, each sending --requests-per-client chat requests one
+after another (greedy, max_tokens --max-tokens; client i uses adapter i % 4, or adapter 0).
+
+  tokens/s:  completion tokens of all requests / wall time of the run
+  TTFT:      request sent -> first streamed token, p50 / p99 over requests
+  per token: (last token - first token) / (tokens - 1) per request, p50 / p99
+  sequential: train.generate.generate_ids, one prompt at a time, the adapter alone on the base
+
+Untimed warm-up requests (each adapter x prompt) first (the server compiles its prefill and step then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+
+from bench import common
+
+PROMPTS = [
+  "Write a short story about a lighthouse keeper.",
+  "Explain how a bicycle works.",
+  "Describe your ideal weekend in detail.",
+  "List some facts about the ocean.",
+]
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+N_ADAPTERS = 4
+
+
+def make_adapters(root, params, rank: int) -> dict[str, str]:
+  import jax
+  import jax.numpy as jnp
+
+  import jlora
+
+  cfg = jlora.LoraConfig(rank=rank, alpha=2.0 * rank, targets=TARGETS)
+  dirs = {}
+  for i in range(N_ADAPTERS):
+    rng = np.random.default_rng(i)
+    adapter = jax.tree.map(
+      lambda n: (
+        n.replace(b=jnp.asarray(0.01 * rng.standard_normal(n.b.shape), n.b.dtype))
+        if jlora.is_lora(n)
+        else n
+      ),
+      jlora.apply(params, cfg, jax.random.key(i)),
+      is_leaf=jlora.is_lora,
+    )
+    dirs[f"ad{i}"] = str(root / f"ad{i}")
+    jlora.save_adapter(dirs[f"ad{i}"], adapter, cfg)
+  return dirs
+
+
+def start_server(argv: list[str]):
+  """(url, engine, stop): train.serve on a free loopback port, in a thread of this process."""
+  import uvicorn
+
+  from train import serve
+
+  args = serve.parser().parse_args(argv)
+  serve.check_args(args)
+  engine, server = serve.build(args)
+  sock = socket.socket()
+  sock.bind(("127.0.0.1", 0))
+  web = uvicorn.Server(uvicorn.Config(serve.create_app(server), log_level="warning"))
+  thread = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True)
+  thread.start()
+  while not web.started:
+    time.sleep(0.05)
+
+  def stop():
+    web.should_exit = True
+    thread.join(timeout=30)
+    engine.close()
+
+  return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
+async def one_request(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+  body = {
+    "model": model,
+    "messages": [{"role": "user", "content": prompt}],
+    "max_tokens": max_tokens,
+    "temperature": 0,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+  }
+  sent, first, last, tokens = time.perf_counter(), None, None, 0
+  async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+    async for line in response.aiter_lines():
+      if not line.startswith("data: {"):
+        continue
+      event = json.loads(line[6:])
+      if event.get("usage"):
+        tokens = event["usage"]["completion_tokens"]
+      elif event["choices"] and event["choices"][0]["delta"].get("content"):
+        last = time.perf_counter()
+        first = first or last
+  return {"tokens": tokens, "ttft": (first or last or sent) - sent, "first": first, "last": last}
+
+
+async def run_load(url, models, clients: int, per_client: int, max_tokens: int) -> dict:
+  import httpx
+
+  async with httpx.AsyncClient(timeout=600) as client:
+
+    async def worker(i: int):
+      return [
+        await one_request(client, url, models[i % len(models)], PROMPTS[(i + j) % 4], max_tokens)
+        for j in range(per_client)
+      ]
+
+    start = time.perf_counter()
+    results = [r for rs in await asyncio.gather(*(worker(i) for i in range(clients))) for r in rs]
+    wall = time.perf_counter() - start
+  tokens = sum(r["tokens"] for r in results)
+  ttft = [r["ttft"] for r in results]
+  per_token = [
+    (r["last"] - r["first"]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1 and r["first"]
+  ]
+  pct = lambda xs, q: float(np.percentile(xs, q)) * 1000 if xs else None  # noqa: E731
+  return {
+    "clients": clients,
+    "requests": len(results),
+    "tokens": tokens,
+    "wall_s": wall,
+    "tokens_per_s": tokens / wall,
+    "ttft_ms_p50": pct(ttft, 50),
+    "ttft_ms_p99": pct(ttft, 99),
+    "per_token_ms_p50": pct(per_token, 50),
+    "per_token_ms_p99": pct(per_token, 99),
+  }
+
+
+def sequential(model_path: str, dirs: dict, requests: int, max_tokens: int) -> dict:
+  """train.generate one request at a time (the adapter alone on the base), after a warm-up."""
+  import jlora
+  from jlora.models import from_pretrained
+  from train.generate import chat_prompt_ids, generate_ids
+
+  model, params, tok = from_pretrained(model_path)
+  wrapped = jlora.wrap(model.apply)
+  adapted = [jlora.load_adapter(d, params, model_config=model.config) for d in dirs.values()]
+  run = lambda i: generate_ids(  # noqa: E731
+    model,
+    adapted[i % len(adapted)],
+    [chat_prompt_ids(tok, PROMPTS[i % 4])],
+    max_tokens,
+    eos_ids=[tok.eos_token_id],
+    apply_fn=wrapped,
+  )[0]
+  for i in range(len(adapted)):  # compile each prompt bucket x adapter tree once
+    run(i)
+  start, tokens = time.perf_counter(), 0
+  for i in range(requests):
+    tokens += len(run(i))
+  wall = time.perf_counter() - start
+  return {"requests": requests, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--requests-per-client", type=int, default=2)
+  parser.add_argument("--max-tokens", type=int, default=32)
+  parser.add_argument("--clients", default="1,4,16")
+  parser.add_argument("--out", default="bench/results/serve.json")
+  parser.add_argument("--smoke", action="store_true")
+  args = parser.parse_args()
+  import tempfile
+  from pathlib import Path
+
+  from jlora.models import from_pretrained
+
+  machine = common.machine()
+  root = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+  model_path = common.MODEL
+  if args.smoke:
+    from tests.tiny import make_checkpoint
+
+    model_path = str(make_checkpoint(root / "model"))
+    args.clients, args.max_tokens, args.requests_per_client = "1,4", 8, 1
+  _, params, _ = from_pretrained(model_path)
+  dirs = make_adapters(root, params, rank=16)
+  del params
+  argv = ["--model", model_path, "--max-num-seqs", "16", "--max-model-len", "256"]
+  argv += [f"--adapter={name}={path}" for name, path in dirs.items()]
+  url, stop = start_server(argv)
+  rows = []
+  try:
+    for name in dirs:  # warm-up: every adapter and prompt once (compiles each prompt's bucket)
+      asyncio.run(run_load(url, [name], 1, len(PROMPTS), 2))
+    for spread, models in (("4 adapters", list(dirs)), ("1 adapter", [next(iter(dirs))])):
+      for clients in [int(c) for c in args.clients.split(",")]:
+        row = asyncio.run(run_load(url, models, clients, args.requests_per_client, args.max_tokens))
+        rows.append({"spread": spread, **row})
+        print(json.dumps(rows[-1]), flush=True)
+  finally:
+    stop()
+  seq = sequential(model_path, dirs, 2 * N_ADAPTERS, args.max_tokens)
+  print(json.dumps({"sequential": seq}), flush=True)
+  machine["loadavg_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
+  result = {"machine": machine, "max_tokens": args.max_tokens, "rows": rows, "sequential": seq}
+  common.write_json(args.out, result)
+  print(common.machine_line(machine))
+  print(table(result))
+
+
+def table(result: dict) -> str:
+  seq = result["sequential"]["tokens_per_s"]
+  lines = [
+    "| adapters | clients | requests | tokens/s | × sequential | TTFT p50 / p99 (ms) "
+    "| per token p50 / p99 (ms) |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for r in result["rows"]:
+    lines.append(
+      f"| {r['spread']} | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} | "
+      f"{r['tokens_per_s'] / seq:.2f} | {r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f} | "
+      f"{r['per_token_ms_p50']:.0f} / {r['per_token_ms_p99']:.0f} |"
+    )
+  lines.append(
+    f"| sequential train.generate | 1 | {result['sequential']['requests']} | {seq:.1f} | 1.00 | | |"
+  )
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  main()
