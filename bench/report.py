@@ -292,6 +292,31 @@ across microbatches of very different weight is checked by `tests/test_fidelity.
 """
 
 
+def serve_section(r: dict) -> str:
+  from bench.serve import table
+
+  rows = {(row["spread"], row["clients"]): row["tokens_per_s"] for row in r["rows"]}
+  mixed, single = rows.get(("4 adapters", 16)), rows.get(("1 adapter", 16))
+  seq = r["sequential"]["tokens_per_s"]
+  targets = ""
+  if mixed and single:
+    targets = (
+      f"\nTargets: 16 clients over 4 adapters reach {mixed / single:.2f}x the tokens/s of 16 clients "
+      f"on one adapter (target >= 0.9x) and {mixed / seq:.1f}x the sequential tokens/s (target >= 4x).\n"
+    )
+  return f"""## 7. Serving: continuous batching of mixed-adapter requests (SmolLM2-135M, fp32, CPU)
+
+`python -m bench.serve` ({common.machine_line(r["machine"])}; load avg at the end
+{r["machine"].get("loadavg_at_end", ["?"])[0]}). `train.serve` with `--max-num-seqs 16
+--max-model-len 256` in the same process as its clients (asyncio httpx streams on loopback), four
+rank-16 q,k,v,o adapters, greedy chat requests of at most {r["max_tokens"]} tokens; each client
+sends its requests one after another. Sequential: `train.generate` one request at a time, the
+adapter alone on the base.
+
+{table(r)}
+{targets}"""
+
+
 def main() -> None:
   sections = [
     "# Benchmarks\n\nWritten by `python -m bench.report` from the JSON files in `bench/results/`. Each section "
@@ -305,6 +330,8 @@ def main() -> None:
     default_run_section(load("default_run.json")),
     fidelity_section(RESULTS / "fidelity.json"),
   ]
+  if (RESULTS / "serve.json").exists():
+    sections.append(serve_section(load("serve.json")))
   if (RESULTS / "long_context.json").exists():
     rerun = RESULTS / "long_context_2048_steps3.json"
     long_rows = long_context_section(
