@@ -292,16 +292,14 @@ class Engine:
       self._thread.join(timeout=30)
 
   def warm_up(self) -> Engine:
-    """Compiles the decode step (all slots idle) and the shortest prefill before the first request.
+    """Compiles the decode step (all slots idle) before the first request; call before `start`.
 
-    Call it before `start`. The idle step writes column 0 of rows nothing attends to."""
+    The idle step writes column 0 of rows nothing attends to. Prefill compiles per bucket, on the
+    first prompt of that length."""
     ids = np.zeros((len(self.slots),), np.int32)
     sampling = _sampling([None] * len(self.slots), ids)
     _, self.cache = self.step_fn(self.params, ids, ids, ids, self.cache, ids - 1, sampling)
-    bucket = np.zeros((1, self.buckets[0]), np.int32)
-    self.prefill_fn(
-      self.params, bucket, bucket, bucket + 1, bucket[:, 0] - 1, _sampling([None], [0])
-    )
+    self._write_segments()  # the idle step advanced the cache's own index: reset it
     return self
 
   def submit(self, request: Request) -> None:

@@ -27,8 +27,8 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import Request as HttpRequest
 
 from train.engine import AdapterError, Engine, Request
-from train.errors import OneLineParser, UserError, exit_on_user_error, verbose_requested
-from train.generate import named_adapters
+from train.errors import OneLineParser, UserError, exit_on_user_error, naming, verbose_requested
+from train.generate import MODEL_ERRORS, named_adapters
 
 MAX_STOP_STRINGS = 4
 
@@ -415,7 +415,8 @@ def build(args) -> tuple[Engine, Server]:
   import jlora
   from jlora.models import from_pretrained
 
-  model, params, tokenizer = from_pretrained(args.model)
+  with naming(f"--model {args.model!r}", MODEL_ERRORS):
+    model, params, tokenizer = from_pretrained(args.model)
   context = model.config.max_position_embeddings
   max_len = args.max_model_len or min(context, 2048)
   if max_len > context:
