@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
-import threading
 import time
 
 import numpy as np
@@ -66,28 +64,13 @@ def make_adapters(root, params, rank: int) -> dict[str, str]:
 
 
 def start_server(argv: list[str]):
-  """(url, engine, stop): train.serve on a free loopback port, in a thread of this process."""
-  import uvicorn
-
+  """(url, stop): train.serve on a free loopback port, in a thread of this process."""
   from train import serve
 
   args = serve.parser().parse_args(argv)
   serve.check_args(args)
-  engine, server = serve.build(args)
-  sock = socket.socket()
-  sock.bind(("127.0.0.1", 0))
-  web = uvicorn.Server(uvicorn.Config(serve.create_app(server), log_level="warning"))
-  thread = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True)
-  thread.start()
-  while not web.started:
-    time.sleep(0.05)
-
-  def stop():
-    web.should_exit = True
-    thread.join(timeout=30)
-    engine.close()
-
-  return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+  _, server = serve.build(args)
+  return serve.serve_in_thread(server)
 
 
 async def one_request(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
-import socket
 import threading
 import time
 
@@ -82,25 +81,12 @@ def served(tmp_path_factory):
   _, other_params, _ = from_pretrained(other)
   cfg = ADAPTERS["qv"]
   jlora.save_adapter(root / "other_adapter", jlora.apply(other_params, cfg, jax.random.key(9)), cfg)
-  import uvicorn
-
-  sock = socket.socket()
-  sock.bind(("127.0.0.1", 0))
-  web = uvicorn.Server(uvicorn.Config(serve.create_app(server), log_level="warning"))
-  thread = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True)
-  thread.start()
-  deadline = time.time() + 30
-  while not web.started and time.time() < deadline:
-    time.sleep(0.05)
-  assert web.started
-  url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+  url, stop = serve.serve_in_thread(server)
   yield dict(
     url=url, root=root, model=engine.model, params=engine.base_params,
     tokenizer=server.tokenizer, engine=engine, base=str(model_dir),
   )  # fmt: skip
-  web.should_exit = True
-  thread.join(timeout=10)
-  engine.close()
+  stop()
 
 
 RAW = "the cat sat on the mat, the end"  # a /v1/completions prompt (no chat template)

@@ -445,6 +445,33 @@ def build(args) -> tuple[Engine, Server]:
   return engine, Server(engine, tokenizer, args.served_model_name or args.model)
 
 
+def serve_in_thread(server: Server, host: str = "127.0.0.1", timeout: float = 60.0):
+  """(url, stop): the app on a free port of `host`, run by uvicorn in a daemon thread (tests,
+  benchmarks). `stop()` shuts the web server and the engine down."""
+  import socket
+  import threading
+
+  import uvicorn
+
+  sock = socket.socket()
+  sock.bind((host, 0))
+  web = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning"))
+  thread = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True)
+  thread.start()
+  deadline = time.time() + timeout
+  while not web.started:
+    if time.time() > deadline or not thread.is_alive():
+      raise RuntimeError(f"the server did not start within {timeout:g} s")
+    time.sleep(0.05)
+
+  def stop():
+    web.should_exit = True
+    thread.join(timeout=30)
+    server.engine.close()
+
+  return f"http://{host}:{sock.getsockname()[1]}", stop
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else list(argv)
   with exit_on_user_error(verbose_requested(argv)):
