@@ -46,7 +46,7 @@ from jlora.errors import UserError, read_json
 from jlora.io import host_array, write_json, write_safetensors
 from jlora.lora import DoraWeight, LoraWeight, is_lora, weight_norm
 from jlora.models import registry
-from jlora.models.names import HFNames, is_expert_param
+from jlora.models.names import HFNames, is_expert_param, to_torch
 from jlora.multi import is_stacked
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -105,6 +105,9 @@ def peft_targets(peft_cfg: Mapping[str, Any], module_name: str, leaf_name: str =
         return False
     elif module_name in exclude or any(module_name.endswith("." + k) for k in exclude):
       return False
+  parameters = peft_cfg.get("target_parameters") or []
+  if any(module_name == t or module_name.endswith("." + t) for t in parameters):
+    return True
   targets = peft_cfg.get("target_modules")
   if targets is None:
     return False
@@ -468,7 +471,6 @@ def check_peft_config(cfg: Mapping[str, Any]) -> None:
     if cfg.get(field):
       problems.append(f"{field}=true")
   for field in (
-    "target_parameters",
     "trainable_token_indices",
     "layer_replication",
     "alora_invocation_tokens",
@@ -499,7 +501,8 @@ def _base_modules(
         n_lead, roles = 1, (IN, OUT)
       else:
         continue
-    if tuple(roles) != (IN, OUT) or n_lead > 1:
+    expert = tuple(roles) == (BATCH, IN, OUT) and is_expert_param(path)
+    if (tuple(roles) != (IN, OUT) and not expert) or n_lead > 1:
       continue
     for layer, hf in enumerate(hf_names.module_names(path, n_lead, shape[0] if n_lead else 0)):
       out[hf] = (path, leaf_name, layer if n_lead else None, n_lead)
@@ -574,7 +577,7 @@ def _module_tensors(
         f"{module}: the adapter holds a DoRA magnitude for an embedding; jlora supports DoRA on "
         "linear layers only."
       )
-    entry.fields[field] = np.asarray(value).T  # torch layout -> flax layout
+    entry.fields[field] = to_torch(np.asarray(value))  # torch layout -> flax layout
   if unknown:
     raise ValueError(
       f"The adapter holds tensors that are not LoRA A/B factors or DoRA magnitudes (e.g. biases "
@@ -618,10 +621,38 @@ class LayerFactors:
   scale: float
 
 
+def _expert_tensors(peft_cfg, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """PEFT's target_parameters tensors renamed to their parameter (`...experts.gate_up_proj.lora_A
+  .weight`) and laid out per expert in torch's layout (lora_A [E, r, in], lora_B [E, out, r]);
+  other tensors unchanged. The nesting of `.base_layer`s says which parameter a key is (_expert_key)."""
+  parameters = sorted(peft_cfg.get("target_parameters") or [], key=_wrap_order)
+  if not parameters:
+    return tensors
+  out = {}
+  for key, value in tensors.items():
+    module, _, field = key.removeprefix(KEY_PREFIX).partition(".lora_")
+    depth = 0
+    while module.endswith(".base_layer"):
+      module, depth = module.removesuffix(".base_layer"), depth + 1
+    wrapped = [p for p in parameters if f"{module}.{_short_name(p)}".endswith(p)]
+    if not field or not wrapped or depth >= len(wrapped):
+      out[key] = value
+      continue
+    name = f"{KEY_PREFIX}{module}.{_short_name(wrapped[len(wrapped) - 1 - depth])}.lora_{field}"
+    r, _ = peft_rank_alpha(peft_cfg, name.removeprefix(KEY_PREFIX).partition(".lora_")[0])
+    value = np.asarray(value)
+    if field.startswith("A"):  # [E*r, in], row e*r + j
+      out[name] = value.reshape(-1, r, value.shape[-1])
+    else:  # [out, r*E], column j*E + e
+      out[name] = value.reshape(value.shape[0], r, -1).transpose(2, 0, 1)
+  return out
+
+
 def _read(directory: Path):
   """read: (PEFT config, {hf name: PeftModule}, {hf name: saved base weight})."""
   peft_cfg = read_peft_config(directory)
-  modules, base_copies = _module_tensors(_read_adapter_tensors(directory))
+  tensors = _expert_tensors(peft_cfg, _read_adapter_tensors(directory))
+  modules, base_copies = _module_tensors(tensors)
   return peft_cfg, modules, base_copies
 
 
@@ -668,9 +699,9 @@ def _validate(peft_cfg, modules: Mapping[str, PeftModule], index) -> None:
       )
     a, b = module.fields["a"], module.fields["b"]
     r, _ = peft_rank_alpha(peft_cfg, hf)
-    if a.shape[1] != r or b.shape[0] != r:
+    if a.shape[-1] != r or b.shape[-2] != r:
       raise ValueError(
-        f"{hf}: lora_A {a.T.shape} / lora_B {b.T.shape} have rank {a.shape[1]}, but "
+        f"{hf}: lora_A {a.T.shape} / lora_B {b.T.shape} have rank {a.shape[-1]}, but "
         f"adapter_config.json gives r={r} for this module."
       )
 
@@ -695,14 +726,15 @@ def _restack(per_layer: dict) -> dict:
   """
   if None in per_layer:
     return per_layer
-  rank = max(f.fields["a"].shape[1] for f in per_layer.values())
+  rank = max(f.fields["a"].shape[-1] for f in per_layer.values())
   scales = [f.scale for f in per_layer.values()]
   common = max(set(scales), key=scales.count)
   fixed = {}
   for layer, f in per_layer.items():
-    pad = rank - f.fields["a"].shape[1]
-    a = np.pad(f.fields["a"], ((0, 0), (0, pad)))
-    b = np.pad(f.fields["b"], ((0, pad), (0, 0))) * np.asarray(
+    pad = rank - f.fields["a"].shape[-1]
+    batch = ((0, 0),) * (f.fields["a"].ndim - 2)  # MoE experts: a [E, in, r], b [E, r, out]
+    a = np.pad(f.fields["a"], (*batch, (0, 0), (0, pad)))
+    b = np.pad(f.fields["b"], (*batch, (0, pad), (0, 0))) * np.asarray(
       f.scale / common, f.fields["b"].dtype
     )
     fixed[layer] = LayerFactors(f.hf_name, {**f.fields, "a": a, "b": b}, common)
@@ -722,9 +754,7 @@ def _build_node(full: str, value, per_layer: dict, dtype, dropout: float) -> Lor
         stacked[layer] = f.fields[name]
       fields[name] = stacked
   a, b = fields["a"], fields["b"]
-  if (a.shape[-2], b.shape[-1]) != tuple(value.shape[a.ndim - 2 :]) or a.shape[:-2] != tuple(
-    value.shape[:-2]
-  ):
+  if a.shape[:-1] + b.shape[-1:] != tuple(value.shape):
     raise ValueError(
       f"{full}: the adapter's factors imply a weight of shape {a.shape[:-1] + b.shape[-1:]}, but "
       f"base_params has {tuple(value.shape)}."
@@ -734,7 +764,7 @@ def _build_node(full: str, value, per_layer: dict, dtype, dropout: float) -> Lor
     a=jnp.asarray(a, dtype),
     b=jnp.asarray(b, dtype),
     scale=float(first.scale),
-    roles=(IN, OUT),
+    roles=(BATCH,) * (first.fields["a"].ndim - 2) + (IN, OUT),  # MoE experts: [E, in, r]
     dropout=dropout,
   )
   if "magnitude" not in fields:

@@ -88,6 +88,13 @@ PEFT_TARGETS = {
   "phi3": ["qkv_proj", "gate_up_proj"],
   "gemma2": ["q_proj", "o_proj", "up_proj"],
   "gemma3": ["k_proj", "gate_proj"],
+  "qwen3_moe": ["q_proj", "o_proj"],
+  "mixtral": ["v_proj"],
+}
+# PEFT's target_parameters (the fused 3-D expert weights), per case
+PEFT_PARAMETERS = {
+  "qwen3_moe": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+  "mixtral": ["mlp.experts.down_proj"],
 }
 
 
@@ -170,12 +177,14 @@ def test_jlora_adapter_loads_in_peft(family, tmp_path):
 
 def test_peft_adapter_loads_in_jlora(family, tmp_path):
   case, _, model, params, reference = family
-  if case in MOE_CASES:
-    pytest.skip("loading PEFT target_parameters adapters is not implemented yet (refused)")
   ids = np.random.default_rng(3).integers(0, model.config.vocab_size, (2, 9))
   torch.manual_seed(0)
   config = peft.LoraConfig(
-    r=4, lora_alpha=8, target_modules=PEFT_TARGETS[case], init_lora_weights=False
+    r=4,
+    lora_alpha=8,
+    target_modules=PEFT_TARGETS[case],
+    target_parameters=PEFT_PARAMETERS.get(case),
+    init_lora_weights=False,
   )
   peft_model = peft.get_peft_model(copy.deepcopy(reference), config).eval()
   peft_model.save_pretrained(str(tmp_path))
