@@ -577,7 +577,8 @@ def _module_tensors(
         f"{module}: the adapter holds a DoRA magnitude for an embedding; jlora supports DoRA on "
         "linear layers only."
       )
-    entry.fields[field] = to_torch(np.asarray(value))  # torch layout -> flax layout
+    value = np.asarray(value)  # torch layout -> flax layout (a DoRA magnitude is 1-D)
+    entry.fields[field] = to_torch(value) if value.ndim > 1 else value
   if unknown:
     raise ValueError(
       f"The adapter holds tensors that are not LoRA A/B factors or DoRA magnitudes (e.g. biases "
