@@ -1,0 +1,176 @@
+"""One LoRA step on a Qwen3-MoE-shaped model: jlora (dense and ragged expert matmuls) against PEFT +
+transformers, side by side, fp32 on CPU.
+
+    python -m bench.moe [--steps 5] [--warmup 2] [--out bench/results/moe.json]
+
+Model: a random transformers Qwen3-MoE checkpoint scaled to this machine (SHAPE below: 4 layers,
+d=256, 16 experts, top-4, expert width 256), written once and loaded by every worker. Batch: 4 x 128
+random tokens, next-token cross-entropy on every position. Adapters: rank 8, alpha 16, every linear
+layer and the experts (jlora: targets="all-linear", which includes the experts; PEFT: target_modules
+"all-linear" plus target_parameters mlp.experts.gate_up_proj / down_proj), B = 0 at init. AdamW(lr
+1e-4) on the adapters only. Each (framework, path) runs in its own process: step time is the median
+of --steps timed steps after --warmup (jlora's first call compiles), peak RSS is ru_maxrss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+
+from bench import common
+
+SHAPE = dict(
+  vocab_size=2048,
+  hidden_size=256,
+  intermediate_size=512,
+  moe_intermediate_size=256,
+  num_hidden_layers=4,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=64,
+  num_experts=16,
+  num_experts_per_tok=4,
+  norm_topk_prob=True,
+  max_position_embeddings=512,
+)
+ROWS, SEQ, RANK = 4, 128, 8
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def write_checkpoint(directory: str) -> None:
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**SHAPE)).float()
+  model.save_pretrained(directory, safe_serialization=True)
+
+
+def batch():
+  import numpy as np
+
+  return np.random.default_rng(0).integers(0, SHAPE["vocab_size"], (ROWS, SEQ))
+
+
+def worker_jlora(directory: str, matmul: str, steps: int, warmup: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import jlora
+  from jlora.models import from_pretrained
+
+  model, params, _ = from_pretrained(directory, expert_matmul=matmul)
+  ids = jnp.asarray(batch())
+  cfg = jlora.LoraConfig(rank=RANK, alpha=2.0 * RANK, targets="all-linear")
+  params = jlora.apply(params, cfg, jax.random.key(0), layout=jlora.trace_layout(model, ids))
+  trainable, frozen = jlora.split(params)
+  tx = optax.adamw(1e-4, weight_decay=0.0)
+  opt_state = tx.init(trainable)
+  apply = jlora.wrap(model.apply)
+
+  def loss_fn(t):
+    logits = apply({"params": jlora.combine(t, frozen)}, ids[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+  @jax.jit
+  def step(t, s):
+    loss, grads = jax.value_and_grad(loss_fn)(t)
+    updates, s = tx.update(grads, s, t)
+    return optax.apply_updates(t, updates), s, loss
+
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    trainable, opt_state, loss = step(trainable, opt_state)
+    loss.block_until_ready()
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  return {
+    "step_s": common.median(times),
+    "loss": float(loss),
+    "peak_rss_mib": common.peak_rss_mib(),
+  }
+
+
+def worker_peft(directory: str, steps: int, warmup: int) -> dict:
+  import peft
+  import torch
+  import transformers
+
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+  config = peft.LoraConfig(
+    r=RANK,
+    lora_alpha=2 * RANK,
+    target_modules="all-linear",
+    target_parameters=EXPERT_PARAMETERS,
+  )
+  model = peft.get_peft_model(model, config).train()
+  optimizer = torch.optim.AdamW(
+    [p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0
+  )
+  ids = torch.from_numpy(batch().astype("int64"))
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  return {
+    "step_s": common.median(times),
+    "loss": float(loss),
+    "peak_rss_mib": common.peak_rss_mib(),
+  }
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--out", default="bench/results/moe.json")
+  parser.add_argument("--worker", choices=["jlora", "peft"])
+  parser.add_argument("--matmul", default="dense")
+  parser.add_argument("--dir")
+  parser.add_argument("--worker-out")
+  args = parser.parse_args(argv)
+  if args.worker == "jlora":
+    result = worker_jlora(args.dir, args.matmul, args.steps, args.warmup)
+    return common.write_worker_result(args.worker_out, result)
+  if args.worker == "peft":
+    return common.write_worker_result(
+      args.worker_out, worker_peft(args.dir, args.steps, args.warmup)
+    )
+
+  machine = common.machine()
+  rows = {}
+  with tempfile.TemporaryDirectory() as directory:
+    write_checkpoint(directory)
+    timing = ["--dir", directory, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    rows["peft"] = common.run_worker("bench.moe", ["--worker", "peft", *timing])
+    for matmul in ("dense", "ragged"):
+      worker = ["--worker", "jlora", "--matmul", matmul, *timing]
+      rows[f"jlora-{matmul}"] = common.run_worker("bench.moe", worker)
+  peft_s = rows["peft"].get("step_s")
+  table = []
+  for name, r in rows.items():
+    if "error" in r:
+      print(f"{name} failed:\n{r['error']}", file=sys.stderr)
+      continue
+    speed = f"{peft_s / r['step_s']:.2f}x" if peft_s else "-"
+    table.append(
+      [name, f"{r['step_s']:.3f}", f"{r['peak_rss_mib']:.0f}", f"{r['loss']:.4f}", speed]
+    )
+  print(common.machine_line(machine))
+  print(common.markdown_table(["run", "step s", "peak RSS MiB", "loss", "vs PEFT"], table))
+  common.write_json(args.out, {"machine": machine, "shape": SHAPE, "rows": rows})
+
+
+if __name__ == "__main__":
+  main()
