@@ -128,6 +128,25 @@ def worker_peft(directory: str, steps: int, warmup: int) -> dict:
   }
 
 
+NAMES = {
+  "peft": "PEFT + transformers",
+  "jlora-dense": "jlora, dense expert matmul (CPU default)",
+  "jlora-ragged": "jlora, `jax.lax.ragged_dot`",
+}
+
+
+def table(result: dict) -> str:
+  """The markdown table of a bench/results/moe.json (also used by bench.report)."""
+  rows = result["rows"]
+  peft_s = rows["peft"].get("step_s")
+  out = []
+  for name, r in rows.items():
+    if "error" not in r:
+      speed = f"{peft_s / r['step_s']:.2f}x" if peft_s else "-"
+      out.append([NAMES[name], f"{r['step_s']:.2f}", f"{r['peak_rss_mib']:.0f}", speed])
+  return common.markdown_table(["run", "step s", "peak RSS MiB", "vs PEFT"], out)
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,19 +176,13 @@ def main(argv=None) -> None:
     for matmul in ("dense", "ragged"):
       worker = ["--worker", "jlora", "--matmul", matmul, *timing]
       rows[f"jlora-{matmul}"] = common.run_worker("bench.moe", worker)
-  peft_s = rows["peft"].get("step_s")
-  table = []
   for name, r in rows.items():
     if "error" in r:
       print(f"{name} failed:\n{r['error']}", file=sys.stderr)
-      continue
-    speed = f"{peft_s / r['step_s']:.2f}x" if peft_s else "-"
-    table.append(
-      [name, f"{r['step_s']:.3f}", f"{r['peak_rss_mib']:.0f}", f"{r['loss']:.4f}", speed]
-    )
+  result = {"machine": machine, "shape": SHAPE, "steps": args.steps, "rows": rows}
   print(common.machine_line(machine))
-  print(common.markdown_table(["run", "step s", "peak RSS MiB", "loss", "vs PEFT"], table))
-  common.write_json(args.out, {"machine": machine, "shape": SHAPE, "rows": rows})
+  print(table(result))
+  common.write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -327,6 +327,31 @@ weights (an accelerator); no accelerator was measured in this sitting.
 """
 
 
+def moe_section(r: dict) -> str:
+  from bench.moe import table
+
+  shape = r["shape"]
+  return f"""## 8. MoE: one LoRA step on a Qwen3-MoE-shaped model (CPU, fp32)
+
+`python -m bench.moe --steps {r.get("steps", 3)} --warmup 1` ({common.machine_line(r["machine"])}).
+Random Qwen3-MoE checkpoint: {shape["num_hidden_layers"]} layers, d={shape["hidden_size"]},
+{shape["num_experts"]} experts, top-{shape["num_experts_per_tok"]}, expert width
+{shape["moe_intermediate_size"]}, vocab {shape["vocab_size"]:,}; batch 4 x 128 tokens; LoRA r=8, alpha
+16 on every linear layer and on the experts (PEFT: `target_modules="all-linear"` + `target_parameters`
+for `mlp.experts.gate_up_proj` / `down_proj`). One process per row, all rows in one sitting.
+
+{table(r)}
+
+The load average at the start was {r["machine"]["loadavg_at_start"][0]}: the 2 cores were shared with
+other jobs, so absolute times are inflated and noisy; compare the ratios. transformers runs its
+experts in a Python loop over the experts that got tokens, and PEFT's `target_parameters` adds each
+expert's W + BA to the weight per forward; jlora runs one grouped matmul and keeps the adapters
+factored. jlora's peak RSS is higher (XLA's buffers and the compile). XLA:CPU lowers `ragged_dot`
+densely (its cost analysis counts all E experts), so `expert_matmul="auto"` takes the dense one-hot
+path on CPU and `ragged_dot` on GPU/TPU; no accelerator was measured in this sitting.
+"""
+
+
 def main() -> None:
   sections = [
     "# Benchmarks\n\nWritten by `python -m bench.report` from the JSON files in `bench/results/`. Each section "
@@ -342,6 +367,8 @@ def main() -> None:
   ]
   if (RESULTS / "serve.json").exists():
     sections.append(serve_section(load("serve.json")))
+  if (RESULTS / "moe.json").exists():
+    sections.append(moe_section(load("moe.json")))
   if (RESULTS / "long_context.json").exists():
     rerun = RESULTS / "long_context_2048_steps3.json"
     long_rows = long_context_section(
