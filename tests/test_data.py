@@ -477,12 +477,14 @@ def test_hub_error_is_readable(monkeypatch):
 def test_rows_missing_fields(tmp_path, tok, rows, index, field):
   with pytest.raises(UserError) as e:
     D.tokenize_rows(rows, tok, max_length=64)
-  assert f"row {index}" in str(e.value) and repr(field) in str(e.value)
+  assert f"row {index + 1}" in str(e.value) and repr(field) in str(e.value)
   # Through a file, where arrow fills missing keys with None.
   path = _write_jsonl(tmp_path / "m.jsonl", rows)
   with pytest.raises(UserError) as e:
     D.prepare_spec(path, tok, max_length=64)
-  assert f"row {index}" in str(e.value) and repr(field) in str(e.value) and path in str(e.value)
+  assert (
+    f"line {index + 1}" in str(e.value) and repr(field) in str(e.value) and path in str(e.value)
+  )
 
 
 def test_unknown_format_lists_accepted(tok):

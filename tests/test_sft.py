@@ -242,7 +242,7 @@ def test_missing_data_file(files, tmp_path):
 def test_rows_missing_fields(files, tmp_path):
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
-  with pytest.raises(UserError, match=r"row 1.*'completion'"):
+  with pytest.raises(UserError, match=r"line 2.*'completion'"):
     sft.run(_config(files, tmp_path, **{"data.train": str(bad)}), progress=False)
 
 

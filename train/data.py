@@ -31,6 +31,7 @@ pad the last batch to a static shape.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -42,19 +43,41 @@ import numpy as np
 
 from train.errors import UserError, first_line
 
-FORMATS = ("messages", "alpaca", "prompt_completion", "text")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 FORMAT_HELP = (
-  "accepted row formats: chat {'messages': [{'role', 'content'}, ...]}, "
+  "accepted row formats: chat {'messages': [{'role', 'content'}, ...]} (OpenAI tool_calls and "
+  "'tool' turns included), ShareGPT {'conversations': [{'from', 'value'}, ...]}, "
   "alpaca {'instruction', optional 'input', 'output'}, "
   "{'prompt', 'completion'} (strings, or lists of messages), "
   "{'text'} (continued pre-training: loss on every token)"
 )
+# Chat roles a row may use; a template sees only these.
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's `from` -> the chat role.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "tool": "tool"}
 LOCAL_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
 # ----------------------------------------------------------------------------
 # Loading
+
+
+class Rows(list):
+  """Loaded rows, with the name the file gives each: 'line 12' of a JSON Lines file, 'row 3'."""
+
+  def __init__(self, rows, names: Sequence[str] | None = None):
+    super().__init__(rows)
+    self.names = list(names) if names is not None else [f"row {i + 1}" for i in range(len(self))]
+
+
+def row_name(rows: Sequence[dict], index: int) -> str:
+  """How an error names row `index`: as the file numbers it, else 'row N' counted from 1."""
+  return rows.names[index] if isinstance(rows, Rows) else f"row {index + 1}"
+
+
+def _label(index) -> str:
+  return index if isinstance(index, str) else f"row {index + 1}"
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -88,7 +111,7 @@ def load_rows(spec: str, split_name: str = "train", field: str = "config.data.tr
   if ext in LOCAL_EXTENSIONS and not os.path.isdir(source):
     if split is not None:
       raise UserError(f"{where}: a single file has no splits; drop the ':{split}' suffix.")
-    ds = _load_file(source, where)
+    return _load_file(source, where)
   elif os.path.isdir(source):
     ds = _pick_split(_load_local(datasets.load_dataset, source, where), split, split_name, where)
   elif os.path.exists(source):
@@ -104,6 +127,8 @@ def load_rows(spec: str, split_name: str = "train", field: str = "config.data.tr
 
 
 def _load_file(path: str, where: str):
+  """A local file's rows. JSON is parsed here, value for value (datasets' arrow schema would fill
+  absent keys with None and unify types across rows); rows are named by their line."""
   import datasets
 
   if not os.path.isfile(path):
@@ -115,28 +140,46 @@ def _load_file(path: str, where: str):
     raise UserError(f"{where}: the file is empty, it has no rows.")
   builder = LOCAL_EXTENSIONS[os.path.splitext(path)[1].lower()]
   if builder == "json":
-    _check_json_lines(path, where)
+    return read_json_rows(path, where)
   try:
-    return datasets.load_dataset(builder, data_files=path, split="train")
+    return datasets.load_dataset(builder, data_files=path, split="train").to_list()
   except Exception as e:  # datasets' own error types vary by version
     if isinstance(e, StopIteration) or "corresponds to no data" in str(e):
       raise UserError(f"{where}: the file is empty, it has no rows.") from None
     raise UserError(f"{where}: could not read it as {builder}: {type(e).__name__}: {e}") from e
 
 
-def _check_json_lines(path: str, where: str) -> None:
-  """A malformed line, named by number: datasets' own error names neither file nor line."""
-  with open(path, encoding="utf-8", errors="replace") as f:
-    text = f.read()
+def _decode(data: bytes, where: str) -> str:
+  """UTF-8 text, or an error naming the line, column and byte that is not UTF-8."""
+  try:
+    return data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    raise UserError(
+      f"{where}: line {line}, column {column}: byte 0x{data[e.start]:02x} is not valid UTF-8, "
+      "the encoding JSON files must have; save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+    ) from None
+
+
+def read_json_rows(path: str, where: str) -> Rows:
+  """The rows of a JSON Lines file (or one JSON array), each named by its line number."""
+  text = _decode(Path(path).read_bytes(), where)
   stripped = text.lstrip()
-  if stripped.startswith("["):  # one JSON array, not JSON lines
-    try:
-      json.loads(text)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{where}: line {e.lineno} is not valid JSON ({e.msg}).") from None
-    return
   if not stripped:
     raise UserError(f"{where}: the file is empty, it has no rows.")
+  if stripped.startswith("["):  # one JSON array, not JSON lines
+    try:
+      rows = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{where}: line {e.lineno} is not valid JSON ({e.msg}).") from None
+    for i, row in enumerate(rows):
+      if not isinstance(row, dict):
+        raise UserError(f"{where}: row {i + 1} is a {type(row).__name__}, not a JSON object.")
+    if not rows:
+      raise UserError(f"{where}: the file is empty, it has no rows.")
+    return Rows(rows)
+  rows, names = [], []
   for number, line in enumerate(text.splitlines(), 1):
     if not line.strip():
       continue
@@ -148,6 +191,11 @@ def _check_json_lines(path: str, where: str) -> None:
       ) from None
     if not isinstance(row, dict):
       raise UserError(f"{where}: line {number} is a {type(row).__name__}, not a JSON object.")
+    rows.append(row)
+    names.append(f"line {number}")
+  if not rows:
+    raise UserError(f"{where}: the file is empty, it has no rows.")
+  return Rows(rows, names)
 
 
 def _load_local(load_dataset, directory: str, where: str):
@@ -228,6 +276,8 @@ def detect_format(rows: Sequence[dict], source: str = "dataset") -> str:
     columns.update(k for k, v in row.items() if v is not None)
   if "messages" in columns:
     return "messages"
+  if "conversations" in columns:
+    return "sharegpt"
   if "instruction" in columns:
     return "alpaca"
   if "prompt" in columns or "completion" in columns:
@@ -246,11 +296,11 @@ def _require(row: dict, keys: Sequence[str], index: int, source: str, lists_ok=F
   for key in keys:
     if _missing(row, key):
       present = sorted(k for k in row if row[k] is not None)
-      raise UserError(f"{source}: row {index} is missing field {key!r} (row keys: {present})")
+      raise UserError(f"{source}: {_label(index)} is missing field {key!r} (row keys: {present})")
     if not isinstance(row[key], str) and not (lists_ok and isinstance(row[key], list)):
       what = "a string or a list of messages" if lists_ok else "a string"
       raise UserError(
-        f"{source}: row {index} field {key!r} must be {what}, got {type(row[key]).__name__}"
+        f"{source}: {_label(index)} field {key!r} must be {what}, got {type(row[key]).__name__}"
       )
 
 
@@ -271,18 +321,67 @@ def row_to_prompt_completion(
   raise ValueError(f"row_to_prompt_completion: format {fmt!r} is not alpaca or prompt_completion")
 
 
-def _check_messages(messages, index: int, source: str, field: str) -> list[dict]:
+# Keys a message may carry besides role and content (OpenAI's tool calling).
+MESSAGE_EXTRAS = ("tool_calls", "tool_call_id", "name")
+
+
+def _check_messages(messages, index, source: str, field: str) -> list[dict]:
+  """The messages, each checked: a known role, string content (an assistant turn that only calls
+  tools may have none), tool calls as a list of objects. Strings are kept as strings, even ones
+  that look like JSON."""
   if not isinstance(messages, list) or not messages:
     raise UserError(
-      f"{source}: row {index} field {field!r} must be a non-empty list, got {messages!r}"
+      f"{source}: {_label(index)} field {field!r} must be a non-empty list, got {messages!r}"
     )
   out = []
   for j, m in enumerate(messages):
-    for key in ("role", "content"):
-      if not isinstance(m, dict) or m.get(key) is None:
-        raise UserError(f"{source}: row {index} is missing field '{field}[{j}].{key}'")
-    out.append({"role": m["role"], "content": m["content"]})
+    where = f"{source}: {_label(index)} field '{field}[{j}]"
+    if not isinstance(m, dict):
+      raise UserError(f"{where}' must be an object with 'role' and 'content', got {m!r}")
+    if m.get("role") is None:
+      raise UserError(f"{source}: {_label(index)} is missing field '{field}[{j}].role'")
+    if m["role"] not in ROLES:
+      raise UserError(f"{where}.role' is {m['role']!r}; expected one of {', '.join(ROLES)}.")
+    calls = m.get("tool_calls")
+    if calls is not None and (
+      m["role"] != "assistant"
+      or not isinstance(calls, list)
+      or not all(isinstance(c, dict) for c in calls)
+    ):
+      raise UserError(
+        f"{where}.tool_calls' must be a list of objects on an assistant message, got {calls!r}"
+      )
+    content = m.get("content")
+    if content is None and not calls:
+      raise UserError(f"{source}: {_label(index)} is missing field '{field}[{j}].content'")
+    if content is not None and not isinstance(content, str):
+      raise UserError(
+        f"{where}.content' must be a string, got {type(content).__name__} {content!r:.60}"
+      )
+    message = {"role": m["role"], "content": content if content is not None else ""}
+    message.update((k, m[k]) for k in MESSAGE_EXTRAS if m.get(k) is not None)
+    out.append(message)
   return out
+
+
+def sharegpt_messages(row: dict, index, source: str) -> list[dict]:
+  """ShareGPT's {'conversations': [{'from': 'human'|'gpt'|'system'|'tool', 'value'}]} as chat
+  messages."""
+  turns = row.get("conversations")
+  if not isinstance(turns, list) or not turns:
+    raise UserError(
+      f"{source}: {_label(index)} field 'conversations' must be a non-empty list, got {turns!r}"
+    )
+  messages = []
+  for j, turn in enumerate(turns):
+    speaker = turn.get("from") if isinstance(turn, dict) else None
+    if speaker not in SHAREGPT_ROLES:
+      raise UserError(
+        f"{source}: {_label(index)} field 'conversations[{j}].from' is {speaker!r}; expected one "
+        f"of {', '.join(SHAREGPT_ROLES)}."
+      )
+    messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
+  return _check_messages(messages, index, source, "conversations")
 
 
 def row_to_messages(row: dict, fmt: str, index: int, source: str = "dataset") -> list[dict]:
@@ -290,8 +389,10 @@ def row_to_messages(row: dict, fmt: str, index: int, source: str = "dataset") ->
   prompt/completion row may also hold message lists (TRL's conversational form)."""
   if fmt == "messages":
     if row.get("messages") is None:
-      raise UserError(f"{source}: row {index} is missing field 'messages'")
+      raise UserError(f"{source}: {_label(index)} is missing field 'messages'")
     out = _check_messages(row["messages"], index, source, "messages")
+  elif fmt == "sharegpt":
+    out = sharegpt_messages(row, index, source)
   elif fmt == "prompt_completion" and isinstance(row.get("prompt"), list):
     _require(row, ("prompt", "completion"), index, source, lists_ok=True)
     completion = row["completion"]
@@ -304,7 +405,7 @@ def row_to_messages(row: dict, fmt: str, index: int, source: str = "dataset") ->
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
   if not any(m["role"] == "assistant" for m in out):
     raise UserError(
-      f"{source}: row {index} has no message with role 'assistant', so nothing to train on"
+      f"{source}: {_label(index)} has no message with role 'assistant', so nothing to train on"
     )
   return out
 
@@ -372,7 +473,7 @@ def chat_pieces(
     if not ok:
       if i == last:
         raise UserError(
-          f"{source}: row {index}: the chat template does not render the conversation "
+          f"{source}: {_label(index)}: the chat template does not render the conversation "
           f"prefix (with add_generation_prompt=True) as a prefix of the full conversation, "
           f"so the assistant answer cannot be located"
         )
@@ -386,6 +487,35 @@ def chat_pieces(
     pos = end
   pieces.append((full[pos:], False))
   return [p for p in pieces if p[0]]
+
+
+def uses_tools(messages: list[dict]) -> bool:
+  return any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+
+
+def check_template_takes(tokenizer, messages: list[dict], index, source: str) -> None:
+  """Tool calls and tool turns need a chat template that renders them (one that reads
+  `tool_calls`); others would drop or garble them, so such rows are refused."""
+  template = getattr(tokenizer, "chat_template", None) or ""
+  if uses_tools(messages) and "tool_calls" not in str(template):
+    raise UserError(
+      f"{source}: {_label(index)} holds tool calls or 'tool' turns, but this model's chat template "
+      "does not render tool calls; use a model whose template supports tools, or drop those turns."
+    )
+
+
+@contextlib.contextmanager
+def template_errors(index, source: str):
+  """A chat template that raises on a conversation (e.g. roles out of order): its own message,
+  with the row."""
+  from jinja2.exceptions import TemplateError
+
+  try:
+    yield
+  except TemplateError as e:
+    raise UserError(
+      f"{source}: {_label(index)}: the chat template rejects this conversation: {e}"
+    ) from None
 
 
 def _has_chat_template(tokenizer) -> bool:
@@ -413,16 +543,19 @@ def encode_row(
     return np.asarray(ids, np.int32), np.ones(len(ids), bool)
   if use_chat_template and _has_chat_template(tokenizer):
     ids, completion = [], []
-    pieces = chat_pieces(tokenizer, row_to_messages(row, fmt, index, source), index, source)
+    messages = row_to_messages(row, fmt, index, source)
+    check_template_takes(tokenizer, messages, index, source)
+    with template_errors(index, source):
+      pieces = chat_pieces(tokenizer, messages, index, source)
     for text, is_completion in pieces:
       piece = tokenizer.encode(text, add_special_tokens=False)
       ids += piece
       completion += [is_completion] * len(piece)
     return np.asarray(ids, np.int32), np.asarray(completion, bool)
-  if fmt == "messages" or isinstance(row.get("prompt"), list):
+  if fmt in ("messages", "sharegpt") or isinstance(row.get("prompt"), list):
     why = "use_chat_template is False" if not use_chat_template else "the tokenizer has none"
     raise UserError(
-      f"{source}: row {index}: chat messages need a chat template, but {why}; set "
+      f"{source}: {_label(index)}: chat messages need a chat template, but {why}; set "
       "config.data.use_chat_template=True with a tokenizer that has one, or use string "
       "prompt/completion, alpaca or text rows."
     )
@@ -471,11 +604,12 @@ def tokenize_rows(
   stats = dict(rows=len(rows), examples=0, truncated=0, skipped_prompt_too_long=0)
   stats.update(skipped_empty_completion=0, tokens=0, label_tokens=0)
   for i, row in enumerate(rows):
-    if has_empty_completion(row, fmt, i, source):
+    name = row_name(rows, i)
+    if has_empty_completion(row, fmt, name, source):
       stats["skipped_empty_completion"] += 1
       continue
     ids, is_completion = encode_row(
-      tokenizer, row, fmt, use_chat_template=use_chat_template, index=i, source=source
+      tokenizer, row, fmt, use_chat_template=use_chat_template, index=name, source=source
     )
     if len(ids) > max_length + 1:
       stats["truncated"] += 1
@@ -709,7 +843,8 @@ def prompts_and_references(
   fmt = detect_format(rows, source)
   chat = use_chat_template and _has_chat_template(tokenizer)
   out = []
-  for i, row in enumerate(rows):
+  for n, row in enumerate(rows):
+    i = row_name(rows, n)  # errors name the row as the file numbers it
     if fmt == "text":
       _require(row, ("text",), i, source)
       ids = tokenizer.encode(row["text"], add_special_tokens=True)
@@ -720,9 +855,9 @@ def prompts_and_references(
     messages = row_to_messages(row, fmt, i, source)
     last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
     if chat:
-      ids = tokenizer.encode(
-        render_chat(tokenizer, messages[:last], True), add_special_tokens=False
-      )
+      with template_errors(i, source):
+        text = render_chat(tokenizer, messages[:last], True)
+      ids = tokenizer.encode(text, add_special_tokens=False)
     else:
       prompt, _ = row_to_prompt_completion(row, fmt, i, source)
       ids = tokenizer.encode(prompt + ("\n\n" if fmt == "alpaca" else ""), add_special_tokens=True)
