@@ -168,3 +168,16 @@ def test_router_aux_loss_matches_transformers():
   )
   ours = router_aux_loss(jnp.asarray(logits), 2, jnp.asarray(mask.reshape(-1)))
   np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-5)
+
+
+def test_lora_step_costs_at_most_2_3x_the_forward(moe):
+  """XLA's cost analysis: the adapters' gradient never makes a weight gradient for the experts."""
+  from bench.common import flops_of
+
+  model, params, ids = moe
+  trainable, frozen = jlora.split(_adapted(params))
+  apply = jlora.wrap(model.apply)
+  loss = lambda t: jnp.sum(apply({"params": jlora.combine(t, frozen)}, ids))
+  forward = flops_of(jax.jit(loss).lower(trainable).compile())
+  step = flops_of(jax.jit(jax.grad(loss)).lower(trainable).compile())
+  assert step <= 2.3 * forward, (step, forward)
