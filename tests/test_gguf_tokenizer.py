@@ -353,9 +353,92 @@ def test_smollm2_tokenizer_matches_transformers():
     f"{a}<|im_start|>{b}<|im_end|><repo_name>{c}"
     for a, b, c in zip(*[iter(varied_strings(90))] * 3)
   ]
-  _assert_same_tokenizer(
-    gguf_tokenizer(path), _transformers_gguf_tokenizer(path), varied_strings() + inline
+  theirs = _transformers_gguf_tokenizer(path)
+  # transformers' GGUF converter ignores tokenizer.ggml.pre = "smollm" (it splits like GPT-2);
+  # SmolLM2's own tokenizer.json splits numerals first, as llama.cpp does for "smollm".
+  from tokenizers import pre_tokenizers
+
+  theirs.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+    [
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ]
   )
+  _assert_same_tokenizer(gguf_tokenizer(path), theirs, varied_strings() + inline + NUMERALS)
+
+
+# Numerals of several scripts: llama.cpp's "smollm" pre-tokenizer isolates each \p{N}.
+NUMERALS = ["²³½٣Ⅻ", "x² + y³ = 12345", "٣ أيام و 2024 يوم", "第12章 Ⅻ 3½", " 7 77 777 7777"]
+# llama.cpp's regexes for tokenizer.ggml.pre = "smollm" (src/llama-vocab.cpp), applied in order.
+LLAMA_CPP_SMOLLM = (
+  r"\p{N}",
+  r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+)
+
+
+def llama_cpp_split(text: str, patterns) -> list[str]:
+  """llama.cpp's unicode_regex_split: each regex splits every piece, keeping matches and gaps."""
+  import regex
+
+  pieces = [text]
+  for pattern in patterns:
+    out = []
+    for piece in pieces:
+      start = 0
+      for match in regex.finditer(pattern, piece):
+        out += [piece[start : match.start()], match.group()]
+        start = match.end()
+      out.append(piece[start:])
+    pieces = [p for p in out if p]
+  return pieces
+
+
+@pytest.mark.parametrize("pre", ["smollm", "starcoder"])
+def test_digit_splitting_pre_tokenizers_split_as_llama_cpp(pre):
+  from jlora.models.gguf_tokenizer import pre_tokenizer
+
+  byte = dict(zip(range(256), _byte_alphabet_strings()))
+  for text in NUMERALS + varied_strings(40):
+    ours = [piece for piece, _ in pre_tokenizer(pre).pre_tokenize_str(text)]
+    expected = [
+      "".join(byte[b] for b in p.encode()) for p in llama_cpp_split(text, LLAMA_CPP_SMOLLM)
+    ]
+    assert ours == expected, text
+
+
+def _byte_alphabet_strings() -> list[str]:
+  """GPT-2's byte -> printable character table (bytes_to_unicode), written out independently."""
+  keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+  out, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      out[b] = chr(b)
+    else:
+      out[b] = chr(256 + extra)
+      extra += 1
+  return [out[b] for b in range(256)]
+
+
+def test_unknown_pre_tokenizer_is_refused():
+  from jlora.models.gguf_tokenizer import pre_tokenizer
+
+  with pytest.raises(UserError, match=r"tokenizer.ggml.pre = 'klingon'.*supported: .*smollm"):
+    pre_tokenizer("klingon")
+
+
+def test_rebuilt_smollm_tokenizer_exports_its_pre_tokenizer_name():
+  """export_gguf called from Python names the pre-tokenizer from the tokenizer it is given: the one
+  rebuilt from SmolLM2's GGUF is named "smollm" again, not "gpt-2"."""
+  from jlora.models import gguf_vocab
+  from jlora.models.loading import embedded_gguf_path
+
+  try:
+    path = embedded_gguf_path("smollm2-135m-instruct")
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  tok = gguf_tokenizer(path)
+  assert gguf_vocab.pre_tokenizer_name(json.loads(tok.backend_tokenizer.to_str())) == "smollm"
+  assert tok.tokenize("²3") == ["Â²", "3"]
 
 
 def test_truncated_and_empty_gguf_are_one_line_errors(tmp_path, tiny_ggufs):

@@ -9,7 +9,9 @@ The reference tests check this builder against that converter.
 
 Supported `tokenizer.ggml.model` values:
   * "gpt2": byte-level BPE with the file's merges (SmolLM, Llama 3, Qwen2, ...). Pre-tokenization
-    follows `tokenizer.ggml.pre` where it names a known split regex, else GPT-2's.
+    follows `tokenizer.ggml.pre` as llama.cpp does (`pre_tokenizer`): GPT-2's regex, single
+    numerals then GPT-2's (SmolLM, StarCoder), or Llama 3's / Qwen2's regex; an unknown name is
+    refused.
   * "llama": SentencePiece-style BPE over a vocabulary with scores (Llama 2, Mistral, ...): merges
     come from the file or are derived from the scores, with byte fallback and a "▁" word prefix.
 Token types 3 (control) become special tokens and 4 (user-defined) plain added tokens, so neither is
@@ -36,14 +38,54 @@ _QWEN2_SPLIT = (
   r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# `tokenizer.ggml.pre` -> the split regex its merges were learned with (llama.cpp's names). Any
-# other value gets GPT-2's byte-level regex, as transformers' GGUF converter does.
+# `tokenizer.ggml.pre` -> the split regex its merges were learned with (llama.cpp's names).
 PRE_TOKENIZER_SPLITS = {
   **dict.fromkeys(
     ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral"), _LLAMA3_SPLIT
   ),
   **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
 }
+# Names llama.cpp splits with GPT-2's regex alone ('default', and a GGUF without the field, too).
+GPT2_PRE = ("default", "gpt-2", "gpt2", "mpt", "olmo", "jais", "trillion", None)
+# Names llama.cpp splits first into single numerals (\p{N}: ² ½ ٣ Ⅻ too), then with GPT-2's regex.
+DIGITS_PRE = (
+  "smollm",
+  "starcoder",
+  "refact",
+  "command-r",
+  "codeshell",
+  "exaone",
+  "minerva-7b",
+  "mellum",
+)
+
+
+def pre_tokenizer(name: str | None):
+  """The `tokenizers` pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre` = `name`; an unknown
+  name is refused rather than guessed, since a wrong split changes every token id."""
+  from tokenizers import Regex, pre_tokenizers
+
+  if name in GPT2_PRE:
+    return pre_tokenizers.ByteLevel(add_prefix_space=False)
+  if name in DIGITS_PRE:  # tokenizers' Digits splits on char::is_numeric: \p{N} exactly
+    return pre_tokenizers.Sequence(
+      [
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+      ]
+    )
+  if name in PRE_TOKENIZER_SPLITS:
+    return pre_tokenizers.Sequence(
+      [
+        pre_tokenizers.Split(Regex(PRE_TOKENIZER_SPLITS[name]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+      ]
+    )
+  known = sorted(n for n in (*GPT2_PRE, *DIGITS_PRE, *PRE_TOKENIZER_SPLITS) if n)
+  raise UserError(
+    f"tokenizer.ggml.pre = {name!r}: jlora can't rebuild this llama.cpp pre-tokenizer; supported: "
+    f"{', '.join(known)}. Load the model from its HF dir (with tokenizer.json) instead."
+  )
 
 
 def gguf_tokenizer(gguf_path: str | Path, reader=None):
@@ -111,7 +153,7 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 def _byte_level_bpe(fields: Mapping[str, Any]):
-  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+  from tokenizers import Tokenizer, decoders, models
 
   spelling = _byte_alphabet()
   alphabet = set(spelling.values())
@@ -132,16 +174,7 @@ def _byte_level_bpe(fields: Mapping[str, Any]):
       fuse_unk=False,
     )
   )
-  split = PRE_TOKENIZER_SPLITS.get(fields.get("tokenizer.ggml.pre"))
-  if split is None:
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  else:
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-      [
-        pre_tokenizers.Split(Regex(split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-      ]
-    )
+  backend.pre_tokenizer = pre_tokenizer(fields.get("tokenizer.ggml.pre"))
   backend.decoder = decoders.ByteLevel()
   return backend
 
