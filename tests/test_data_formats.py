@@ -180,3 +180,29 @@ def test_undecodable_bytes_name_the_line_and_the_encoding(tmp_path, data, where)
   with pytest.raises(UserError, match="is not valid UTF-8") as error:
     D.load_rows(str(path))
   assert where in str(error.value) and str(path) in str(error.value)
+
+
+@pytest.mark.slow
+def test_a_run_trains_on_sharegpt_and_tool_call_rows(tmp_path):
+  """train.sft end to end on a file mixing tool-call chat rows, on a model whose template renders
+  tools; and on ShareGPT rows: the loss goes down."""
+  from transformers import AutoTokenizer
+
+  from train import sft
+
+  files = tiny.sft_files(tmp_path)
+  tokenizer = AutoTokenizer.from_pretrained(files["model"])
+  tokenizer.chat_template = TOOLS_TEMPLATE
+  tokenizer.save_pretrained(files["model"])
+  tool_rows = tmp_path / "tool_rows.jsonl"
+  tool_rows.write_text(json.dumps(TOOL_ROW) + "\n")
+  sharegpt_rows = tmp_path / "sharegpt.jsonl"
+  sharegpt_rows.write_text(json.dumps(SHAREGPT_ROW) + "\n")
+  for data in (tool_rows, sharegpt_rows):
+    out = tmp_path / f"run-{data.stem}"
+    config = tiny.sft_config(
+      files["model"], data, data, out, steps=4, eval_every=4, samples=0, **{"eval.metrics": ""}
+    )
+    summary = sft.run(config, progress=False)
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"], data
+    assert summary["data"]["label_tokens"] > 0
