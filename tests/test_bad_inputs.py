@@ -217,3 +217,17 @@ def test_disk_full_inside_a_library_error_names_the_path_and_the_size(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
       except OSError as e:
         raise LibraryError("IoError(Os { code: 28, kind: StorageFull })") from e
+
+
+def test_a_second_signal_during_a_save_is_one_line_with_the_signals_status(capsys):
+  """The first Ctrl-C asks the loop to stop after the step; a second one (say, during the
+  checkpoint save) stops at once: one line and 130, not a KeyboardInterrupt traceback."""
+
+  def main(_):
+    with exit_on_user_error(), sft.SignalFlag() as flag:
+      flag._handle(signal.SIGINT, None)
+      assert flag.signum == signal.SIGINT
+      flag._handle(signal.SIGINT, None)  # what the handler does on the second signal
+
+  status, line = one_line(capsys, main, [])
+  assert status == 130 and "stopped by SIGINT a second time" in line, line
