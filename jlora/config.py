@@ -19,6 +19,9 @@ import jax.numpy as jnp
 from flax.linen import meta
 
 Targets = str | Sequence[str]
+# Token ids whose embedding rows train (PEFT's trainable_token_indices): a list (the input
+# embedding, and a head tied to it), or {module name: ids} for several modules (an untied head).
+TokenIndices = Sequence[int] | Mapping[str, Sequence[int]]
 
 KERNEL = "kernel"
 EMBEDDING = "embedding"
@@ -53,6 +56,7 @@ class LoraConfig:
   alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
   init: str = "default"
   dtype: Any = jnp.float32
+  trainable_token_indices: TokenIndices | None = None
 
   def __post_init__(self):
     _check_rank("rank", self.rank)
@@ -76,6 +80,8 @@ class LoraConfig:
         f"LoraConfig.init={self.init!r} is unknown: valid values are {', '.join(map(repr, INITS))}."
       )
     check_targets("LoraConfig.targets", self.targets)
+    if self.trainable_token_indices is not None:
+      check_token_indices("LoraConfig.trainable_token_indices", self.trainable_token_indices)
     if self.exclude is not None:
       check_targets("LoraConfig.exclude", self.exclude)
     try:
@@ -107,6 +113,25 @@ def _check_rank(field: str, value) -> None:
 def _check_alpha(field: str, value) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
     raise ValueError(f"LoraConfig.{field}={value!r} is invalid: alpha must be a positive number.")
+
+
+def check_token_indices(field: str, spec) -> None:
+  """A list of distinct non-negative ints, or {module name: such a list}."""
+  groups = dict(spec) if isinstance(spec, Mapping) else {None: spec}
+  for key, indices in groups.items():
+    where = field if key is None else f"{field}[{key!r}]"
+    ok = (
+      isinstance(indices, (list, tuple))
+      and indices
+      and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices)
+    )
+    if not ok:
+      raise ValueError(
+        f"{where}={indices!r} is invalid: use a non-empty list of token ids (ints >= 0), or a "
+        "dict {module name: list of token ids}, e.g. {'embed_tokens': [5], 'lm_head': [5]}."
+      )
+    if len(set(indices)) != len(indices):
+      raise ValueError(f"{where}={indices!r} lists a token id twice.")
 
 
 def check_targets(field: str, targets) -> None:

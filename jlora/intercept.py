@@ -30,6 +30,7 @@ from jlora.experts import GroupedDense
 from jlora.lora import DoraWeight, factor_axes, is_lora, weight_norm
 from jlora.multi import check_adapter_ids, is_stacked
 from jlora.quant import dequantized, is_quantized
+from jlora.tokens import is_token_rows, lookup_change, project_change
 
 LAYERS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed)
 # Sibling nn.Dense layers that usually read one input (HF names). When they do (the very same
@@ -265,12 +266,16 @@ def _interceptor(dropout_on: bool, adapter_ids=None):
         **kwargs,
       )
 
-    base = weight.base if is_lora(weight) else weight
+    base = weight.base if is_lora(weight) or is_token_rows(weight) else weight
     if is_quantized(base):
       # Rematerialised, so the backward re-dequantizes instead of keeping every layer's
       # full-precision weight alive from the forward: only the 4-bit codes are stored.
       base_layer = jax.checkpoint(base_layer)
     y = base_layer(base, *args)
+    if is_token_rows(weight):
+      if isinstance(module, nn.Embed) and context.method_name == "__call__":
+        return y + lookup_change(weight, args[0]).astype(y.dtype)
+      return project_change(weight, args[0], y)
     if not is_lora(weight):
       return y
     method, x = context.method_name, args[0]

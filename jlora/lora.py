@@ -29,6 +29,7 @@ from flax.linen import meta
 from jlora import config as config_lib
 from jlora.config import BATCH, EMBEDDING, IN, OUT, LoraConfig
 from jlora.quant import dequantized, is_quantized
+from jlora.tokens import is_token_rows, token_node, token_targets
 
 
 @struct.dataclass
@@ -67,6 +68,9 @@ class LoraWeight:
   def n_lead(self) -> int:
     """Stacked (scanned) axes in front of the per-layer kernel axes."""
     return self.ndim - len(self.roles)
+
+  def merged(self) -> jax.Array:
+    return merge_weight(self)
 
   def delta(self) -> jax.Array:
     """scale * A @ B, laid out like the base kernel."""
@@ -124,6 +128,12 @@ def is_lora(x) -> bool:
   return isinstance(x, LoraWeight)
 
 
+def is_adapter(x) -> bool:
+  """A node with trainable children (LoraWeight and its variants, TokenRows): what split,
+  combine, merge and the optimizer labels look for."""
+  return bool(getattr(type(x), "trainable_fields", ()))
+
+
 _warned: set[str] = set()
 
 
@@ -160,11 +170,22 @@ def apply(params, cfg: LoraConfig, key: jax.Array, *, layout: config_lib.Layout 
     )
   chosen = set(config_lib.select(params, cfg.targets, cfg.exclude, field="LoraConfig.targets"))
   keys = iter(jax.random.split(key, max(len(chosen), 1)))
+  tokens = {}
+  if cfg.trainable_token_indices is not None:
+    tokens = token_targets(params, cfg.trainable_token_indices)
+    both = sorted(chosen & set(tokens))
+    if both:
+      raise ValueError(
+        f"LoraConfig: {both} are selected by targets and by trainable_token_indices; a weight "
+        "takes a LoRA adapter or trainable token rows, not both. Exclude it from targets."
+      )
 
   def adapt(path, name, value, n_lead, roles):
+    if path in tokens:
+      return token_node(path, name, value, tokens[path])
     return _new_adapter(path, name, value, n_lead, roles, cfg, next(keys))
 
-  return config_lib.map_selected(params, chosen, adapt, layout)
+  return config_lib.map_selected(params, chosen | set(tokens), adapt, layout)
 
 
 def _new_adapter(path, name, base, n_lead, roles, cfg: LoraConfig, key) -> LoraWeight:
@@ -280,14 +301,14 @@ def split(params):
   """
 
   def trainable_half(x):
-    return x.replace(**dict.fromkeys(frozen_children(x))) if is_lora(x) else None
+    return x.replace(**dict.fromkeys(frozen_children(x))) if is_adapter(x) else None
 
   def frozen_half(x):
-    return x.replace(**dict.fromkeys(x.trainable_fields)) if is_lora(x) else x
+    return x.replace(**dict.fromkeys(x.trainable_fields)) if is_adapter(x) else x
 
   return (
-    jax.tree.map(trainable_half, params, is_leaf=is_lora),
-    jax.tree.map(frozen_half, params, is_leaf=is_lora),
+    jax.tree.map(trainable_half, params, is_leaf=is_adapter),
+    jax.tree.map(frozen_half, params, is_leaf=is_adapter),
   )
 
 
@@ -295,9 +316,9 @@ def combine(trainable, frozen):
   """Inverse of split."""
 
   def join(t, f):
-    return f.replace(**trainable_children(t)) if is_lora(t) else f
+    return f.replace(**trainable_children(t)) if is_adapter(t) else f
 
-  return jax.tree.map(join, trainable, frozen, is_leaf=lambda x: x is None or is_lora(x))
+  return jax.tree.map(join, trainable, frozen, is_leaf=lambda x: x is None or is_adapter(x))
 
 
 def merge_weight(node: LoraWeight) -> jax.Array:
@@ -310,8 +331,9 @@ def merge_weight(node: LoraWeight) -> jax.Array:
 
 
 def merge(params):
-  """Every LoraWeight becomes the plain array base + scale * A @ B (DoRA: m * that / its norm)."""
-  return jax.tree.map(lambda x: merge_weight(x) if is_lora(x) else x, params, is_leaf=is_lora)
+  """Every LoraWeight becomes the plain array base + scale * A @ B (DoRA: m * that / its norm),
+  every TokenRows its table with the trained rows written in."""
+  return jax.tree.map(lambda x: x.merged() if is_adapter(x) else x, params, is_leaf=is_adapter)
 
 
 def weight_norms(params):
@@ -338,6 +360,11 @@ def unmerge(merged, trainable, norms=None):
   _check_unmerge_pair(merged, trainable)
 
   def undo(t, w, n):
+    if is_token_rows(t):
+      raise ValueError(
+        "unmerge: merged token rows overwrote the base's rows, which the adapters do not hold; "
+        "keep the unmerged params (or the base) instead."
+      )
     if not is_lora(t):
       return w
     if isinstance(t, DoraWeight):
@@ -349,7 +376,7 @@ def unmerge(merged, trainable, norms=None):
       w = w / dora_factor(t, n)
     return t.replace(base=(w - t.delta()).astype(w.dtype))
 
-  is_leaf = lambda x: x is None or is_lora(x)
+  is_leaf = lambda x: x is None or is_adapter(x)
   if norms is None:
     norms = jax.tree.map(lambda _: None, trainable, is_leaf=is_leaf)
   return jax.tree.map(undo, trainable, merged, norms, is_leaf=is_leaf)
@@ -397,7 +424,7 @@ def adapter_count(params) -> int:
   """Number of trainable adapter values (every entry of every node's trainable_fields)."""
   return sum(
     int(np.size(leaf))
-    for n in jax.tree.leaves(params, is_leaf=is_lora)
-    if is_lora(n)
+    for n in jax.tree.leaves(params, is_leaf=is_adapter)
+    if is_adapter(n)
     for leaf in jax.tree.leaves(trainable_children(n))
   )

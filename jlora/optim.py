@@ -7,7 +7,7 @@ import optax
 
 from jlora import config as config_lib
 from jlora.config import EMBEDDING
-from jlora.lora import frozen_children, is_lora
+from jlora.lora import frozen_children, is_adapter, is_lora
 
 ADAPTER, FROZEN = "adapter", "frozen"
 # LoRA+ (Hayou et al. 2024) trains B with lr * ratio; PEFT's create_loraplus_optimizer puts
@@ -19,7 +19,7 @@ def adapter_labels(params):
   """'adapter' for every trainable child of a node (its trainable_fields), 'frozen' for the rest."""
 
   def label(x):
-    if not is_lora(x):
+    if not is_adapter(x):
       return FROZEN
     as_label = lambda name, value: jax.tree.map(lambda _: name, getattr(x, value))
     return x.replace(
@@ -27,7 +27,7 @@ def adapter_labels(params):
       **{f: as_label(ADAPTER, f) for f in x.trainable_fields},
     )
 
-  return jax.tree.map(label, params, is_leaf=is_lora)
+  return jax.tree.map(label, params, is_leaf=is_adapter)
 
 
 def loraplus_factors(params, ratio: float, embedding_ratio: float = 1.0):
@@ -35,7 +35,9 @@ def loraplus_factors(params, ratio: float, embedding_ratio: float = 1.0):
   kernel adapter, `embedding_ratio` for both factors of an embedding adapter, 1 elsewhere."""
 
   def factor(key_path, x):
-    if not is_lora(x):
+    if not is_adapter(x):
+      return jax.tree.map(lambda _: 1.0, x)
+    if not is_lora(x):  # token rows train at the base lr
       return jax.tree.map(lambda _: 1.0, x)
     is_embedding = config_lib.path_str(key_path).rpartition("/")[2] == EMBEDDING
     per_field = lambda f: (
@@ -46,7 +48,7 @@ def loraplus_factors(params, ratio: float, embedding_ratio: float = 1.0):
       **{f: jax.tree.map(lambda _, f=f: per_field(f), getattr(x, f)) for f in x.trainable_fields},
     )
 
-  return jax.tree_util.tree_map_with_path(factor, params, is_leaf=is_lora)
+  return jax.tree_util.tree_map_with_path(factor, params, is_leaf=is_adapter)
 
 
 def scale_by_loraplus(ratio: float, embedding_ratio: float = 1.0) -> optax.GradientTransformation:

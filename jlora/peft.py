@@ -48,7 +48,10 @@ from jlora.lora import DoraWeight, LoraWeight, is_lora, weight_norm
 from jlora.models import registry
 from jlora.models.names import HFNames, is_expert_param, to_torch
 from jlora.multi import is_stacked
+from jlora.tokens import TokenRows, is_token_rows, token_node
 
+# PEFT's tensor of trainable token rows ([n, d] values, despite the name), after the module name.
+TOKEN_TENSOR = "token_adapter.trainable_tokens_delta"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
@@ -317,6 +320,38 @@ def peft_config_from_lora(
     "inference_mode": True,
     "layers_to_transform": None,
     "layers_pattern": None,
+    "trainable_token_indices": _token_indices_entry(_token_nodes(params, model_config)),
+  }
+
+
+def _token_nodes(params, model_config=None) -> dict[str, tuple[str, TokenRows]]:
+  """{HF module name: (flax path, TokenRows)} of the params' trainable token rows."""
+  names = registry.hf_names(model_config)
+  found = {}
+
+  def visit(key_path, leaf):
+    if is_token_rows(leaf):
+      path = config_lib.path_str(key_path)
+      found[names.module_names(path.rpartition("/")[0], 0, 0)[0]] = (path, leaf)
+
+  jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_token_rows)
+  return found
+
+
+def _token_indices_entry(token_nodes) -> list[int] | dict[str, list[int]] | None:
+  """PEFT's trainable_token_indices: a list for the input embedding alone, else a dict."""
+  if not token_nodes:
+    return None
+  by_short = {_short_name(hf): list(node.indices) for hf, (_, node) in token_nodes.items()}
+  if list(by_short) == ["embed_tokens"]:
+    return by_short["embed_tokens"]
+  return by_short
+
+
+def _token_tensors(token_nodes) -> dict[str, np.ndarray]:
+  return {
+    f"{KEY_PREFIX}{hf}.{TOKEN_TENSOR}": host_array(node.rows, f"{path} (rows)")
+    for hf, (path, node) in token_nodes.items()
   }
 
 
@@ -421,7 +456,7 @@ def save_adapter(
   peft_cfg = peft_config_from_lora(
     lora_cfg, params, base_model_name_or_path, model_config=model_config
   )
-  tensors = _peft_tensors(entries)
+  tensors = {**_peft_tensors(entries), **_token_tensors(_token_nodes(params, model_config))}
   _warn_for_vllm(entries, peft_cfg["use_dora"])
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
@@ -471,7 +506,6 @@ def check_peft_config(cfg: Mapping[str, Any]) -> None:
     if cfg.get(field):
       problems.append(f"{field}=true")
   for field in (
-    "trainable_token_indices",
     "layer_replication",
     "alora_invocation_tokens",
   ):
@@ -563,6 +597,8 @@ def _module_tensors(
   unknown = []
   for key, value in tensors.items():
     name = key.removeprefix(KEY_PREFIX)
+    if name.endswith("." + TOKEN_TENSOR):  # read by _token_rows
+      continue
     if name.endswith(".base_layer.weight"):
       base_copies[name.removesuffix(".base_layer.weight")] = value
       continue
@@ -650,11 +686,46 @@ def _expert_tensors(peft_cfg, tensors: dict[str, np.ndarray]) -> dict[str, np.nd
 
 
 def _read(directory: Path):
-  """read: (PEFT config, {hf name: PeftModule}, {hf name: saved base weight})."""
+  """read: (PEFT config, {hf name: PeftModule}, {hf name: saved base weight}, {hf name: token rows})."""
   peft_cfg = read_peft_config(directory)
   tensors = _expert_tensors(peft_cfg, _read_adapter_tensors(directory))
   modules, base_copies = _module_tensors(tensors)
-  return peft_cfg, modules, base_copies
+  suffix = "." + TOKEN_TENSOR
+  token_rows = {
+    k.removeprefix(KEY_PREFIX).removesuffix(suffix): np.asarray(v)
+    for k, v in tensors.items()
+    if k.endswith(suffix)
+  }
+  return peft_cfg, modules, base_copies, token_rows
+
+
+def _token_nodes_from_peft(peft_cfg, token_rows, index) -> dict[str, dict]:
+  """{flax weight path: TokenRows fields} for PEFT's trainable_token_indices and its tensors."""
+  spec = peft_cfg.get("trainable_token_indices")
+  if spec is None and not token_rows:
+    return {}
+  by_short = spec if isinstance(spec, dict) else {"embed_tokens": spec}
+  out = {}
+  for hf, rows in sorted(token_rows.items()):
+    indices = by_short.get(_short_name(hf))
+    if hf not in index or indices is None:
+      raise ValueError(
+        f"The adapter holds trainable token rows for {hf}, which trainable_token_indices="
+        f"{spec!r} does not name or base_params does not have."
+      )
+    path, leaf_name, layer, _ = index[hf]
+    if rows.shape[0] != len(indices) or layer is not None:
+      raise ValueError(
+        f"{hf}: trainable token rows {rows.shape} do not match trainable_token_indices "
+        f"{list(indices)}."
+      )
+    out[f"{path}/{leaf_name}"] = {"rows": rows, "indices": tuple(int(i) for i in indices)}
+  missing = sorted(set(by_short) - {_short_name(hf) for hf in token_rows})
+  if missing:
+    raise ValueError(
+      f"trainable_token_indices names {missing}, but the adapter has no rows for it."
+    )
+  return out
 
 
 def _validate(peft_cfg, modules: Mapping[str, PeftModule], index) -> None:
@@ -799,8 +870,9 @@ def load_adapter(
   With return_config=True, returns (params, LoraConfig) with the adapted module paths
   spelled out exactly. model_config: as for `save_adapter`.
   """
-  peft_cfg, modules, base_copies = _read(Path(directory))
+  peft_cfg, modules, base_copies, token_rows = _read(Path(directory))
   index = _base_modules(base_params, layout, registry.hf_names(model_config))
+  tokens = _token_nodes_from_peft(peft_cfg, token_rows, index)
   _check_base_copies(base_copies, index, base_params)
   _validate(peft_cfg, modules, index)
   nodes = {
@@ -817,6 +889,11 @@ def load_adapter(
   def build(key_path, leaf):
     full = config_lib.path_str(key_path)
     value = leaf.unbox() if isinstance(leaf, meta.AxisMetadata) else leaf
+    if full in tokens:
+      node = token_node(
+        full.rpartition("/")[0], full.rpartition("/")[2], value, tokens[full]["indices"]
+      )
+      return node.replace(rows=jnp.asarray(tokens[full]["rows"], node.rows.dtype))
     return _build_node(full, value, nodes[full], dtype, dropout) if full in nodes else value
 
   params = jax.tree_util.tree_map_with_path(build, base_params, is_leaf=config_lib.is_opaque)
@@ -852,4 +929,14 @@ def lora_config_from_peft(peft_cfg: Mapping[str, Any], params, dtype=jnp.float32
     rank_pattern=rank_pattern,
     alpha_pattern=alpha_pattern,
     dtype=dtype,
+    trainable_token_indices=_token_indices_by_path(params),
   )
+
+
+def _token_indices_by_path(params) -> dict[str, list[int]] | None:
+  found = {
+    config_lib.path_str(p).rpartition("/")[0]: list(leaf.indices)
+    for p, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_token_rows)[0]
+    if is_token_rows(leaf)
+  }
+  return found or None

@@ -15,7 +15,7 @@ import jax
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jlora.lora import is_lora
+from jlora.lora import is_adapter
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -91,7 +91,7 @@ def param_specs(params, base_specs):
   """
 
   def expand(spec, leaf):
-    if is_lora(leaf):
+    if is_adapter(leaf):
       return adapter_specs(leaf, spec)
     if hasattr(leaf, "partition_spec"):
       return leaf.partition_spec(PartitionSpec(*_padded(spec, leaf.ndim)))

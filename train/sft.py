@@ -40,7 +40,7 @@ from tqdm import tqdm
 import jlora
 from jlora import sharding as shard_lib
 from jlora.errors import read_json
-from jlora.lora import is_lora
+from jlora.lora import is_adapter
 from jlora.models import export as export_lib
 from jlora.models.llama import DEFAULT_RULES
 from jlora.models.loading import load_hf_dir, resolve_checkpoint
@@ -168,8 +168,8 @@ def param_summary(trainable, frozen) -> str:
   params = jlora.combine(trainable, frozen)
   count = jlora.adapter_count(params)
   base = sum(
-    math.prod(leaf.base.shape if is_lora(leaf) else leaf.shape)
-    for leaf in jax.tree.leaves(params, is_leaf=lambda x: is_lora(x) or is_quantized(x))
+    math.prod(leaf.base.shape if is_adapter(leaf) else leaf.shape)
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: is_adapter(x) or is_quantized(x))
   )
   total = base + count
   return (

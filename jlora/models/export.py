@@ -32,7 +32,7 @@ from flax.linen import meta
 from jlora import config as config_lib
 from jlora.config import KERNEL, LoraConfig
 from jlora.io import atomic_write, check_new_file, host_array, write_json, write_safetensors
-from jlora.lora import LoraWeight, is_lora, merge_weight
+from jlora.lora import LoraWeight, is_adapter, is_lora
 from jlora.models import gguf_spec, gguf_vocab, loading, registry
 from jlora.models.llama import rope_inv_freq
 from jlora.models.names import LEAF_NAMES, to_torch, torch_shape
@@ -40,7 +40,7 @@ from jlora.quant import dequantized, is_quantized
 
 
 def _is_node(x) -> bool:
-  return is_lora(x) or is_quantized(x)
+  return is_adapter(x) or is_quantized(x)
 
 
 # --------------------------------------------------------------------------- the per-tensor plan
@@ -60,7 +60,7 @@ class HfTensor:
 def _read_merged(leaf, layer: int | None, leaf_name: str, label: str) -> np.ndarray:
   if layer is not None:  # one layer of the stack; nodes stay valid per layer (see jlora.lora)
     leaf = jax.tree.map(lambda x: x[layer], leaf)
-  value = merge_weight(leaf) if is_lora(leaf) else dequantized(leaf)
+  value = leaf.merged() if is_adapter(leaf) else dequantized(leaf)
   value = host_array(value, label)
   return to_torch(value) if leaf_name == KERNEL else value
 

@@ -1,0 +1,105 @@
+"""Trainable token rows (PEFT's trainable_token_indices): PEFT adapters load in jlora and jlora's
+in PEFT with equal logits (tied and untied heads), only the chosen rows train, and a merged export
+loads in transformers with the same logits. The reference is PEFT's TrainableTokensLayer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlora
+import jlora.models
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.ref
+
+ROWS = [3, 5, 200]
+IDS = np.array([[1, 3, 9, 5, 33, 200, 100, 3], [200, 7, 5, 40, 3, 90, 12, 0]])
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def torch_base(request, tmp_path_factory):
+  from tests.tiny import save_torch_checkpoint
+
+  directory = tmp_path_factory.mktemp("base")
+  return save_torch_checkpoint(
+    directory, tie_word_embeddings=request.param, hidden_size=32, intermediate_size=48
+  ), request.param
+
+
+def _hf(directory):
+  return transformers.AutoModelForCausalLM.from_pretrained(
+    str(directory), dtype=torch.float32
+  ).eval()
+
+
+def _torch_logits(model) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.tensor(IDS)).logits.numpy()
+
+
+def _logits(model, params) -> np.ndarray:
+  forward = jax.jit(lambda p: jlora.wrap(model.apply)({"params": p}, jnp.asarray(IDS)))
+  return np.asarray(forward(params))
+
+
+def _token_spec(tied: bool):
+  return ROWS if tied else {"embed_tokens": ROWS, "lm_head": ROWS}
+
+
+def test_peft_token_rows_load_in_jlora_and_back(torch_base, tmp_path):
+  base_dir, tied = torch_base
+  torch.manual_seed(0)
+  cfg = peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=_token_spec(tied))
+  reference = peft.get_peft_model(_hf(base_dir), cfg).eval()
+  with torch.no_grad():
+    for name, p in reference.named_parameters():
+      if "trainable_tokens_delta" in name or "lora_B" in name:
+        p.normal_(0.0, 0.3)
+  reference.save_pretrained(str(tmp_path / "peft"))
+  expected = _torch_logits(reference)
+  assert not np.allclose(expected, _torch_logits(_hf(base_dir)), atol=1e-3)
+
+  model, params, _ = jlora.models.from_pretrained(base_dir)
+  loaded, lora_cfg = jlora.load_adapter(tmp_path / "peft", params, return_config=True)
+  np.testing.assert_allclose(_logits(model, loaded), expected, atol=1e-4, rtol=1e-4)
+
+  jlora.save_adapter(tmp_path / "ours", loaded, lora_cfg, model_config=model.config)
+  again = peft.PeftModel.from_pretrained(_hf(base_dir), str(tmp_path / "ours")).eval()
+  np.testing.assert_allclose(_torch_logits(again), expected, atol=1e-4, rtol=1e-4)
+
+  # A merged export carries the rows: transformers alone gives the same logits.
+  jlora.export_merged(tmp_path / "merged", loaded, model.config)
+  np.testing.assert_allclose(_torch_logits(_hf(tmp_path / "merged")), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("torch_base", [False], indirect=True, ids=["untied"])
+def test_only_the_chosen_rows_train(torch_base):
+  base_dir, tied = torch_base
+  model, params, _ = jlora.models.from_pretrained(base_dir)
+  cfg = jlora.LoraConfig(rank=4, targets=["q_proj"], trainable_token_indices=_token_spec(tied))
+  params = jlora.apply(params, cfg, jax.random.key(0))
+  trainable, frozen = jlora.split(params)
+  apply = jlora.wrap(model.apply)
+
+  def loss_fn(t):
+    logits = apply({"params": jlora.combine(t, frozen)}, jnp.asarray(IDS))[:, :-1]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, IDS[:, 1:]).mean()
+
+  grads = jax.jit(jax.grad(loss_fn))(trainable)
+  tx = optax.sgd(1.0)
+  trained = optax.apply_updates(trainable, tx.update(grads, tx.init(trainable))[0])
+  before = jlora.merge(params)
+  after = jlora.merge(jlora.combine(trained, frozen))
+  tables = [("model", "embed_tokens", "embedding", 0)]
+  if not tied:
+    tables.append(("lm_head", None, "kernel", 1))
+  for first, second, leaf, vocab_axis in tables:
+    pick = lambda t: np.asarray(t[first][second][leaf] if second else t[first][leaf])
+    changed = np.abs(pick(after) - pick(before)).max(axis=1 - vocab_axis) > 0
+    # Every chosen row moves (each of them is looked up or predicted), no other does.
+    assert sorted(np.flatnonzero(changed)) == ROWS, (leaf, np.flatnonzero(changed))
