@@ -34,7 +34,9 @@ OUTPUT_HEAD_NAMES = ("lm_head", "output", "head")
 ROUTER_NAMES = ("gate", "router")
 # The logical axis of MoE expert weights ([E, in, out]): a batch axis of the kernel.
 EXPERT_AXIS = "expert"
-INITS = ("default", "gaussian", "pissa")
+# loftq and eva need more than the weights (jlora.loftq: the quantization; jlora.eva: data).
+DATA_INITS = ("loftq", "eva")
+INITS = ("default", "gaussian", "pissa", *DATA_INITS)
 
 # Roles of the axes of one (unstacked) kernel: "in" axes are contracted with the input,
 # "out" axes appear in the output, "batch" axes appear in both (e.g. per-expert weights).
@@ -57,6 +59,11 @@ class LoraConfig:
   init: str = "default"
   dtype: Any = jnp.float32
   trainable_token_indices: TokenIndices | None = None
+  # LoftQ's alternations of quantize / truncated SVD (PEFT's LoftQConfig.loftq_iter).
+  loftq_iters: int = 1
+  # EVA's rank redistribution: a module may take up to round(rho * rank) (PEFT's EvaConfig.rho);
+  # 1.0 keeps every module's rank.
+  eva_rho: float = 2.0
 
   def __post_init__(self):
     _check_rank("rank", self.rank)
@@ -80,6 +87,20 @@ class LoraConfig:
         f"LoraConfig.init={self.init!r} is unknown: valid values are {', '.join(map(repr, INITS))}."
       )
     check_targets("LoraConfig.targets", self.targets)
+    if (
+      isinstance(self.loftq_iters, bool)
+      or not isinstance(self.loftq_iters, int)
+      or self.loftq_iters < 1
+    ):
+      raise ValueError(
+        f"LoraConfig.loftq_iters={self.loftq_iters!r} is invalid: use a positive integer (PEFT: 1..5)."
+      )
+    if (
+      isinstance(self.eva_rho, bool)
+      or not isinstance(self.eva_rho, (int, float))
+      or self.eva_rho < 1
+    ):
+      raise ValueError(f"LoraConfig.eva_rho={self.eva_rho!r} is invalid: it must be a number >= 1.")
     if self.trainable_token_indices is not None:
       check_token_indices("LoraConfig.trainable_token_indices", self.trainable_token_indices)
     if self.exclude is not None:

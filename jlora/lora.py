@@ -27,7 +27,7 @@ from flax import struct
 from flax.linen import meta
 
 from jlora import config as config_lib
-from jlora.config import BATCH, EMBEDDING, IN, OUT, LoraConfig
+from jlora.config import BATCH, DATA_INITS, EMBEDDING, IN, OUT, LoraConfig
 from jlora.quant import dequantized, is_quantized
 from jlora.tokens import is_token_rows, token_node, token_targets
 
@@ -163,6 +163,11 @@ def apply(params, cfg: LoraConfig, key: jax.Array, *, layout: config_lib.Layout 
   unboxed either way). Kernels with more than two axes need their roles: from
   `layout` (see `jlora.trace_layout`) or from axis metadata naming the scan axis.
   """
+  if cfg.init in DATA_INITS:
+    raise ValueError(
+      f"LoraConfig.init={cfg.init!r} needs more than the params: use jlora.{cfg.init}(...) "
+      "(loftq: the quantization settings; eva: batches of inputs), which calls apply itself."
+    )
   if any(is_lora(x) for x in jax.tree.leaves(params, is_leaf=is_lora)):
     raise ValueError(
       "apply: the params already hold LoRA adapters. Merge them first (jlora.merge), "
@@ -262,6 +267,31 @@ def dora_factor(node: DoraWeight, norm: jax.Array) -> jax.Array:
   return jnp.expand_dims(node.magnitude / norm, _in_axes(node))
 
 
+def kernel_matrix(w, n_lead: int, roles) -> tuple[jax.Array, list[int], list[int]]:
+  """(w as float32 [*lead, prod(in), prod(out)], in dims, out dims): the matrix that A @ B
+  approximates (no batch axes)."""
+  if BATCH in roles:
+    raise ValueError(f"kernels with batch axes (roles {roles}) have no single matrix view.")
+  shape = w.shape
+  in_axes = [n_lead + i for i, r in enumerate(roles) if r == IN]
+  out_axes = [n_lead + i for i, r in enumerate(roles) if r == OUT]
+  in_dims = [shape[i] for i in in_axes]
+  out_dims = [shape[i] for i in out_axes]
+  matrix = jnp.transpose(w, (*range(n_lead), *in_axes, *out_axes)).astype(jnp.float32)
+  return matrix.reshape(*shape[:n_lead], math.prod(in_dims), math.prod(out_dims)), in_dims, out_dims
+
+
+def top_factors(matrix, in_dims, out_dims, rank: int, scale: float, dtype) -> tuple[jax.Array, ...]:
+  """(a, b) with scale * a @ b the best rank-`rank` approximation of `matrix` (truncated SVD,
+  the singular values split evenly between the factors), laid out for a kernel."""
+  u, s, vt = jnp.linalg.svd(matrix, full_matrices=False)
+  lead = matrix.shape[:-2]
+  root = jnp.sqrt(s[..., :rank] / scale)
+  a = (u[..., :rank] * root[..., None, :]).reshape(*lead, *in_dims, rank).astype(dtype)
+  b = (root[..., :, None] * vt[..., :rank, :]).reshape(*lead, rank, *out_dims).astype(dtype)
+  return a, b
+
+
 def _pissa(base, n_lead, roles, rank, scale, cfg, path) -> LoraWeight:
   """PiSSA: the top-r singular directions move into A and B; the base keeps the residual."""
   if is_quantized(base):
@@ -273,18 +303,7 @@ def _pissa(base, n_lead, roles, rank, scale, cfg, path) -> LoraWeight:
     raise ValueError(
       f"LoraConfig.init='pissa' does not support kernels with batch axes ({path!r}, roles {roles})."
     )
-  shape = base.shape
-  lead = shape[:n_lead]
-  in_axes = [n_lead + i for i, r in enumerate(roles) if r == IN]
-  out_axes = [n_lead + i for i, r in enumerate(roles) if r == OUT]
-  in_dims = [shape[i] for i in in_axes]
-  out_dims = [shape[i] for i in out_axes]
-  matrix = jnp.transpose(base, (*range(n_lead), *in_axes, *out_axes)).astype(jnp.float32)
-  matrix = matrix.reshape(*lead, math.prod(in_dims), math.prod(out_dims))
-  u, s, vt = jnp.linalg.svd(matrix, full_matrices=False)
-  root = jnp.sqrt(s[..., :rank] / scale)
-  a = (u[..., :rank] * root[..., None, :]).reshape(*lead, *in_dims, rank).astype(cfg.dtype)
-  b = (root[..., :, None] * vt[..., :rank, :]).reshape(*lead, rank, *out_dims).astype(cfg.dtype)
+  a, b = top_factors(*kernel_matrix(base, n_lead, roles), rank, scale, cfg.dtype)
   node = LoraWeight(base=base, a=a, b=b, scale=scale, roles=roles, dropout=cfg.dropout)
   return node.replace(base=(base - node.delta()).astype(base.dtype))
 

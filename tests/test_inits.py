@@ -77,3 +77,143 @@ def test_loraplus_ten_steps_equal_peft(tmp_path):
   torch_a = reference.base_model.model.model.layers[1].mlp.down_proj.lora_A.default.weight
   np.testing.assert_allclose(np.asarray(node.b[1]), torch_b.detach().numpy().T, atol=1e-5)
   np.testing.assert_allclose(np.asarray(node.a[1]), torch_a.detach().numpy().T, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- LoftQ
+
+# PEFT's loftq_init needs bitsandbytes' nf4 on CUDA (PEFT >= 0.20 removed its own NF4), so the
+# reference is the paper's alternation written here in numpy, with an argmin NF4 quantizer.
+
+
+def _np_nf4(w: np.ndarray, block: int = 64) -> np.ndarray:
+  """bitsandbytes-style nf4 round trip of a [in, out] kernel: blocks of `block` inputs."""
+  from jlora.quant import NF4_TABLE
+
+  blocks = w.reshape(w.shape[0] // block, block, w.shape[1])
+  absmax = np.abs(blocks).max(axis=1, keepdims=True)
+  idx = np.abs(blocks[..., None] / absmax[..., None] - NF4_TABLE).argmin(axis=-1)
+  return (NF4_TABLE[idx] * absmax).reshape(w.shape)
+
+
+def _np_loftq_error(w: np.ndarray, rank: int, iters: int) -> float:
+  residual = w
+  for i in range(iters):
+    dq = _np_nf4(residual)
+    u, s, vt = np.linalg.svd(w - dq, full_matrices=False)
+    low = (u[:, :rank] * s[:rank]) @ vt[:rank]
+    if i + 1 < iters:
+      residual = w - low
+  return float(np.linalg.norm(w - dq - low) / np.linalg.norm(w))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+  from flax.linen import meta
+
+  from jlora.models import LlamaConfig, LlamaForCausalLM
+
+  config = LlamaConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+  )
+  model = LlamaForCausalLM(config)
+  boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  # Heavier-tailed weights than the init's normal, so quantization loses something LoRA can fit.
+  rng = np.random.default_rng(0)
+  boxed = jax.tree.map(
+    lambda x: x * jnp.asarray(1 + 3 * rng.random(x.shape[-1]), x.dtype) if x.ndim >= 2 else x,
+    boxed,
+  )
+  return model, boxed, meta.unbox(boxed)
+
+
+TARGETS = ["q_proj", "down_proj"]
+
+
+def test_loftq_error_matches_the_numpy_reference_and_beats_qlora(tiny_llama):
+  from jlora.inits import loftq, reconstruction_error
+
+  model, boxed, plain = tiny_llama
+  qcfg = jlora.QuantConfig(kind="nf4", double_quant=False, targets=TARGETS)
+  cfg = jlora.LoraConfig(rank=8, alpha=16, targets=TARGETS, init="loftq", loftq_iters=3)
+  params = loftq(boxed, cfg, qcfg, jax.random.key(0))
+  qlora = jlora.apply(
+    jlora.quantize(boxed, qcfg),
+    jlora.LoraConfig(rank=8, alpha=16, targets=TARGETS),
+    jax.random.key(0),
+  )
+  for name in ("q_proj", "down_proj"):
+    group = "self_attn" if name == "q_proj" else "mlp"
+    node = params["model"]["layers"][group][name]["kernel"]
+    w = np.asarray(plain["model"]["layers"][group][name]["kernel"])
+    for layer in range(2):
+      ours = reconstruction_error(jax.tree.map(lambda x: x[layer], node), w[layer])
+      assert ours == pytest.approx(_np_loftq_error(w[layer], 8, 3), abs=1e-3)
+      assert ours < float(np.linalg.norm(w[layer] - _np_nf4(w[layer])) / np.linalg.norm(w[layer]))
+  # The adapted model starts closer to the full-precision model than plain QLoRA's.
+  ids = jnp.asarray(IDS % 128)
+  forward = jax.jit(lambda p: jlora.wrap(model.apply)({"params": p}, ids))
+  full = forward(plain)
+  gap = lambda p: float(jnp.linalg.norm(forward(p) - full))
+  assert gap(params) < 0.7 * gap(qlora)
+
+
+# --------------------------------------------------------------------------- EVA
+
+
+@pytest.mark.ref
+def test_eva_components_equal_a_numpy_svd_of_the_torch_models_inputs(tmp_path):
+  import transformers
+
+  from jlora.inits import eva, principal_directions
+  from tests.tiny import save_torch_checkpoint
+
+  base_dir = save_torch_checkpoint(tmp_path / "base", hidden_size=32, intermediate_size=48)
+  batches = [IDS[:, :10], IDS[:, 2:]]
+  mask = lambda b: np.arange(b.shape[1])[None, :] >= np.array([[1], [3]])  # skip some prefix
+  # The reference: the layers' inputs as transformers' own model computes them (forward hooks).
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+  seen = {}
+  for i, layer in enumerate(hf.model.layers):
+    for name, module in (("q_proj", layer.self_attn.q_proj), ("down_proj", layer.mlp.down_proj)):
+      module.register_forward_hook(
+        lambda m, args, out, key=(name, i): seen.setdefault(key, []).append(
+          args[0].detach().numpy()
+        )
+      )
+  with torch.no_grad():
+    for b in batches:
+      hf(torch.tensor(b))
+  rows = {
+    k: np.concatenate([x.reshape(-1, x.shape[-1])[mask(b).reshape(-1)] for x, b in zip(v, batches)])
+    for k, v in seen.items()
+  }
+
+  model, params, _ = jlora.models.from_pretrained(base_dir)
+  run = lambda p, b: model.apply({"params": p}, jnp.asarray(b))
+  cfg = jlora.LoraConfig(rank=4, targets=["q_proj", "down_proj"], init="eva", eva_rho=1.0)
+  adapted = eva(params, cfg, jax.random.key(0), run, batches, token_mask=mask)
+  for name, group in (("q_proj", "self_attn"), ("down_proj", "mlp")):
+    node = adapted["model"]["layers"][group][name]["kernel"]
+    assert node.a.shape[-1] == 4 and not np.any(np.asarray(node.b))
+    for layer in range(2):
+      expected, _ = principal_directions(rows[name, layer], 4)
+      a = np.asarray(node.a[layer]).T  # [r, in]
+      signs = np.sign(np.sum(a * expected, axis=1, keepdims=True))
+      np.testing.assert_allclose(a * signs, expected, atol=2e-4)
+
+  # rho > 1: the budget of 4 ranks per layer goes to the largest explained-variance ratios.
+  cfg2 = jlora.LoraConfig(rank=4, targets=["q_proj", "down_proj"], init="eva", eva_rho=2.0)
+  adapted = eva(params, cfg2, jax.random.key(0), run, batches, token_mask=mask)
+  offered = {k: principal_directions(x, 8)[1] for k, x in rows.items()}
+  threshold = np.sort(np.concatenate(list(offered.values())))[::-1][4 * len(offered) - 1]
+  for name, group in (("q_proj", "self_attn"), ("down_proj", "mlp")):
+    a = np.asarray(adapted["model"]["layers"][group][name]["kernel"].a)
+    for layer in range(2):
+      assert np.count_nonzero(np.abs(a[layer]).sum(axis=0)) == np.sum(
+        offered[name, layer] >= threshold
+      )
