@@ -65,6 +65,12 @@ def get_config() -> ml_collections.ConfigDict:
   # LoRA+ (Hayou et al. 2024): B's lr is this many times lr (PEFT's loraplus_lr_ratio, ~16); 0 = off.
   config.optim.loraplus_ratio = 0.0
 
+  # New tokens, e.g. ["<tool>", "</tool>"]: added to the tokenizer as special tokens, the vocabulary
+  # grown (new rows start at the mean row) and only their rows of the embedding (and untied head)
+  # trained, saved as PEFT's trainable_token_indices with the tokenizer beside the adapter.
+  config.tokens = ml_collections.ConfigDict()
+  config.tokens.add = ml_collections.FieldReference([], field_type=object)
+
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # -1: all remaining devices
   config.mesh.fsdp = 1

@@ -130,3 +130,45 @@ def token_node(path: str, leaf_name: str, value, indices: tuple[int, ...]) -> To
     )
   node = TokenRows(base=value, rows=None, indices=tuple(indices), vocab_axis=vocab_axis)
   return node.replace(rows=node.base_rows())
+
+
+# --------------------------------------------------------------------------- new tokens
+
+
+def vocab_tables(params, vocab_size: int) -> dict[str, int]:
+  """{flax path of every leaf with a vocabulary axis: that axis}: embeddings [V, d] and output
+  head kernels [d, V] (OUTPUT_HEAD_NAMES) whose V is `vocab_size`."""
+  found = {}
+  for path, (name, leaf) in config_lib.candidate_leaves(params).items():
+    shape = tuple(leaf.unbox().shape if hasattr(leaf, "unbox") else leaf.shape)
+    if name == EMBEDDING and len(shape) == 2 and shape[0] == vocab_size:
+      found[f"{path}/{name}"] = 0
+    head = path.rpartition("/")[2] in config_lib.OUTPUT_HEAD_NAMES
+    if name == KERNEL and head and len(shape) == 2 and shape[1] == vocab_size:
+      found[f"{path}/{name}"] = 1
+  return found
+
+
+def grow_vocab(params, old_size: int, new_size: int):
+  """`params` with every vocabulary table grown from old_size to new_size rows, the new rows set
+  to the mean of the old ones (HF's resize_token_embeddings(mean_resizing=True) draws them around
+  that mean; the mean itself keeps this deterministic). Boxed leaves stay boxed, placed arrays
+  keep their sharding."""
+  if new_size <= old_size:
+    return params
+  tables = vocab_tables(params, old_size)
+
+  def grow(key_path, leaf):
+    axis = tables.get(config_lib.path_str(key_path))
+    if axis is None:
+      return leaf
+    value = leaf.unbox() if hasattr(leaf, "unbox") else leaf
+    mean = jnp.mean(value.astype(jnp.float32), axis=axis, keepdims=True).astype(value.dtype)
+    extra = jnp.repeat(mean, new_size - old_size, axis=axis)
+    grown = jnp.concatenate([value, extra], axis=axis)
+    sharding = getattr(value, "sharding", None)
+    if sharding is not None and not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+      grown = jax.device_put(grown, sharding)
+    return leaf.replace_boxed(grown) if hasattr(leaf, "replace_boxed") else grown
+
+  return jax.tree_util.tree_map_with_path(grow, params, is_leaf=config_lib.is_opaque)

@@ -103,3 +103,70 @@ def test_only_the_chosen_rows_train(torch_base):
     changed = np.abs(pick(after) - pick(before)).max(axis=1 - vocab_axis) > 0
     # Every chosen row moves (each of them is looked up or predicted), no other does.
     assert sorted(np.flatnonzero(changed)) == ROWS, (leaf, np.flatnonzero(changed))
+
+
+def _tool_rows(path, n: int, start: int = 0):
+  """Bundled rows whose answers are wrapped in the new tokens."""
+  import json
+
+  from tests.tiny import REPO
+
+  lines = (REPO / "data" / "extract_train.jsonl").read_text().splitlines()[start : start + n]
+  rows = []
+  for line in lines:
+    _, user, assistant = json.loads(line)["messages"]
+    rows.append({"prompt": user["content"], "completion": f"<tool>{assistant['content']}</tool>"})
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def test_sft_adds_trains_and_exports_new_tokens(tmp_path, capsys):
+  from safetensors.numpy import load_file
+
+  from tests import tiny
+  from train import sft
+
+  model_dir = tiny.make_checkpoint(tmp_path / "model", tied=False)
+  out = tmp_path / "run"
+  new = ["<tool>", "</tool>"]
+  config = tiny.sft_config(
+    model_dir,
+    _tool_rows(tmp_path / "train.jsonl", 24),
+    _tool_rows(tmp_path / "eval.jsonl", 4, start=1000),
+    out,
+    **{"tokens.add": new, "steps": 4, "save_every": 2, "eval_every": 4, "export_merged": True},
+    **{"eval_examples": 2, "samples": 1, "data.max_length": 64},
+  )
+  sft.run(config, progress=False)
+  tok = transformers.AutoTokenizer.from_pretrained(str(out))
+  ids = tok.convert_tokens_to_ids(new)
+  assert ids == [len(tok) - 2, len(tok) - 1]
+  written = tiny.read_json(out / "adapter_config.json")["trainable_token_indices"]
+  assert written == {"embed_tokens": ids, "lm_head": ids}
+  adapter = load_file(out / "adapter_model.safetensors")
+
+  # PEFT: the base resized to the saved tokenizer, then the adapter, equals the merged export.
+  base = _hf(model_dir)
+  base.resize_token_embeddings(len(tok))
+  reference = peft.PeftModel.from_pretrained(base, str(out)).eval()
+  text = tok("a <tool>{'x': 1}</tool> b", return_tensors="pt")["input_ids"]
+  assert set(ids) <= set(text[0].tolist())
+  with torch.no_grad():
+    expected = reference(text).logits.numpy()
+    merged = _hf(out / "merged")(text).logits.numpy()
+  np.testing.assert_allclose(merged, expected, atol=1e-4, rtol=1e-4)
+  # The new rows trained away from their start (the mean row).
+  emb = merged_emb = load_file(out / "merged" / "model.safetensors")["model.embed_tokens.weight"]
+  mean = emb[: ids[0]].mean(axis=0)
+  assert np.abs(merged_emb[ids] - mean).max() > 1e-3
+
+  # Resume keeps the rows: drop the last checkpoint, rerun, same adapter.
+  import shutil
+
+  shutil.rmtree(out / "checkpoints" / "4")
+  capsys.readouterr()
+  sft.run(config, progress=False)
+  assert "resuming from step 2" in capsys.readouterr().out
+  again = load_file(out / "adapter_model.safetensors")
+  for key, value in adapter.items():
+    np.testing.assert_allclose(again[key], value, atol=1e-6, err_msg=key)

@@ -52,7 +52,7 @@ MAX_LR = 1.0
 DATA_FIELDS = ("train", "eval")
 DATA_CONTENT = "data_content"
 # What a checkpoint must agree with to be resumed.
-FINGERPRINT_FIELDS = ("model", "data", "lora", "quant", "optim", "seed", "steps")
+FINGERPRINT_FIELDS = ("model", "data", "lora", "quant", "optim", "tokens", "seed", "steps")
 MESH_AXES = ("data", "fsdp", "tensor")
 # config.model fields the trainer reads itself; every other one is a field of the model config class.
 TRAINER_MODEL_FIELDS = ("path",)
@@ -268,6 +268,7 @@ def check_config(config) -> None:
     except ValueError as e:
       raise UserError(str(e)) from None
   check_optim(config.optim)
+  check_tokens(config)
   library_config(config, "lora")
   quant_config(config)
   model_overrides(config)
@@ -286,6 +287,17 @@ def check_optim(optim) -> None:
     value = optim.get(name, 0.0)
     if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
       raise UserError(f"config.optim.{name}: {value!r} is not valid; expected a number >= 0.")
+
+
+def check_tokens(config) -> None:
+  new = config.get("tokens", {}).get("add") or []
+  if not isinstance(new, (list, tuple)) or not all(isinstance(t, str) and t.strip() for t in new):
+    raise UserError(
+      f"config.tokens.add: {new!r} is not valid; expected a list of token strings, e.g. "
+      "\"['<tool>', '</tool>']\"."
+    )
+  if len(set(new)) != len(new):
+    raise UserError(f"config.tokens.add: {new!r} lists a token twice.")
 
 
 def mesh_sizes(config, devices: int | None = None) -> dict[str, int]:
@@ -352,7 +364,7 @@ def fingerprint(config) -> dict:
   """The settings a checkpoint must share to be resumed, as plain JSON values."""
   out = {}
   for key in FINGERPRINT_FIELDS:
-    value = config[key]
+    value = config.get(key)
     out[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
   # Model fields left at None take the checkpoint's value: not a setting of this run.
   out["model"] = {k: v for k, v in out["model"].items() if v is not None}

@@ -45,6 +45,7 @@ from jlora.models import export as export_lib
 from jlora.models.llama import DEFAULT_RULES
 from jlora.models.loading import load_hf_dir, resolve_checkpoint
 from jlora.quant import is_quantized
+from jlora.tokens import grow_vocab, vocab_tables
 from train import config as config_lib
 from train import data as data_lib
 from train import distributed, outputs
@@ -156,9 +157,32 @@ def load_model(config, mesh):
     return load_hf_dir(directory, mesh=mesh, **overrides)
 
 
-def adapt(config, params):
-  """(trainable, frozen): the base quantized by config.quant, adapted by config.lora."""
+def add_tokens(config, model, params, tokenizer):
+  """(model, params, tokenizer, {table path: token ids}) with config.tokens.add in the tokenizer
+  (as special tokens) and the vocabulary grown to hold them (new rows: the mean row)."""
+  new = list(config.tokens.get("add") or [])
+  if not new:
+    return model, params, tokenizer, None
+  tokenizer.add_special_tokens(
+    {"additional_special_tokens": new}, replace_extra_special_tokens=False
+  )
+  ids = tokenizer.convert_tokens_to_ids(new)
+  old = model.config.vocab_size
+  size = max(old, len(tokenizer))
+  if size > old:
+    model = model.clone(config=dataclasses.replace(model.config, vocab_size=size))
+    params = grow_vocab(params, old, size)
+  tables = {path.rpartition("/")[0]: ids for path in vocab_tables(params, size)}
+  log(f"tokens: {dict(zip(new, ids))} train in {sorted(tables)} (vocabulary {old} -> {size})")
+  return model, params, tokenizer, tables
+
+
+def adapt(config, params, tokens=None):
+  """(trainable, frozen): the base quantized by config.quant, adapted by config.lora, with the
+  rows of `tokens` ({table path: ids}, from add_tokens) trainable."""
   lora, quant = config_lib.library_config(config, "lora"), config_lib.quant_config(config)
+  if tokens:
+    lora = dataclasses.replace(lora, trainable_token_indices=tokens)
   with config_lib.user_words():
     return jlora.prepare_for_training(params, lora, jax.random.key(config.seed), quant=quant)
 
@@ -240,7 +264,8 @@ def compile_step(t: Trainer, example_batch):
 def setup(config, out: Path, mesh, record: outputs.RunRecord, task: Task) -> Trainer:
   """Model, adapters, data, evaluator, optimizer and the compiled step."""
   model, base, tokenizer = load_model(config, mesh)
-  trainable, frozen = adapt(config, base)
+  model, base, tokenizer, tokens = add_tokens(config, model, base, tokenizer)
+  trainable, frozen = adapt(config, base, tokens)
   del base
   log(
     f"model: {config.model.path} ({model.config.num_hidden_layers} layers, "
@@ -511,6 +536,8 @@ def save_adapter_and_export(t: Trainer, trainable) -> None:
       jlora.save_adapter(
         t.out, params, t.lora, base_model_name_or_path=path, model_config=t.model.config
       )
+      if t.config.tokens.get("add"):  # PEFT users resize the base to this tokenizer, then load
+        t.tokenizer.save_pretrained(str(t.out))
   model_bytes = step_lib.tree_bytes(t.frozen)
   if t.config.export_merged:
     # Merged on the mesh (every process takes part), then gathered weight by weight.
