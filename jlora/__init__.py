@@ -1,6 +1,7 @@
 """jlora: LoRA and QLoRA for JAX/Flax as pure parameter-tree transforms."""
 
 from jlora.config import LoraConfig, is_node
+from jlora.inits import eva, loftq
 from jlora.intercept import trace_layout, wrap
 from jlora.lora import (
   DoraWeight,
@@ -20,6 +21,7 @@ from jlora.optim import optimizer
 from jlora.peft import load_adapter, save_adapter
 from jlora.prepare import prepare_for_training
 from jlora.quant import QuantConfig, QuantizedWeight, bytes_per_weight, dequantize, quantize
+from jlora.tokens import TokenRows
 
 __all__ = [
   "DoraWeight",
@@ -28,17 +30,20 @@ __all__ = [
   "QuantConfig",
   "QuantizedWeight",
   "StackedLoraWeight",
+  "TokenRows",
   "adapter_count",
   "adapter_ids",
   "apply",
   "bytes_per_weight",
   "combine",
   "dequantize",
+  "eva",
   "export_gguf",
   "export_merged",
   "is_lora",
   "is_node",
   "load_adapter",
+  "loftq",
   "merge",
   "optimizer",
   "prepare_for_training",
