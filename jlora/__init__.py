@@ -1,5 +1,6 @@
 """jlora: LoRA and QLoRA for JAX/Flax as pure parameter-tree transforms."""
 
+from jlora import tokens
 from jlora.config import LoraConfig, is_node
 from jlora.inits import eva, loftq
 from jlora.intercept import trace_layout, wrap
@@ -52,6 +53,7 @@ __all__ = [
   "save_adapter_gguf",
   "split",
   "stack_adapters",
+  "tokens",
   "trace_layout",
   "unmerge",
   "weight_norms",

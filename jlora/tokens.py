@@ -13,6 +13,7 @@ Merging writes the rows into the table.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -172,3 +173,20 @@ def grow_vocab(params, old_size: int, new_size: int):
     return leaf.replace_boxed(grown) if hasattr(leaf, "replace_boxed") else grown
 
   return jax.tree_util.tree_map_with_path(grow, params, is_leaf=config_lib.is_opaque)
+
+
+def add_tokens(model, params, tokenizer, tokens: list[str]):
+  """(model, params, {table module path: ids}) after adding `tokens` to the (HF) tokenizer as
+  special tokens, in place: the vocabulary grown to hold them (grow_vocab; the model rebuilt with
+  the new vocab_size), and, for LoraConfig.trainable_token_indices, their ids in every vocabulary
+  table (the embedding, an untied head). Tokens the tokenizer already has keep their ids."""
+  tokenizer.add_special_tokens(
+    {"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False
+  )
+  ids = tokenizer.convert_tokens_to_ids(list(tokens))
+  old = model.config.vocab_size
+  size = max(old, len(tokenizer))
+  if size > old:
+    model = model.clone(config=dataclasses.replace(model.config, vocab_size=size))
+    params = grow_vocab(params, old, size)
+  return model, params, {path.rpartition("/")[0]: ids for path in vocab_tables(params, size)}

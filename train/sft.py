@@ -45,7 +45,6 @@ from jlora.models import export as export_lib
 from jlora.models.llama import DEFAULT_RULES
 from jlora.models.loading import load_hf_dir, resolve_checkpoint
 from jlora.quant import is_quantized
-from jlora.tokens import grow_vocab, vocab_tables
 from train import config as config_lib
 from train import data as data_lib
 from train import distributed, outputs
@@ -163,17 +162,13 @@ def add_tokens(config, model, params, tokenizer):
   new = list(config.tokens.get("add") or [])
   if not new:
     return model, params, tokenizer, None
-  tokenizer.add_special_tokens(
-    {"additional_special_tokens": new}, replace_extra_special_tokens=False
-  )
-  ids = tokenizer.convert_tokens_to_ids(new)
   old = model.config.vocab_size
-  size = max(old, len(tokenizer))
-  if size > old:
-    model = model.clone(config=dataclasses.replace(model.config, vocab_size=size))
-    params = grow_vocab(params, old, size)
-  tables = {path.rpartition("/")[0]: ids for path in vocab_tables(params, size)}
-  log(f"tokens: {dict(zip(new, ids))} train in {sorted(tables)} (vocabulary {old} -> {size})")
+  model, params, tables = jlora.tokens.add_tokens(model, params, tokenizer, new)
+  ids = tokenizer.convert_tokens_to_ids(new)
+  log(
+    f"tokens: {dict(zip(new, ids))} train in {sorted(tables)} "
+    f"(vocabulary {old} -> {model.config.vocab_size})"
+  )
   return model, params, tokenizer, tables
 
 
