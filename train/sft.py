@@ -172,14 +172,29 @@ def add_tokens(config, model, params, tokenizer):
   return model, params, tokenizer, tables
 
 
-def adapt(config, params, tokens=None):
+def eva_data(config, model, arrays, batches: int = 2):
+  """init='eva': (run, the first `batches` training batches, their labelled tokens), else None."""
+  if config.lora.init != "eva":
+    return None
+  if "loss_mask" not in arrays:
+    raise UserError("config.lora.init: 'eva' needs SFT data (rows with a loss mask).")
+  rows = config.data.batch_size
+  chunks = [{k: v[i * rows : (i + 1) * rows] for k, v in arrays.items()} for i in range(batches)]
+  run = lambda p, b: jlora.wrap(model.apply)(
+    {"params": p}, b["input_ids"], b["positions"], b["segment_ids"]
+  )
+  return run, [c for c in chunks if len(c["input_ids"])], lambda b: b["loss_mask"] > 0
+
+
+def adapt(config, params, tokens=None, eva=None):
   """(trainable, frozen): the base quantized by config.quant, adapted by config.lora, with the
-  rows of `tokens` ({table path: ids}, from add_tokens) trainable."""
+  rows of `tokens` ({table path: ids}, from add_tokens) trainable; `eva`: eva_data's."""
   lora, quant = config_lib.library_config(config, "lora"), config_lib.quant_config(config)
   if tokens:
     lora = dataclasses.replace(lora, trainable_token_indices=tokens)
+  key = jax.random.key(config.seed)
   with config_lib.user_words():
-    return jlora.prepare_for_training(params, lora, jax.random.key(config.seed), quant=quant)
+    return jlora.prepare_for_training(params, lora, key, quant=quant, eva_data=eva)
 
 
 def param_summary(trainable, frozen) -> str:
@@ -260,7 +275,8 @@ def setup(config, out: Path, mesh, record: outputs.RunRecord, task: Task) -> Tra
   """Model, adapters, data, evaluator, optimizer and the compiled step."""
   model, base, tokenizer = load_model(config, mesh)
   model, base, tokenizer, tokens = add_tokens(config, model, base, tokenizer)
-  trainable, frozen = adapt(config, base, tokens)
+  arrays, stats = task.load_train_data(config, tokenizer)
+  trainable, frozen = adapt(config, base, tokens, eva_data(config, model, arrays))
   del base
   log(
     f"model: {config.model.path} ({model.config.num_hidden_layers} layers, "
@@ -271,7 +287,6 @@ def setup(config, out: Path, mesh, record: outputs.RunRecord, task: Task) -> Tra
     f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.default_backend()} device(s); "
     f"{distributed.describe()}"
   )
-  arrays, stats = task.load_train_data(config, tokenizer)
   o = config.optim
   tx, schedule = step_lib.make_optimizer(
     o.lr, config.steps, o.warmup_steps, o.weight_decay, o.clip_norm, o.get("loraplus_ratio", 0.0)
