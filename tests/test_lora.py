@@ -464,8 +464,8 @@ def test_other_consumers_get_the_merged_weight_with_a_warning():
     (dict(dropout=1.0), r"LoraConfig.dropout=1.0 is invalid: it must be a float in \[0, 1\)"),
     (dict(dropout=-0.1), r"LoraConfig.dropout=-0.1 is invalid"),
     (
-      dict(init="loftq"),
-      r"LoraConfig.init='loftq' is unknown: valid values are 'default', 'gaussian', 'pissa'",
+      dict(init="olora"),
+      r"LoraConfig.init='olora' is unknown: valid values are 'default', 'gaussian', 'pissa', 'loftq', 'eva'",
     ),
     (dict(targets=[]), r"LoraConfig.targets=\[\] is invalid"),
     (dict(targets="q_proj("), r"not a valid regular expression"),
