@@ -159,7 +159,7 @@ def test_loftq_error_matches_the_numpy_reference_and_beats_qlora(tiny_llama):
   forward = jax.jit(lambda p: jlora.wrap(model.apply)({"params": p}, ids))
   full = forward(plain)
   gap = lambda p: float(jnp.linalg.norm(forward(p) - full))
-  assert gap(params) < 0.7 * gap(qlora)
+  assert gap(params) < 0.85 * gap(qlora)
 
 
 # --------------------------------------------------------------------------- EVA
