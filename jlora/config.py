@@ -1,9 +1,10 @@
 """LoraConfig, and which kernels of a parameter tree it selects.
 
 A parameter tree is addressed by "module paths": the '/'-joined keys down to the
-module that owns a weight, e.g. ``model/layers/self_attn/q_proj``. Only two kinds
-of leaf can be adapted or quantized: a ``kernel`` (nn.Dense, nn.DenseGeneral,
-nn.Einsum) and an ``embedding`` (nn.Embed). Biases, norm scales and scalars never are.
+module that owns a weight, e.g. ``model/layers/self_attn/q_proj``. Which leaves are
+weights is `jlora.boxes.is_weight`: in linen a ``kernel`` (nn.Dense, nn.DenseGeneral,
+nn.Einsum) or an ``embedding`` (nn.Embed), in NNX any ``nnx.Param`` of rank >= 2.
+Biases, norm scales and scalars never are.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax.linen import meta
+
+from jlora import boxes
+from jlora.boxes import KERNEL
 
 Targets = str | Sequence[str]
 # Token ids whose embedding rows train (PEFT's trainable_token_indices): a list (the input
 # embedding, and a head tied to it), or {module name: ids} for several modules (an untied head).
 TokenIndices = Sequence[int] | Mapping[str, Sequence[int]]
 
-KERNEL = "kernel"
-EMBEDDING = "embedding"
-ADAPTABLE_LEAVES = (KERNEL, EMBEDDING)
 # "all-linear" skips the output head, as PEFT does: adapting it is rarely wanted and it
 # is the largest matrix of a small model.
 OUTPUT_HEAD_NAMES = ("lm_head", "output", "head")
@@ -188,6 +188,8 @@ def _pattern_value(patterns: Mapping[str, Any], path: str, default):
 def path_str(key_path) -> str:
   parts = []
   for k in key_path:
+    if getattr(k, "name", None) == "value":
+      continue  # the value inside an NNX Variable: the Variable's path names the weight
     for attr in ("key", "name", "idx"):
       if hasattr(k, attr):
         parts.append(str(getattr(k, attr)))
@@ -198,13 +200,13 @@ def path_str(key_path) -> str:
 
 
 def candidate_leaves(params) -> dict[str, tuple[str, Any]]:
-  """Adaptable leaves as {module path: (leaf name, leaf)}: kernels and embeddings of rank >= 2."""
+  """Adaptable leaves as {module path: (leaf name, leaf)}: the weights (`boxes.is_weight`)."""
   found = {}
 
   def visit(key_path, leaf):
     full = path_str(key_path)
     module, _, name = full.rpartition("/")
-    if name in ADAPTABLE_LEAVES and len(_shape(leaf)) >= 2:
+    if boxes.is_weight(name, leaf):
       found[module] = (name, leaf)
 
   jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_opaque)
@@ -217,21 +219,16 @@ def is_node(x) -> bool:
 
 
 def is_opaque(x) -> bool:
-  """What tree walks over params treat as one weight: boxed metadata and jlora's nodes."""
-  return isinstance(x, meta.AxisMetadata) or is_node(x)
-
-
-def _shape(leaf) -> tuple[int, ...]:
-  if isinstance(leaf, meta.AxisMetadata):
-    leaf = leaf.unbox()
-  return tuple(getattr(leaf, "shape", ()))
+  """What tree walks over params treat as one weight: boxes (linen metadata, NNX Variables)
+  and jlora's nodes."""
+  return boxes.is_box(x) or is_node(x)
 
 
 def _matches(path: str, leaf_name: str, targets: Targets) -> bool:
   if isinstance(targets, str):
     if targets == "all-linear":
       name = path.rpartition("/")[2]
-      return leaf_name == KERNEL and name not in OUTPUT_HEAD_NAMES + ROUTER_NAMES
+      return boxes.weight_kind(leaf_name) == KERNEL and name not in OUTPUT_HEAD_NAMES + ROUTER_NAMES
     return re.fullmatch(targets, path) is not None
   return any(path == t or path.endswith("/" + t) for t in targets)
 
@@ -249,7 +246,7 @@ def select(
   if not chosen:
     listing = (
       "\n  ".join(sorted(candidates))
-      or "(none: the tree has no 'kernel' or 'embedding' leaves of rank >= 2)"
+      or "(none: the tree has no weights: linen 'kernel'/'embedding' leaves or NNX Params of rank >= 2)"
     )
     raise ValueError(
       f"{field}={targets!r} matched no weight. Module paths that could match:\n  {listing}"
@@ -261,23 +258,24 @@ def select(
 
 
 def map_selected(params, chosen, fn, layout=None):
-  """Unboxes `params` and replaces each selected kernel/embedding by fn(path, name, value, n_lead, roles).
+  """Replaces each selected weight's value by fn(path, name, value, n_lead, roles).
 
   jlora nodes already know their layout (n_lead, roles); other weights get it from
-  `kernel_roles`. Everything else comes back unboxed and unchanged.
+  `kernel_roles`. linen trees come back unboxed; NNX Variables stay, holding the new
+  value (`boxes.reboxed`). Everything else is unchanged.
   """
 
   def visit(key_path, leaf):
     path, _, name = path_str(key_path).rpartition("/")
-    boxed_names = leaf.names if isinstance(leaf, meta.Partitioned) else None
-    value = leaf.unbox() if isinstance(leaf, meta.AxisMetadata) else leaf
-    if path not in chosen or name not in ADAPTABLE_LEAVES:
-      return value
+    value = boxes.unboxed(leaf)
+    if path not in chosen or not boxes.is_weight(name, leaf):
+      return boxes.reboxed(leaf, value)
     if is_node(value):
       n_lead, roles = value.n_lead, value.roles
     else:
-      n_lead, roles = kernel_roles(path, name, tuple(value.shape), layout, boxed_names)
-    return fn(path, name, value, n_lead, roles)
+      names = boxes.axis_names(leaf)
+      n_lead, roles = kernel_roles(path, name, tuple(value.shape), layout, names)
+    return boxes.reboxed(leaf, fn(path, name, value, n_lead, roles))
 
   return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_opaque)
 
@@ -296,7 +294,8 @@ def kernel_roles(
   """(number of leading stacked axes, roles of the remaining axes) for one kernel.
 
   The roles come from, in order: an explicit layout (see `jlora.trace_layout`), the
-  kernel being 2-D, or Flax axis metadata naming the stacked (scan) axes. A kernel
+  kernel being 2-D, or Flax axis metadata (linen boxes, NNX Variable metadata) naming the
+  stacked (scan) axes. A kernel
   that none of these decide is an error: guessing from shapes would silently adapt
   the wrong axes.
   """

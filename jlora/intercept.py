@@ -1,16 +1,11 @@
-"""The forward of adapted weights: a linen method interceptor, and the layout trace.
+"""How a linen layer's call is caught: a method interceptor, and the layout trace.
 
 `wrap(model.apply)` runs the model with a method interceptor installed. When an
 nn.Dense / nn.DenseGeneral / nn.Einsum / nn.Embed finds one of jlora's nodes where
-its weight should be, the interceptor runs the stock layer on the (dequantized) base
-weight and adds the low-rank path
-
-    y = layer(x; base) + scale * einsum(dropout(x), A, B)
-
-so W + BA is never formed, and the base is dequantized right next to its matmul
-(inside nn.scan, one layer at a time). Each layer is described by one einsum
-x_sub,k_sub->y_sub between its input and its kernel; the low-rank path is the same
-contraction with the kernel replaced by the pair (A, B).
+its weight should be, the interceptor describes the layer by one einsum
+x_sub,k_sub->y_sub between its input and its kernel, and `jlora.lowrank` runs the stock
+layer on the (dequantized) base weight plus the low-rank path (inside nn.scan, one
+layer at a time). The NNX side of this seam is `jlora.nnx_forward`.
 """
 
 from __future__ import annotations
@@ -25,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jlora.config import BATCH, EMBEDDING, IN, KERNEL, OUT, is_node
+from jlora import lowrank
+from jlora.boxes import EMBEDDING, KERNEL
+from jlora.config import BATCH, IN, OUT, is_node
 from jlora.experts import GroupedDense
-from jlora.lora import DoraWeight, factor_axes, is_lora, weight_norm
-from jlora.multi import check_adapter_ids, is_stacked
-from jlora.quant import dequantized, is_quantized
-from jlora.tokens import is_token_rows, lookup_change, project_change
+from jlora.lora import is_lora, is_stacked
+from jlora.multi import check_adapter_ids
+from jlora.quant import dequantized
 
 LAYERS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed)
 # Sibling nn.Dense layers that usually read one input (HF names). When they do (the very same
@@ -41,11 +37,6 @@ SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 def _weight_name(module) -> str:
   return EMBEDDING if isinstance(module, nn.Embed) else KERNEL
-
-
-def _fresh_letters(used: str, n: int) -> str:
-  free = [c for c in string.ascii_letters if c not in used]
-  return "".join(free[:n])
 
 
 def _layer_equation(module, method: str, x: jax.Array, call_kwargs) -> tuple[str, str, str] | None:
@@ -78,120 +69,10 @@ def _layer_equation(module, method: str, x: jax.Array, call_kwargs) -> tuple[str
   return "".join(x_letters), k_sub, y_sub
 
 
-def roles_from_equation(x_sub: str, k_sub: str, y_sub: str) -> tuple[str, ...]:
-  roles = []
-  for c in k_sub:
-    in_x, in_y = c in x_sub, c in y_sub
-    if in_x and in_y:
-      roles.append(BATCH)
-    elif in_x:
-      roles.append(IN)
-    elif in_y:
-      roles.append(OUT)
-    else:
-      raise ValueError(
-        f"Kernel axis {c!r} of einsum {x_sub},{k_sub}->{y_sub} is summed out; jlora can't adapt it."
-      )
-  return tuple(roles)
-
-
 def _layer_roles(module, method, x, call_kwargs) -> tuple[str, ...]:
   if isinstance(module, nn.Embed):
     return IN, OUT  # rows are looked up (the input side), columns are features
-  return roles_from_equation(*_layer_equation(module, method, x, call_kwargs))
-
-
-def _dropped(module, node, x, dropout_on: bool) -> jax.Array:
-  """The input of the adapter path: x with the node's dropout when training, else x itself."""
-  if not (dropout_on and node.dropout > 0):
-    return x
-  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - node.dropout, x.shape)
-  return jnp.where(keep, x / (1.0 - node.dropout), 0).astype(x.dtype)
-
-
-def _check_roles(module, node, equation) -> None:
-  if equation is None or isinstance(module, nn.Embed):
-    return
-  expected = roles_from_equation(*equation)
-  if expected != node.roles:
-    raise ValueError(
-      f"The adapter at {'/'.join(module.path)} was built for kernel roles {node.roles}, but the "
-      f"layer contracts as {','.join(equation[:2])}->{equation[2]} (roles {expected}). Rebuild "
-      "it with layout=jlora.trace_layout(model, ...)."
-    )
-
-
-def _per_row(x_sub: str, used: str, y_sub: str) -> tuple[str, str, str]:
-  """(row letter, x_sub, y_sub) with x's first (batch) axis named: each row picks its adapter."""
-  if x_sub.startswith("..."):
-    row = _fresh_letters(x_sub + used + y_sub, 1)
-    return row, row + x_sub, row + y_sub
-  row = x_sub[0]
-  if row not in y_sub or row in used:
-    raise ValueError(
-      f"Per-row adapters need the layer's first input axis to be the batch; the layer contracts "
-      f"as {x_sub},{used}->{y_sub}."
-    )
-  return row, x_sub, y_sub
-
-
-def _low_rank(module, method: str, node, x, call_kwargs, adapter_ids=None) -> jax.Array:
-  """scale * x A B as two contractions, input first (the only activation-sized temporary is
-  [..., rank]); with stacked adapters each row of the batch gathers its own A and B."""
-  equation = _layer_equation(module, method, x, call_kwargs)
-  _check_roles(module, node, equation)
-  stacked = is_stacked(node)
-  if stacked:
-    a, b = node.rows(adapter_ids)  # [batch, ...] each, the scale (0 for base rows) on b
-  else:
-    a, b = node.a, node.b * node.scale  # the scale goes on a factor, never on activations
-  if equation is None:  # embedding lookup: the rows of A are the token's low-rank code
-    if stacked:
-      return jnp.einsum("z...r,zrf->z...f", node.lookup(adapter_ids, x), b)
-    return jnp.einsum("...r,rf->...f", jnp.take(a, x, axis=0), b)
-  x_sub, k_sub, y_sub = equation
-  rank = _fresh_letters(x_sub + k_sub + y_sub, 1)
-  a_sub, b_sub = ("".join(s) for s in factor_axes(k_sub, node.roles, rank))
-  # x meets the factor it shares axes with: A for a matmul, B for Embed.attend.
-  (first, first_sub), (second, second_sub) = (a, a_sub), (b, b_sub)
-  if not set(first_sub) & set(x_sub):
-    (first, first_sub), (second, second_sub) = (second, second_sub), (first, first_sub)
-  if stacked:
-    row, x_sub, y_sub = _per_row(x_sub, k_sub + rank, y_sub)
-    first_sub, second_sub = row + first_sub, row + second_sub
-  mid_sub = "".join(c for c in x_sub if c not in first_sub or c in y_sub) + rank
-  low = jnp.einsum(f"{x_sub},{first_sub}->{mid_sub}", x, first)
-  return jnp.einsum(f"{mid_sub},{second_sub}->{y_sub}", low, second)
-
-
-def _per_output(y, g, module, method, x, call_kwargs, roles):
-  """y * g, with g laid out like the kernel's non-"in" axes (a DoRA magnitude ratio or bias)."""
-  x_sub, k_sub, y_sub = _layer_equation(module, method, x, call_kwargs)
-  g_sub = "".join(c for c, r in zip(k_sub, roles) if r != IN)
-  return jnp.einsum(f"{y_sub},{g_sub}->{y_sub}", y, g.astype(y.dtype))
-
-
-def _dora_output(module, method, node, y, y_dropped, lora, x, call_kwargs):
-  """PEFT's DoRA: y + (g - 1) * (base(x') - bias) + g * lora(x'), g = m / ||W + s*A@B||.
-
-  x' is the dropped-out input when dropout is active (then base(x') is a second base
-  matmul, as in PEFT), else x itself and base(x') is y. Without dropout this is
-  g * (x W + s x A B) + bias. The norm is a constant of the backward (lora.weight_norm).
-  """
-  g = node.magnitude / weight_norm(node)
-  per_output = functools.partial(
-    _per_output, module=module, method=method, x=x, call_kwargs=call_kwargs, roles=node.roles
-  )
-  out = y + per_output(y_dropped, g - 1) + per_output(lora, g)
-  bias = module.variables.get("params", {}).get("bias")
-  if bias is not None:
-    if tuple(bias.shape) != tuple(g.shape):
-      raise ValueError(
-        f"DoRA at {'/'.join(module.path)}: the bias {tuple(bias.shape)} is not laid out like the "
-        f"layer's outputs {tuple(g.shape)}; DoRA needs a per-output bias or none."
-      )
-    out = out - per_output(jnp.ones_like(y), (g - 1) * bias)
-  return out
+  return lowrank.roles_from_equation(*_layer_equation(module, method, x, call_kwargs))
 
 
 class _SharedInputs:
@@ -257,38 +138,33 @@ def _interceptor(dropout_on: bool, adapter_ids=None):
       # nn.Embed creates its param in setup; the node is consumed below instead.
       return None
     plain = module.clone(parent=None)
+    method, x, rest = context.method_name, args[0], args[1:]
 
-    def base_layer(base, *args):
+    def base_layer(base, x):
       return plain.apply(
         {"params": {**params, _weight_name(module): dequantized(base)}},
-        *args,
-        method=context.method_name,
+        x,
+        *rest,
+        method=method,
         **kwargs,
       )
 
-    base = weight.base if is_lora(weight) or is_token_rows(weight) else weight
-    if is_quantized(base):
-      # Rematerialised, so the backward re-dequantizes instead of keeping every layer's
-      # full-precision weight alive from the forward: only the 4-bit codes are stored.
-      base_layer = jax.checkpoint(base_layer)
-    y = base_layer(base, *args)
-    if is_token_rows(weight):
-      if isinstance(module, nn.Embed) and context.method_name == "__call__":
-        return y + lookup_change(weight, args[0]).astype(y.dtype)
-      return project_change(weight, args[0], y)
-    if not is_lora(weight):
-      return y
-    method, x = context.method_name, args[0]
-    x_low = _dropped(module, weight, x, dropout_on)
-    low = shared.low(module, weight, x, dropout_on) if method == "__call__" else None
-    if low is not None:
-      lora = jnp.einsum("...r,ro->...o", low, weight.b * weight.scale)
-    else:
-      lora = _low_rank(module, method, weight, x_low, kwargs, adapter_ids)
-    if isinstance(weight, DoraWeight):
-      y_dropped = y if x_low is x else base_layer(base, x_low, *args[1:])
-      return _dora_output(module, method, weight, y, y_dropped, lora, x, kwargs).astype(y.dtype)
-    return y + lora.astype(y.dtype)
+    use_dropout = dropout_on and is_lora(weight) and weight.dropout > 0
+    low = None
+    if is_lora(weight) and method == "__call__":
+      low = shared.low(module, weight, x, dropout_on)
+    return lowrank.adapted_output(
+      weight,
+      base_layer,
+      x,
+      _layer_equation(module, method, x, kwargs),
+      where="/".join(module.path),
+      bias=params.get("bias"),
+      adapter_ids=adapter_ids,
+      dropout_key=module.make_rng("dropout") if use_dropout else None,
+      low=low,
+      embedding=isinstance(module, nn.Embed),
+    )
 
   return intercept
 

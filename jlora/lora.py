@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from flax.linen import meta
 
+from jlora import boxes
 from jlora import config as config_lib
-from jlora.config import BATCH, DATA_INITS, EMBEDDING, IN, OUT, LoraConfig
+from jlora.boxes import EMBEDDING
+from jlora.config import BATCH, DATA_INITS, IN, OUT, LoraConfig
 from jlora.quant import dequantized, is_quantized
 from jlora.tokens import is_token_rows, token_node, token_targets
 
@@ -42,6 +43,7 @@ class LoraWeight:
   dropout: float = struct.field(pytree_node=False, default=0.0)
 
   is_jlora_node = True
+  stacked = False  # several adapters along an adapter axis (jlora.multi.StackedLoraWeight)
   # The children that are trained. split, combine, adapter_count, the optimizer labels, the
   # sharding specs and PEFT IO all loop over this (with field_axes), so a variant that adds a
   # trainable child declares it here once and nowhere else.
@@ -132,6 +134,11 @@ def is_adapter(x) -> bool:
   """A node with trainable children (LoraWeight and its variants, TokenRows): what split,
   combine, merge and the optimizer labels look for."""
   return bool(getattr(type(x), "trainable_fields", ()))
+
+
+def is_stacked(x) -> bool:
+  """A node holding several adapters (jlora.stack_adapters)."""
+  return is_lora(x) and type(x).stacked
 
 
 _warned: set[str] = set()
@@ -375,7 +382,7 @@ def unmerge(merged, trainable, norms=None):
   values, a subset of the targets) give bases that are off by the difference. DoRA nodes also
   need their `norms` (jlora.weight_norms of the params before merging).
   """
-  merged = meta.unbox(merged)  # a merge of boxed params keeps the boxes; the result is plain
+  merged = boxes.unbox_tree(merged)  # a merge of boxed params keeps the boxes; the result is plain
   _check_unmerge_pair(merged, trainable)
 
   def undo(t, w, n):

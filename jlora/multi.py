@@ -26,11 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from flax.linen import meta
 
+from jlora import boxes
 from jlora import config as config_lib
 from jlora.config import BATCH
-from jlora.lora import DoraWeight, LoraWeight, is_lora
+from jlora.lora import DoraWeight, LoraWeight, is_lora, is_stacked
+from jlora.peft import load_adapter
 
 BASE = "base"  # the name that selects no adapter (id -1)
 
@@ -38,6 +39,8 @@ BASE = "base"  # the name that selects no adapter (id -1)
 @struct.dataclass
 class StackedLoraWeight(LoraWeight):
   """n adapters of one base weight (see the module docstring); `scale` is unused (1.0)."""
+
+  stacked = True
 
   scales: tuple[float, ...] = struct.field(pytree_node=False, default=())
   names: tuple[str, ...] = struct.field(pytree_node=False, default=())
@@ -71,10 +74,6 @@ class StackedLoraWeight(LoraWeight):
     return self.a[safe.reshape(-1, *(1,) * (tokens.ndim - 1)), tokens]
 
 
-def is_stacked(x) -> bool:
-  return isinstance(x, StackedLoraWeight)
-
-
 def _nodes(params) -> dict[str, Any]:
   found = {}
 
@@ -90,9 +89,7 @@ def _base_leaves(base_params) -> dict[str, Any]:
   found = {}
 
   def visit(key_path, leaf):
-    found[config_lib.path_str(key_path)] = (
-      leaf.unbox() if isinstance(leaf, meta.AxisMetadata) else leaf
-    )
+    found[config_lib.path_str(key_path)] = boxes.unboxed(leaf)
 
   jax.tree_util.tree_map_with_path(visit, base_params, is_leaf=config_lib.is_opaque)
   return found
@@ -101,13 +98,11 @@ def _base_leaves(base_params) -> dict[str, Any]:
 def _read(name: str, adapter, base_params, layout, model_config=None) -> dict[str, LoraWeight]:
   """One adapter's nodes by weight path, checked against the base."""
   if isinstance(adapter, (str, os.PathLike)):
-    from jlora.peft import load_adapter  # PEFT IO is only needed for adapters given as dirs
-
     try:
       adapter = load_adapter(adapter, base_params, layout=layout, model_config=model_config)
     except (ValueError, FileNotFoundError) as e:
       raise ValueError(f"stack_adapters: adapter {name!r}: {e}") from e
-  nodes = _nodes(meta.unbox(adapter))
+  nodes = _nodes(boxes.unbox_tree(adapter))
   if not nodes:
     raise ValueError(f"stack_adapters: adapter {name!r} holds no LoRA nodes.")
   for path, node in nodes.items():
@@ -201,10 +196,14 @@ def stack_adapters(
   paths = sorted(set().union(*(nodes.keys() for nodes in read.values())))
   stacked = {p: _stack_one(p, base[p], [read[n].get(p) for n in names], names) for p in paths}
   return jax.tree_util.tree_map_with_path(
-    lambda kp, leaf: stacked.get(config_lib.path_str(kp), leaf),
-    meta.unbox(base_params),
+    lambda kp, leaf: _replaced(leaf, stacked.get(config_lib.path_str(kp))),
+    boxes.unbox_tree(base_params),
     is_leaf=config_lib.is_opaque,
   )
+
+
+def _replaced(leaf, node):
+  return leaf if node is None else boxes.reboxed(leaf, node)
 
 
 def stacked_names(params) -> tuple[str, ...]:

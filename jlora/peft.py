@@ -38,16 +38,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.linen import meta
 
+from jlora import boxes
 from jlora import config as config_lib
-from jlora.config import BATCH, EMBEDDING, IN, KERNEL, OUT, LoraConfig
+from jlora.boxes import EMBEDDING, KERNEL
+from jlora.config import BATCH, IN, OUT, LoraConfig
 from jlora.errors import UserError, read_json
 from jlora.io import host_array, write_json, write_safetensors
-from jlora.lora import DoraWeight, LoraWeight, is_lora, weight_norm
+from jlora.lora import DoraWeight, LoraWeight, is_lora, is_stacked, weight_norm
 from jlora.models import registry
 from jlora.models.names import HFNames, is_expert_param, to_torch
-from jlora.multi import is_stacked
 from jlora.tokens import TokenRows, is_token_rows, token_node
 
 # PEFT's tensor of trainable token rows ([n, d] values, despite the name), after the module name.
@@ -450,7 +450,7 @@ def save_adapter(
       "save_adapter: a PiSSA adapter (init='pissa') is relative to a residual base that jlora "
       "modified, so PEFT would apply it to the wrong weights. Use export_merged instead."
     )
-  params = meta.unbox(params)
+  params = boxes.unbox_tree(params)
   entries = hf_modules(params, registry.hf_names(model_config))
   _check_tied_embedding(params, entries)
   peft_cfg = peft_config_from_lora(
@@ -524,8 +524,8 @@ def _base_modules(
   hf_names = hf_names or HFNames()
   out = {}
   for path, (leaf_name, leaf) in config_lib.candidate_leaves(base_params).items():
-    names = leaf.names if isinstance(leaf, meta.Partitioned) else None
-    shape = tuple(leaf.unbox().shape if isinstance(leaf, meta.AxisMetadata) else leaf.shape)
+    names = boxes.axis_names(leaf)
+    shape = tuple(boxes.unboxed(leaf).shape)
     try:
       n_lead, roles = config_lib.kernel_roles(path, leaf_name, shape, layout, names)
     except ValueError:
@@ -627,7 +627,7 @@ def _leaf_at(params, full: str):
   node = params
   for part in full.split("/"):
     node = node[part]
-  return node.unbox() if isinstance(node, meta.AxisMetadata) else node
+  return boxes.unboxed(node)
 
 
 def _check_base_copies(base_copies, index, base_params) -> None:
@@ -888,13 +888,16 @@ def load_adapter(
 
   def build(key_path, leaf):
     full = config_lib.path_str(key_path)
-    value = leaf.unbox() if isinstance(leaf, meta.AxisMetadata) else leaf
+    value = boxes.unboxed(leaf)
     if full in tokens:
       node = token_node(
         full.rpartition("/")[0], full.rpartition("/")[2], value, tokens[full]["indices"]
       )
-      return node.replace(rows=jnp.asarray(tokens[full]["rows"], node.rows.dtype))
-    return _build_node(full, value, nodes[full], dtype, dropout) if full in nodes else value
+      return boxes.reboxed(
+        leaf, node.replace(rows=jnp.asarray(tokens[full]["rows"], node.rows.dtype))
+      )
+    new = _build_node(full, value, nodes[full], dtype, dropout) if full in nodes else value
+    return boxes.reboxed(leaf, new)
 
   params = jax.tree_util.tree_map_with_path(build, base_params, is_leaf=config_lib.is_opaque)
   if not return_config:

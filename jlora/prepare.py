@@ -7,9 +7,9 @@ the benchmarks call this, so what they train is built the same way.
 from __future__ import annotations
 
 import jax
-from flax.linen import meta
 from jax.sharding import NamedSharding
 
+from jlora import boxes
 from jlora import sharding as shard_lib
 from jlora.config import Layout, LoraConfig
 from jlora.inits import eva, loftq
@@ -64,7 +64,7 @@ def prepare_for_training(
 def _named_specs(params):
   """(PartitionSpecs like the unboxed params, mesh) when every param has a NamedSharding, else
   (None, None). Params may be boxed with Flax axis metadata (as `from_pretrained` returns them)."""
-  plain = meta.unbox(params)
+  plain = boxes.unbox_tree(params)
   shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(plain)]
   if not shardings or not all(isinstance(s, NamedSharding) for s in shardings):
     return None, None

@@ -78,6 +78,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
+from jlora import boxes
 from jlora import config as config_lib
 from jlora.config import IN, Targets
 
@@ -489,12 +490,18 @@ def quantize(params, qcfg: QuantConfig, *, layout: config_lib.Layout | None = No
   unboxed = config_lib.map_selected(params, chosen, visit, layout)
   nodes = _quantized_nodes(todo, qcfg)
   return jax.tree_util.tree_map_with_path(
-    lambda kp, v: nodes.get(config_lib.path_str(kp), v), unboxed, is_leaf=config_lib.is_opaque
+    lambda kp, v: _replaced(v, nodes.get(config_lib.path_str(kp))),
+    unboxed,
+    is_leaf=config_lib.is_opaque,
   )
 
 
+def _replaced(leaf, node):
+  return leaf if node is None else boxes.reboxed(leaf, node)
+
+
 def _check_not_quantized(params) -> None:
-  for leaf in jax.tree.leaves(params, is_leaf=config_lib.is_opaque):
+  for leaf in jax.tree.leaves(params, is_leaf=config_lib.is_node):
     if is_quantized(leaf) or is_quantized(getattr(leaf, "base", None)):
       raise ValueError(
         "quantize: the params are already quantized (they hold QuantizedWeight nodes). "
@@ -565,12 +572,12 @@ def _dequantize_leaf(x):
 
 def dequantize(params):
   """Every QuantizedWeight (also a LoRA node's quantized base) becomes a plain array."""
-  return jax.tree.map(_dequantize_leaf, params, is_leaf=config_lib.is_opaque)
+  return jax.tree.map(_dequantize_leaf, params, is_leaf=config_lib.is_node)
 
 
 def quantized_nodes(params) -> list[QuantizedWeight]:
   out = []
-  for leaf in jax.tree.leaves(params, is_leaf=config_lib.is_opaque):
+  for leaf in jax.tree.leaves(params, is_leaf=config_lib.is_node):
     if is_quantized(leaf):
       out.append(leaf)
     elif is_quantized(getattr(leaf, "base", None)):

@@ -27,10 +27,11 @@ from pathlib import Path
 import gguf
 import jax
 import numpy as np
-from flax.linen import meta
 
+from jlora import boxes
 from jlora import config as config_lib
-from jlora.config import KERNEL, LoraConfig
+from jlora.boxes import KERNEL
+from jlora.config import LoraConfig
 from jlora.io import atomic_write, check_new_file, host_array, write_json, write_safetensors
 from jlora.lora import LoraWeight, is_adapter, is_lora
 from jlora.models import gguf_spec, gguf_vocab, loading, registry
@@ -70,7 +71,7 @@ def hf_tensors(params, model_config) -> list[HfTensor]:
   nothing computed yet."""
   hf_names = registry.hf_names(model_config)
   out = []
-  leaves = jax.tree_util.tree_flatten_with_path(meta.unbox(params), is_leaf=_is_node)[0]
+  leaves = jax.tree_util.tree_flatten_with_path(boxes.unbox_tree(params), is_leaf=_is_node)[0]
   for key_path, leaf in leaves:
     full = config_lib.path_str(key_path)
     leaf_name = full.rpartition("/")[2]
@@ -365,9 +366,9 @@ def _adapter_alpha(nodes: list[tuple[str, LoraWeight]], lora_cfg: LoraConfig | N
 
 def _adapter_nodes(params) -> list[tuple[str, LoraWeight]]:
   nodes = []
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(meta.unbox(params), is_leaf=is_lora)[
-    0
-  ]:
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(
+    boxes.unbox_tree(params), is_leaf=is_lora
+  )[0]:
     if not is_lora(leaf):
       continue
     full = config_lib.path_str(key_path)

@@ -1,0 +1,188 @@
+"""The forward of one adapted weight, given how its layer contracts: shared by linen and NNX.
+
+A layer that uses a weight is described by one einsum `x_sub,k_sub->y_sub` between its
+input and its weight (None for an embedding lookup). Whatever caught the call (linen's
+method interceptor, NNX's scoped catch in `jlora.nnx_forward`) hands this module the
+node, the input, that equation and a function running the layer on its base weight;
+the output is
+
+    y = layer(x; base) + scale * einsum(dropout(x), A, B)
+
+so W + BA is never formed, and a quantized base is dequantized inside a rematerialised
+function right next to its matmul (the backward re-dequantizes; only codes are kept).
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jlora.config import BATCH, IN, OUT
+from jlora.lora import DoraWeight, factor_axes, is_lora, is_stacked, weight_norm
+from jlora.quant import is_quantized
+from jlora.tokens import is_token_rows, lookup_change, project_change
+
+Equation = tuple[str, str, str]  # (x_sub, kernel_sub, y_sub); None for an embedding lookup
+
+
+def fresh_letters(used: str, n: int) -> str:
+  free = [c for c in string.ascii_letters if c not in used]
+  return "".join(free[:n])
+
+
+def parse_einsum(equation: str) -> tuple[list[str], str]:
+  """(operand subscripts, output subscripts) of an explicit einsum string."""
+  operands, _, y_sub = equation.replace(" ", "").partition("->")
+  return operands.split(","), y_sub
+
+
+def roles_from_equation(x_sub: str, k_sub: str, y_sub: str) -> tuple[str, ...]:
+  roles = []
+  for c in k_sub:
+    in_x, in_y = c in x_sub, c in y_sub
+    if in_x and in_y:
+      roles.append(BATCH)
+    elif in_x:
+      roles.append(IN)
+    elif in_y:
+      roles.append(OUT)
+    else:
+      raise ValueError(
+        f"Kernel axis {c!r} of einsum {x_sub},{k_sub}->{y_sub} is summed out; jlora can't adapt it."
+      )
+  return tuple(roles)
+
+
+def check_roles(where: str, node, equation: Equation) -> None:
+  expected = roles_from_equation(*equation)
+  if expected != node.roles:
+    raise ValueError(
+      f"The adapter at {where} was built for kernel roles {node.roles}, but the layer "
+      f"contracts as {','.join(equation[:2])}->{equation[2]} (roles {expected}). Rebuild "
+      "it with layout=jlora.trace_layout(model, ...)."
+    )
+
+
+def dropped(node, x, key) -> jax.Array:
+  """The input of the adapter path: x with the node's dropout when `key` is given, else x."""
+  if key is None or not node.dropout > 0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - node.dropout, x.shape)
+  return jnp.where(keep, x / (1.0 - node.dropout), 0).astype(x.dtype)
+
+
+def _per_row(x_sub: str, used: str, y_sub: str) -> tuple[str, str, str]:
+  """(row letter, x_sub, y_sub) with x's first (batch) axis named: each row picks its adapter."""
+  if x_sub.startswith("..."):
+    row = fresh_letters(x_sub + used + y_sub, 1)
+    return row, row + x_sub, row + y_sub
+  row = x_sub[0]
+  if row not in y_sub or row in used:
+    raise ValueError(
+      f"Per-row adapters need the layer's first input axis to be the batch; the layer contracts "
+      f"as {x_sub},{used}->{y_sub}."
+    )
+  return row, x_sub, y_sub
+
+
+def low_rank(node, x, equation: Equation | None, adapter_ids=None) -> jax.Array:
+  """scale * x A B as two contractions, input first (the only activation-sized temporary is
+  [..., rank]); with stacked adapters each row of the batch gathers its own A and B."""
+  stacked = is_stacked(node)
+  if stacked:
+    a, b = node.rows(adapter_ids)  # [batch, ...] each, the scale (0 for base rows) on b
+  else:
+    a, b = node.a, node.b * node.scale  # the scale goes on a factor, never on activations
+  if equation is None:  # embedding lookup: the rows of A are the token's low-rank code
+    if stacked:
+      return jnp.einsum("z...r,zrf->z...f", node.lookup(adapter_ids, x), b)
+    return jnp.einsum("...r,rf->...f", jnp.take(a, x, axis=0), b)
+  x_sub, k_sub, y_sub = equation
+  rank = fresh_letters(x_sub + k_sub + y_sub, 1)
+  a_sub, b_sub = ("".join(s) for s in factor_axes(k_sub, node.roles, rank))
+  # x meets the factor it shares axes with: A for a matmul, B for an embedding's attend.
+  (first, first_sub), (second, second_sub) = (a, a_sub), (b, b_sub)
+  if not set(first_sub) & set(x_sub):
+    (first, first_sub), (second, second_sub) = (second, second_sub), (first, first_sub)
+  if stacked:
+    row, x_sub, y_sub = _per_row(x_sub, k_sub + rank, y_sub)
+    first_sub, second_sub = row + first_sub, row + second_sub
+  mid_sub = "".join(c for c in x_sub if c not in first_sub or c in y_sub) + rank
+  low = jnp.einsum(f"{x_sub},{first_sub}->{mid_sub}", x, first)
+  return jnp.einsum(f"{mid_sub},{second_sub}->{y_sub}", low, second)
+
+
+def _per_output(y, g, equation: Equation, roles) -> jax.Array:
+  """y * g, with g laid out like the kernel's non-"in" axes (a DoRA magnitude ratio or bias)."""
+  _, k_sub, y_sub = equation
+  g_sub = "".join(c for c, r in zip(k_sub, roles) if r != IN)
+  return jnp.einsum(f"{y_sub},{g_sub}->{y_sub}", y, g.astype(y.dtype))
+
+
+def dora_output(node, y, y_dropped, lora, equation: Equation, bias, where: str) -> jax.Array:
+  """PEFT's DoRA: y + (g - 1) * (base(x') - bias) + g * lora(x'), g = m / ||W + s*A@B||.
+
+  x' is the dropped-out input when dropout is active (then base(x') is a second base
+  matmul, as in PEFT), else x itself and base(x') is y. Without dropout this is
+  g * (x W + s x A B) + bias. The norm is a constant of the backward (lora.weight_norm).
+  """
+  g = node.magnitude / weight_norm(node)
+  out = y + _per_output(y_dropped, g - 1, equation, node.roles)
+  out = out + _per_output(lora, g, equation, node.roles)
+  if bias is not None:
+    if tuple(bias.shape) != tuple(g.shape):
+      raise ValueError(
+        f"DoRA at {where}: the bias {tuple(bias.shape)} is not laid out like the "
+        f"layer's outputs {tuple(g.shape)}; DoRA needs a per-output bias or none."
+      )
+    out = out - _per_output(jnp.ones_like(y), (g - 1) * bias, equation, node.roles)
+  return out
+
+
+def adapted_output(
+  weight,
+  base_layer: Callable,
+  x,
+  equation: Equation | None,
+  *,
+  where: str,
+  bias=None,
+  adapter_ids=None,
+  dropout_key=None,
+  low=None,
+  embedding: bool = False,
+) -> jax.Array:
+  """The output of a layer whose weight is a jlora node.
+
+  base_layer(base, x) runs the layer on its base weight (`base` as stored, maybe quantized:
+  base_layer dequantizes it). `equation` is how the layer contracts x with its weight (None
+  for an embedding lookup). An `embedding`'s roles (rows in, features out) are not those of
+  its attend's contraction, so they are not checked against it. `low`, when
+  given, is x @ A computed already (jlora.intercept's shared-input siblings).
+  """
+  base = weight.base if is_lora(weight) or is_token_rows(weight) else weight
+  if is_quantized(base):
+    # Rematerialised, so the backward re-dequantizes instead of keeping every layer's
+    # full-precision weight alive from the forward: only the 4-bit codes are stored.
+    base_layer = jax.checkpoint(base_layer)
+  y = base_layer(base, x)
+  if is_token_rows(weight):  # trainable tokens: a lookup gains the rows' change, attend its columns
+    if equation is None:
+      return y + lookup_change(weight, x).astype(y.dtype)
+    return project_change(weight, x, y)
+  if not is_lora(weight):
+    return y
+  x_low = dropped(weight, x, dropout_key)
+  if low is not None:
+    lora = jnp.einsum("...r,ro->...o", low, weight.b * weight.scale)
+  else:
+    if equation is not None and not embedding:
+      check_roles(where, weight, equation)
+    lora = low_rank(weight, x_low, equation, adapter_ids)
+  if isinstance(weight, DoraWeight):
+    y_dropped = y if x_low is x else base_layer(base, x_low)
+    return dora_output(weight, y, y_dropped, lora, equation, bias, where).astype(y.dtype)
+  return y + lora.astype(y.dtype)
