@@ -26,6 +26,9 @@ EMBEDDING = "embedding"
 # The leaf names of linen's weight params (nn.Dense/DenseGeneral/Einsum: kernel, nn.Embed:
 # embedding). An NNX Param is a weight whatever its name (tunix's einsum modules call it `w`).
 LINEN_WEIGHT_NAMES = (KERNEL, EMBEDDING)
+# Params that add to or scale a layer's output (nnx.LinearGeneral's bias is [heads, head_dim])
+# are never weights, whatever their rank.
+NOT_WEIGHT_NAMES = ("bias", "scale")
 # Where NNX keeps the logical axis names of a Variable, newest Flax first.
 NNX_AXIS_NAME_KEYS = ("out_sharding", "sharding_names", "sharding")
 
@@ -72,8 +75,8 @@ def axis_names(x) -> tuple | None:
 def is_weight(name: str, leaf) -> bool:
   """Is the leaf called `name` a weight that LoRA or quantization may replace (rank >= 2)?"""
   if isinstance(leaf, nnx.Variable):
-    if not isinstance(leaf, nnx.Param):
-      return False  # batch statistics, caches, rngs: never weights
+    if not isinstance(leaf, nnx.Param) or name in NOT_WEIGHT_NAMES:
+      return False  # batch statistics, caches, rngs, biases: never weights
   elif name not in LINEN_WEIGHT_NAMES:
     return False
   return len(tuple(getattr(unboxed(leaf), "shape", ()))) >= 2

@@ -218,6 +218,16 @@ def is_node(x) -> bool:
   return getattr(type(x), "is_jlora_node", False)
 
 
+def whole_weight(node, index):
+  """`node[index]` for a jlora node: NNX code reads a weight as `variable[...]`, and a node
+  stands for its whole weight (it reaches the layer, where jlora catches it)."""
+  if index is Ellipsis:
+    return node
+  raise TypeError(
+    f"A {type(node).__name__} can only be read whole (weight[...]), not indexed with {index!r}."
+  )
+
+
 def is_opaque(x) -> bool:
   """What tree walks over params treat as one weight: boxes (linen metadata, NNX Variables)
   and jlora's nodes."""

@@ -11,7 +11,6 @@ layer at a time). The NNX side of this seam is `jlora.nnx_forward`.
 from __future__ import annotations
 
 import functools
-import string
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import nnx
 
-from jlora import lowrank
+from jlora import lowrank, nnx_forward
 from jlora.boxes import EMBEDDING, KERNEL
 from jlora.config import BATCH, IN, OUT, is_node
 from jlora.experts import GroupedDense
@@ -46,27 +46,10 @@ def _layer_equation(module, method: str, x: jax.Array, call_kwargs) -> tuple[str
   if isinstance(module, nn.Dense):
     return "...i", "io", "...o"
   if isinstance(module, nn.Einsum):
-    equation = call_kwargs.get("einsum_str") or module.einsum_str
-    operands, y_sub = equation.replace(" ", "").split("->")
-    x_sub, k_sub = operands.split(",")
+    (x_sub, k_sub), y_sub = lowrank.parse_einsum(call_kwargs.get("einsum_str") or module.einsum_str)
     return x_sub, k_sub, y_sub
-  # nn.DenseGeneral: kernel = batch_shape + contracted input shape + features; its
-  # dot_general output is (batch dims, remaining input dims, features).
-  ndim = x.ndim
-  norm = lambda axes: tuple(
-    a % ndim for a in (axes if isinstance(axes, (tuple, list)) else (axes,))
-  )
-  axis, batch_dims = norm(module.axis), norm(module.batch_dims)
   n_features = len(module.features) if isinstance(module.features, (tuple, list)) else 1
-  letters = iter(string.ascii_letters)
-  x_letters = [next(letters) for _ in range(ndim)]
-  out_letters = "".join(next(letters) for _ in range(n_features))
-  k_sub = (
-    "".join(x_letters[i] for i in batch_dims) + "".join(x_letters[i] for i in axis) + out_letters
-  )
-  free = "".join(x_letters[i] for i in range(ndim) if i not in axis and i not in batch_dims)
-  y_sub = "".join(x_letters[i] for i in batch_dims) + free + out_letters
-  return "".join(x_letters), k_sub, y_sub
+  return lowrank.dense_general_equation(x.ndim, module.axis, module.batch_dims, n_features)
 
 
 def _layer_roles(module, method, x, call_kwargs) -> tuple[str, ...]:
@@ -178,7 +161,12 @@ def wrap(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   Params from `jlora.stack_adapters` need `adapter_ids=` ([batch] ints): row i of the batch
   uses adapter ids[i] (its index in stack_adapters' dict, see jlora.adapter_ids), -1 the
   base model alone.
+
+  Given an NNX GraphDef (of `nnx.split(model)`) instead, it returns
+  fn(state, *args, adapter_ids=None, dropout_key=None, **kwargs): see jlora.nnx_forward.
   """
+  if isinstance(apply_fn, nnx.GraphDef):
+    return nnx_forward.wrap(apply_fn)
 
   @functools.wraps(apply_fn)
   def wrapped(variables, *args, adapter_ids=None, **kwargs):
@@ -196,13 +184,18 @@ def wrap(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   return wrapped
 
 
-def trace_layout(model: nn.Module, *args, method=None, **kwargs) -> dict[str, tuple[str, ...]]:
+def trace_layout(model, *args, method=None, **kwargs) -> dict[str, tuple[str, ...]]:
   """Roles of every Dense/DenseGeneral/Einsum/Embed weight, by module path.
 
   Traces `model.init` abstractly (jax.eval_shape: no FLOPs, no memory) on example
   inputs and records how each layer contracts its input with its weight.
   Pass the result as `jlora.apply(..., layout=...)` or `jlora.quantize(..., layout=...)`.
+  An NNX model is traced through its call (`method`, default __call__) instead, which also
+  records params that custom modules contract with jnp.einsum / lax.dot_general.
   """
+  if isinstance(model, nnx.Module):
+    graphdef, state = nnx.split(model)
+    return nnx_forward.trace_layout(graphdef, state, *args, method=method or "__call__", **kwargs)
   layout: dict[str, tuple[str, ...]] = {}
 
   def record(next_fun, call_args, call_kwargs, context):

@@ -84,6 +84,9 @@ class LoraWeight:
     a_sub, b_sub = ("".join(s) for s in factor_axes(axes, self.roles, "z"))
     return self.scale * jnp.einsum(f"{lead}{a_sub},{lead}{b_sub}->{lead}{axes}", self.a, self.b)
 
+  def __getitem__(self, index):
+    return config_lib.whole_weight(self, index)
+
   def __jax_array__(self):
     # Reached only by code that uses the weight as a plain array (a custom layer that
     # jlora.wrap does not intercept). Correct, but it forms W + BA, so say so once.

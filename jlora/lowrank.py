@@ -39,6 +39,34 @@ def parse_einsum(equation: str) -> tuple[list[str], str]:
   return operands.split(","), y_sub
 
 
+def dot_general_equation(lhs_ndim: int, rhs_ndim: int, dimension_numbers) -> Equation:
+  """lax.dot_general(lhs, rhs, dimension_numbers) as einsum subscripts (lhs, rhs, out): the
+  output is batch axes, then lhs's free axes, then rhs's free axes (dot_general's order)."""
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = (
+    tuple(tuple(int(a) % n for a in axes) for axes, n in zip(pair, (lhs_ndim, rhs_ndim)))
+    for pair in dimension_numbers
+  )
+  letters = iter(string.ascii_letters)
+  lhs = [next(letters) for _ in range(lhs_ndim)]
+  shared = dict(zip(rhs_contract + rhs_batch, lhs_contract + lhs_batch))
+  rhs = [lhs[shared[j]] if j in shared else next(letters) for j in range(rhs_ndim)]
+  out = [lhs[i] for i in lhs_batch]
+  out += [c for i, c in enumerate(lhs) if i not in lhs_contract + lhs_batch]
+  out += [c for j, c in enumerate(rhs) if j not in shared]
+  return "".join(lhs), "".join(rhs), "".join(out)
+
+
+def dense_general_equation(x_ndim: int, axis, batch_dims, n_features: int) -> Equation:
+  """A DenseGeneral / LinearGeneral layer: kernel = batch axes + contracted input axes +
+  features, contracted with x by dot_general."""
+  as_tuple = lambda axes: tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+  axis, batch_dims = as_tuple(axis), as_tuple(batch_dims)
+  n_batch, n_axis = len(batch_dims), len(axis)
+  contract = tuple(range(n_batch, n_batch + n_axis))
+  numbers = ((axis, contract), (batch_dims, tuple(range(n_batch))))
+  return dot_general_equation(x_ndim, n_batch + n_axis + n_features, numbers)
+
+
 def roles_from_equation(x_sub: str, k_sub: str, y_sub: str) -> tuple[str, ...]:
   roles = []
   for c in k_sub:

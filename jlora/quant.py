@@ -277,6 +277,9 @@ class QuantizedWeight:
   def __jax_array__(self):
     return self.dequantize()
 
+  def __getitem__(self, index):
+    return config_lib.whole_weight(self, index)
+
   # ------------------------------------------------------------------ sharding
 
   def partition_spec(self, kernel_spec, mesh=None) -> QuantizedWeight:
