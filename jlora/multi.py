@@ -81,7 +81,7 @@ def _nodes(params) -> dict[str, Any]:
     if is_lora(leaf):
       found[config_lib.path_str(key_path)] = leaf
 
-  jax.tree_util.tree_map_with_path(visit, params, is_leaf=config_lib.is_opaque)
+  jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_lora)
   return found
 
 

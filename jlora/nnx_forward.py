@@ -260,9 +260,31 @@ def wrap(graphdef: nnx.GraphDef, method: str = "__call__") -> Callable[..., Any]
       adapter_ids = check_adapter_ids(state, adapter_ids)
     with caught(_Call(adapter_ids=adapter_ids, dropout_key=dropout_key)):
       model = nnx.merge(graphdef, state)
+      _check_supported(model)
       return getattr(model, method)(*args, **kwargs)
 
   return run
+
+
+def _check_supported(model) -> None:
+  """A Flax layer that holds a node but is neither a stock layer jlora catches nor code that
+  reaches jnp.einsum / lax.dot_general (nnx.Conv, ...) is an error, not a silent merge."""
+  stock = tuple({cls for cls, _, _ in STOCK_METHODS})
+  for path, module in nnx.iter_graph(model):
+    if not isinstance(module, nnx.Module) or isinstance(module, stock):
+      continue
+    if not type(module).__module__.startswith("flax."):
+      continue  # user code: its einsum / dot_general calls are caught
+    held = [
+      n for n, v in vars(module).items() if isinstance(v, nnx.Variable) and is_node(v.get_value())
+    ]
+    if held:
+      where = "/".join(map(str, path)) or "(the model)"
+      raise ValueError(
+        f"{where}: jlora can't adapt the {held[0]!r} of an nnx.{type(module).__name__}; it adapts "
+        f"nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Embed and modules that contract their "
+        "param with jnp.einsum or lax.dot_general. Exclude it (LoraConfig.exclude)."
+      )
 
 
 def trace_layout(graphdef: nnx.GraphDef, state, *args, method: str = "__call__", **kwargs):

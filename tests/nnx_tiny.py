@@ -1,0 +1,95 @@
+"""A tiny NNX transformer-like model for the NNX tests: every way NNX code meets a weight.
+
+Stock layers (nnx.Embed with a tied `attend` head, nnx.LinearGeneral, nnx.Einsum,
+nnx.Linear), a custom module that calls jnp.einsum on its own param `w` (as tunix's and
+bonsai's attention projections do), one that calls lax.dot_general (as MaxText's
+DenseGeneral does), and a layer stack built with nnx.vmap and run with nnx.scan. Every
+weight carries logical axis names, with the stack's axis named 'layers'.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+VOCAB, D, HEADS, LAYERS = 32, 16, 2, 2
+TARGETS = ("q", "o", "up", "down", "gate", "embed")
+
+
+def _init(names):
+  return nnx.with_partitioning(nnx.initializers.normal(0.2), names)
+
+
+class EinsumProj(nnx.Module):
+  """tunix-style: a param `w` contracted by jnp.einsum with the module's own equation."""
+
+  def __init__(self, equation, shape, names, rngs):
+    self.equation = equation
+    self.w = nnx.Param(_init(names)(rngs.params(), shape))
+
+  def __call__(self, x):
+    return jnp.einsum(self.equation, x, self.w[...])
+
+
+class DotGeneralProj(nnx.Module):
+  """MaxText-style: lax.dot_general on the param."""
+
+  def __init__(self, din, dout, names, rngs):
+    self.kernel = nnx.Param(_init(names)(rngs.params(), (din, dout)))
+
+  def __call__(self, x):
+    return jax.lax.dot_general(x, self.kernel[...], (((x.ndim - 1,), (0,)), ((), ())))
+
+
+class Block(nnx.Module):
+  def __init__(self, rngs, dim):
+    D = dim
+    head = D // HEADS
+    self.q = nnx.LinearGeneral(
+      D, (HEADS, head), kernel_init=_init(("embed", "heads", "kv")), rngs=rngs
+    )
+    self.o = nnx.Einsum(
+      "btnh,nhd->btd",
+      (HEADS, head, D),
+      (D,),
+      kernel_init=_init(("heads", "kv", "embed")),
+      rngs=rngs,
+    )
+    self.up = nnx.Linear(D, 2 * D, kernel_init=_init(("embed", "mlp")), rngs=rngs)
+    self.down = EinsumProj("btf,fd->btd", (2 * D, D), ("mlp", "embed"), rngs)
+    self.gate = DotGeneralProj(D, D, ("embed", "mlp"), rngs)
+
+  def __call__(self, x):
+    x = x + self.o(jnp.tanh(self.q(x)))
+    return x + self.down(jax.nn.silu(self.up(x))) * jnp.tanh(self.gate(x)).mean(-1, keepdims=True)
+
+
+class TinyNnx(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs, vocab: int = VOCAB, dim: int = D):
+    self.embed = nnx.Embed(vocab, dim, embedding_init=_init(("vocab", "embed")), rngs=rngs)
+
+    @nnx.split_rngs(splits=LAYERS)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def stack(rngs):
+      return Block(rngs, dim)
+
+    self.layers = stack(rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def run(x, layer):
+      return layer(x)
+
+    return self.embed.attend(run(x, self.layers))
+
+
+def make(seed: int = 0, vocab: int = VOCAB, dim: int = D) -> TinyNnx:
+  with nnx.use_eager_sharding(False):
+    return TinyNnx(nnx.Rngs(seed), vocab, dim)
+
+
+def tokens(batch: int = 2, length: int = 5, seed: int = 0):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)

@@ -1,0 +1,241 @@
+"""NNX models: jlora's nodes in an nnx.State, the low-rank forward, training, errors.
+
+References are independent of jlora's forward: the unmodified NNX model run on weights
+materialised in numpy (W + scale * A @ B, DoRA's m * V / ||V||), XLA's cost analysis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jlora
+from jlora.config import IN
+from jlora.quant import quantized_nodes
+from tests import nnx_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = nnx_tiny.make()
+  tokens = nnx_tiny.tokens()
+  graphdef, state = nnx.split(model)
+  layout = jlora.trace_layout(model, tokens)
+  return model, graphdef, state, layout, tokens
+
+
+def _randomized(params, seed=3):
+  """Non-zero A and B everywhere, so the adapters change the output."""
+  keys = iter(jax.random.split(jax.random.key(seed), 1000))
+
+  def visit(x):
+    if not jlora.is_lora(x):
+      return x
+    return x.replace(
+      a=0.3 * jax.random.normal(next(keys), x.a.shape),
+      b=0.3 * jax.random.normal(next(keys), x.b.shape),
+    )
+
+  return jax.tree.map(visit, params, is_leaf=jlora.is_lora)
+
+
+def _delta(node) -> np.ndarray:
+  """scale * A @ B in numpy, per stacked layer (roles here are in... then out...)."""
+  a, b = np.asarray(node.a, np.float64), np.asarray(node.b, np.float64)
+  n_lead = a.ndim - 1 - node.roles.count(IN)
+  if n_lead:
+    return node.scale * np.stack([np.tensordot(a[i], b[i], axes=1) for i in range(a.shape[0])])
+  return node.scale * np.tensordot(a, b, axes=1)
+
+
+def _materialised(params, dora=False):
+  """Each node replaced by a plain weight, computed in numpy."""
+
+  def visit(x):
+    if not jlora.is_lora(x):
+      return x
+    base = np.asarray(jlora.dequantize(x.base) if jlora.is_node(x.base) else x.base, np.float64)
+    v = base + _delta(x)
+    if dora:
+      n_lead = v.ndim - len(x.roles)
+      in_axes = tuple(n_lead + i for i, r in enumerate(x.roles) if r == IN)
+      norm = np.sqrt(np.sum(v**2, axis=in_axes, keepdims=True))
+      v = v / norm * np.expand_dims(np.asarray(x.magnitude, np.float64), in_axes)
+    return jnp.asarray(v, jnp.float32)
+
+  return jax.tree.map(visit, params, is_leaf=jlora.is_node)
+
+
+def _run_unmodified(graphdef, plain_state, tokens):
+  return nnx.merge(graphdef, plain_state)(tokens)
+
+
+def test_init_output_equals_the_base_exactly(tiny):
+  model, graphdef, state, layout, tokens = tiny
+  cfg = jlora.LoraConfig(rank=2, targets=nnx_tiny.TARGETS)
+  lora = jlora.apply(state, cfg, jax.random.key(1), layout=layout)
+  # Every target (stock layers, the custom einsum `w`, the dot_general kernel) holds a node.
+  adapted = {
+    p for p, _ in jax.tree_util.tree_flatten_with_path(lora, is_leaf=jlora.is_lora)[0] if True
+  }
+  assert len(jax.tree.leaves(lora, is_leaf=jlora.is_lora)) > 0 and adapted
+  nodes = [x for x in jax.tree.leaves(lora, is_leaf=jlora.is_lora) if jlora.is_lora(x)]
+  assert len(nodes) == len(nnx_tiny.TARGETS)
+  np.testing.assert_array_equal(jlora.wrap(graphdef)(lora, tokens), model(tokens))
+
+
+def test_low_rank_forward_equals_the_unmodified_model_on_materialised_weights(tiny):
+  model, graphdef, state, layout, tokens = tiny
+  cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=nnx_tiny.TARGETS)
+  lora = _randomized(jlora.apply(state, cfg, jax.random.key(1), layout=layout))
+  out = jax.jit(jlora.wrap(graphdef))(lora, tokens)
+  expected = _run_unmodified(graphdef, _materialised(lora), tokens)
+  assert float(jnp.max(jnp.abs(expected - model(tokens)))) > 0.1  # the adapters matter
+  np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+  # The user's model instance is untouched, and nothing stays patched after the call.
+  assert jnp.einsum is jax.numpy.einsum and nnx.Linear.__call__.__name__ == "__call__"
+  assert not hasattr(nnx.Linear.__call__, "__wrapped__")
+
+
+def test_unmerge_recovers_the_base_and_grads_reach_only_the_adapters(tiny):
+  _, graphdef, state, layout, tokens = tiny
+  cfg = jlora.LoraConfig(rank=2, targets=nnx_tiny.TARGETS)
+  lora = _randomized(jlora.apply(state, cfg, jax.random.key(1), layout=layout))
+  trainable, frozen = jlora.split(lora)
+  merged = jlora.merge(lora)
+  back = jlora.unmerge(merged, trainable)
+  for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(lora)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+  def loss(t):
+    return jnp.mean(jlora.wrap(graphdef)(jlora.combine(t, frozen), tokens) ** 2)
+
+  grads = jax.jit(jax.grad(loss))(trainable)
+  nodes = [x for x in jax.tree.leaves(grads, is_leaf=jlora.is_lora) if jlora.is_lora(x)]
+  assert len(nodes) == len(nnx_tiny.TARGETS)
+  for node in nodes:
+    assert (
+      node.base is None and float(jnp.abs(node.a).sum()) > 0 and float(jnp.abs(node.b).sum()) > 0
+    )
+  assert len(jax.tree.leaves(grads)) == 2 * len(nodes)  # A and B only: no base, no bias
+
+
+def test_optimizer_state_is_twice_the_adapter_floats_and_a_step_trains(tiny):
+  _, graphdef, state, layout, tokens = tiny
+  lora = jlora.apply(
+    state, jlora.LoraConfig(rank=2, targets=nnx_tiny.TARGETS), jax.random.key(1), layout=layout
+  )
+  tx = jlora.optimizer(optax.adam(1e-2))
+  opt_state = tx.init(lora)
+  floats = sum(x.size for x in jax.tree.leaves(opt_state) if jnp.issubdtype(x.dtype, jnp.floating))
+  assert floats == 2 * jlora.adapter_count(lora)
+
+  @jax.jit
+  def step(params, opt_state):
+    loss, grads = jax.value_and_grad(lambda p: jnp.mean(jlora.wrap(graphdef)(p, tokens) ** 2))(
+      params
+    )
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  params, opt_state, first = step(lora, opt_state)
+  for _ in range(3):
+    params, opt_state, loss = step(params, opt_state)
+  assert float(loss) < float(first)
+  frozen_before, frozen_after = jlora.split(lora)[1], jlora.split(params)[1]
+  for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen_after)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_lora_step_costs_at_most_2_2x_the_forward_in_xla_flops():
+  # The shape of test_lora's linen check (d=128, vocab 256, 8 x 64 tokens, all-linear r=8):
+  # only compiled, never run.
+  model = nnx_tiny.make(vocab=256, dim=128)
+  tokens = jnp.zeros((8, 64), jnp.int32)
+  graphdef, state = nnx.split(model)
+  cfg = jlora.LoraConfig(rank=8, alpha=16, targets="all-linear")
+  lora = jlora.apply(state, cfg, jax.random.key(1), layout=jlora.trace_layout(model, tokens))
+  trainable, frozen = jlora.split(lora)
+  run = jlora.wrap(graphdef)
+  loss = lambda logits: jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+  flops = lambda f, x: jax.jit(f).lower(x).compile().cost_analysis()["flops"]
+  forward = flops(lambda p: loss(run(p, tokens)), lora)
+  step = flops(jax.grad(lambda t: loss(run(jlora.combine(t, frozen), tokens))), trainable)
+  assert step <= 2.2 * forward, step / forward
+
+
+def test_qlora_nf4_double_quant_on_nnx(tiny):
+  _, graphdef, state, layout, tokens = tiny
+  targets = ("q", "o", "up", "down", "gate")
+  q = jlora.quantize(state, jlora.QuantConfig(block_size=8, targets=targets), layout=layout)
+  assert len(quantized_nodes(q)) == len(targets) and jlora.bytes_per_weight(q) < 4
+  lora = _randomized(
+    jlora.apply(q, jlora.LoraConfig(rank=2, targets=targets), jax.random.key(1), layout=layout)
+  )
+  out = jax.jit(jlora.wrap(graphdef))(lora, tokens)
+  np.testing.assert_allclose(out, _run_unmodified(graphdef, _materialised(lora), tokens), atol=1e-5)
+
+
+def test_dora_on_nnx(tiny):
+  _, graphdef, state, layout, tokens = tiny
+  cfg = jlora.LoraConfig(rank=2, targets=("q", "o", "up", "down", "gate"), use_dora=True)
+  lora = jlora.apply(state, cfg, jax.random.key(1), layout=layout)
+  np.testing.assert_allclose(
+    jlora.wrap(graphdef)(lora, tokens), nnx.merge(graphdef, state)(tokens), atol=1e-5
+  )
+  lora = _randomized(lora)
+  lora = jax.tree.map(
+    lambda x: x.replace(magnitude=x.magnitude * 1.3) if jlora.is_lora(x) else x,
+    lora,
+    is_leaf=jlora.is_lora,
+  )
+  out = jax.jit(jlora.wrap(graphdef))(lora, tokens)
+  np.testing.assert_allclose(
+    out, _run_unmodified(graphdef, _materialised(lora, dora=True), tokens), atol=2e-5
+  )
+
+
+def test_mixed_adapter_batch_on_nnx(tiny):
+  _, graphdef, state, layout, tokens = tiny
+  cfg = jlora.LoraConfig(rank=2, targets=nnx_tiny.TARGETS)
+  first = _randomized(jlora.apply(state, cfg, jax.random.key(1), layout=layout), seed=4)
+  second = _randomized(
+    jlora.apply(
+      state, jlora.LoraConfig(rank=3, targets=("up", "down")), jax.random.key(2), layout=layout
+    ),
+    seed=5,
+  )
+  stacked = jlora.stack_adapters({"first": first, "second": second}, state)
+  rows = jnp.concatenate([tokens, tokens[:1]])
+  ids = jlora.adapter_ids(stacked, ["first", "second", "base"])
+  out = jax.jit(jlora.wrap(graphdef))(stacked, rows, adapter_ids=ids)
+  np.testing.assert_allclose(
+    out[0], _run_unmodified(graphdef, _materialised(first), tokens)[0], atol=1e-5
+  )
+  np.testing.assert_allclose(
+    out[1], _run_unmodified(graphdef, _materialised(second), tokens)[1], atol=1e-5
+  )
+  np.testing.assert_allclose(out[2], nnx.merge(graphdef, state)(tokens)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_target_that_matches_nothing_lists_the_nnx_paths(tiny):
+  _, _, state, layout, _ = tiny
+  with pytest.raises(ValueError, match=r"matched no weight(.|\n)*layers/down(.|\n)*layers/q"):
+    jlora.apply(state, jlora.LoraConfig(targets=("q_proj",)), jax.random.key(0), layout=layout)
+
+
+def test_an_unsupported_nnx_layer_is_named():
+  conv = nnx.Conv(3, 4, kernel_size=(3,), rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(conv)
+  lora = jlora.apply(
+    state,
+    jlora.LoraConfig(rank=2, targets=".*"),
+    jax.random.key(0),
+    layout={"": ("in", "in", "out")},
+  )
+  with pytest.raises(ValueError, match=r"can't adapt the 'kernel' of an nnx.Conv"):
+    jlora.wrap(graphdef)(lora, jnp.ones((1, 5, 3)))
