@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora import boxes
-from jlora.boxes import KERNEL
+from jlora.boxes import EMBEDDING, KERNEL  # noqa: F401 (also imported from here)
 
 Targets = str | Sequence[str]
 # Token ids whose embedding rows train (PEFT's trainable_token_indices): a list (the input
