@@ -1,6 +1,7 @@
 """Meshes, and shardings for trees that hold jlora nodes, derived from the base's.
 
-The base model names the logical axes of its params (nn.with_logical_partitioning);
+The base model names the logical axes of its params (linen: nn.with_logical_partitioning;
+NNX: the `out_sharding` metadata of its Variables, nnx.with_partitioning);
 rules map them to the mesh axes data / fsdp / tensor. An adapter then shards like
 the weight it adapts: A takes the base's input-axis specs and an unsharded rank,
 B an unsharded rank and the base's output-axis specs. Nothing is replicated by fiat.
@@ -15,6 +16,7 @@ import jax
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jlora import boxes
 from jlora.lora import is_adapter
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -56,8 +58,15 @@ def make_mesh(
 
 
 def logical_specs(boxed_params, rules) -> dict:
-  """PartitionSpecs over mesh axes for params boxed with logical axis names."""
-  return nn.logical_to_mesh(nn.get_partition_spec(boxed_params), rules)
+  """PartitionSpecs over mesh axes for params whose boxes name logical axes: linen boxes, or
+  NNX Variables (the spec stays inside its Variable, so the tree matches the nnx.State)."""
+  return nn.logical_to_mesh(jax.tree.map(_logical_spec, boxed_params, is_leaf=boxes.is_box), rules)
+
+
+def _logical_spec(x):
+  if boxes.is_nnx_variable(x):
+    return x.replace(PartitionSpec(*(boxes.axis_names(x) or ())))
+  return nn.get_partition_spec(x)
 
 
 def _padded(spec, ndim: int) -> tuple:

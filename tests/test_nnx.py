@@ -6,6 +6,11 @@ materialised in numpy (W + scale * A @ B, DoRA's m * V / ||V||), XLA's cost anal
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,3 +244,75 @@ def test_an_unsupported_nnx_layer_is_named():
   )
   with pytest.raises(ValueError, match=r"can't adapt the 'kernel' of an nnx.Conv"):
     jlora.wrap(graphdef)(lora, jnp.ones((1, 5, 3)))
+
+
+SHARDED_SCRIPT = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+import jlora
+from jlora import sharding as shard_lib
+from tests import nnx_tiny
+
+model = nnx_tiny.make()
+tokens = nnx_tiny.tokens(batch=4)
+layout = jlora.trace_layout(model, tokens)
+graphdef, state = nnx.split(model)
+cfg = jlora.LoraConfig(rank=2, targets=nnx_tiny.TARGETS)
+rules = (("layers", None), ("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"),
+         ("heads", "tensor"), ("kv", None))
+mesh = shard_lib.make_mesh(data=2, fsdp=2, tensor=2)
+placed = jax.device_put(state, shard_lib.named(mesh, shard_lib.logical_specs(state, rules)))
+
+def step(trainable, frozen, tokens):
+  loss = lambda t: jnp.mean(jlora.wrap(graphdef)(jlora.combine(t, frozen), tokens) ** 2)
+  return jax.value_and_grad(loss)(trainable)
+
+def randomized(t):
+  keys = iter(jax.random.split(jax.random.key(7), 100))
+  return jax.tree.map(lambda x: x.replace(b=0.3 * jax.random.normal(next(keys), x.b.shape))
+                      if jlora.is_lora(x) else x, t, is_leaf=jlora.is_lora)
+
+t1, f1 = jlora.prepare_for_training(state, cfg, jax.random.key(1), layout=layout)
+t8, f8 = jlora.prepare_for_training(placed, cfg, jax.random.key(1), layout=layout)
+t1 = randomized(t1)
+t8 = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), randomized(t8), t8)
+loss1, g1 = jax.jit(step)(t1, f1, tokens)
+x8 = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+loss8, g8 = jax.jit(step)(t8, f8, x8)
+up = t8["layers"]["up"]["kernel"].get_value()
+print(json.dumps({
+  "loss": [float(loss1), float(loss8)],
+  "grad_diff": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8))),
+  "up_a": str(up.a.sharding.spec), "up_b": str(up.b.sharding.spec),
+  "up_base": str(f8["layers"]["up"]["kernel"].get_value().base.sharding.spec),
+  "devices": len(up.a.sharding.device_set),
+}))
+"""
+
+
+def test_sharded_step_on_8_devices_equals_the_one_device_step():
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+  }
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+    [sys.executable, "-c", SHARDED_SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=root,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  # Adapters shard like the base weight they adapt (from its NNX metadata): A on the input
+  # axes, B on the output axes, the rank never.
+  assert result["up_base"] == "P(None, 'fsdp', 'tensor')"
+  assert result["up_a"] == "P(None, 'fsdp', None)"
+  assert result["up_b"] == "P(None, None, 'tensor')"
+  assert result["devices"] == 8
+  np.testing.assert_allclose(*result["loss"], rtol=1e-5)
+  assert result["grad_diff"] < 1e-5
