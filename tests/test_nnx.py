@@ -316,3 +316,46 @@ def test_sharded_step_on_8_devices_equals_the_one_device_step():
   assert result["devices"] == 8
   np.testing.assert_allclose(*result["loss"], rtol=1e-5)
   assert result["grad_diff"] < 1e-5
+
+
+@pytest.mark.ref
+def test_nnx_llama_matches_transformers_and_its_adapter_loads_in_peft(tmp_path):
+  """An NNX Llama mirroring transformers' (examples/nnx_llama.py): logits equal HF's; a LoRA
+  adapter saved from its nnx.State loads in PEFT and gives jlora's low-rank logits."""
+  import peft
+  import torch
+  import transformers
+
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
+  import nnx_llama
+
+  hf_cfg = transformers.LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    rms_norm_eps=1e-6,
+  )
+  torch.manual_seed(0)
+  hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+  tokens = np.random.RandomState(0).randint(0, 64, (2, 7))
+  with torch.no_grad():
+    base_logits = hf(torch.tensor(tokens)).logits.numpy()
+  model = nnx_llama.from_hf(hf)
+  np.testing.assert_allclose(model(jnp.asarray(tokens)), base_logits, atol=1e-5)
+
+  graphdef, state = nnx.split(model)
+  cfg = jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+  lora = _randomized(jlora.apply(state, cfg, jax.random.key(0)))
+  ours = jlora.wrap(graphdef)(lora, jnp.asarray(tokens))
+  with pytest.warns(UserWarning, match="vLLM"):
+    jlora.save_adapter(tmp_path / "adapter", lora, cfg)
+  with torch.no_grad():
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(torch.tensor(tokens))
+  assert np.abs(theirs.logits.numpy() - base_logits).max() > 0.1
+  np.testing.assert_allclose(ours, theirs.logits.numpy(), atol=1e-5)
+  loaded = jlora.load_adapter(tmp_path / "adapter", state)
+  np.testing.assert_allclose(jlora.wrap(graphdef)(loaded, jnp.asarray(tokens)), ours, atol=1e-6)
