@@ -199,18 +199,24 @@ def path_str(key_path) -> str:
   return "/".join(parts)
 
 
-def candidate_leaves(params) -> dict[str, tuple[str, Any]]:
-  """Adaptable leaves as {module path: (leaf name, leaf)}: the weights (`boxes.is_weight`)."""
+def _weights_by_module(params) -> dict[str, list[tuple[str, Any]]]:
   found = {}
 
   def visit(key_path, leaf):
     full = path_str(key_path)
     module, _, name = full.rpartition("/")
     if boxes.is_weight(name, leaf):
-      found[module] = (name, leaf)
+      found.setdefault(module, []).append((name, leaf))
 
   jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_opaque)
   return found
+
+
+def candidate_leaves(params) -> dict[str, tuple[str, Any]]:
+  """Adaptable leaves as {module path: (leaf name, leaf)}: the weights (`boxes.is_weight`).
+  A module that holds several (an NNX module with two 2-D Params) lists its last one here;
+  `select` refuses to select it."""
+  return {module: weights[-1] for module, weights in _weights_by_module(params).items()}
 
 
 def is_node(x) -> bool:
@@ -253,6 +259,14 @@ def select(
     for path, (name, _) in candidates.items()
     if _matches(path, name, targets) and not (exclude is not None and _matches(path, name, exclude))
   ]
+  several = {m: [n for n, _ in w] for m, w in _weights_by_module(params).items() if len(w) > 1}
+  for path in chosen:
+    if path in several:
+      names = several[path]
+      raise ValueError(
+        f"{field}={targets!r} selects {path!r}, which holds several weights {names}; jlora adapts "
+        "one weight per module path. Select other modules (exclude this one)."
+      )
   if not chosen:
     listing = (
       "\n  ".join(sorted(candidates))

@@ -359,3 +359,14 @@ def test_nnx_llama_matches_transformers_and_its_adapter_loads_in_peft(tmp_path):
   np.testing.assert_allclose(ours, theirs.logits.numpy(), atol=1e-5)
   loaded = jlora.load_adapter(tmp_path / "adapter", state)
   np.testing.assert_allclose(jlora.wrap(graphdef)(loaded, jnp.asarray(tokens)), ours, atol=1e-6)
+
+
+def test_a_module_with_two_weights_is_refused_by_name():
+  class TwoWeights(nnx.Module):
+    def __init__(self):
+      self.gating = nnx.Param(jnp.ones((4, 8)))
+      self.linear = nnx.Param(jnp.ones((8, 4)))
+
+  _, state = nnx.split(TwoWeights())
+  with pytest.raises(ValueError, match=r"holds several weights \['gating', 'linear'\]"):
+    jlora.apply(state, jlora.LoraConfig(rank=2, targets=".*"), jax.random.key(0))
