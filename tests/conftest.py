@@ -7,7 +7,16 @@ import pytest
 # tiny GGUFs per architecture. Under `pytest -n 2` every worker that runs a test using one builds
 # its own copy, so a split group pays twice. With `--dist loadgroup` (pyproject.toml) each group
 # below runs on one worker; every other test is still spread over the workers as it comes.
-SHARED_FIXTURES = ("two", "finished", "adapted", "family", "tiny_ggufs", "served")
+SHARED_FIXTURES = (
+  "two",
+  "finished",
+  "adapted",
+  "family",
+  "tiny_ggufs",
+  "served",
+  "uninterrupted",
+  "bad_input_files",
+)
 
 
 # tryfirst: pytest-xdist reads the xdist_group marks in its own collection hook, so they must be

@@ -18,7 +18,7 @@ from train.errors import Stopped, exit_on_user_error, writing
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def bad_input_files(tmp_path_factory):
   root = tmp_path_factory.mktemp("bad-inputs")
   out = tiny.sft_files(root)
   gemma = GemmaConfig(
@@ -90,14 +90,18 @@ SFT_CONFIG = [
 
 
 @pytest.mark.parametrize("extra,expected", SFT_CONFIG, ids=lambda v: str(v)[:60])
-def test_sft_bad_config_is_one_line(files, tmp_path, capsys, extra, expected):
+def test_sft_bad_config_is_one_line(bad_input_files, tmp_path, capsys, extra, expected):
+  files = bad_input_files
   status, line = one_line(capsys, sft.main, sft_argv(files, tmp_path, *extra))
   assert status == 2 and line.startswith("error: "), line
   for text in expected:
     assert text in line, (text, line)
 
 
-def test_every_model_config_field_is_settable_and_checked_by_its_family(files, tmp_path, capsys):
+def test_every_model_config_field_is_settable_and_checked_by_its_family(
+  bad_input_files, tmp_path, capsys
+):
+  files = bad_input_files
   """Gemma's layer_types is taken on a Gemma checkpoint (and checked against its 2 layers);
   rope_theta and attention_block_q on a Llama; the values reach the model config."""
   config = sft.parse_flags(
@@ -142,7 +146,8 @@ GENERATE = [
 
 
 @pytest.mark.parametrize("argv,expected", GENERATE, ids=lambda v: str(v)[:60])
-def test_generate_bad_input_is_one_line(files, capsys, argv, expected):
+def test_generate_bad_input_is_one_line(bad_input_files, capsys, argv, expected):
+  files = bad_input_files
   argv = [a.format(**files) for a in argv]
   if "--model" not in argv:
     argv += ["--model", str(files["model"])]

@@ -201,7 +201,7 @@ def test_a_run_trains_on_sharegpt_and_tool_call_rows(tmp_path):
   for data in (tool_rows, sharegpt_rows):
     out = tmp_path / f"run-{data.stem}"
     config = tiny.sft_config(
-      files["model"], data, data, out, steps=4, eval_every=4, samples=0, **{"eval.metrics": ""}
+      files["model"], data, data, out, steps=3, eval_every=3, samples=0, **{"eval.metrics": ""}
     )
     summary = sft.run(config, progress=False)
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"], data

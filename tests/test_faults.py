@@ -33,10 +33,10 @@ RUN = {"steps": 4, "save_every": 1, "eval_examples": 2, "samples": 1, "max_new_t
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def uninterrupted(tmp_path_factory):
   """The tiny inputs and one uninterrupted run, whose adapter every surviving run must equal."""
   files = tiny.sft_files(tmp_path_factory.mktemp("faults"))
-  out = files["root"] / "reference"
+  out = files["root"] / "uninterrupted"
   sft.run(config(files, out), progress=False)
   return files, out
 
@@ -60,9 +60,9 @@ def damage(checkpoint: Path) -> None:
 
 @pytest.mark.parametrize("damaged", [("4",), ("3", "4")], ids=["newest", "every"])
 def test_damaged_checkpoints_are_set_aside_and_the_run_finishes_equal(
-  reference, tmp_path, capsys, damaged
+  uninterrupted, tmp_path, capsys, damaged
 ):
-  files, ref = reference
+  files, ref = uninterrupted
   out = tmp_path / "run"
   shutil.copytree(ref, out)
   (out / "adapter_model.safetensors").unlink()
@@ -108,10 +108,12 @@ def test_damage_in_the_middle_resumes_from_the_newest(tmp_path):
   ],
   ids=["data", "rank", "lr", "seed", "model-field"],
 )
-def test_a_changed_resume_is_refused_and_nothing_is_overwritten(reference, tmp_path, change, named):
-  files, ref = reference
+def test_a_changed_resume_is_refused_and_nothing_is_overwritten(
+  uninterrupted, tmp_path, change, named
+):
+  files, ref = uninterrupted
   files = {**files, "train": tmp_path / "train.jsonl"}
-  shutil.copy(reference[0]["train"], files["train"])
+  shutil.copy(uninterrupted[0]["train"], files["train"])
   out = tmp_path / "run"
   shutil.copytree(ref, out)
   first = config(files, out)
@@ -182,8 +184,8 @@ def test_disk_full_while_writing_an_output_keeps_the_previous_file(tmp_path, mon
 
 
 @pytest.mark.parametrize("site", ["save_adapter", "export_merged", "export_gguf"])
-def test_disk_full_while_exporting_names_the_file(reference, tmp_path, monkeypatch, site):
-  files, _ = reference
+def test_disk_full_while_exporting_names_the_file(uninterrupted, tmp_path, monkeypatch, site):
+  files, _ = uninterrupted
   model, base, tokenizer = from_pretrained(files["model"])
   lora = jlora.LoraConfig(rank=4, targets="all-linear")
   trainable, frozen = jlora.split(jlora.apply(base, lora, jax.random.key(0)))
@@ -201,10 +203,10 @@ def test_disk_full_while_exporting_names_the_file(reference, tmp_path, monkeypat
     sft.save_adapter_and_export(t, trainable)
 
 
-def test_disk_full_on_a_real_file_system_then_resume(reference, tmp_path, capsys):
+def test_disk_full_on_a_real_file_system_then_resume(uninterrupted, tmp_path, capsys):
   """A 300 KiB tmpfs fills during the run: one line, exit 2; given room, the rerun resumes and
   ends with the uninterrupted run's adapter."""
-  files, ref = reference
+  files, ref = uninterrupted
   mount = tmp_path / "small"
   mount.mkdir()
   if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)]).returncode:
