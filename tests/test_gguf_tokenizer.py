@@ -451,3 +451,41 @@ def test_truncated_and_empty_gguf_are_one_line_errors(tmp_path, tiny_ggufs):
       UserError, match=rf"{name} is not a readable GGUF file.*truncated or corrupted"
     ):
       gguf_tokenizer(tmp_path / name)
+
+
+def llama_tokenize_binary() -> str | None:
+  """llama.cpp's llama-tokenize: $LLAMA_CPP_BIN/llama-tokenize, or on PATH."""
+  import shutil
+
+  directory = os.environ.get("LLAMA_CPP_BIN")
+  found = Path(directory) / "llama-tokenize" if directory else None
+  return str(found) if found and found.exists() else shutil.which("llama-tokenize")
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+def test_smollm2_tokenizer_matches_llama_tokenize():
+  """llama.cpp's own tokenizer on the embedded SmolLM2 GGUF, on a multilingual and numeral probe.
+  Needs llama-tokenize (built from llama.cpp's source; see the README); skipped without it."""
+  from jlora.models.loading import embedded_gguf_path
+
+  binary = llama_tokenize_binary()
+  if binary is None:
+    pytest.skip("llama-tokenize not found (set LLAMA_CPP_BIN to llama.cpp's build/bin)")
+  path = embedded_gguf_path("smollm2-135m-instruct")
+  ours = gguf_tokenizer(path)
+  probe = NUMERALS + [
+    "naïve café — Ünïcödé ✓",
+    "Привет, мир 2024",
+    "東京は晴れ。",
+    "e=mc² ≈ 3.0×10⁸",
+  ]
+  for text in probe:
+    out = subprocess.run(
+      [binary, "-m", str(path), "-p", text, "--ids", "--no-bos", "--log-disable"],
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout
+    theirs = json.loads(out.strip().splitlines()[-1])
+    assert ours.encode(text, add_special_tokens=False) == theirs, text
