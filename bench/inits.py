@@ -148,15 +148,18 @@ def main(argv=None) -> None:
     tick = time.perf_counter()
     lora_params = adapted(variant, model, params, layout, eva_batches)
     init_s = time.perf_counter() - tick
-    r = train_and_eval(variant, model, lora_params, train, evaluation, args.steps)
+    r = {"variant": variant}
+    if args.steps:  # --steps 0: the LoftQ reconstruction errors only
+      r = train_and_eval(variant, model, lora_params, train, evaluation, args.steps)
+      results.append(r)
     r["init_s"] = init_s
     if variant == "loftq":
       errors = loftq_errors(lora_params, params)
-    print(
-      f"{variant:9s} eval {r['eval_before']:.4f} -> {r['eval_after']:.4f}  (init {init_s:.1f} s, train {r['train_s']:.1f} s)",
-      flush=True,
-    )
-    results.append(r)
+    if args.steps:
+      print(
+        f"{variant:9s} eval {r['eval_before']:.4f} -> {r['eval_after']:.4f}  (init {init_s:.1f} s, train {r['train_s']:.1f} s)",
+        flush=True,
+      )
     del lora_params
   print(
     common.markdown_table(

@@ -362,35 +362,43 @@ def inits_section(d: dict) -> str:
     "eva": "eva (rho 2, 2 batches)",
     "loraplus": f"default + LoRA+ (ratio {s['loraplus_ratio']:g})",
   }
-  rows = "\n".join(
-    f"| {names.get(r['variant'], r['variant'])} | {r['eval_before']:.4f} | {r['eval_after']:.4f} | "
-    f"{r['eval_after'] - r['eval_before']:+.4f} | {r['init_s']:.1f} |"
-    for r in d["results"]
-  )
   by_module: dict[str, list] = {}
   for e in d["loftq_errors"]:
     by_module.setdefault(e["module"], []).append(e)
   errors = "\n".join(
-    f"| {name} | {sum(e['qlora'] for e in es) / len(es):.4f} | {sum(e['loftq'] for e in es) / len(es):.4f} | "
+    f"| {name} | {sum(e['qlora'] for e in es) / len(es):.4f} | "
+    f"{sum(e['loftq'] for e in es) / len(es):.4f} | "
     f"{min(e['loftq'] / e['qlora'] for e in es):.3f} .. {max(e['loftq'] / e['qlora'] for e in es):.3f} |"
     for name, es in by_module.items()
   )
+  if d["results"]:
+    rows = "\n".join(
+      f"| {names.get(r['variant'], r['variant'])} | {r['eval_before']:.4f} | {r['eval_after']:.4f} | "
+      f"{r['eval_after'] - r['eval_before']:+.4f} |"
+      for r in d["results"]
+    )
+    losses = f"""Eval loss after {s["steps"]} steps of {s["rows"]} x {s["seq"]} tokens, all-linear r=8, alpha 16, AdamW
+lr {s["lr"]:g}, the same key, batches and eval rows for every variant:
+
+| init | eval loss before | eval loss after | change |
+|---|---|---|---|
+{rows}
+"""
+  else:
+    losses = (
+      "The eval-loss comparison (`python -m bench.inits`, 30 steps per variant) has not been run "
+      "yet: on the shared 2-core CPU of this sitting it did not finish in the time available.\n"
+    )
   return f"""## Inits and LoRA+ on the bundled task
 
-`python -m bench.inits --steps {s["steps"]} --rows {s["rows"]} --seq {s["seq"]}` on the embedded SmolLM2-135M
-(its GGUF's Q4_1 weights, dequantized), all-linear r=8, alpha 16, AdamW lr {s["lr"]:g}, the same key, batches
-and eval rows (8 packed rows of data/extract_eval.jsonl) for every variant. {common.machine_line(m)}; load
-average at the end {d["loadavg_at_end"][0]} (the CPU was shared with other jobs: times are not comparable).
-{s["steps"]} steps of {s["rows"]} x {s["seq"]} tokens is a short run: differences of a few hundredths are
-within what another seed would move.
+`python -m bench.inits --steps {s["steps"]} --variants {",".join(r["variant"] for r in d["results"]) or "loftq"}`
+on the embedded SmolLM2-135M (its GGUF's Q4_1 weights, dequantized). {common.machine_line(m)}; load
+average at the end {d["loadavg_at_end"][0]}: the CPU was shared with other jobs.
 
-| init | eval loss before | eval loss after {s["steps"]} steps | change | init s |
-|---|---|---|---|---|
-{rows}
-
-LoftQ's reconstruction error ||W - (dequant(Q) + s·A@B)|| / ||W|| against plain QLoRA's ||W - dequant(Q)|| / ||W||
-(nf4, double quantization, blocks of 64), mean over the 30 layers, and the range of the per-layer ratio
-(per-layer values in `bench/results/inits.json`):
+{losses}
+LoftQ ({s["loftq_iters"]} iterations, rank 8) against plain QLoRA: the reconstruction error
+||W - (dequant(Q) + s·A@B)|| / ||W|| against ||W - dequant(Q)|| / ||W|| (nf4, double quantization, blocks
+of 64), mean over the 30 layers, and the range of the per-layer ratio (every layer in the JSON):
 
 | module | QLoRA error | LoftQ error | LoftQ / QLoRA per layer |
 |---|---|---|---|
