@@ -368,7 +368,14 @@ def test_smollm2_tokenizer_matches_transformers():
 
 
 # Numerals of several scripts: llama.cpp's "smollm" pre-tokenizer isolates each \p{N}.
-NUMERALS = ["²³½٣Ⅻ", "x² + y³ = 12345", "٣ أيام و 2024 يوم", "第12章 Ⅻ 3½", " 7 77 777 7777"]
+NUMERALS = [
+  "²³½٣Ⅻ",
+  "x² + y³ = 12345",
+  "٣ أيام و 2024 يوم",
+  "第12章 Ⅻ 3½",
+  " 7 77 777 7777",
+  "一二三 ①②③",
+]
 # llama.cpp's regexes for tokenizer.ggml.pre = "smollm" (src/llama-vocab.cpp), applied in order.
 LLAMA_CPP_SMOLLM = (
   r"\p{N}",
