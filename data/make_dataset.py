@@ -8,7 +8,10 @@ exact format out of the box; a short LoRA SFT run learns it.
 Generalization: eval rows use first and last names that never occur in train,
 and half of them use sentence templates that train never sees.
 
-    python data/make_dataset.py                  # writes data/extract_{train,eval}.jsonl
+Preference pairs for train.dpo (data/prefs_{train,eval}.jsonl) reuse those rows: `chosen` is the
+correct JSON, `rejected` a plausible wrong one (a wrong year, a wrong city, or city and job swapped).
+
+    python data/make_dataset.py                  # writes data/{extract,prefs}_{train,eval}.jsonl
     python data/make_dataset.py --out-dir /tmp/x # same bytes elsewhere
 """
 
@@ -255,6 +258,45 @@ def generate(
   return train, eval_rows
 
 
+def _wrong_answer(rng: random.Random, fields: dict) -> tuple[dict, str]:
+  """A plausible wrong extraction of `fields` and how it is wrong: a wrong year, a wrong city,
+  or two fields' values swapped (city and job)."""
+  kind = rng.choice(("wrong_year", "wrong_city", "swapped_city_job"))
+  wrong = dict(fields)
+  if kind == "wrong_year":
+    wrong["year"] = fields["year"] + rng.choice([-1, 1]) * rng.randint(1, 6)
+  elif kind == "wrong_city":
+    wrong["city"] = rng.choice([c for c in CITIES if c != fields["city"]])
+  else:
+    wrong["city"], wrong["job"] = fields["job"], fields["city"]
+  return wrong, kind
+
+
+def preference_pair(rng: random.Random, row: dict) -> dict:
+  """An SFT row -> {'prompt': [system, user], 'chosen': [correct JSON], 'rejected': [wrong JSON]}."""
+  *prompt, answer = row["messages"]
+  fields = json.loads(answer["content"])
+  wrong, _ = _wrong_answer(rng, fields)
+  return {
+    "prompt": prompt,
+    "chosen": [answer],
+    "rejected": [{"role": "assistant", "content": json.dumps({k: wrong[k] for k in KEYS})}],
+  }
+
+
+def generate_preferences(
+  seed: int = 0, n_train: int = 400, n_eval: int = 48
+) -> tuple[list[dict], list[dict]]:
+  """(train_pairs, eval_pairs) for train.dpo, built on generate()'s rows (same held-out eval
+  names and templates) with their own seeded rng, so the SFT files are unchanged."""
+  train, eval_rows = generate(seed)
+  rng = random.Random(f"preferences-{seed}")
+  return (
+    [preference_pair(rng, row) for row in train[:n_train]],
+    [preference_pair(rng, row) for row in eval_rows[:n_eval]],
+  )
+
+
 def write_jsonl(rows: list[dict], path: str) -> None:
   with open(path, "w", encoding="utf-8", newline="\n") as f:
     for row in rows:
@@ -272,7 +314,13 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   train, eval_rows = generate(args.seed, args.n_train, args.n_eval)
   os.makedirs(args.out_dir, exist_ok=True)
-  for name, rows in (("extract_train.jsonl", train), ("extract_eval.jsonl", eval_rows)):
+  prefs_train, prefs_eval = generate_preferences(args.seed)
+  for name, rows in (
+    ("extract_train.jsonl", train),
+    ("extract_eval.jsonl", eval_rows),
+    ("prefs_train.jsonl", prefs_train),
+    ("prefs_eval.jsonl", prefs_eval),
+  ):
     path = os.path.join(args.out_dir, name)
     write_jsonl(rows, path)
     print(f"wrote {len(rows)} rows to {path}")

@@ -53,6 +53,8 @@ DATA_FIELDS = ("train", "eval")
 DATA_CONTENT = "data_content"
 # What a checkpoint must agree with to be resumed.
 FINGERPRINT_FIELDS = ("model", "data", "lora", "quant", "optim", "tokens", "seed", "steps")
+# A task's own section (train.dpo's `dpo`), when the config has one.
+OPTIONAL_FINGERPRINT_FIELDS = ("dpo",)
 MESH_AXES = ("data", "fsdp", "tensor")
 # config.model fields the trainer reads itself; every other one is a field of the model config class.
 TRAINER_MODEL_FIELDS = ("path",)
@@ -363,7 +365,7 @@ def mesh_sizes(config, devices: int | None = None) -> dict[str, int]:
 def fingerprint(config) -> dict:
   """The settings a checkpoint must share to be resumed, as plain JSON values."""
   out = {}
-  for key in FINGERPRINT_FIELDS:
+  for key in FINGERPRINT_FIELDS + tuple(k for k in OPTIONAL_FINGERPRINT_FIELDS if k in config):
     value = config.get(key)
     out[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
   # Model fields left at None take the checkpoint's value: not a setting of this run.

@@ -34,6 +34,7 @@ OUTPUT_NAMES = (
   "adapter_config.json",
   "adapter_model.safetensors",
   "merged",
+  "reference_logps.safetensors",  # train.dpo's precomputed reference log-probs
 )
 DISPOSABLE = (RUN_FILE, "before.json")
 # Virtual file systems: writing a run there is never what the user meant.

@@ -1,0 +1,525 @@
+"""Preference tuning (train.dpo) against independent references.
+
+- sigmoid and ipo: TRL's own DPOTrainer (PEFT model, adapters disabled for the reference), run
+  10 steps on the same tiny Llama, adapter init, pairs and hyper-parameters.
+- orpo and simpo (and sigmoid with label smoothing): the papers' formulas written out in torch on
+  the PEFT model, with torch's AdamW and HF's schedule, 10 steps. TRL's ORPOTrainer and
+  CPOTrainer tokenise pairs their own (older) way, and ORPOTrainer's NLL also scores the prompt.
+- the reference log-probs against transformers' base model (no adapters) and against the
+  dequantized base for QLoRA; the compiled step's argument bytes against the SFT step's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import jlora
+from jlora.lora import is_lora
+from jlora.models import from_pretrained
+from tests import tiny
+from train import data as data_lib
+from train import dpo, pairs
+from train import step as step_lib
+from train.errors import UserError
+
+STEPS, PAIRS_PER_STEP, LR, MAX_LEN = 10, 2, 1e-2, 64
+REF_LEN = 96  # the longest pair of preference_rows(20) fits untruncated
+LORA = jlora.LoraConfig(rank=4, alpha=8.0, targets="all-linear")
+SETTINGS = dict(beta=0.1, label_smoothing=0.0, gamma=0.5, nll_weight=0.0, precompute_ref=False)
+# loss -> (settings overrides, which reference)
+CASES = {
+  "sigmoid": ({}, "trl"),
+  "ipo": ({}, "trl"),
+  "sigmoid_smoothed": ({"loss": "sigmoid", "label_smoothing": 0.2}, "torch"),
+  "orpo": ({}, "torch"),
+  "simpo": ({"beta": 2.0, "gamma": 1.0}, "torch"),
+}
+
+
+def preference_rows(n: int) -> list[dict]:
+  """Conversational pairs with answers of varied lengths (length normalisation shows)."""
+  words = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+  rows = []
+  for i in range(n):
+    chosen = " ".join(words[(i + k) % 8] for k in range(1 + i % 3))
+    rejected = " ".join(words[(i + 3 * k + 5) % 8] for k in range(1 + (i + 1) % 4))
+    rows.append(
+      {
+        "prompt": [{"role": "user", "content": f"Name {1 + i % 3} colours, #{i}."}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+      }
+    )
+  return rows
+
+
+def settings_for(name: str) -> dict:
+  overrides, _ = CASES[name]
+  return {**SETTINGS, "loss": name, **overrides}
+
+
+# --------------------------------------------------------------------------- jlora side
+
+
+def run_jlora(model_dir: Path, adapter_dir: Path, arrays: dict, settings: dict, work: Path):
+  model, base, _ = from_pretrained(model_dir)
+  trainable, frozen = jlora.split(jlora.load_adapter(adapter_dir, base))
+  tx, _ = step_lib.make_optimizer(LR, STEPS, 1, 0.0, 1.0)
+  opt_state = tx.init(trainable)
+  step = jax.jit(step_lib.make_train_step(model, tx, objective=dpo.make_objective(settings)))
+  budget = step_lib.label_budget(arrays["loss_mask"])
+  out = {k: [] for k in ("loss", "grad_norm", "reward_chosen", "reward_rejected")}
+  for i in range(STEPS):
+    ids = np.arange(i * PAIRS_PER_STEP, (i + 1) * PAIRS_PER_STEP)
+    batch = step_lib.gather_labels(data_lib.take_rows(arrays, ids), budget)
+    trainable, opt_state, metrics = step(trainable, opt_state, frozen, batch, i, jax.random.key(0))
+    for k in out:
+      out[k].append(float(metrics[k]))
+  jlora.save_adapter(work, jlora.combine(trainable, frozen), LORA)
+  out["adapter"] = load_file(work / "adapter_model.safetensors")
+  return out
+
+
+# --------------------------------------------------------------------------- references
+
+
+def run_trl(model_dir: Path, adapter_dir: Path, rows: list[dict], settings: dict, work: Path):
+  """TRL's DPOTrainer, sequential batches, the schedule and AdamW make_optimizer mirrors."""
+  import torch
+  import transformers
+  from datasets import Dataset
+  from peft import PeftModel, get_peft_model_state_dict
+  from trl import DPOConfig, DPOTrainer
+
+  base = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+  model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+  args = DPOConfig(
+    output_dir=str(work),
+    per_device_train_batch_size=PAIRS_PER_STEP,
+    max_steps=STEPS,
+    learning_rate=LR,
+    lr_scheduler_type="cosine_with_min_lr",
+    lr_scheduler_kwargs={"min_lr_rate": 0.1},
+    warmup_steps=1,
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    logging_steps=1,
+    report_to="none",
+    use_cpu=True,
+    max_length=None,
+    train_sampling_strategy="sequential",
+    save_strategy="no",
+    disable_tqdm=True,
+    beta=settings["beta"],
+    loss_type=[settings["loss"]],
+  )
+  trainer = DPOTrainer(
+    model=model,
+    args=args,
+    train_dataset=Dataset.from_list(rows),
+    processing_class=transformers.AutoTokenizer.from_pretrained(str(model_dir)),
+  )
+  tokens = [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in trainer.train_dataset]
+  trainer.train()
+  logs = [h for h in trainer.state.log_history if "loss" in h]
+  state = get_peft_model_state_dict(model)
+  return {
+    "loss": [h["loss"] for h in logs],
+    "grad_norm": [h["grad_norm"] for h in logs],
+    "reward_chosen": [h["rewards/chosen"] for h in logs],
+    "reward_rejected": [h["rewards/rejected"] for h in logs],
+    "adapter": {k: v.detach().numpy() for k, v in state.items()},
+    "tokens": tokens,
+  }
+
+
+def torch_pair_loss(settings: dict, logps, lengths, ref_logps, chosen_nll):
+  """The papers' losses, written out independently of train/dpo.py. logps [p, 2] summed over
+  answer tokens; returns (loss, chosen rewards, rejected rewards)."""
+  import torch
+  import torch.nn.functional as F
+
+  kind, beta, eps = settings["loss"], settings["beta"], settings["label_smoothing"]
+  avg = logps / lengths
+  if kind == "sigmoid":  # DPO eq. 7; cDPO's smoothing
+    z = beta * ((logps[:, 0] - ref_logps[:, 0]) - (logps[:, 1] - ref_logps[:, 1]))
+    losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    rewards = beta * (logps - ref_logps)
+  elif kind == "orpo":  # ORPO eq. 4-7: odds(y) = p / (1 - p), p the length-averaged likelihood
+    odds = lambda lp: lp - torch.log(1 - torch.exp(lp))
+    losses = -beta * F.logsigmoid(odds(avg[:, 0]) - odds(avg[:, 1]))
+    rewards = beta * avg
+  elif kind == "simpo":  # SimPO eq. 6
+    z = beta * (avg[:, 0] - avg[:, 1]) - settings["gamma"]
+    losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    rewards = beta * avg
+  else:
+    raise ValueError(kind)
+  nll_weight = settings["nll_weight"] + (kind == "orpo")
+  return losses.mean() + nll_weight * chosen_nll, rewards[:, 0], rewards[:, 1]
+
+
+def run_torch(model_dir: Path, adapter_dir: Path, arrays: dict, settings: dict):
+  """The loss above on the PEFT model: clip, torch AdamW and HF's schedule, as HF's Trainer."""
+  import torch
+  import transformers
+  from peft import PeftModel, get_peft_model_state_dict
+
+  base = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+  model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+  model.train()
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+  sched = transformers.get_cosine_with_min_lr_schedule_with_warmup(opt, 1, STEPS, min_lr_rate=0.1)
+  out = {k: [] for k in ("loss", "grad_norm", "reward_chosen", "reward_rejected")}
+
+  def logps_of(m, ids, attention, scored):
+    logits = m(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+    token = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return (token * scored).sum(-1), token
+
+  for i in range(STEPS):
+    sl = slice(i * PAIRS_PER_STEP, (i + 1) * PAIRS_PER_STEP)
+    # Rebuild full sequences from the (input, target) arrays: tokens = input_ids + last target.
+    segments = arrays["segment_ids"][sl].reshape(-1, REF_LEN)
+    lengths_ = (segments > 0).sum(-1)
+    ids = np.zeros((len(segments), REF_LEN + 1), np.int64)
+    for r, n in enumerate(lengths_):
+      ids[r, :n] = arrays["input_ids"][sl].reshape(-1, REF_LEN)[r, :n]
+      ids[r, n] = arrays["targets"][sl].reshape(-1, REF_LEN)[r, n - 1]
+    attention = torch.tensor(np.arange(REF_LEN + 1)[None] <= lengths_[:, None], dtype=torch.long)
+    scored = torch.tensor(arrays["loss_mask"][sl].reshape(-1, REF_LEN), dtype=torch.float32)
+    ids = torch.tensor(ids)
+    logps, token = logps_of(model, ids, attention, scored)
+    with torch.no_grad(), model.disable_adapter():
+      ref, _ = logps_of(model, ids, attention, scored)
+    chosen_nll = -(token * scored)[0::2].sum() / scored[0::2].sum()
+    loss, rc, rr = torch_pair_loss(
+      settings, logps.view(-1, 2), scored.sum(-1).view(-1, 2), ref.view(-1, 2), chosen_nll
+    )
+    loss.backward()
+    out["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    out["loss"].append(float(loss))
+    out["reward_chosen"].append(float(rc.mean()))
+    out["reward_rejected"].append(float(rr.mean()))
+  out["adapter"] = {
+    k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()
+  }
+  return out
+
+
+# --------------------------------------------------------------------------- the comparison
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Every case run by jlora and by its reference, on one tiny model and one adapter init."""
+  pytest.importorskip("trl")
+  root = tmp_path_factory.mktemp("dpo")
+  model_dir = tiny.save_torch_checkpoint(
+    root / "base", num_key_value_heads=2, max_position_embeddings=REF_LEN + 1
+  )
+  # Nonzero B: the first step's policy already differs from the reference (the base).
+  model, base, tokenizer = from_pretrained(model_dir)
+  params = jlora.apply(base, LORA, jax.random.key(1))
+  params = jax.tree.map(
+    lambda x: (
+      x.replace(b=0.05 * jax.random.normal(jax.random.key(2), x.b.shape)) if is_lora(x) else x
+    ),
+    params,
+    is_leaf=is_lora,
+  )
+  jlora.save_adapter(root / "init", params, LORA)
+  rows = preference_rows(STEPS * PAIRS_PER_STEP)
+  arrays, stats = pairs.tokenize_pairs(rows, tokenizer, max_length=REF_LEN)
+  assert stats["pairs"] == len(rows) and stats["truncated"] == 0
+  out = {}
+  for name, (_, reference) in CASES.items():
+    settings = settings_for(name)
+    work = root / name
+    mine = run_jlora(model_dir, root / "init", arrays, settings, work / "jlora")
+    if reference == "trl":
+      theirs = run_trl(model_dir, root / "init", rows, settings, work / "trl")
+    else:
+      theirs = run_torch(model_dir, root / "init", arrays, settings)
+    out[name] = (mine, theirs)
+  return out, arrays
+
+
+@pytest.mark.ref
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_ten_steps_match_the_reference(runs, name):
+  (mine, theirs), arrays = runs[0][name], runs[1]
+  if "tokens" in theirs:  # TRL tokenised the rows itself: the same tokens, the same answer split
+    for p, (prompt, chosen, rejected) in enumerate(theirs["tokens"]):
+      for side, answer in ((0, chosen), (1, rejected)):
+        n = len(prompt) + len(answer) - 1
+        got = arrays["input_ids"][p, side, :n].tolist() + [arrays["targets"][p, side, n - 1]]
+        assert got == prompt + answer
+        assert arrays["loss_mask"][p, side].sum() == len(answer)
+  for key in ("loss", "grad_norm", "reward_chosen", "reward_rejected"):
+    np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  assert mine["loss"][-1] < mine["loss"][0]
+  assert mine["adapter"].keys() == theirs["adapter"].keys()
+  for key, value in theirs["adapter"].items():
+    np.testing.assert_allclose(mine["adapter"][key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+# --------------------------------------------------------------------------- the reference model
+
+
+@pytest.mark.ref
+def test_reference_logps_are_the_base_models(tmp_path):
+  """compute_reference on adapted (even DoRA) params equals transformers' base model alone; on a
+  QLoRA base it equals the same quantized base, dequantized, with no adapters."""
+  import torch
+  import transformers
+
+  model_dir = tiny.save_torch_checkpoint(tmp_path / "base", max_position_embeddings=MAX_LEN + 1)
+  model, base, tokenizer = from_pretrained(model_dir)
+  arrays, _ = pairs.tokenize_pairs(preference_rows(6), tokenizer, max_length=MAX_LEN)
+  budget = step_lib.label_budget(arrays["loss_mask"])
+  mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))
+  adapted = jlora.apply(
+    base, jlora.LoraConfig(rank=4, targets="all-linear", use_dora=True), jax.random.key(0)
+  )
+  adapted = jax.tree.map(
+    lambda x: x.replace(b=x.b + 0.1) if is_lora(x) else x, adapted, is_leaf=is_lora
+  )
+  _, frozen = jlora.split(adapted)
+  got = dpo.compute_reference(model, frozen, arrays, mesh, 4, budget)
+
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+  expected = np.zeros((6, 2), np.float32)
+  for p in range(6):
+    for side in range(2):
+      n = int((arrays["segment_ids"][p, side] > 0).sum())
+      ids = list(arrays["input_ids"][p, side, :n]) + [int(arrays["targets"][p, side, n - 1])]
+      with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0, :-1]
+      token = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+      expected[p, side] = float((token * torch.tensor(arrays["loss_mask"][p, side, :n])).sum())
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+  quant = jlora.QuantConfig(kind="nf4", block_size=16)
+  trainable, frozen = jlora.prepare_for_training(base, LORA, jax.random.key(0), quant=quant)
+  got = dpo.compute_reference(model, frozen, arrays, mesh, 4, budget)
+  dequantized = jax.tree.map(
+    lambda x: jlora.quant.dequantized(x) if jlora.quant.is_quantized(x) else x,
+    dpo.reference_params(frozen),
+    is_leaf=jlora.quant.is_quantized,
+  )
+  assert not any(is_lora(x) for x in jax.tree.leaves(dequantized, is_leaf=is_lora))
+  plain = jax.jit(lambda p, b: dpo.sequence_logps(model.apply, type(model), p, b)[0])
+  batch = step_lib.gather_labels(arrays, budget)
+  np.testing.assert_allclose(got, plain(dequantized, batch), rtol=1e-5, atol=1e-4)
+  assert not np.allclose(got, expected, atol=1e-2)  # the quantized base is another model
+
+
+def test_dpo_step_holds_no_second_copy_of_the_base(tmp_path):
+  """The compiled DPO step's arguments are the SFT step's (same adapters, base, optimizer) plus
+  only the pair batch: the reference reuses the frozen base."""
+  model_dir = tiny.make_checkpoint(tmp_path / "base")
+  model, base, tokenizer = from_pretrained(model_dir)
+  trainable, frozen = jlora.split(jlora.apply(base, LORA, jax.random.key(0)))
+  tx, _ = step_lib.make_optimizer(LR, STEPS, 1, 0.0, 1.0)
+  opt_state = tx.init(trainable)
+  arrays, _ = pairs.tokenize_pairs(preference_rows(2), tokenizer, max_length=MAX_LEN)
+  budget = step_lib.label_budget(arrays["loss_mask"])
+  pair_batch = step_lib.gather_labels(arrays, budget)
+  sft_batch = step_lib.gather_labels({k: v.reshape(4, MAX_LEN) for k, v in arrays.items()}, budget)
+
+  def argument_bytes(objective, batch):
+    step = step_lib.make_train_step(model, tx, objective=objective)
+    lowered = jax.jit(step).lower(trainable, opt_state, frozen, batch, 0, jax.random.key(0))
+    return lowered.compile().memory_analysis().argument_size_in_bytes - step_lib.tree_bytes(batch)
+
+  settings = {**SETTINGS, "loss": "sigmoid"}
+  assert argument_bytes(dpo.make_objective(settings), pair_batch) == argument_bytes(
+    step_lib.SFT, sft_batch
+  )
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_pairs_keep_the_prompt_end_and_count_what_they_drop():
+  tok = tiny.tiny_tokenizer()
+  long_prompt = "word " * 8  # 59 prompt tokens + 13 answer tokens > MAX_LEN + 1
+  rows = [
+    {"prompt": "Say hi.", "chosen": "hi", "rejected": "bye"},  # plain strings
+    {"prompt": long_prompt, "chosen": "yes yes yes", "rejected": "no"},  # truncated, keeps the end
+    {"prompt": "x" * 300, "chosen": "a", "rejected": "b"},  # prompt alone too long: skipped
+    {"prompt": "Same?", "chosen": "same", "rejected": "same"},  # identical: skipped
+    {  # implicit prompt: the shared history
+      "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+      "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go"}],
+    },
+  ]
+  arrays, stats = pairs.tokenize_pairs(rows, tok, max_length=MAX_LEN)
+  assert stats == dict(
+    rows=5,
+    pairs=3,
+    truncated=1,
+    skipped_prompt_too_long=1,
+    skipped_identical=1,
+    tokens=stats["tokens"],
+  )
+  assert arrays["input_ids"].shape == (3, 2, MAX_LEN)
+  answer = lambda p, s: tok.decode(arrays["targets"][p, s][arrays["loss_mask"][p, s] == 1])
+  assert answer(0, 0) == "hi<|im_end|>\n" and answer(0, 1) == "bye<|im_end|>\n"
+  assert answer(1, 0) == "yes yes yes<|im_end|>\n"  # the answer survives truncation whole
+  kept = tok.decode(arrays["input_ids"][1, 0][arrays["segment_ids"][1, 0] > 0])
+  # input_ids end one token before the sequence does (its last token is only a target)
+  assert kept.endswith("word <|im_end|>\n<|im_start|>assistant\nyes yes yes<|im_end|>")
+  assert not kept.startswith("<|im_start|>user")  # the prompt's start was cut
+  assert answer(2, 0) == "Hello<|im_end|>\n" and answer(2, 1) == "Go<|im_end|>\n"
+
+
+@pytest.mark.parametrize(
+  "row, expected",
+  [
+    ({"prompt": "p", "rejected": "r"}, "row 0 is missing field 'chosen'"),
+    ({"prompt": "p", "chosen": "c"}, "row 0 is missing field 'rejected'"),
+    ({"chosen": "c", "rejected": "r"}, "row 0 is missing field 'prompt'"),
+    ({"prompt": "p", "chosen": 3, "rejected": "r"}, "a string 'prompt' needs string"),
+  ],
+)
+def test_bad_rows_are_one_line_errors(row, expected):
+  with pytest.raises(UserError, match=expected):
+    pairs.tokenize_pairs([row], tiny.tiny_tokenizer(), max_length=MAX_LEN, source="data.jsonl")
+
+
+@pytest.mark.parametrize(
+  "field, value, expected",
+  [
+    ("beta", 0, "config.dpo.beta: 0.0 is not valid; expected a number > 0"),
+    ("beta", -0.5, "config.dpo.beta: -0.5 is not valid"),
+    ("loss", "kto", "config.dpo.loss: 'kto' is not valid; expected one of 'sigmoid'"),
+    ("label_smoothing", 0.7, "config.dpo.label_smoothing: 0.7 is not valid"),
+    ("pack", True, "config.data.pack: True is not valid for preference pairs"),
+  ],
+)
+def test_bad_config_values_are_one_line_errors(field, value, expected):
+  from configs.dpo import get_config
+
+  config = get_config()
+  (config.data if field == "pack" else config.dpo)[field] = value
+  with pytest.raises(UserError) as error:
+    dpo.check(config)
+  assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_loss_on_the_command_line_exits_2_with_one_line():
+  result = subprocess.run(
+    [sys.executable, "-m", "train.dpo", "--config.dpo.loss=kto"],
+    cwd=tiny.REPO,
+    env={**os.environ, "PYTHONPATH": str(tiny.REPO)},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: config.dpo.loss: 'kto' is not valid"), lines
+
+
+def test_identical_pairs_warn_and_are_counted(tmp_path, capsys):
+  config = _tiny_config(tmp_path, tmp_path / "out")
+  rows = preference_rows(3) + [{"prompt": "p", "chosen": "same", "rejected": "same"}]
+  path = tmp_path / "identical.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  _, arrays, stats = dpo.tokenize(
+    str(path), tiny.tiny_tokenizer(), config, "config.data.train", "train"
+  )
+  assert stats["skipped_identical"] == 1 and len(arrays["input_ids"]) == 3
+  assert "1 pairs have identical chosen and rejected answers" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- a whole run, resumed
+
+
+def _files(root: Path) -> dict:
+  rows = preference_rows(24)
+  (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
+  (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[16:]))
+  if not (root / "model").exists():
+    tiny.make_checkpoint(root / "model")
+  return {"model": root / "model", "train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+
+
+RUN = {
+  **tiny.TINY,
+  "data.max_length": MAX_LEN,
+  "dpo.precompute_ref": True,
+  "eval.metrics": "exact_match",
+}
+
+
+def _tiny_config(root: Path, out: Path):
+  from configs.dpo import get_config
+
+  f = _files(root)
+  config = get_config()
+  values = {**RUN, "model.path": str(f["model"]), "data.train": str(f["train"])}
+  values.update({"data.eval": str(f["eval"]), "output_dir": str(out)})
+  for key, value in values.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reuses_the_reference_and_ends_with_the_same_adapter(tmp_path):
+  root = tmp_path
+  whole = dpo.run(_tiny_config(root, root / "whole"), progress=False)
+  assert whole["after"]["reward_accuracy"] > whole["before"]["reward_accuracy"]
+  assert (root / "whole" / dpo.REFERENCE_FILE).exists()
+
+  out = root / "killed"
+  config = _tiny_config(root, out)
+  args = [sys.executable, "-m", "train.dpo", f"--config={tiny.REPO / 'configs' / 'dpo.py'}"]
+  args += [f"--config.{k}={v}" for k, v in {**RUN, "model.path": config.model.path}.items()]
+  args += [f"--config.data.train={config.data.train}", f"--config.data.eval={config.data.eval}"]
+  args += [f"--config.output_dir={out}"]
+  env = {**os.environ, "PYTHONPATH": str(tiny.REPO)}
+  proc = subprocess.Popen(
+    args, env=env, cwd=tiny.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
+  deadline = time.time() + 300
+  while not (out / "checkpoints" / "4").is_dir():
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    assert time.time() < deadline, "no checkpoint at step 4 in time"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (out / "adapter_model.safetensors").exists(), "the run finished before it was killed"
+  resumed = subprocess.run(
+    args, env=env, cwd=tiny.REPO, capture_output=True, text=True, timeout=300
+  )
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resuming from step 4" in resumed.stdout
+  assert "reference log-probs of 16 pairs read from" in resumed.stdout
+  reference = load_file(root / "whole" / "adapter_model.safetensors")
+  got = load_file(out / "adapter_model.safetensors")
+  assert reference.keys() == got.keys()
+  for key in reference:
+    np.testing.assert_allclose(got[key], reference[key], atol=1e-6, rtol=0, err_msg=key)
