@@ -95,6 +95,7 @@ def worker_trl(steps: int, warmup: int, n_pairs: int) -> dict:
     logging_steps=1,
     report_to="none",
     use_cpu=True,
+    bf16=False,  # TRL's configs default to bf16 autocast; both sides run fp32
     max_length=MAX_LENGTH,
     train_sampling_strategy="sequential",
     save_strategy="no",

@@ -2,7 +2,7 @@
 
 - sigmoid and ipo: TRL's own DPOTrainer (PEFT model, adapters disabled for the reference), run
   10 steps on the same tiny Llama, adapter init, pairs and hyper-parameters.
-- orpo and simpo (and sigmoid with label smoothing): the papers' formulas written out in torch on
+- orpo and simpo (with label smoothing): the papers' formulas written out in torch on
   the PEFT model, with torch's AdamW and HF's schedule, 10 steps. TRL's ORPOTrainer and
   CPOTrainer tokenise pairs their own (older) way, and ORPOTrainer's NLL also scores the prompt.
 - the reference log-probs against transformers' base model (no adapters) and against the
@@ -22,11 +22,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import linen as nn
 from safetensors.numpy import load_file
 
 import jlora
 from jlora.lora import is_lora
 from jlora.models import from_pretrained
+from jlora.models.llama import DEFAULT_RULES
+from jlora.sharding import make_mesh
 from tests import tiny
 from train import data as data_lib
 from train import dpo, pairs
@@ -41,9 +44,9 @@ SETTINGS = dict(beta=0.1, label_smoothing=0.0, gamma=0.5, nll_weight=0.0, precom
 CASES = {
   "sigmoid": ({}, "trl"),
   "ipo": ({}, "trl"),
-  "sigmoid_smoothed": ({"loss": "sigmoid", "label_smoothing": 0.2}, "torch"),
   "orpo": ({}, "torch"),
-  "simpo": ({"beta": 2.0, "gamma": 1.0}, "torch"),
+  # with label smoothing: its formula is sigmoid's (one code path), checked here once
+  "simpo": ({"beta": 2.0, "gamma": 1.0, "label_smoothing": 0.2}, "torch"),
 }
 
 
@@ -117,6 +120,7 @@ def run_trl(model_dir: Path, adapter_dir: Path, rows: list[dict], settings: dict
     logging_steps=1,
     report_to="none",
     use_cpu=True,
+    bf16=False,  # TRL's configs default to bf16 autocast; both sides run fp32
     max_length=None,
     train_sampling_strategy="sequential",
     save_strategy="no",
@@ -225,46 +229,45 @@ def run_torch(model_dir: Path, adapter_dir: Path, arrays: dict, settings: dict):
 # --------------------------------------------------------------------------- the comparison
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """Every case run by jlora and by its reference, on one tiny model and one adapter init."""
+@pytest.fixture(scope="module", params=list(CASES))
+def runs(request, tmp_path_factory):
+  """One case run by jlora and by its reference, on a tiny model and one adapter init."""
   pytest.importorskip("trl")
-  root = tmp_path_factory.mktemp("dpo")
+  name = request.param
+  _, reference = CASES[name]
+  root = tmp_path_factory.mktemp(f"dpo-{name}")
   model_dir = tiny.save_torch_checkpoint(
     root / "base", num_key_value_heads=2, max_position_embeddings=REF_LEN + 1
   )
-  # Nonzero B: the first step's policy already differs from the reference (the base).
   model, base, tokenizer = from_pretrained(model_dir)
   params = jlora.apply(base, LORA, jax.random.key(1))
-  params = jax.tree.map(
-    lambda x: (
-      x.replace(b=0.05 * jax.random.normal(jax.random.key(2), x.b.shape)) if is_lora(x) else x
-    ),
-    params,
-    is_leaf=is_lora,
-  )
+  if reference == "torch":
+    # Nonzero B: the policy starts away from the base. (TRL's DPOTrainer would take a nonzero
+    # starting adapter as the reference itself: it copies it as the "ref" adapter.)
+    params = jax.tree.map(
+      lambda x: (
+        x.replace(b=0.05 * jax.random.normal(jax.random.key(2), x.b.shape)) if is_lora(x) else x
+      ),
+      params,
+      is_leaf=is_lora,
+    )
   jlora.save_adapter(root / "init", params, LORA)
   rows = preference_rows(STEPS * PAIRS_PER_STEP)
   arrays, stats = pairs.tokenize_pairs(rows, tokenizer, max_length=REF_LEN)
   assert stats["pairs"] == len(rows) and stats["truncated"] == 0
-  out = {}
-  for name, (_, reference) in CASES.items():
-    settings = settings_for(name)
-    work = root / name
-    mine = run_jlora(model_dir, root / "init", arrays, settings, work / "jlora")
-    if reference == "trl":
-      theirs = run_trl(model_dir, root / "init", rows, settings, work / "trl")
-    else:
-      theirs = run_torch(model_dir, root / "init", arrays, settings)
-    out[name] = (mine, theirs)
-  return out, arrays
+  settings = settings_for(name)
+  mine = run_jlora(model_dir, root / "init", arrays, settings, root / "jlora")
+  if reference == "trl":
+    theirs = run_trl(model_dir, root / "init", rows, settings, root / "trl")
+  else:
+    theirs = run_torch(model_dir, root / "init", arrays, settings)
+  return name, mine, theirs, arrays
 
 
 @pytest.mark.ref
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CASES))
-def test_ten_steps_match_the_reference(runs, name):
-  (mine, theirs), arrays = runs[0][name], runs[1]
+def test_ten_steps_match_the_reference(runs):
+  _, mine, theirs, arrays = runs
   if "tokens" in theirs:  # TRL tokenised the rows itself: the same tokens, the same answer split
     for p, (prompt, chosen, rejected) in enumerate(theirs["tokens"]):
       for side, answer in ((0, chosen), (1, rejected)):
@@ -294,7 +297,7 @@ def test_reference_logps_are_the_base_models(tmp_path):
   model, base, tokenizer = from_pretrained(model_dir)
   arrays, _ = pairs.tokenize_pairs(preference_rows(6), tokenizer, max_length=MAX_LEN)
   budget = step_lib.label_budget(arrays["loss_mask"])
-  mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))
+  mesh = make_mesh(1, 1, 1)
   adapted = jlora.apply(
     base, jlora.LoraConfig(rank=4, targets="all-linear", use_dora=True), jax.random.key(0)
   )
@@ -302,7 +305,8 @@ def test_reference_logps_are_the_base_models(tmp_path):
     lambda x: x.replace(b=x.b + 0.1) if is_lora(x) else x, adapted, is_leaf=is_lora
   )
   _, frozen = jlora.split(adapted)
-  got = dpo.compute_reference(model, frozen, arrays, mesh, 4, budget)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):  # as the trainer runs it
+    got = dpo.compute_reference(model, frozen, arrays, mesh, 4, budget)
 
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
   expected = np.zeros((6, 2), np.float32)
@@ -318,7 +322,8 @@ def test_reference_logps_are_the_base_models(tmp_path):
 
   quant = jlora.QuantConfig(kind="nf4", block_size=16)
   trainable, frozen = jlora.prepare_for_training(base, LORA, jax.random.key(0), quant=quant)
-  got = dpo.compute_reference(model, frozen, arrays, mesh, 4, budget)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+    got = dpo.compute_reference(model, frozen, arrays, mesh, 4, budget)
   dequantized = jax.tree.map(
     lambda x: jlora.quant.dequantized(x) if jlora.quant.is_quantized(x) else x,
     dpo.reference_params(frozen),
@@ -423,6 +428,16 @@ def test_bad_config_values_are_one_line_errors(field, value, expected):
   with pytest.raises(UserError) as error:
     dpo.check(config)
   assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_shipped_config_validates():
+  from configs.dpo import get_config
+  from train import config as config_lib
+
+  config = get_config()
+  config_lib.check_config(config)
+  dpo.check(config)
+  assert config.data.train == "data/prefs_train.jsonl" and config.dpo.loss == "sigmoid"
 
 
 def test_unknown_loss_on_the_command_line_exits_2_with_one_line():

@@ -318,7 +318,7 @@ def setup(config, out: Path, mesh, record: outputs.RunRecord, task: Task) -> Tra
   )
   task.prepare(t)
   first = data_lib.TrainIterator(arrays, config.data.batch_size, seed=config.seed).next_ids()
-  t.step_fn = compile_step(t, put_batch(arrays, first, t.budget, mesh))
+  t.step_fn = compile_step(t, put_batch(t.train_arrays, first, t.budget, mesh))  # as prepared
   return t
 
 
