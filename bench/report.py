@@ -10,6 +10,7 @@ reproduces the file.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from bench import common
@@ -406,6 +407,27 @@ of 64), mean over the 30 layers, and the range of the per-layer ratio (every lay
 """
 
 
+def dpo_section(r: dict) -> str:
+  """bench/dpo.py: one DPO step, jlora vs TRL's DPOTrainer + PEFT."""
+  m, j, t = r["machine"], r["results"]["jlora"], r["results"]["trl"]
+  step = lambda x: statistics.median(x["times"])
+  return f"""## DPO step: jlora (train.dpo) vs TRL DPOTrainer + PEFT (CPU, fp32)
+
+`python -m bench.dpo --steps {len(j["times"])} --warmup {len(j["warmup_times"])}`: SmolLM2-135M-Instruct, LoRA r=8 all-linear,
+{r["pairs"]} pairs of data/prefs_train.jsonl per step, sigmoid loss, the reference = the base with
+adapters off on both sides. Each side in its own process, one after the other, in one sitting on
+{m["nproc"]} x {m["cpu"]}, **shared with other jobs** (load average {m["loadavg_at_start"][0]} at the start,
+{m["loadavg_at_end"][0]} at the end), so the times are noisy; few timed steps.
+
+| | median step (s) | steps timed | peak RSS (MiB) |
+|---|---|---|---|
+| TRL DPOTrainer + PEFT | {step(t):.2f} | {len(t["times"])} | {t["peak_rss_mib"]:,.0f} |
+| jlora train.dpo objective | {step(j):.2f} | {len(j["times"])} | {j["peak_rss_mib"]:,.0f} |
+
+jlora: {step(t) / step(j):.2f}x TRL's speed, {j["peak_rss_mib"] / t["peak_rss_mib"]:.2f}x its peak RSS.
+"""
+
+
 def main() -> None:
   sections = [
     "# Benchmarks\n\nWritten by `python -m bench.report` from the JSON files in `bench/results/`. Each section "
@@ -433,6 +455,8 @@ def main() -> None:
     sections.insert(3, long_rows)
   if (RESULTS / "inits.json").exists():
     sections.append(inits_section(load("inits.json")))
+  if (RESULTS / "dpo.json").exists():
+    sections.append(dpo_section(load("dpo.json")))
   Path("BENCHMARKS.md").write_text("\n".join(sections))
   print("wrote BENCHMARKS.md")
 
