@@ -193,6 +193,7 @@ def test_disk_full_while_exporting_names_the_file(uninterrupted, tmp_path, monke
     model=types.SimpleNamespace(path=str(files["model"])),
     export_merged=site == "export_merged",
     export_gguf="f32" if site == "export_gguf" else "",
+    tokens={},
   )
   t = types.SimpleNamespace(
     out=tmp_path, frozen=frozen, lora=lora, config=c, model=model, tokenizer=tokenizer
