@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -516,17 +514,7 @@ def test_sigkill_then_resume_reuses_the_reference_and_ends_with_the_same_adapter
   args += [f"--config.data.train={config.data.train}", f"--config.data.eval={config.data.eval}"]
   args += [f"--config.output_dir={out}"]
   env = {**os.environ, "PYTHONPATH": str(tiny.REPO)}
-  proc = subprocess.Popen(
-    args, env=env, cwd=tiny.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-  )
-  deadline = time.time() + 300
-  while not (out / "checkpoints" / "4").is_dir():
-    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-    assert time.time() < deadline, "no checkpoint at step 4 in time"
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not (out / "adapter_model.safetensors").exists(), "the run finished before it was killed"
+  tiny.kill_at_checkpoint(args, env, out, step=4)
   resumed = subprocess.run(
     args, env=env, cwd=tiny.REPO, capture_output=True, text=True, timeout=300
   )

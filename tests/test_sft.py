@@ -145,17 +145,7 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(files, finished):
     "train.sft",
     *tiny.cli_args(files["model"], files["train"], files["eval"], out),
   ]
-  proc = subprocess.Popen(
-    args, env=_env(), cwd=tiny.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-  )
-  deadline = time.time() + 300
-  while not (out / "checkpoints" / "4").is_dir():
-    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-    assert time.time() < deadline, "no checkpoint at step 4 in time"
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not (out / "adapter_model.safetensors").exists(), "the run finished before it was killed"
+  tiny.kill_at_checkpoint(args, _env(), out, step=4)
 
   resumed = subprocess.run(
     args, env=_env(), cwd=tiny.REPO, capture_output=True, text=True, timeout=300

@@ -12,6 +12,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import jax
@@ -360,3 +363,19 @@ def save_gguf(path: Path, config, state: dict[str, np.ndarray], arch: str = "lla
   writer.write_tensors_to_file()
   writer.close()
   return Path(path)
+
+
+def kill_at_checkpoint(args: list[str], env: dict, out: Path, step: int, timeout: float = 300):
+  """Starts the training command `args`, SIGKILLs it as soon as checkpoint `step` exists in
+  `out`, and checks that it had not finished (no adapter written)."""
+  proc = subprocess.Popen(
+    args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
+  deadline = time.time() + timeout
+  while not (out / "checkpoints" / str(step)).is_dir():
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    assert time.time() < deadline, f"no checkpoint at step {step} in time"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (out / "adapter_model.safetensors").exists(), "the run finished before it was killed"
