@@ -81,11 +81,22 @@ def worker_jlora(directory: str, matmul: str, steps: int, warmup: int) -> dict:
     updates, s = tx.update(grads, s, t)
     return optax.apply_updates(t, updates), s, loss
 
+  state = [trainable, opt_state]
+
+  def one_step():
+    state[0], state[1], loss = step(*state)
+    return loss.block_until_ready()
+
+  return timed(one_step, steps, warmup)
+
+
+def timed(one_step, steps: int, warmup: int) -> dict:
+  """Median wall time of `steps` calls of `one_step` (which returns the loss, computed) after
+  `warmup` untimed ones; the last loss and the process's peak RSS."""
   times = []
   for i in range(warmup + steps):
     start = time.perf_counter()
-    trainable, opt_state, loss = step(trainable, opt_state)
-    loss.block_until_ready()
+    loss = one_step()
     if i >= warmup:
       times.append(time.perf_counter() - start)
   return {
@@ -112,20 +123,15 @@ def worker_peft(directory: str, steps: int, warmup: int) -> dict:
     [p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0
   )
   ids = torch.from_numpy(batch().astype("int64"))
-  times = []
-  for i in range(warmup + steps):
-    start = time.perf_counter()
+
+  def one_step():
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
-  return {
-    "step_s": common.median(times),
-    "loss": float(loss),
-    "peak_rss_mib": common.peak_rss_mib(),
-  }
+    return loss
+
+  return timed(one_step, steps, warmup)
 
 
 NAMES = {
