@@ -343,13 +343,16 @@ for `mlp.experts.gate_up_proj` / `down_proj`). One process per row, all rows in 
 
 {table(r)}
 
-The load average at the start was {r["machine"]["loadavg_at_start"][0]}: the 2 cores were shared with
-other jobs, so absolute times are inflated and noisy; compare the ratios. transformers runs its
-experts in a Python loop over the experts that got tokens, and PEFT's `target_parameters` adds each
-expert's W + BA to the weight per forward; jlora runs one grouped matmul and keeps the adapters
-factored. jlora's peak RSS is higher (XLA's buffers and the compile). XLA:CPU lowers `ragged_dot`
-densely (its cost analysis counts all E experts), so `expert_matmul="auto"` takes the dense one-hot
-path on CPU and `ragged_dot` on GPU/TPU; no accelerator was measured in this sitting.
+Load average at the start: {r["machine"]["loadavg_at_start"][0]}. transformers runs each expert on
+the tokens routed to it (a Python loop over the experts that got tokens), and PEFT's
+`target_parameters` adds each expert's W + BA to the weight per forward. jlora keeps the adapters
+factored, but XLA:CPU has no grouped-matmul kernel: the dense one-hot path multiplies every routed
+token by every expert's weights, and XLA:CPU lowers `ragged_dot` densely too (its cost analysis
+counts all E experts), so on this CPU jlora is the slower one and the >= 1.0x target is not met.
+`expert_matmul="auto"` takes the dense path on CPU and `ragged_dot` on GPU/TPU, where it is a grouped
+kernel; no accelerator was measured. jlora's peak RSS is higher (XLA's buffers and the compile). An
+earlier sitting on a CPU shared with other jobs (load average 17) had shown jlora 2.3x faster:
+torch's threads lost most to the contention, so that ratio was wrong, and this idle one replaces it.
 """
 
 
@@ -416,8 +419,10 @@ def dpo_section(r: dict) -> str:
 `python -m bench.dpo --steps {len(j["times"])} --warmup {len(j["warmup_times"])}`: SmolLM2-135M-Instruct, LoRA r=8 all-linear,
 {r["pairs"]} pairs of data/prefs_train.jsonl per step, sigmoid loss, the reference = the base with
 adapters off on both sides. Each side in its own process, one after the other, in one sitting on
-{m["nproc"]} x {m["cpu"]}, **shared with other jobs** (load average {m["loadavg_at_start"][0]} at the start,
-{m["loadavg_at_end"][0]} at the end), so the times are noisy; few timed steps.
+{m["nproc"]} x {m["cpu"]} (load average {m["loadavg_at_start"][0]} at the start,
+{m["loadavg_at_end"][0]} at the end; above 2 means other jobs shared the CPU); few timed steps. A first
+sitting on a CPU shared with other jobs (load average 7) had read 2.8x TRL's speed: torch lost
+most to the contention, so that ratio was wrong.
 
 | | median step (s) | steps timed | peak RSS (MiB) |
 |---|---|---|---|
