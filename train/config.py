@@ -61,7 +61,7 @@ TRAINER_MODEL_FIELDS = ("path",)
 # Model config fields set by the checkpoint's architecture only, never by the user.
 FIXED_MODEL_FIELDS = ("model_type",)
 # Fields whose valid values depend on the checkpoint's shape: checked once the checkpoint is read.
-SHAPE_FIELDS = (
+CHECKPOINT_SHAPED_FIELDS = (
   "vocab_size",
   "hidden_size",
   "intermediate_size",
@@ -207,7 +207,7 @@ def model_overrides(config, hf_config: dict | None = None) -> dict[str, Any]:
     with user_words(section="config.model"):
       registry.config_from_hf(hf_config, **out)
     return out
-  shapeless = {k: v for k, v in out.items() if k not in SHAPE_FIELDS}
+  shapeless = {k: v for k, v in out.items() if k not in CHECKPOINT_SHAPED_FIELDS}
   for family in FAMILIES:
     names = {f.name for f in dataclasses.fields(family.config_cls)}
     if set(shapeless) <= names:

@@ -241,7 +241,7 @@ def llama_fields(d: Mapping[str, Any]) -> dict:
   )
 
 
-SHAPE_FIELDS = (
+HF_SHARED_FIELDS = (
   "model_type",
   "vocab_size",
   "hidden_size",
@@ -256,7 +256,7 @@ SHAPE_FIELDS = (
 
 def hf_shape_fields(config, architecture: str) -> dict:
   """The config.json fields every family writes alike: the architecture class and the shapes."""
-  return {"architectures": [architecture], **{k: getattr(config, k) for k in SHAPE_FIELDS}}
+  return {"architectures": [architecture], **{k: getattr(config, k) for k in HF_SHARED_FIELDS}}
 
 
 def hf_config_dict(hf_config: Any, model_types: tuple[str, ...], family: str) -> dict:
