@@ -7,9 +7,12 @@ expert's rows are contiguous, and one grouped matmul runs every expert on its ow
 
   ragged  `jax.lax.ragged_dot`: FLOPs scale with the assignments (top-k), not with E, on backends
           with a grouped kernel (GPU, TPU). XLA:CPU lowers it densely.
+  blocked each expert's rows padded to a multiple of a block of rows, and each block multiplied by
+          its own expert's weight (gathered per block): a batched matmul whose FLOPs are the
+          assignments' plus at most one partial block per expert. Plain dots XLA:CPU runs well.
   dense   every expert on every row, the right one kept by a one-hot contraction: E / k times the
-          FLOPs, but plain dots that XLA:CPU runs well at small sizes.
-  auto    ragged on GPU and TPU, dense on CPU (bench/moe.py measures both).
+          FLOPs; the simplest, kept as the reference for the others.
+  auto    ragged on GPU and TPU, blocked on CPU (bench/moe.py measures all three).
 
 An adapted expert weight is an ordinary `LoraWeight` whose roles are (batch, in, out): one node with
 a [E, in, r] and b [E, r, out], PEFT's `target_parameters` convention of one A and B per expert. Its
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 from jlora.lora import is_lora
 from jlora.quant import dequantized
 
-IMPLEMENTATIONS = ("auto", "ragged", "dense")
+IMPLEMENTATIONS = ("auto", "ragged", "blocked", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,14 +67,45 @@ def resolve(implementation: str) -> str:
       f"{', '.join(IMPLEMENTATIONS)}."
     )
   if implementation == "auto":
-    return "dense" if jax.default_backend() == "cpu" else "ragged"
+    return "blocked" if jax.default_backend() == "cpu" else "ragged"
   return implementation
+
+
+def block_rows(n: int, num_experts: int) -> int:
+  """Rows per block: about an expert's mean share of the n rows (a power of two, 8 to 128), so the
+  padding (at most one partial block per expert) stays a fraction of the rows."""
+  share = max(1, n // num_experts)
+  return int(min(128, max(8, 1 << (share - 1).bit_length())))
+
+
+def blocked(x: jax.Array, w: jax.Array, groups: Groups) -> jax.Array:
+  """`grouped` as a batched matmul over blocks of rows that each belong to one expert.
+
+  Expert e's rows (contiguous, as sorted) move to a region padded to a multiple of the block size;
+  there are at most n / block + E blocks, a static bound. Block j's expert is the one whose padded
+  region holds row j * block; blocks past the last region hold zeros and change nothing.
+  """
+  n, num_experts = x.shape[0], w.shape[0]
+  block = block_rows(n, num_experts)
+  num_blocks = -(-(n + num_experts * (block - 1)) // block)
+  padded = -(-groups.sizes // block) * block
+  padded_ends = jnp.cumsum(padded)
+  row_in_expert = jnp.arange(n) - (jnp.cumsum(groups.sizes) - groups.sizes)[groups.expert]
+  slot = (padded_ends - padded)[groups.expert] + row_in_expert
+  rows = jnp.zeros((num_blocks * block, x.shape[1]), x.dtype).at[slot].set(x)
+  block_expert = jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side="right")
+  weights = jnp.take(w, jnp.minimum(block_expert, num_experts - 1), axis=0).astype(x.dtype)
+  out = jnp.einsum("bti,bio->bto", rows.reshape(num_blocks, block, -1), weights)
+  return out.reshape(num_blocks * block, -1)[slot]
 
 
 def grouped(x: jax.Array, w: jax.Array, groups: Groups, implementation: str) -> jax.Array:
   """Row i of x [n, in] times w[expert of row i] ([E, in, out]) -> [n, out]."""
-  if resolve(implementation) == "ragged":
+  chosen = resolve(implementation)
+  if chosen == "ragged":
     return jax.lax.ragged_dot(x, w.astype(x.dtype), groups.sizes)
+  if chosen == "blocked":
+    return blocked(x, w, groups)
   one_hot = jax.nn.one_hot(groups.expert, w.shape[0], dtype=x.dtype)
   return jnp.einsum("ne,ni,eio->no", one_hot, x, w.astype(x.dtype))
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jlora
+from jlora.experts import grouped, sort_by_expert
 from jlora.models.moe import ROUTER_LOGITS, MoeConfig, MoeForCausalLM, router_aux_loss
 
 EXPERTS = ("model/layers/mlp/experts/gate_up_proj", "model/layers/mlp/experts/down_proj")
@@ -30,7 +31,7 @@ CONFIG = MoeConfig(
   norm_topk_prob=False,
   qk_norm=True,
   model_type="qwen3_moe",
-  expert_matmul="dense",
+  expert_matmul="blocked",  # auto's choice on CPU; the other paths are checked below
 )
 
 
@@ -93,7 +94,21 @@ def test_all_linear_adapts_the_experts_and_not_the_router(moe):
   assert node.a.shape == (2, 8, 32, 4) and node.b.shape == (2, 8, 4, 48)
 
 
-@pytest.mark.parametrize("matmul", ["dense", "ragged"])
+@pytest.mark.parametrize("matmul", ["dense", "ragged", "blocked"])
+@pytest.mark.parametrize("tokens,experts,k", [(508, 16, 4), (7, 4, 2), (3, 16, 1)])
+def test_grouped_matmul_equals_a_per_row_gather(matmul, tokens, experts, k):
+  """Each row times its own expert's weight, in numpy; odd sizes, experts with no rows included."""
+  rng = np.random.default_rng(tokens)
+  x = rng.standard_normal((tokens * k, 8), np.float32)
+  w = rng.standard_normal((experts, 8, 5), np.float32)
+  chosen = np.argsort(-rng.standard_normal((tokens, experts)), axis=1)[:, :k]
+  groups = sort_by_expert(jnp.asarray(chosen), jnp.ones((tokens, k)), experts)
+  reference = np.einsum("ni,nio->no", x, w[np.asarray(groups.expert)])
+  ours = jax.jit(lambda x, w: grouped(x, w, groups, matmul))(x, w)
+  np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("matmul", ["ragged", "blocked"])  # dense: the per-row test above
 def test_factored_forward_equals_materialised_experts(moe, matmul):
   _, params, ids = moe
   model = _model(expert_matmul=matmul)

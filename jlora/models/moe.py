@@ -57,7 +57,7 @@ class MoeConfig(LlamaConfig):
   # The weight on router_aux_loss; 0 (off) is the usual LoRA recipe and the only value the trainer
   # takes for now (HF configs' value is not read: it belongs to full fine-tuning).
   router_aux_loss_coef: float = 0.0
-  expert_matmul: str = "auto"  # jlora.experts: auto | ragged | dense
+  expert_matmul: str = "auto"  # jlora.experts: auto | ragged | blocked | dense
   model_type: str = "mixtral"
 
   def __post_init__(self):
