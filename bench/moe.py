@@ -1,4 +1,4 @@
-"""One LoRA step on a Qwen3-MoE-shaped model: jlora (dense and ragged expert matmuls) against PEFT +
+"""One LoRA step on a Qwen3-MoE-shaped model: jlora (blocked, dense and ragged expert matmuls) against PEFT +
 transformers, side by side, fp32 on CPU.
 
     python -m bench.moe [--steps 5] [--warmup 2] [--out bench/results/moe.json]
@@ -136,7 +136,8 @@ def worker_peft(directory: str, steps: int, warmup: int) -> dict:
 
 NAMES = {
   "peft": "PEFT + transformers",
-  "jlora-dense": "jlora, dense expert matmul (CPU default)",
+  "jlora-blocked": "jlora, blocked expert matmul (CPU default)",
+  "jlora-dense": "jlora, dense one-hot expert matmul",
   "jlora-ragged": "jlora, `jax.lax.ragged_dot`",
 }
 
@@ -161,7 +162,7 @@ def main(argv=None) -> None:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--out", default="bench/results/moe.json")
   parser.add_argument("--worker", choices=["jlora", "peft"])
-  parser.add_argument("--matmul", default="dense")
+  parser.add_argument("--matmul", default="blocked")
   parser.add_argument("--dir")
   parser.add_argument("--worker-out")
   args = parser.parse_args(argv)
@@ -179,7 +180,7 @@ def main(argv=None) -> None:
     write_checkpoint(directory)
     timing = ["--dir", directory, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     rows["peft"] = common.run_worker("bench.moe", ["--worker", "peft", *timing])
-    for matmul in ("dense", "ragged"):
+    for matmul in ("blocked", "dense", "ragged"):
       worker = ["--worker", "jlora", "--matmul", matmul, *timing]
       rows[f"jlora-{matmul}"] = common.run_worker("bench.moe", worker)
   for name, r in rows.items():

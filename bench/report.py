@@ -328,6 +328,17 @@ weights (an accelerator); no accelerator was measured in this sitting.
 """
 
 
+def moe_verdict(r: dict) -> str:
+  """Whether the CPU default met the >= 1.0x PEFT target, in words, from the measured rows."""
+  rows = r["rows"]
+  default = rows.get("jlora-blocked", {})
+  if "step_s" not in default or "step_s" not in rows["peft"]:
+    return "not measured in this sitting"
+  ratio = rows["peft"]["step_s"] / default["step_s"]
+  met = "met" if ratio >= 1.0 else "not met"
+  return f"{ratio:.2f}x PEFT's speed: the >= 1.0x target is {met}"
+
+
 def moe_section(r: dict) -> str:
   from bench.moe import table
 
@@ -346,13 +357,13 @@ for `mlp.experts.gate_up_proj` / `down_proj`). One process per row, all rows in 
 Load average at the start: {r["machine"]["loadavg_at_start"][0]}. transformers runs each expert on
 the tokens routed to it (a Python loop over the experts that got tokens), and PEFT's
 `target_parameters` adds each expert's W + BA to the weight per forward. jlora keeps the adapters
-factored, but XLA:CPU has no grouped-matmul kernel: the dense one-hot path multiplies every routed
-token by every expert's weights, and XLA:CPU lowers `ragged_dot` densely too (its cost analysis
-counts all E experts), so on this CPU jlora is the slower one and the >= 1.0x target is not met.
-`expert_matmul="auto"` takes the dense path on CPU and `ragged_dot` on GPU/TPU, where it is a grouped
-kernel; no accelerator was measured. jlora's peak RSS is higher (XLA's buffers and the compile). An
-earlier sitting on a CPU shared with other jobs (load average 17) had shown jlora 2.3x faster:
-torch's threads lost most to the contention, so that ratio was wrong, and this idle one replaces it.
+factored. XLA:CPU has no grouped-matmul kernel: the dense one-hot path multiplies every routed token
+by every expert's weights (E / k = {shape["num_experts"] // shape["num_experts_per_tok"]} times the
+FLOPs), and XLA:CPU lowers `ragged_dot` densely too. The blocked path pads each expert's rows to
+blocks and multiplies each block by its own expert's weight, so its FLOPs are the routed tokens'
+plus at most one partial block per expert; it is `expert_matmul="auto"`'s choice on CPU
+({moe_verdict(r)}). On GPU/TPU auto takes `ragged_dot`, a grouped kernel there; no accelerator was
+measured. jlora's peak RSS is higher (XLA's buffers and the compile).
 """
 
 
