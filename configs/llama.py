@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.data = -1  # -1: all remaining devices
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
+  config.mesh.expert = 1  # MoE families: each device holds 1/expert of the experts
 
   # Several processes (hosts): empty/0/-1 take JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
   # JAX_PROCESS_ID from the environment, or a SLURM / Open MPI / Cloud TPU cluster's own settings.

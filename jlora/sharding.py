@@ -2,7 +2,7 @@
 
 The base model names the logical axes of its params (linen: nn.with_logical_partitioning;
 NNX: the `out_sharding` metadata of its Variables, nnx.with_partitioning);
-rules map them to the mesh axes data / fsdp / tensor. An adapter then shards like
+rules map them to the mesh axes data / fsdp / tensor / expert. An adapter then shards like
 the weight it adapts: A takes the base's input-axis specs and an unsharded rank,
 B an unsharded rank and the base's output-axis specs. Nothing is replicated by fiat.
 """
@@ -19,15 +19,24 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jlora import boxes
 from jlora.lora import is_adapter
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# The mesh axes a batch's rows split over. The expert axis holds each device's share of the experts
+# of an MoE layer and splits the rows like data parallelism everywhere else (on a dense model it is
+# one more data axis).
+BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def make_mesh(
-  data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None
+  data: int = 1,
+  fsdp: int = 1,
+  tensor: int = 1,
+  expert: int = 1,
+  devices: Sequence | None = None,
 ) -> Mesh:
-  """A (data, fsdp, tensor) mesh over the first data*fsdp*tensor devices; -1 in one axis takes the rest."""
+  """A (data, fsdp, tensor, expert) mesh over the first data*fsdp*tensor*expert devices; -1 in one
+  axis takes the rest."""
   devices = list(devices if devices is not None else jax.devices())
-  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}
   for name, size in sizes.items():
     if not isinstance(size, int) or (size < 1 and size != -1):
       raise ValueError(
@@ -46,14 +55,14 @@ def make_mesh(
   total = math.prod(sizes.values())
   if total > len(devices):
     raise ValueError(
-      f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = {total} "
+      f"mesh {' x '.join(f'{n}={s}' for n, s in sizes.items())} = {total} "
       f"devices, but only {len(devices)} are available ({jax.default_backend()}). Make the product "
       "at most the device count (one axis may be -1 to take the rest)."
     )
   devices = devices[:total]
   # Auto axes: sharding is propagated by XLA from the annotated params and activations.
   return jax.make_mesh(
-    tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
+    tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
   )
 
 

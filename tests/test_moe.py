@@ -6,6 +6,10 @@ transformers' own function. Tiny random Qwen3-MoE (8 experts, top-2, 2 layers, d
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -196,3 +200,70 @@ def test_lora_step_costs_at_most_2_3x_the_forward(moe):
   forward = flops_of(jax.jit(loss).lower(trainable).compile())
   step = flops_of(jax.jit(jax.grad(loss)).lower(trainable).compile())
   assert step <= 2.3 * forward, (step, forward)
+
+
+EXPERT_PARALLEL_SCRIPT = """
+import dataclasses, json
+import flax.linen as nn
+import jax, jax.numpy as jnp, numpy as np
+import jlora
+from jlora import sharding as shard_lib
+from jlora.models import DEFAULT_RULES
+from tests.test_moe import CONFIG, MoeForCausalLM
+
+model = MoeForCausalLM(CONFIG)
+ids = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (8, 9)))
+boxed = model.init(jax.random.key(0), ids)["params"]
+cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets="all-linear")
+layout = jlora.trace_layout(model, ids)
+mesh = shard_lib.make_mesh(data=2, expert=4)
+placed = jax.device_put(
+  nn.meta.unbox(boxed), shard_lib.named(mesh, shard_lib.logical_specs(boxed, DEFAULT_RULES))
+)
+
+def randomized(t):
+  keys = iter(jax.random.split(jax.random.key(7), 100))
+  return jax.tree.map(lambda x: x.replace(b=0.3 * jax.random.normal(next(keys), x.b.shape))
+                      if jlora.is_lora(x) else x, t, is_leaf=jlora.is_lora)
+
+def step(trainable, frozen, ids):
+  def loss(t):
+    logits = jlora.wrap(model.apply)({"params": jlora.combine(t, frozen)}, ids)
+    return jnp.mean(logits ** 2)
+  return jax.value_and_grad(loss)(trainable)
+
+t1, f1 = jlora.prepare_for_training(nn.meta.unbox(boxed), cfg, jax.random.key(1), layout=layout)
+loss1, g1 = jax.jit(step)(randomized(t1), f1, ids)
+with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+  t8, f8 = jlora.prepare_for_training(placed, cfg, jax.random.key(1), layout=layout)
+  t8 = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), randomized(t8), t8)
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shard_lib.BATCH_AXES))
+  loss8, g8 = jax.jit(step)(t8, f8, jax.device_put(ids, rows))
+node = t8["model"]["layers"]["mlp"]["experts"]["gate_up_proj"]["kernel"]
+print(json.dumps({
+  "loss": [float(loss1), float(loss8)],
+  "grad_diff": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8))),
+  "a": str(node.a.sharding.spec),
+  "base": str(f8["model"]["layers"]["mlp"]["experts"]["gate_up_proj"]["kernel"].base.sharding.spec),
+}))
+"""
+
+
+def test_expert_parallel_step_on_8_devices_equals_the_one_device_step():
+  """data=2 x expert=4: each device holds 2 of the 8 experts (and their A, B) and a quarter of
+  the rows; the loss and every adapter gradient equal the unsharded step's."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": root}
+  proc = subprocess.run(
+    [sys.executable, "-c", EXPERT_PARALLEL_SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=root,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  np.testing.assert_allclose(*result["loss"], rtol=1e-5)
+  assert result["grad_diff"] < 1e-5, result
+  assert "'expert'" in result["base"] and "'expert'" in result["a"], result

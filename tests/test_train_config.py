@@ -66,15 +66,27 @@ def test_bad_values_name_the_config_field(field, value, message):
 @pytest.mark.parametrize(
   "mesh,devices,expected",
   [
-    ((-1, 1, 1), 4, {"data": 4, "fsdp": 1, "tensor": 1}),
-    ((1, -1, 2), 8, {"data": 1, "fsdp": 4, "tensor": 2}),
-    ((2, 2, 1), 4, {"data": 2, "fsdp": 2, "tensor": 1}),
+    ((-1, 1, 1, 1), 4, {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1}),
+    ((1, -1, 2, 1), 8, {"data": 1, "fsdp": 4, "tensor": 2, "expert": 1}),
+    ((2, 2, 1, 1), 4, {"data": 2, "fsdp": 2, "tensor": 1, "expert": 1}),
+    ((2, 1, 1, -1), 8, {"data": 2, "fsdp": 1, "tensor": 1, "expert": 4}),
   ],
 )
 def test_mesh_sizes_use_every_device(mesh, devices, expected):
   config = get_config()
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.expert = mesh
+  config.data.batch_size = config.data.eval_batch_size = 8  # rows for every data shard
   assert C.mesh_sizes(config, devices) == expected
+
+
+def test_rows_must_split_over_the_expert_axis_too():
+  config = get_config()
+  config.mesh.data, config.mesh.expert = 2, 4
+  config.data.batch_size, config.data.grad_accum = 4, 1
+  with pytest.raises(
+    UserError, match=r"config.mesh.data x config.mesh.fsdp x config.mesh.expert = 8"
+  ):
+    C.mesh_sizes(config, 8)
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ import jlora
 from jlora.models import registry
 from jlora.models.export import check_gguf_type
 from jlora.models.registry import FAMILIES
+from jlora.sharding import BATCH_AXES, MESH_AXES
 from train import data as data_lib
 from train.errors import UserError, closest_first
 from train.evaluate import check_metrics
@@ -55,7 +56,6 @@ DATA_CONTENT = "data_content"
 FINGERPRINT_FIELDS = ("model", "data", "lora", "quant", "optim", "tokens", "seed", "steps")
 # A task's own section (train.dpo's `dpo`), when the config has one.
 OPTIONAL_FINGERPRINT_FIELDS = ("dpo",)
-MESH_AXES = ("data", "fsdp", "tensor")
 # config.model fields the trainer reads itself; every other one is a field of the model config class.
 TRAINER_MODEL_FIELDS = ("path",)
 # Model config fields set by the checkpoint's architecture only, never by the user.
@@ -303,9 +303,9 @@ def check_tokens(config) -> None:
 
 
 def mesh_sizes(config, devices: int | None = None) -> dict[str, int]:
-  """{data, fsdp, tensor} sizes that use every device, or an error naming config.mesh.*."""
+  """{data, fsdp, tensor, expert} sizes that use every device, or an error naming config.mesh.*."""
   devices = jax.device_count() if devices is None else devices
-  sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
+  sizes = {axis: config.mesh.get(axis, 1) for axis in MESH_AXES}  # configs older than an axis: 1
   for axis, size in sizes.items():
     if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
       raise UserError(
@@ -332,7 +332,7 @@ def mesh_sizes(config, devices: int | None = None) -> dict[str, int]:
   else:
     devices_word = "devices"
   if used != devices:
-    shown = " x ".join(f"config.mesh.{a}={config.mesh[a]}" for a in MESH_AXES)
+    shown = " x ".join(f"config.mesh.{a}={config.mesh.get(a, 1)}" for a in MESH_AXES)
     problem = (
       f"needs {used} devices, but only {devices} exist"
       if used > devices
@@ -343,18 +343,18 @@ def mesh_sizes(config, devices: int | None = None) -> dict[str, int]:
       f"{shown} {problem}; make the product {devices}, or set one axis to -1 to take the rest."
     )
   rows = config.data.batch_size // config.data.grad_accum
-  shards = sizes["data"] * sizes["fsdp"]
+  shards = math.prod(sizes[axis] for axis in BATCH_AXES)
+  split = " x ".join(f"config.mesh.{axis}" for axis in BATCH_AXES)
   if rows % shards:
     raise UserError(
       f"config.data.batch_size: {config.data.batch_size} / config.data.grad_accum="
-      f"{config.data.grad_accum} = {rows} rows per microbatch do not split over config.mesh.data x "
-      f"config.mesh.fsdp = {shards} shards; make it a multiple of {shards}."
+      f"{config.data.grad_accum} = {rows} rows per microbatch do not split over {split} = "
+      f"{shards} shards; make it a multiple of {shards}."
     )
   if config.data.eval_batch_size % shards:
     raise UserError(
       f"config.data.eval_batch_size: {config.data.eval_batch_size} rows do not split over "
-      f"config.mesh.data x config.mesh.fsdp = {shards} shards ({devices} {devices_word}); make it "
-      f"a multiple of {shards}."
+      f"{split} = {shards} shards ({devices} {devices_word}); make it a multiple of {shards}."
     )
   return sizes
 

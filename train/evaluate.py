@@ -21,13 +21,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import jlora
+from jlora.sharding import BATCH_AXES
 from train import data as data_lib
 from train import distributed
 from train import step as step_lib
 from train.errors import UserError
 from train.generate import generate_ids
-
-BATCH_AXES = ("data", "fsdp")
 
 
 class Unscorable(ValueError):

@@ -4,7 +4,7 @@
 
 Loads a Llama-family base (HF dir, .gguf, hub id or an embedded model), optionally
 quantizes it, adds LoRA adapters, and trains them with a step compiled over a
-(data, fsdp, tensor) mesh. Rerunning the same command resumes from the latest
+(data, fsdp, tensor, expert) mesh. Rerunning the same command resumes from the latest
 checkpoint in output_dir; Ctrl-C (or SIGTERM) saves one at the end of the current step.
 Outputs: a PEFT adapter, metrics.jsonl, loss.png, before.json, summary.json and, on
 request, a merged HF checkpoint and GGUF files for llama.cpp.
@@ -619,7 +619,7 @@ def run(config, progress: bool = True, task: Task = SFT) -> dict:
   out = outputs.check_output_dir(config.output_dir)
   record, resumed = claim(out, config)
   sizes = config_lib.mesh_sizes(config)
-  mesh = shard_lib.make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"])
+  mesh = shard_lib.make_mesh(**sizes)
   with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES), SignalFlag() as flag:
     t = setup(config, out, mesh, record, task)
     state, start, data_state = restore(t)

@@ -37,14 +37,15 @@ from jlora.errors import UserError
 from jlora.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from jlora.models.attention import attention
 from jlora.models.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
+from jlora.sharding import BATCH_AXES
 
 Array = jax.Array
 
-# Logical axis name -> mesh axis, for a mesh with axes ("data", "fsdp", "tensor"). Use with
+# Logical axis name -> mesh axis, for jlora.sharding's mesh (data, fsdp, tensor, expert). Use with
 # `nn.logical_axis_rules(DEFAULT_RULES)` (activation constraints) and
 # `nn.logical_to_mesh_sharding(nn.get_partition_spec(variables), mesh, DEFAULT_RULES)` (param shardings).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-  ("batch", ("data", "fsdp")),
+  ("batch", BATCH_AXES),
   ("embed", "fsdp"),
   ("q_heads", "tensor"),
   ("kv_heads", "tensor"),
@@ -54,7 +55,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("seq", None),
   ("norm", None),
   ("head_dim", None),
-  ("expert", None),
+  ("expert", "expert"),
 )
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
