@@ -202,6 +202,23 @@ def test_lora_step_costs_at_most_2_3x_the_forward(moe):
   assert step <= 2.3 * forward, (step, forward)
 
 
+def test_expert_flops_scale_with_top_k_not_with_the_number_of_experts():
+  """XLA's cost analysis of the CPU default (blocked): 4x the experts costs about the same, 2x the
+  top-k about twice; the dense one-hot path, for contrast, grows with the experts."""
+  from bench.common import flops_of
+
+  def cost(experts, k, matmul="blocked"):
+    tokens, rng = 256, np.random.default_rng(0)
+    chosen = np.argsort(-rng.standard_normal((tokens, experts)), axis=1)[:, :k]
+    groups = sort_by_expert(jnp.asarray(chosen), jnp.ones((tokens, k)), experts)
+    x, w = jnp.ones((tokens * k, 64)), jnp.ones((experts, 64, 64))
+    return flops_of(jax.jit(lambda x, w: grouped(x, w, groups, matmul)).lower(x, w).compile())
+
+  assert cost(32, 2) < 1.2 * cost(8, 2)
+  assert 1.6 * cost(8, 1) < cost(8, 2) < 2.4 * cost(8, 1)
+  assert cost(32, 2, "dense") > 3.5 * cost(8, 2, "dense")
+
+
 EXPERT_PARALLEL_SCRIPT = """
 import dataclasses, json
 import flax.linen as nn
