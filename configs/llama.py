@@ -70,6 +70,10 @@ def get_config() -> ml_collections.ConfigDict:
   # trained, saved as PEFT's trainable_token_indices with the tokenizer beside the adapter.
   config.tokens = ml_collections.ConfigDict()
   config.tokens.add = ml_collections.FieldReference([], field_type=object)
+  # A chat template that replaces the tokenizer's (e.g. one that writes the new tokens): a jinja
+  # file's path, or the template text itself (anything with "{{" or "{%"); saved with the adapter's
+  # tokenizer and in the merged and GGUF exports. "" keeps the tokenizer's own.
+  config.tokens.chat_template = ""
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # -1: all remaining devices

@@ -74,6 +74,10 @@ SFT_CONFIG = [
   (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], ["at most one axis"]),
   (["--config.eval.metrics=bleu"], ["config.eval.metrics", "bleu"]),
   (["--config.export_gguf=q3_k"], ["config.export_gguf", "q3_k"]),
+  (["--config.tokens.chat_template=/no/such.jinja"], ["config.tokens.chat_template", "no file"]),
+  # Rendered with the tokenizer's own special tokens, once it is loaded (braces doubled: format).
+  (["--config.tokens.chat_template={{% for %}}"], ["'{% for %}' fails to render a sample"]),
+  (["--config.tokens.chat_template={{{{ 'hi' }}}}"], ["without its messages' contents"]),
   (["--config.model.dtype=float3"], ["config.model.dtype", "float3"]),
   (["--config.model.remat_policy=bogus"], ["remat_policy", "bogus"]),
   (["--config.model.attention=flash"], ["config.model.attention", "flash"]),

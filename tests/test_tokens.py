@@ -105,8 +105,8 @@ def test_only_the_chosen_rows_train(torch_base):
     assert sorted(np.flatnonzero(changed)) == ROWS, (leaf, np.flatnonzero(changed))
 
 
-def _tool_rows(path, n: int, start: int = 0):
-  """Bundled rows whose answers are wrapped in the new tokens."""
+def _rows(path, n: int, start: int = 0):
+  """Bundled rows as prompt/completion (the chat template below wraps answers in the new tokens)."""
   import json
 
   from tests.tiny import REPO
@@ -115,30 +115,56 @@ def _tool_rows(path, n: int, start: int = 0):
   rows = []
   for line in lines:
     _, user, assistant = json.loads(line)["messages"]
-    rows.append({"prompt": user["content"], "completion": f"<tool>{assistant['content']}</tool>"})
+    rows.append({"prompt": user["content"], "completion": assistant["content"]})
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   return path
 
 
+# ChatML with every answer wrapped in the new tokens: only the template puts them in the data.
+TOOL_TEMPLATE = (
+  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+  "{% if m['role'] == 'assistant' %}<tool>{{ m['content'] }}</tool>{% else %}{{ m['content'] }}"
+  "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+  "{% endif %}"
+)
+
+
+def _gguf_table(reader, name: str) -> np.ndarray:
+  (tensor,) = [t for t in reader.tensors if t.name == name]
+  return np.asarray(tensor.data)
+
+
 def test_sft_adds_trains_and_exports_new_tokens(tmp_path, capsys):
+  """config.tokens.add + chat_template: the template puts the tokens in the training data, their
+  rows train; the PEFT adapter (+ saved tokenizer), the merged checkpoint and the GGUF (vocab,
+  token types, rows, template, tokenizer rebuilt by jlora's GGUF reader) all carry them."""
+  import gguf
   from safetensors.numpy import load_file
 
+  from jlora.models.gguf_tokenizer import gguf_tokenizer
   from tests import tiny
   from train import sft
 
   model_dir = tiny.make_checkpoint(tmp_path / "model", tied=False)
   out = tmp_path / "run"
   new = ["<tool>", "</tool>"]
+  (tmp_path / "tool.jinja").write_text(TOOL_TEMPLATE)
   config = tiny.sft_config(
     model_dir,
-    _tool_rows(tmp_path / "train.jsonl", 24),
-    _tool_rows(tmp_path / "eval.jsonl", 4, start=1000),
+    _rows(tmp_path / "train.jsonl", 24),
+    _rows(tmp_path / "eval.jsonl", 4, start=1000),
     out,
-    **{"tokens.add": new, "steps": 2, "save_every": 1, "eval_every": 2, "export_merged": True},
+    **{"tokens.add": new, "tokens.chat_template": str(tmp_path / "tool.jinja")},
+    **{"steps": 2, "save_every": 1, "eval_every": 2, "export_merged": True, "export_gguf": "f32"},
     **{"eval_examples": 2, "samples": 0, "eval.metrics": "", "data.max_length": 64},
   )
   sft.run(config, progress=False)
+  assert (
+    "no adapter.gguf: params: lm_head/kernel has trainable token rows" in capsys.readouterr().out
+  )
+  assert not (out / "adapter.gguf").exists()
   tok = transformers.AutoTokenizer.from_pretrained(str(out))
+  assert tok.chat_template == TOOL_TEMPLATE
   ids = tok.convert_tokens_to_ids(new)
   assert ids == [len(tok) - 2, len(tok) - 1]
   written = tiny.read_json(out / "adapter_config.json")["trainable_token_indices"]
@@ -149,16 +175,36 @@ def test_sft_adds_trains_and_exports_new_tokens(tmp_path, capsys):
   base = _hf(model_dir)
   base.resize_token_embeddings(len(tok))
   reference = peft.PeftModel.from_pretrained(base, str(out)).eval()
-  text = tok("a <tool>{'x': 1}</tool> b", return_tensors="pt")["input_ids"]
+  sample = "a <tool>{'x': 1}</tool> b"
+  text = tok(sample, return_tensors="pt")["input_ids"]
   assert set(ids) <= set(text[0].tolist())
   with torch.no_grad():
     expected = reference(text).logits.numpy()
     merged = _hf(out / "merged")(text).logits.numpy()
   np.testing.assert_allclose(merged, expected, atol=1e-4, rtol=1e-4)
-  # The new rows trained away from their start (the mean row).
-  emb = load_file(out / "merged" / "model.safetensors")["model.embed_tokens.weight"]
+  assert transformers.AutoTokenizer.from_pretrained(str(out / "merged")).chat_template == (
+    TOOL_TEMPLATE
+  )
+  # The new rows trained away from their start (the mean row): the template put them in the data.
+  weights = load_file(out / "merged" / "model.safetensors")
+  emb = weights["model.embed_tokens.weight"]
   mean = emb[: ids[0]].mean(axis=0)
   assert np.abs(emb[ids] - mean).max() > 1e-3
+
+  # GGUF: the grown vocabulary with the tokens as CONTROL at their ids, the merged rows, the
+  # template, and a tokenizer rebuilt from the file that encodes them as HF's does.
+  path = out / "model-f32.gguf"
+  reader = gguf.GGUFReader(str(path))
+  field = reader.fields["tokenizer.ggml.tokens"]
+  vocab = [bytes(field.parts[i]).decode() for i in field.data]
+  assert len(vocab) == len(tok) and [vocab[i] for i in ids] == new
+  types = reader.fields["tokenizer.ggml.token_type"]
+  assert [int(types.parts[types.data[i]][0]) for i in ids] == [gguf.TokenType.CONTROL] * 2
+  np.testing.assert_array_equal(_gguf_table(reader, "token_embd.weight"), emb)
+  np.testing.assert_array_equal(_gguf_table(reader, "output.weight"), weights["lm_head.weight"])
+  rebuilt = gguf_tokenizer(path)
+  assert rebuilt(sample)["input_ids"] == text[0].tolist()
+  assert rebuilt.chat_template == TOOL_TEMPLATE
 
   # Resume keeps the rows: drop the last checkpoint, rerun, same adapter.
   import shutil

@@ -16,6 +16,7 @@ import dataclasses
 import math
 import re
 import typing
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -300,6 +301,30 @@ def check_tokens(config) -> None:
     )
   if len(set(new)) != len(new):
     raise UserError(f"config.tokens.add: {new!r} lists a token twice.")
+  chat_template_text(config)
+
+
+def chat_template_text(config) -> str:
+  """config.tokens.chat_template's template: the text itself, or the named jinja file's ("" for
+  none)."""
+  value = config.get("tokens", {}).get("chat_template") or ""
+  if not isinstance(value, str):
+    raise UserError(
+      f"config.tokens.chat_template: {value!r} is not valid; expected a jinja file's path or "
+      "the template text."
+    )
+  if not value or "{{" in value or "{%" in value:
+    return value
+  path = Path(value).expanduser()
+  if not path.is_file():
+    raise UserError(
+      f"config.tokens.chat_template: {value!r} is no file; expected a jinja template file's "
+      "path, or the template text itself (with {{ ... }} or {% ... %})."
+    )
+  try:
+    return path.read_text(encoding="utf-8")
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f"config.tokens.chat_template: {value!r} can't be read: {e}") from None
 
 
 def mesh_sizes(config, devices: int | None = None) -> dict[str, int]:

@@ -172,6 +172,40 @@ def add_tokens(config, model, params, tokenizer):
   return model, params, tokenizer, tables
 
 
+# A conversation every chat template must render, with the contents it must write.
+SAMPLE_CHAT = (
+  {"role": "user", "content": "What is 2 + 2?"},
+  {"role": "assistant", "content": "It is 4."},
+)
+
+
+def set_chat_template(config, tokenizer) -> None:
+  """config.tokens.chat_template replaces the tokenizer's template, once it renders SAMPLE_CHAT
+  with both messages' contents (the tokenizer's own special tokens are in scope, as in training)."""
+  from jinja2.exceptions import TemplateError
+
+  template = config_lib.chat_template_text(config)
+  if not template:
+    return
+  shown = config.tokens.chat_template
+  shown = shown if len(shown) <= 60 else shown[:57] + "..."
+  tokenizer.chat_template = template
+  try:
+    text = tokenizer.apply_chat_template(list(SAMPLE_CHAT), tokenize=False)
+  except (TemplateError, TypeError, ValueError) as e:
+    raise UserError(
+      f"config.tokens.chat_template: {shown!r} fails to render a sample conversation "
+      f"(user, assistant): {' '.join(str(e).split())}"
+    ) from None
+  if not all(m["content"] in text for m in SAMPLE_CHAT):
+    raise UserError(
+      f"config.tokens.chat_template: {shown!r} renders a sample conversation without its "
+      f"messages' contents (got {text[:80]!r}); expected a template that writes each "
+      "message['content']."
+    )
+  log(f"chat template: {shown!r}")
+
+
 def eva_data(config, model, arrays, batches: int = 2):
   """init='eva': (run, the first `batches` training batches, their labelled tokens), else None."""
   if config.lora.init != "eva":
@@ -275,6 +309,7 @@ def setup(config, out: Path, mesh, record: outputs.RunRecord, task: Task) -> Tra
   """Model, adapters, data, evaluator, optimizer and the compiled step."""
   model, base, tokenizer = load_model(config, mesh)
   model, base, tokenizer, tokens = add_tokens(config, model, base, tokenizer)
+  set_chat_template(config, tokenizer)
   arrays, stats = task.load_train_data(config, tokenizer)
   trainable, frozen = adapt(config, base, tokens, eva_data(config, model, arrays))
   del base
@@ -546,7 +581,8 @@ def save_adapter_and_export(t: Trainer, trainable) -> None:
       jlora.save_adapter(
         t.out, params, t.lora, base_model_name_or_path=path, model_config=t.model.config
       )
-      if t.config.tokens.get("add"):  # PEFT users resize the base to this tokenizer, then load
+      # PEFT users resize the base to this tokenizer (and use its template), then load.
+      if t.config.tokens.get("add") or t.config.tokens.get("chat_template"):
         t.tokenizer.save_pretrained(str(t.out))
   model_bytes = step_lib.tree_bytes(t.frozen)
   if t.config.export_merged:

@@ -38,6 +38,7 @@ from jlora.models import gguf_spec, gguf_vocab, loading, registry
 from jlora.models.llama import rope_inv_freq
 from jlora.models.names import LEAF_NAMES, to_torch, torch_shape
 from jlora.quant import dequantized, is_quantized
+from jlora.tokens import is_token_rows
 
 
 def _is_node(x) -> bool:
@@ -321,7 +322,9 @@ def export_gguf(
   dtype: the type of the weight matrices (see GGUF_TYPES); norms and biases stay F32, matrices
   whose rows don't divide into the type's blocks are F16, and 4/5-bit files keep the output head
   at Q8_0. QLoRA bases merge into dequant(W4), as export_merged does. tokenizer_pre: llama.cpp's
-  pre-tokenizer name, when the tokenizer's own can't be recognised (see gguf_vocab). An existing
+  pre-tokenizer name, when the tokenizer's own can't be recognised (see gguf_vocab). Trainable
+  token rows merge into token_embd (and an untied output); the tokenizer must hold their tokens
+  (for new tokens: the one jlora.tokens.add_tokens grew). An existing
   `path` is replaced only with overwrite=True; a failed export leaves nothing under `path`.
   """
   check_gguf_type(dtype)
@@ -337,6 +340,7 @@ def export_gguf(
       "attends to the whole context, so outputs match jlora's only up to that many tokens.",
       stacklevel=2,
     )
+  _check_trained_tokens(params, tokenizer)
   tensors = gguf_plan(params, config, dtype)
 
   def add_metadata(writer: gguf.GGUFWriter) -> None:
@@ -349,6 +353,19 @@ def export_gguf(
 
   write_gguf(path, spec.arch, add_metadata, tensors)
   return path
+
+
+def _check_trained_tokens(params, tokenizer) -> None:
+  """Trained token rows need their tokens in the tokenizer written beside them: a vocabulary
+  grown for new tokens would otherwise be written as unused [PAD] entries."""
+  trained = jax.tree.leaves(boxes.unbox_tree(params), is_leaf=is_token_rows)
+  ids = sorted({i for node in trained if is_token_rows(node) for i in node.indices})
+  missing = [i for i in ids if i >= len(tokenizer)]
+  if missing:
+    raise ValueError(
+      f"tokenizer: it has {len(tokenizer)} tokens, but params train token rows {missing}; pass "
+      "the tokenizer the new tokens were added to (e.g. by jlora.tokens.add_tokens)."
+    )
 
 
 # --------------------------------------------------------------------------- LoRA adapter GGUF
@@ -367,11 +384,16 @@ def _adapter_alpha(nodes: list[tuple[str, LoraWeight]], lora_cfg: LoraConfig | N
 def _adapter_nodes(params) -> list[tuple[str, LoraWeight]]:
   nodes = []
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(
-    boxes.unbox_tree(params), is_leaf=is_lora
+    boxes.unbox_tree(params), is_leaf=is_adapter
   )[0]:
+    full = config_lib.path_str(key_path)
+    if is_token_rows(leaf):  # llama.cpp applies adapters to a base GGUF with its own vocabulary
+      raise ValueError(
+        f"params: {full} has trainable token rows, which a llama.cpp adapter can't hold; "
+        "use export_gguf to merge them (and the new tokens) into the model."
+      )
     if not is_lora(leaf):
       continue
-    full = config_lib.path_str(key_path)
     if full.rpartition("/")[2] != KERNEL or len(leaf.roles) != 2:
       raise ValueError(
         f"params: {full} is adapted, and llama.cpp adapters hold 2-D linear weights only; "
@@ -441,7 +463,7 @@ def save_adapter_gguf(
   config: the base model's config (architecture, head counts for the Q/K layout). Each module's
   scale is reproduced exactly under llama.cpp's alpha / rank rule (rsLoRA and rank/alpha patterns
   are folded into lora_b). dtype: f32, f16 or bf16. Only linear weights are written: an adapted
-  embedding or tied head is refused (merge those with export_gguf).
+  embedding or tied head, or trainable token rows, are refused (merge those with export_gguf).
   """
   check_gguf_type(dtype, supported=ADAPTER_TYPES)
   config = _model_config(config)
