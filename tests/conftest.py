@@ -1,6 +1,13 @@
-"""Keeps the tests that share an expensive module fixture on one pytest-xdist worker."""
+"""Keeps the tests that share an expensive module fixture on one pytest-xdist worker, and the
+tests off the Hugging Face hub."""
+
+import os
 
 import pytest
+
+# The tests use files they make; nothing may reach the hub. bitsandbytes (the ref extra, which
+# PEFT imports) asks the hub for a CPU kernel at import on some CPUs; offline, it doesn't.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Module-scoped fixtures that cost tens of seconds each: a multi-process training run, a full
 # `train.sft` run, an adapted model with its exports, a converted checkpoint per model family,

@@ -81,8 +81,10 @@ def test_loraplus_ten_steps_equal_peft(tmp_path):
 
 # --------------------------------------------------------------------------- LoftQ
 
-# PEFT's loftq_init needs bitsandbytes' nf4 on CUDA (PEFT >= 0.20 removed its own NF4), so the
-# reference is the paper's alternation written here in numpy, with an argmin NF4 quantizer.
+# Two references: the paper's alternation written here in numpy (an argmin NF4 quantizer), and
+# PEFT's own loftq_init with bitsandbytes' nf4 (PEFT >= 0.20 has no NF4 of its own). That function
+# hard-codes its compute device to CUDA or XPU; bitsandbytes >= 0.50 quantizes on the CPU too, so
+# the test runs PEFT's source with that one line set to "cpu" (peft_loftq_init).
 
 
 def _np_nf4(w: np.ndarray, block: int = 64) -> np.ndarray:
@@ -134,13 +136,22 @@ def tiny_llama():
 TARGETS = ["q_proj", "down_proj"]
 
 
-def test_loftq_error_matches_the_numpy_reference_and_beats_qlora(tiny_llama):
-  from jlora.inits import loftq, reconstruction_error
+QCFG = jlora.QuantConfig(kind="nf4", double_quant=False, targets=TARGETS)
+
+
+@pytest.fixture(scope="module")
+def loftq_params(tiny_llama):
+  from jlora.inits import loftq
+
+  cfg = jlora.LoraConfig(rank=8, alpha=16, targets=TARGETS, init="loftq", loftq_iters=3)
+  return loftq(tiny_llama[1], cfg, QCFG, jax.random.key(0))
+
+
+def test_loftq_error_matches_the_numpy_reference_and_beats_qlora(tiny_llama, loftq_params):
+  from jlora.inits import reconstruction_error
 
   model, boxed, plain = tiny_llama
-  qcfg = jlora.QuantConfig(kind="nf4", double_quant=False, targets=TARGETS)
-  cfg = jlora.LoraConfig(rank=8, alpha=16, targets=TARGETS, init="loftq", loftq_iters=3)
-  params = loftq(boxed, cfg, qcfg, jax.random.key(0))
+  qcfg, params = QCFG, loftq_params
   qlora = jlora.apply(
     jlora.quantize(boxed, qcfg),
     jlora.LoraConfig(rank=8, alpha=16, targets=TARGETS),
@@ -160,6 +171,43 @@ def test_loftq_error_matches_the_numpy_reference_and_beats_qlora(tiny_llama):
   full = forward(plain)
   gap = lambda p: float(jnp.linalg.norm(forward(p) - full))
   assert gap(params) < 0.85 * gap(qlora)
+
+
+def peft_loftq_init():
+  """PEFT's peft.utils.loftq_utils.loftq_init, its compute device set to the CPU (the one line
+  changed; PEFT's code and bitsandbytes' nf4 do the rest)."""
+  import inspect
+  import textwrap
+
+  from peft.utils import loftq_utils
+
+  source = textwrap.dedent(inspect.getsource(loftq_utils.loftq_init))
+  device_line = 'compute_device = "xpu" if is_xpu_available() else "cuda"'
+  assert device_line in source, "PEFT's loftq_init changed; update peft_loftq_init"
+  namespace = dict(vars(loftq_utils))
+  exec(source.replace(device_line, 'compute_device = "cpu"'), namespace)
+  return namespace["loftq_init"]
+
+
+@pytest.mark.ref
+def test_loftq_equals_peft_loftq_init(tiny_llama, loftq_params):
+  """Same weights, nf4 (blocks of 64, no double quant), rank 8, 3 iterations: the same 4-bit base,
+  the same s*A@B, and init errors ||W - (dequant(Q) + s*A@B)|| / ||W|| within 1e-3 (measured:
+  1e-8). PEFT's factors carry no scale (its layer uses them with lora_alpha / r as set)."""
+  from jlora.inits import reconstruction_error
+
+  pytest.importorskip("bitsandbytes", minversion="0.50")
+  loftq_init = peft_loftq_init()
+  plain = tiny_llama[2]
+  for group, name in (("self_attn", "q_proj"), ("mlp", "down_proj")):
+    node = jax.tree.map(lambda x: x[0], loftq_params["model"]["layers"][group][name]["kernel"])
+    w = np.asarray(plain["model"]["layers"][group][name]["kernel"][0])
+    weight = torch.tensor(w.T.copy())  # torch layout [out, in]: bnb's blocks run along inputs
+    base, lora_a, lora_b = loftq_init(weight, num_bits=4, reduced_rank=8, num_iter=3)
+    theirs = float(torch.linalg.norm(weight - base - lora_b @ lora_a) / torch.linalg.norm(weight))
+    assert reconstruction_error(node, w) == pytest.approx(theirs, abs=1e-3)
+    np.testing.assert_allclose(np.asarray(node.base.dequantize()).T, base.numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(node.delta()).T, (lora_b @ lora_a).numpy(), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- EVA
