@@ -32,6 +32,7 @@ from jlora import config as config_lib
 from jlora.config import BATCH
 from jlora.lora import DoraWeight, LoraWeight, is_lora, is_stacked
 from jlora.peft import load_adapter
+from jlora.tokens import is_token_rows
 
 BASE = "base"  # the name that selects no adapter (id -1)
 
@@ -102,6 +103,7 @@ def _read(name: str, adapter, base_params, layout, model_config=None) -> dict[st
       adapter = load_adapter(adapter, base_params, layout=layout, model_config=model_config)
     except (ValueError, FileNotFoundError) as e:
       raise ValueError(f"stack_adapters: adapter {name!r}: {e}") from e
+  _refuse_token_rows(name, adapter)
   nodes = _nodes(boxes.unbox_tree(adapter))
   if not nodes:
     raise ValueError(f"stack_adapters: adapter {name!r} holds no LoRA nodes.")
@@ -112,6 +114,20 @@ def _read(name: str, adapter, base_params, layout, model_config=None) -> dict[st
         f"stack_adapters: adapter {name!r} is {kind} at {path}; only plain LoRA adapters stack."
       )
   return nodes
+
+
+def _refuse_token_rows(name: str, adapter) -> None:
+  """Trained token rows don't stack (each row of a batch would need its own table rows, and new
+  tokens change the vocabulary): refused, rather than dropped."""
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(
+    boxes.unbox_tree(adapter), is_leaf=is_token_rows
+  )[0]:
+    if is_token_rows(leaf):
+      raise ValueError(
+        f"stack_adapters: adapter {name!r} trains token rows at {config_lib.path_str(key_path)} "
+        "(trainable_token_indices), which stacked adapters can't hold; only LoRA factors stack. "
+        "Serve it alone, or jlora.merge it into its own base."
+      )
 
 
 def _check_base(name: str, nodes: Mapping[str, LoraWeight], base: Mapping[str, Any]) -> None:

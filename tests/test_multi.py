@@ -126,6 +126,14 @@ def test_adapter_ids_out_of_range_and_unknown_names_are_refused():
     jlora.stack_adapters({"d": dora}, base)
 
 
+def test_adapters_with_token_rows_are_refused_not_dropped():
+  _, _, base, layout = base_of("transformer")
+  cfg = jlora.LoraConfig(targets=["query"], trainable_token_indices=[1, 2])
+  adapter = jlora.apply(base, cfg, jax.random.key(0), layout=layout)
+  with pytest.raises(ValueError, match=r"adapter 't' trains token rows at .*embed.*stacked"):
+    jlora.stack_adapters({"t": adapter}, base, layout=layout)
+
+
 # --------------------------------------------------------------------------- generation
 
 TINY = dict(
