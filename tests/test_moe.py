@@ -189,6 +189,51 @@ def test_router_aux_loss_matches_transformers():
   np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-5)
 
 
+@pytest.mark.ref
+def test_sft_step_with_router_loss_equals_transformers_loss(tmp_path):
+  """config.model.router_aux_loss_coef > 0: the step's loss is transformers' Qwen3-MoE loss with
+  output_router_logits (cross-entropy + coef * load balancing over the non-padding tokens)."""
+  torch = pytest.importorskip("torch")
+  from jlora.models import from_pretrained
+  from tests import tiny
+  from train import step as step_lib
+
+  shape = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+  directory = tiny.save_torch_checkpoint(
+    tmp_path, "qwen3_moe", router_aux_loss_coef=0.3, output_router_logits=True, **shape
+  )
+  ids = np.random.default_rng(0).integers(3, tiny.TINY_VOCAB_SIZE, (2, 9))
+  real = np.ones((2, 9), np.int32)
+  real[1, 6:] = 0  # right padding
+  hf = __import__("transformers").AutoModelForCausalLM.from_pretrained(directory).float()
+  labels = torch.from_numpy(np.where(real, ids, -100))
+  theirs = hf(
+    input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(real), labels=labels
+  ).loss.item()
+
+  model, params, _ = from_pretrained(directory, router_aux_loss_coef=0.3, expert_matmul="dense")
+  loss_mask = np.concatenate([real[:, 1:], np.zeros((2, 1), np.int32)], axis=1) * real
+  targets = np.concatenate([ids[:, 1:], np.zeros((2, 1), ids.dtype)], axis=1)
+  batch = step_lib.gather_labels(
+    {
+      "input_ids": ids * real,
+      "positions": np.tile(np.arange(9), (2, 1)) * real,
+      "segment_ids": real,
+      "loss_mask": loss_mask,
+      "targets": targets,
+    },
+    budget=8,
+  )
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  objective = step_lib.objective_for(model, step_lib.SFT)
+  trainable, frozen = jlora.split(params)
+  ours, parts = objective.micro(
+    jlora.wrap(model.apply), type(model), trainable, frozen, batch, objective.totals(batch), None
+  )
+  np.testing.assert_allclose(float(ours), theirs, rtol=1e-5)
+  assert float(parts["router_aux_loss"]) > 0.5  # the term is there, not ~0
+
+
 def test_lora_step_costs_at_most_2_3x_the_forward(moe):
   """XLA's cost analysis: the adapters' gradient never makes a weight gradient for the experts."""
   from bench.common import flops_of

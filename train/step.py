@@ -15,7 +15,9 @@ import numpy as np
 import optax
 
 import jlora
+from jlora.models.moe import ROUTER_LOGITS, router_aux_loss
 from jlora.optim import scale_by_loraplus
+from train.errors import UserError
 
 # Tokens per cross-entropy chunk: bounds the live [chunk, vocab] fp32 logits.
 CE_CHUNK = 1024
@@ -90,9 +92,10 @@ def make_optimizer(
   return tx, schedule
 
 
-def token_logps(apply_fn, model_cls, params, batch, rngs=None) -> jax.Array:
+def token_logps(apply_fn, model_cls, params, batch, rngs=None, router_logits: bool = False):
   """log p(label_targets) at each label position, [rows, budget] (0 where label_mask is 0).
-  Logits exist only in chunks of CE_CHUNK positions."""
+  Logits exist only in chunks of CE_CHUNK positions. router_logits=True (MoE models) also returns
+  every MoE layer's router logits, [layers, rows * seq, experts], from the same forward."""
   hidden = apply_fn(
     {"params": params},
     batch["input_ids"],
@@ -100,7 +103,29 @@ def token_logps(apply_fn, model_cls, params, batch, rngs=None) -> jax.Array:
     batch["segment_ids"],
     return_hidden=True,
     rngs=rngs,
+    **({"mutable": ["intermediates"]} if router_logits else {}),
   )
+  if router_logits:
+    hidden, state = hidden
+    return token_logps_of_hidden(apply_fn, model_cls, params, batch, hidden), stacked_router_logits(
+      state
+    )
+  return token_logps_of_hidden(apply_fn, model_cls, params, batch, hidden)
+
+
+def stacked_router_logits(state) -> jax.Array:
+  """The router logits a forward sowed (jlora.models.moe.ROUTER_LOGITS), as [layers, tokens, E]:
+  a scanned stack sows one [layers, tokens, E] array, unscanned layers one [tokens, E] each."""
+  found = [
+    leaf.reshape(-1, *leaf.shape[-2:])
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+    if any(getattr(key, "key", None) == ROUTER_LOGITS for key in path)
+  ]
+  return jnp.concatenate(found, axis=0)
+
+
+def token_logps_of_hidden(apply_fn, model_cls, params, batch, hidden) -> jax.Array:
+  """token_logps from the final hidden states."""
   picked = jnp.take_along_axis(hidden, batch["label_pos"][..., None], axis=1)
   rows, budget, dim = picked.shape
   flat_h = picked.reshape(-1, dim)
@@ -162,6 +187,40 @@ def sft_micro(apply_fn, model_cls, trainable, frozen, batch, totals, rngs):
 SFT = Objective(sft_totals, sft_micro)
 
 
+def sft_with_router_loss(coef: float, top_k: int) -> Objective:
+  """SFT plus coef times the router's load-balancing loss (jlora.models.moe.router_aux_loss), as
+  transformers adds it when a MoE config has output_router_logits: over the real (non-padding)
+  tokens of the batch. With grad accumulation each microbatch's router loss counts by its share
+  of the real tokens (the loss is a product of means, so it can't split exactly)."""
+
+  def totals(batch):
+    real = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
+    return {**sft_totals(batch), "real_tokens": jnp.maximum(real, 1.0)}
+
+  def micro(apply_fn, model_cls, trainable, frozen, batch, totals, rngs):
+    params = jlora.combine(trainable, frozen)
+    logps, logits = token_logps(apply_fn, model_cls, params, batch, rngs, router_logits=True)
+    real = (batch["segment_ids"] > 0).reshape(-1)
+    share = jnp.sum(real) / totals["real_tokens"]
+    aux = router_aux_loss(logits, top_k, real) * share
+    return -jnp.sum(logps) / totals["tokens"] + coef * aux, {"router_aux_loss": aux}
+
+  return Objective(totals, micro)
+
+
+def objective_for(model, objective: Objective) -> Objective:
+  """The task's objective, with the router loss added when the model is a MoE whose
+  config.model.router_aux_loss_coef is set (SFT only)."""
+  coef = getattr(model.config, "router_aux_loss_coef", 0.0)
+  if not coef:
+    return objective
+  if objective is not SFT:
+    raise UserError(
+      f"config.model.router_aux_loss_coef: {coef!r} works with train.sft only; expected 0 here."
+    )
+  return sft_with_router_loss(coef, model.config.num_experts_per_tok)
+
+
 def make_train_step(
   model,
   tx: optax.GradientTransformation,
@@ -182,6 +241,7 @@ def make_train_step(
   """
   apply_fn = jlora.wrap(model.apply)
   model_cls = type(model)
+  objective = objective_for(model, objective)
 
   def micro_loss(trainable, frozen, batch, totals, rng):
     rngs = {"dropout": rng} if dropout_rng else None

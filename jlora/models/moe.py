@@ -54,8 +54,8 @@ class MoeConfig(LlamaConfig):
   num_experts_per_tok: int = 2
   moe_intermediate_size: int = 14336
   norm_topk_prob: bool = True  # renormalise the top-k weights (Mixtral always does)
-  # The weight on router_aux_loss; 0 (off) is the usual LoRA recipe and the only value the trainer
-  # takes for now (HF configs' value is not read: it belongs to full fine-tuning).
+  # The weight on router_aux_loss that train.sft adds to the loss; 0 (off) is the usual LoRA recipe
+  # (HF configs' value is not read: it belongs to full fine-tuning).
   router_aux_loss_coef: float = 0.0
   expert_matmul: str = "auto"  # jlora.experts: auto | ragged | blocked | dense
   model_type: str = "mixtral"
@@ -67,10 +67,10 @@ class MoeConfig(LlamaConfig):
         f"config.model.expert_matmul: {self.expert_matmul!r} is not valid; expected one of "
         f"{', '.join(EXPERT_IMPLEMENTATIONS)}."
       )
-    if self.router_aux_loss_coef != 0.0:
+    if not self.router_aux_loss_coef >= 0.0:
       raise ValueError(
-        f"config.model.router_aux_loss_coef: {self.router_aux_loss_coef!r} is not supported yet: "
-        "the trainer does not add the router loss (jlora.models.moe.router_aux_loss); expected 0."
+        f"config.model.router_aux_loss_coef: {self.router_aux_loss_coef!r} is not valid; expected "
+        "0 (off) or a positive weight."
       )
     if not 0 < self.num_experts_per_tok <= self.num_experts:
       raise ValueError(
