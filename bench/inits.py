@@ -74,13 +74,13 @@ def train_and_eval(variant: str, model, lora_params, train: list, evaluation: di
   apply_fn, model_cls = jlora.wrap(model.apply), type(model)
 
   @jax.jit
-  def eval_loss(trainable):
+  def eval_loss(trainable, frozen):  # frozen an argument: closed over, XLA would fold the model
     total, count = step_lib.loss_sum(
       apply_fn, model_cls, jlora.combine(trainable, frozen), evaluation
     )
     return total / count
 
-  before = float(eval_loss(trainable))
+  before = float(eval_loss(trainable, frozen))
   opt_state, rng, losses = tx.init(trainable), jax.random.key(0), []
   tick = time.perf_counter()
   for i in range(steps):
@@ -91,7 +91,7 @@ def train_and_eval(variant: str, model, lora_params, train: list, evaluation: di
   return {
     "variant": variant,
     "eval_before": before,
-    "eval_after": float(eval_loss(trainable)),
+    "eval_after": float(eval_loss(trainable, frozen)),
     "train_losses": losses,
     "train_s": time.perf_counter() - tick,
   }

@@ -367,6 +367,27 @@ measured. jlora's peak RSS is higher (XLA's buffers and the compile).
 """
 
 
+# Each init and what it is measured against: the same run without it.
+INIT_BASELINES = {"pissa": "default", "eva": "default", "loraplus": "default", "loftq": "qlora"}
+
+
+def inits_verdict(after: dict[str, float], tie: float = 0.002) -> str:
+  """One sentence per init: does it end with a lower eval loss than its baseline?"""
+  lines = []
+  for variant, baseline in INIT_BASELINES.items():
+    if variant not in after or baseline not in after:
+      continue
+    diff = after[variant] - after[baseline]
+    if abs(diff) < tie:
+      word = f"ends level with {baseline} ({diff:+.4f}): no help on this task"
+    elif diff < 0:
+      word = f"ends {-diff:.4f} below {baseline}: it helps here"
+    else:
+      word = f"ends {diff:.4f} above {baseline}: it does not help on this task"
+    lines.append(f"- {variant} {word}.")
+  return "\n".join(lines)
+
+
 def inits_section(d: dict) -> str:
   s, m = d["settings"], d["machine"]
   names = {
@@ -387,6 +408,7 @@ def inits_section(d: dict) -> str:
     for name, es in by_module.items()
   )
   if d["results"]:
+    verdict = inits_verdict({r["variant"]: r["eval_after"] for r in d["results"]})
     rows = "\n".join(
       f"| {names.get(r['variant'], r['variant'])} | {r['eval_before']:.4f} | {r['eval_after']:.4f} | "
       f"{r['eval_after'] - r['eval_before']:+.4f} |"
@@ -398,17 +420,20 @@ lr {s["lr"]:g}, the same key, batches and eval rows for every variant:
 | init | eval loss before | eval loss after | change |
 |---|---|---|---|
 {rows}
+
+{verdict}
 """
   else:
     losses = (
       "The eval-loss comparison (`python -m bench.inits`, 30 steps per variant) has not been run "
       "yet: on the shared 2-core CPU of this sitting it did not finish in the time available.\n"
     )
+  variants = ",".join(r["variant"] for r in d["results"]) or "loftq"
   return f"""## Inits and LoRA+ on the bundled task
 
-`python -m bench.inits --steps {s["steps"]} --variants {",".join(r["variant"] for r in d["results"]) or "loftq"}`
+`python -m bench.inits --steps {s["steps"]} --rows {s["rows"]} --seq {s["seq"]} --variants {variants}`
 on the embedded SmolLM2-135M (its GGUF's Q4_1 weights, dequantized). {common.machine_line(m)}; load
-average at the end {d["loadavg_at_end"][0]}: the CPU was shared with other jobs.
+average at the end {d["loadavg_at_end"][0]} (eval losses don't depend on the load).
 
 {losses}
 LoftQ ({s["loftq_iters"]} iterations, rank 8) against plain QLoRA: the reconstruction error

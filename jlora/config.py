@@ -234,6 +234,35 @@ def whole_weight(node, index):
   )
 
 
+class WeightNode:
+  """What jlora's nodes (LoraWeight and its variants, TokenRows) share: a node stands where its
+  base weight was, so it reports that weight's shape, dtype and rank, and is read whole."""
+
+  is_jlora_node = True
+  base: Any
+  roles: tuple[str, ...]  # the per-layer axes' roles (IN, OUT, BATCH)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.base.shape)
+
+  @property
+  def dtype(self):
+    return self.base.dtype
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def n_lead(self) -> int:
+    """Stacked (scanned) axes in front of the per-layer kernel axes."""
+    return self.ndim - len(self.roles)
+
+  def __getitem__(self, index):
+    return whole_weight(self, index)
+
+
 def is_opaque(x) -> bool:
   """What tree walks over params treat as one weight: boxes (linen metadata, NNX Variables)
   and jlora's nodes."""

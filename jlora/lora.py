@@ -34,7 +34,7 @@ from jlora.tokens import is_token_rows, token_node, token_targets
 
 
 @struct.dataclass
-class LoraWeight:
+class LoraWeight(config_lib.WeightNode):
   base: Any
   a: Any
   b: Any
@@ -42,7 +42,6 @@ class LoraWeight:
   roles: tuple[str, ...] = struct.field(pytree_node=False)
   dropout: float = struct.field(pytree_node=False, default=0.0)
 
-  is_jlora_node = True
   stacked = False  # several adapters along an adapter axis (jlora.multi.StackedLoraWeight)
   # The children that are trained. split, combine, adapter_count, the optimizer labels, the
   # sharding specs and PEFT IO all loop over this (with field_axes), so a variant that adds a
@@ -53,23 +52,6 @@ class LoraWeight:
     """Per-layer axes of each trainable child, from anything per kernel axis (sizes, specs)."""
     a, b = factor_axes(kernel_axes, self.roles, rank)
     return {"a": a, "b": b}
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return tuple(self.base.shape)
-
-  @property
-  def dtype(self):
-    return self.base.dtype
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def n_lead(self) -> int:
-    """Stacked (scanned) axes in front of the per-layer kernel axes."""
-    return self.ndim - len(self.roles)
 
   def merged(self) -> jax.Array:
     return merge_weight(self)
@@ -83,9 +65,6 @@ class LoraWeight:
     axes = string.ascii_lowercase[: len(self.roles)]
     a_sub, b_sub = ("".join(s) for s in factor_axes(axes, self.roles, "z"))
     return self.scale * jnp.einsum(f"{lead}{a_sub},{lead}{b_sub}->{lead}{axes}", self.a, self.b)
-
-  def __getitem__(self, index):
-    return config_lib.whole_weight(self, index)
 
   def __jax_array__(self):
     # Reached only by code that uses the weight as a plain array (a custom layer that

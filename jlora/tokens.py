@@ -27,36 +27,19 @@ from jlora.quant import dequantized
 
 
 @struct.dataclass
-class TokenRows:
+class TokenRows(config_lib.WeightNode):
   base: Any
   rows: Any
   indices: tuple[int, ...] = struct.field(pytree_node=False)
   # The vocabulary axis of base: 0 for an embedding [V, d], 1 for a head kernel [d, V].
   vocab_axis: int = struct.field(pytree_node=False, default=0)
 
-  is_jlora_node = True
   trainable_fields = ("rows",)
-  roles = (IN, OUT)
+  roles = (IN, OUT)  # a 2-D table, never stacked: n_lead is 0
 
   def field_axes(self, kernel_axes, rank) -> dict[str, list]:
     del rank
     return {"rows": [None, kernel_axes[1 - self.vocab_axis]]}
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return tuple(self.base.shape)
-
-  @property
-  def dtype(self):
-    return self.base.dtype
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def n_lead(self) -> int:
-    return 0
 
   def base_rows(self) -> jax.Array:
     """The frozen values of the chosen rows, [n, d]."""
