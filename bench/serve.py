@@ -15,7 +15,8 @@ after another (greedy, max_tokens --max-tokens; client i uses adapter i % 4, or 
   per token: (last token - first token) / (tokens - 1) per request, p50 / p99
   sequential: train.generate.generate_ids, one prompt at a time, the adapter alone on the base
 
-Untimed warm-up requests (each adapter x prompt) first (the server compiles its prefill and step then).
+Untimed warm-up requests (each adapter x prompt, then 16 clients at full length) first: the
+server compiles its prefill buckets and cache moves then (its decode step, at start-up).
 """
 
 from __future__ import annotations
@@ -186,6 +187,8 @@ def main() -> None:
   try:
     for name in dirs:  # warm-up: every adapter and prompt once (compiles each prompt's bucket)
       asyncio.run(run_load(url, [name], 1, len(PROMPTS), 2))
+    # and 16 clients at full length: the cache moves between the widths a timed run uses
+    asyncio.run(run_load(url, list(dirs), 16, 1, args.max_tokens))
     for spread, models in (("4 adapters", list(dirs)), ("1 adapter", [next(iter(dirs))])):
       for clients in [int(c) for c in args.clients.split(",")]:
         row = asyncio.run(run_load(url, models, clients, args.requests_per_client, args.max_tokens))

@@ -14,6 +14,7 @@ function right next to its matmul (the backward re-dequantizes; only codes are k
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Callable
 
@@ -120,6 +121,8 @@ def low_rank(node, x, equation: Equation | None, adapter_ids=None) -> jax.Array:
   """scale * x A B as two contractions, input first (the only activation-sized temporary is
   [..., rank]); with stacked adapters each row of the batch gathers its own A and B."""
   stacked = is_stacked(node)
+  if stacked and equation is not None and _reads_whole_stack(node, x, equation):
+    return _every_adapter(node, x, equation, adapter_ids)
   if stacked:
     a, b = node.rows(adapter_ids)  # [batch, ...] each, the scale (0 for base rows) on b
   else:
@@ -130,17 +133,50 @@ def low_rank(node, x, equation: Equation | None, adapter_ids=None) -> jax.Array:
     return jnp.einsum("...r,rf->...f", jnp.take(a, x, axis=0), b)
   x_sub, k_sub, y_sub = equation
   rank = fresh_letters(x_sub + k_sub + y_sub, 1)
-  a_sub, b_sub = ("".join(s) for s in factor_axes(k_sub, node.roles, rank))
-  # x meets the factor it shares axes with: A for a matmul, B for an embedding's attend.
-  (first, first_sub), (second, second_sub) = (a, a_sub), (b, b_sub)
-  if not set(first_sub) & set(x_sub):
-    (first, first_sub), (second, second_sub) = (second, second_sub), (first, first_sub)
+  (first, first_sub), (second, second_sub) = _first_and_second(node, x_sub, k_sub, rank, a, b)
   if stacked:
     row, x_sub, y_sub = _per_row(x_sub, k_sub + rank, y_sub)
     first_sub, second_sub = row + first_sub, row + second_sub
   mid_sub = "".join(c for c in x_sub if c not in first_sub or c in y_sub) + rank
   low = jnp.einsum(f"{x_sub},{first_sub}->{mid_sub}", x, first)
   return jnp.einsum(f"{mid_sub},{second_sub}->{y_sub}", low, second)
+
+
+def _first_and_second(node, x_sub: str, k_sub: str, rank: str, a, b):
+  """((first, its subscripts), (second, ...)): x meets the factor it shares axes with, A for a
+  matmul, B for an embedding's attend."""
+  a_sub, b_sub = ("".join(s) for s in factor_axes(k_sub, node.roles, rank))
+  if not set(a_sub) & set(x_sub):
+    return (b, b_sub), (a, a_sub)
+  return (a, a_sub), (b, b_sub)
+
+
+def _reads_whole_stack(node, x, equation: Equation) -> bool:
+  """Whether every adapter on every token costs less than a copy of the factors per row: when
+  the adapters times the tokens per row are at most the rows (a decode step's batch)."""
+  x_sub, _, y_sub = equation
+  letters = x_sub.replace("...", "")
+  dims = x.shape[x.ndim - len(letters) :]
+  contracted = math.prod(d for c, d in zip(letters, dims) if c not in y_sub)
+  tokens_per_row = x.size // max(x.shape[0] * contracted, 1)
+  return node.a.shape[0] * tokens_per_row <= x.shape[0]
+
+
+def _every_adapter(node, x, equation: Equation, adapter_ids) -> jax.Array:
+  """low_rank of a stacked node with fewer adapters than rows: x meets every adapter's factors
+  and each row keeps its own adapter's result (a one-hot weight carrying its scale), so the
+  stack is read once instead of gathered into a copy per row (a decode step's batch)."""
+  x_sub, k_sub, y_sub = equation
+  rank, which = fresh_letters(x_sub + k_sub + y_sub, 2)
+  row, x_sub, y_sub = _per_row(x_sub, k_sub + rank + which, y_sub)
+  (first, first_sub), (second, second_sub) = _first_and_second(
+    node, x_sub, k_sub, rank, node.a, node.b
+  )
+  pick = node.row_weights(adapter_ids).astype(x.dtype)
+  mid_sub = "".join(c for c in x_sub if c not in first_sub or c in y_sub) + which + rank
+  low = jnp.einsum(f"{x_sub},{which}{first_sub}->{mid_sub}", x, first)
+  low = jnp.einsum(f"{mid_sub},{row}{which}->{mid_sub}", low, pick)
+  return jnp.einsum(f"{mid_sub},{which}{second_sub}->{y_sub}", low, second)
 
 
 def _per_output(y, g, equation: Equation, roles) -> jax.Array:

@@ -69,6 +69,11 @@ class StackedLoraWeight(LoraWeight):
       b.dtype
     )
 
+  def row_weights(self, ids: jax.Array) -> jax.Array:
+    """[batch, n]: each row's weight on each adapter (its scale on its own, 0 elsewhere)."""
+    safe, scales = self._row_scales(ids)
+    return jax.nn.one_hot(safe, self.a.shape[0], dtype=jnp.float32) * scales[:, None]
+
   def lookup(self, ids: jax.Array, tokens: jax.Array) -> jax.Array:
     """Embedding lookup of each row's own A: [batch, ..., r], without gathering whole tables."""
     safe, _ = self._row_scales(ids)

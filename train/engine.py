@@ -9,8 +9,11 @@ The KV cache (the model's own `init_cache`) has one write column, `index`, share
 that keeps its shapes static. So a slot's tokens sit in the columns just before it,
 [index - len, index), and segment ids mark each row's own columns (0 elsewhere: never attended,
 so rows never see stale or foreign entries). A joining request's prefilled keys/values are
-copied into its row ending at `index`; when `index` reaches the end, every row's columns roll
-left together (each row ends at `index`, so one roll keeps them all contiguous).
+copied into its row ending at `index`. The cache is only as wide as the longest live row needs,
+rounded up to one of a few widths (`cache_widths`), since every step attends over every column:
+when `index` reaches the end, or the live rows fit a narrower width, every row's columns are
+moved together into a cache of the width they need (each row ends at `index`, so one shift
+keeps them all contiguous). Each width compiles its own decode step, once.
 
 Adapters live in one stack of `max_loras` entries of rank `max_lora_rank` (jlora.stack_adapters
 over zero adapters; smaller ranks are zero-padded, which is exact, and each adapter's scale is
@@ -40,6 +43,11 @@ from jlora.multi import BASE, is_stacked
 from train.generate import PROMPT_BUCKET, last_logits, nucleus
 
 log = logging.getLogger(__name__)
+
+# Cache widths are multiples of this (then doublings); a re-layout leaves at least HEADROOM free
+# columns, so the live rows move at most once every HEADROOM steps.
+CACHE_BUCKET = 32
+HEADROOM = 16
 
 
 class AdapterError(ValueError):
@@ -99,12 +107,23 @@ class AdapterTable:
       self.users[entry] -= 1
 
 
-def prompt_buckets(max_len: int) -> list[int]:
-  """Padded prefill lengths: PROMPT_BUCKET doubling up to max_len (the last is max_len)."""
-  buckets = [PROMPT_BUCKET]
+def length_buckets(max_len: int, step: int) -> list[int]:
+  """Padded lengths: multiples of `step` up to 8 steps, then doubling; the last is max_len."""
+  buckets = [min(step, max_len)]
   while buckets[-1] < max_len:
-    buckets.append(min(2 * buckets[-1], max_len))
+    last = buckets[-1]
+    buckets.append(min(last + step if last < 8 * step else 2 * last, max_len))
   return buckets
+
+
+def prompt_buckets(max_len: int) -> list[int]:
+  """Prefill lengths: PROMPT_BUCKET multiples (train.generate's padding), then doubling."""
+  return length_buckets(max_len, PROMPT_BUCKET)
+
+
+def cache_widths(max_len: int) -> list[int]:
+  """KV cache widths the decode step compiles for (each a few steps wider than some need)."""
+  return length_buckets(max_len, CACHE_BUCKET)
 
 
 def empty_stack(base_params, max_loras: int, max_lora_rank: int):
@@ -220,12 +239,21 @@ def _insert(cache, small, row, start):
   return jax.tree.map(put, cache, small)
 
 
-@jax.jit
-def _roll(cache, shift):
-  """Every row's k/v columns moved by `shift` (segment ids are rewritten by the engine)."""
-  return jax.tree.map(
-    lambda x: jnp.roll(x, shift, axis=_column_axes(x)[1]) if x.ndim >= 4 else x, cache
-  )
+@functools.partial(jax.jit, static_argnums=2)
+def _relayout(cache, shift, width: int):
+  """cache `width` columns wide, every row's k/v columns moved by `shift` (segment ids and index
+  are rewritten by the engine)."""
+
+  def move(x):
+    if x.ndim < 4:
+      return x
+    axis = _column_axes(x)[1]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, max(width - x.shape[axis], 0))
+    moved = jnp.roll(jnp.pad(x, pad), shift, axis=axis)
+    return jax.lax.slice_in_dim(moved, 0, width, axis=axis)
+
+  return jax.tree.map(move, cache)
 
 
 class Engine:
@@ -248,10 +276,11 @@ class Engine:
     self.slots: list[_Running | None] = [None] * max_num_seqs
     self.max_model_len = max_model_len
     self.buckets = prompt_buckets(max_model_len)
+    self.widths = cache_widths(max_model_len)
     self.eos = set(eos_ids)
     self.adapters = AdapterTable(max_loras)
     self.params = empty_stack(base_params, max_loras, max_lora_rank)
-    self.cache = model.init_cache(max_num_seqs, max_model_len)
+    self.cache = model.init_cache(max_num_seqs, self.widths[0])
     self.index = 0  # the shared write column (host copy of cache["index"])
     self.lens = np.zeros(max_num_seqs, np.int64)  # tokens in the cache per row
     self.waiting: deque[Request] = deque()
@@ -292,14 +321,13 @@ class Engine:
       self._thread.join(timeout=30)
 
   def warm_up(self) -> Engine:
-    """Compiles the decode step (all slots idle) before the first request; call before `start`.
-
-    The idle step writes column 0 of rows nothing attends to. Prefill compiles per bucket, on the
-    first prompt of that length."""
+    """Compiles the decode step for every cache width (all slots idle) before the first request;
+    call before `start`. Prefill compiles per bucket, on the first prompt of that length."""
     ids = np.zeros((len(self.slots),), np.int32)
     sampling = _sampling([None] * len(self.slots), ids)
-    _, self.cache = self.step_fn(self.params, ids, ids, ids, self.cache, ids - 1, sampling)
-    self._write_segments()  # the idle step advanced the cache's own index: reset it
+    for width in self.widths:
+      cache = self.model.init_cache(len(self.slots), width)
+      self.step_fn(self.params, ids, ids, ids, cache, ids - 1, sampling)
     return self
 
   def submit(self, request: Request) -> None:
@@ -407,8 +435,7 @@ class Engine:
     token, small = self.prefill_fn(
       self.params, ids, positions, segments, np.asarray([adapter_id], np.int32), sampling
     )
-    if self.index < bucket:
-      self._move(bucket)
+    self._make_room(bucket)
     self.cache = _insert(self.cache, small, row, self.index - bucket)
     self.lens[row] = n
     self.slots[row] = _Running(request, adapter_id)
@@ -423,8 +450,7 @@ class Engine:
         self._finish(row, None)
     if not any(self.slots):
       return
-    if self.index == self.max_model_len:
-      self._move(int(self.lens.max()))
+    self._make_room(0)
     live = np.asarray([run is not None for run in self.slots], np.int32)
     tokens = np.asarray([run.token if run else 0 for run in self.slots], np.int32)
     ids = np.asarray([run.adapter_id if run else -1 for run in self.slots], np.int32)
@@ -462,14 +488,26 @@ class Engine:
     if event is not None:
       _emit(run.request, event)
 
-  def _move(self, index: int) -> None:
-    """Moves the write column to `index`, rolling every row's columns with it."""
-    self.cache = _roll(self.cache, index - self.index)
+  @property
+  def width(self) -> int:
+    """Columns of the KV cache (the k buffer's; segment ids follow it)."""
+    return self.cache["k"].shape[_column_axes(self.cache["k"])[1]]
+
+  def _make_room(self, behind: int) -> None:
+    """Makes index >= `behind` (room for a prefilled bucket) with a free write column after it;
+    the live rows move into a cache of the width they need when that fails or they fit a
+    narrower one."""
+    index = max(behind, int(self.lens.max()))
+    need = min(index + 1 + HEADROOM, self.max_model_len)
+    width = next(w for w in self.widths if w >= need)
+    if behind <= self.index < self.width and width >= self.width:
+      return
+    self.cache = _relayout(self.cache, np.int32(index - self.index), width)
     self.index = index
     self._write_segments()
 
   def _write_segments(self) -> None:
-    columns = np.arange(self.cache["segment_ids"].shape[1])
+    columns = np.arange(self.width)
     starts = (self.index - self.lens)[:, None]
     segments = (columns >= starts) & (columns < self.index) & (self.lens[:, None] > 0)
     self.cache = {
