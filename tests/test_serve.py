@@ -12,6 +12,9 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -290,6 +293,11 @@ def test_bad_flags_are_one_line_errors(capsys):
     (["--max-num-seqs", "0"], "error: --max-num-seqs: 0 is not valid; expected an integer >= 1."),
     (["--adapter", "runs/a"], "error: --adapter: 'runs/a' is not valid; expected NAME=DIR."),
     (
+      ["--mesh", "rows=2"],
+      "error: --mesh: 'rows=2' is not valid; expected AXIS=SIZE pairs, each axis once, from "
+      "data, fsdp, tensor, expert (e.g. data=2,tensor=4).",
+    ),
+    (
       ["--quant", "int3"],
       "error: argument --quant: invalid choice: 'int3' (choose from 'none', 'nf4')",
     ),
@@ -326,3 +334,53 @@ def test_nf4_base_serves_adapters_as_generate_does(served):
   wrapped = jlora.wrap(model.apply)
   ref = generate_ids(model, adapted, [prompt], 6, eos_ids=[tok.eos_token_id], apply_fn=wrapped)[0]
   assert [e[1] for e in events[:-1]] == ref and events[-1][0] == "done"
+
+
+MESH_SCRIPT = """
+import json, sys, threading
+from jlora.models import from_pretrained
+from train import serve
+from train.engine import Engine, Request
+from train.generate import chat_prompt_ids
+
+base, root, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+mesh = serve.parse_mesh("data=2,fsdp=2")
+model, params, tok = from_pretrained(base, mesh=mesh)
+engine = Engine(model, params, max_num_seqs=4, max_loras=2, max_lora_rank=8, max_model_len=64,
+                eos_ids=[tok.eos_token_id], mesh=mesh).warm_up().start()
+for name in ("qv", "all"):
+  engine.load_adapter(name, f"{root}/{name}")
+out, done = {}, threading.Semaphore(0)
+def request(adapter, prompt):
+  out[adapter] = []
+  def emit(event):
+    if event[0] == "token":
+      out[adapter].append(event[1])
+    else:
+      done.release()
+  return Request(chat_prompt_ids(tok, prompt), adapter, 12, emit)
+for adapter, prompt in zip(("qv", "all", "base"), prompts):
+  engine.submit(request(adapter, prompt))
+for _ in range(3):
+  assert done.acquire(timeout=120)
+engine.close()
+shards = {str(x.sharding.spec) for x in (engine.cache["k"], params["model"]["embed_tokens"]["embedding"].value)}
+print(json.dumps({"tokens": out, "shards": sorted(shards)}))
+"""
+
+
+def test_a_mesh_of_4_devices_serves_as_one_device_generates(served, references):
+  """--mesh data=2,fsdp=2 over 4 fake CPU devices (base weights and slots split): the engine's greedy tokens (three rows on
+  two adapters and the base) equal train.generate's on one device."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": root}
+  argv = [served["base"], str(served["root"]), json.dumps(PROMPTS)]
+  proc = subprocess.run(
+    [sys.executable, "-c", MESH_SCRIPT, *argv], env=env, capture_output=True, text=True,
+    timeout=300, cwd=root,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  for adapter, prompt in zip(("qv", "all", "base"), PROMPTS):
+    assert result["tokens"][adapter] == references[adapter][prompt]
+  assert any("data" in spec for spec in result["shards"]), result["shards"]

@@ -270,8 +270,12 @@ class Engine:
     max_model_len: int = 2048,
     eos_ids: Sequence[int] = (),
     model_config=None,
+    mesh=None,
   ):
-    self.model, self.base_params = model, base_params
+    """mesh: with base params placed on it (from_pretrained(..., mesh=mesh)): the slots' KV cache
+    rows split over its batch axes (when they divide max_num_seqs) and the adapter stack
+    replicated, as train.evaluate splits generation prompts."""
+    self.model, self.base_params, self.mesh = model, base_params, mesh
     self.model_config = model_config or model.config
     self.slots: list[_Running | None] = [None] * max_num_seqs
     self.max_model_len = max_model_len
@@ -279,8 +283,8 @@ class Engine:
     self.widths = cache_widths(max_model_len)
     self.eos = set(eos_ids)
     self.adapters = AdapterTable(max_loras)
-    self.params = empty_stack(base_params, max_loras, max_lora_rank)
-    self.cache = model.init_cache(max_num_seqs, self.widths[0])
+    self.params = self._placed(empty_stack(base_params, max_loras, max_lora_rank))
+    self.cache = self._new_cache(self.widths[0])
     self.index = 0  # the shared write column (host copy of cache["index"])
     self.lens = np.zeros(max_num_seqs, np.int64)  # tokens in the cache per row
     self.waiting: deque[Request] = deque()
@@ -326,9 +330,36 @@ class Engine:
     ids = np.zeros((len(self.slots),), np.int32)
     sampling = _sampling([None] * len(self.slots), ids)
     for width in self.widths:
-      cache = self.model.init_cache(len(self.slots), width)
+      cache = self._new_cache(width)
       self.step_fn(self.params, ids, ids, ids, cache, ids - 1, sampling)
     return self
+
+  def _placed(self, tree, cache: bool = False):
+    """tree on the mesh (without one, as it is). A KV cache (`cache`) always gets the same
+    shardings, so its steps never recompile: k/v and segment ids split by rows over the batch
+    axes (when they divide the slots), the index replicated. Params already on the mesh (the
+    base) keep their sharding; the rest (the adapter stack) is replicated."""
+    if self.mesh is None:
+      return tree
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jlora.sharding import BATCH_AXES
+
+    shards = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+    rows = BATCH_AXES if len(self.slots) % shards == 0 else None
+
+    def place(x):
+      on_mesh = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh
+      if not cache and on_mesh:
+        return x
+      lead = _column_axes(x)[0] if x.ndim >= 4 else 0
+      spec = PartitionSpec(*[None] * lead, rows) if cache and x.ndim >= 2 else PartitionSpec()
+      return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    return jax.tree.map(lambda x: place(x) if isinstance(x, jax.Array) else x, tree)
+
+  def _new_cache(self, width: int):
+    return self._placed(self.model.init_cache(len(self.slots), width), cache=True)
 
   def submit(self, request: Request) -> None:
     self.inbox.put(request)
@@ -401,7 +432,7 @@ class Engine:
             f"cannot load {name!r}: all --max-loras {len(self.adapters.users)} adapter entries "
             "are in use; unload one first (or restart with a larger --max-loras)."
           )
-        self.params = write_entry(self.params, single, entry)
+        self.params = self._placed(write_entry(self.params, single, entry))
         self.adapters.ids[name], self.adapters.paths[name] = entry, path
       else:
         if name not in self.adapters.ids:
@@ -436,7 +467,7 @@ class Engine:
       self.params, ids, positions, segments, np.asarray([adapter_id], np.int32), sampling
     )
     self._make_room(bucket)
-    self.cache = _insert(self.cache, small, row, self.index - bucket)
+    self.cache = self._placed(_insert(self.cache, small, row, self.index - bucket), cache=True)
     self.lens[row] = n
     self.slots[row] = _Running(request, adapter_id)
     self._write_segments()
@@ -465,6 +496,7 @@ class Engine:
       ids,
       _sampling(runs, steps),
     )
+    self.cache = self._placed(self.cache, cache=True)
     self.index += 1
     self.lens += live
     for row, token in enumerate(np.asarray(next_tokens).tolist()):
@@ -502,7 +534,8 @@ class Engine:
     width = next(w for w in self.widths if w >= need)
     if behind <= self.index < self.width and width >= self.width:
       return
-    self.cache = _relayout(self.cache, np.int32(index - self.index), width)
+    moved = _relayout(self.cache, np.int32(index - self.index), width)
+    self.cache = self._placed(moved, cache=True)
     self.index = index
     self._write_segments()
 
@@ -510,11 +543,11 @@ class Engine:
     columns = np.arange(self.width)
     starts = (self.index - self.lens)[:, None]
     segments = (columns >= starts) & (columns < self.index) & (self.lens[:, None] > 0)
-    self.cache = {
-      **self.cache,
+    fresh = {
       "segment_ids": jnp.asarray(segments, jnp.int32),
       "index": jnp.asarray(self.index, jnp.int32),
     }
+    self.cache = {**self.cache, **self._placed(fresh, cache=True)}
 
 
 def _emit(request: Request, event: tuple) -> None:

@@ -387,6 +387,12 @@ def parser():
     help="tokens per sequence, prompt included (default: the model's context, at most 2048)",
   )
   add("--quant", choices=["none", "nf4"], default="none", help="quantize the base to 4 bits")
+  add(
+    "--mesh",
+    help="devices as AXIS=SIZE pairs over data, fsdp, tensor, expert (e.g. data=2,tensor=4; -1 "
+    "takes the rest): the base is sharded as train.sft shards it, the slots split over the "
+    "batch axes (default: one device)",
+  )
   add("--served-model-name", help="the base model's name in the API (default: --model)")
   add("--verbose", action="store_true", help="show the full traceback of an error")
   return cli
@@ -410,13 +416,33 @@ def check_args(args) -> None:
     )
 
 
+def parse_mesh(value: str | None):
+  """--mesh AXIS=SIZE,... as a jlora.sharding.make_mesh mesh (None: no mesh)."""
+  if value is None:
+    return None
+  from jlora.sharding import MESH_AXES, make_mesh
+
+  sizes = {}
+  for pair in value.split(","):
+    axis, _, size = pair.partition("=")
+    if axis not in MESH_AXES or axis in sizes or not size.lstrip("-").isdigit():
+      raise UserError(
+        f"--mesh: {value!r} is not valid; expected AXIS=SIZE pairs, each axis once, from "
+        f"{', '.join(MESH_AXES)} (e.g. data=2,tensor=4)."
+      )
+    sizes[axis] = int(size)
+  with naming(f"--mesh {value!r}", (ValueError,)):
+    return make_mesh(**sizes)
+
+
 def build(args) -> tuple[Engine, Server]:
   """Loads the model (quantized with --quant), starts the engine and loads the --adapter dirs."""
   import jlora
   from jlora.models import from_pretrained
 
+  mesh = parse_mesh(args.mesh)
   with naming(f"--model {args.model!r}", MODEL_ERRORS):
-    model, params, tokenizer = from_pretrained(args.model)
+    model, params, tokenizer = from_pretrained(args.model, mesh=mesh)
   context = model.config.max_position_embeddings
   max_len = args.max_model_len or min(context, 2048)
   if max_len > context:
@@ -434,6 +460,7 @@ def build(args) -> tuple[Engine, Server]:
     max_lora_rank=args.max_lora_rank,
     max_model_len=max_len,
     eos_ids=eos,
+    mesh=mesh,
   )
   engine.warm_up().start()
   for name, path in args.named.items():
