@@ -84,6 +84,8 @@ def served(tmp_path_factory):
   _, other_params, _ = from_pretrained(other)
   cfg = ADAPTERS["qv"]
   jlora.save_adapter(root / "other_adapter", jlora.apply(other_params, cfg, jax.random.key(9)), cfg)
+  embed = jlora.LoraConfig(rank=2, targets=["embed_tokens"])
+  jlora.save_adapter(root / "embed_adapter", jlora.apply(params, embed, jax.random.key(8)), embed)
   url, stop = serve.serve_in_thread(server)
   yield dict(
     url=url, root=root, model=engine.model, params=engine.base_params,
@@ -234,6 +236,12 @@ def test_adapter_for_another_base_is_refused_and_the_server_keeps_serving(served
   assert response.status_code == 400
   message = response.json()["error"]["message"]
   assert "other_adapter" in message and "but base_params has (2, 64, 64)" in message
+  # Adapters on the embeddings are refused by name too (the stack holds linear layers only).
+  embed = {"lora_name": "embed", "lora_path": str(served["root"] / "embed_adapter")}
+  response = httpx.post(served["url"] + "/v1/load_lora_adapter", json=embed, timeout=60)
+  error = response.json()["error"]
+  assert response.status_code == 400 and error["code"] == 400
+  assert "'embed' adapts" in error["message"] and "embed_tokens" in error["message"]
   reply = _chat(served, "qv", PROMPTS[2])
   assert reply.choices[0].message.content == _expect(served, references, "qv", PROMPTS[2])[0]
 

@@ -107,23 +107,23 @@ class AdapterTable:
       self.users[entry] -= 1
 
 
-def length_buckets(max_len: int, step: int) -> list[int]:
-  """Padded lengths: multiples of `step` up to 8 steps, then doubling; the last is max_len."""
+def length_buckets(max_len: int, step: int, multiples: int) -> list[int]:
+  """Padded lengths: `multiples` multiples of `step`, then doubling; the last is max_len."""
   buckets = [min(step, max_len)]
   while buckets[-1] < max_len:
     last = buckets[-1]
-    buckets.append(min(last + step if last < 8 * step else 2 * last, max_len))
+    buckets.append(min(last + step if last < multiples * step else 2 * last, max_len))
   return buckets
 
 
 def prompt_buckets(max_len: int) -> list[int]:
   """Prefill lengths: PROMPT_BUCKET multiples (train.generate's padding), then doubling."""
-  return length_buckets(max_len, PROMPT_BUCKET)
+  return length_buckets(max_len, PROMPT_BUCKET, 8)
 
 
 def cache_widths(max_len: int) -> list[int]:
-  """KV cache widths the decode step compiles for (each a few steps wider than some need)."""
-  return length_buckets(max_len, CACHE_BUCKET)
+  """KV cache widths the decode step compiles for, all at start-up (8 for a 2048 context)."""
+  return length_buckets(max_len, CACHE_BUCKET, 4)
 
 
 def empty_stack(base_params, max_loras: int, max_lora_rank: int):
@@ -149,8 +149,9 @@ def check_fits(name: str, single, stack) -> None:
   for path, node in _stacked_nodes(single).items():
     if path not in ours:
       raise AdapterError(
-        f"adapter {name!r} adapts {path}, which the server's adapter stack (all-linear "
-        "weights) does not hold."
+        f"adapter {name!r} adapts {path}, which the server's adapter stack does not hold: "
+        "train.serve serves adapters on linear layers only (not on the embeddings or lm_head); "
+        "merge this adapter into the base (jlora.export_merged) and serve that instead."
       )
     rank, limit = node.a.shape[-1], ours[path].a.shape[-1]
     if rank > limit:
