@@ -237,3 +237,34 @@ def test_sentencepiece_style_tokenizer_round_trips(tmp_path):
     assert theirs.encode(text, add_special_tokens=False) == tokenizer.encode(
       text, add_special_tokens=False
     ), text
+
+
+def test_qwen3_moe_with_adapted_experts_matches_in_transformers_gguf_loader(tmp_path):
+  """A Qwen3-MoE with LoRA on attention and on the experts, merged and written as llama.cpp's
+  qwen3moe (gate_up_proj split into ffn_gate_exps + ffn_up_exps): transformers' GGUF loader reads
+  it to jlora's logits; jlora's own GGUF loader joins the slices back."""
+  from jlora.models import from_pretrained
+  from tests import tiny
+  from tests.test_gguf_export import randomize_b
+
+  # transformers' GGUF loader does not read expert_feed_forward_length (llama.cpp does): it keeps
+  # Qwen3MoeConfig's default expert width, 768, so the model here has that width.
+  shape = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=768, norm_topk_prob=True)
+  directory = tiny.save_torch_checkpoint(tmp_path / "hf", "qwen3_moe", head_dim=16, **shape)
+  model, params, tokenizer = from_pretrained(directory)
+  cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets="all-linear")
+  params = jlora.apply(params, cfg, jax.random.key(0), layout=jlora.trace_layout(model, IDS))
+  params = randomize_b(params)
+  path = jlora.export_gguf(tmp_path / "moe.gguf", params, model.config, tokenizer, "f32")
+  names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
+  assert {
+    "blk.0.ffn_gate_exps.weight",
+    "blk.0.ffn_up_exps.weight",
+    "blk.1.ffn_gate_inp.weight",
+  } <= names
+  ours = logits(model, params)
+  theirs = torch_logits(transformers_gguf(path))
+  np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+  assert not np.allclose(jax_base_logits(model, params), ours, atol=1e-3)
+  reloaded, reloaded_params, _ = from_pretrained(path)
+  np.testing.assert_allclose(logits(reloaded, reloaded_params), ours, atol=1e-4, rtol=1e-4)

@@ -175,6 +175,24 @@ def test_nf4_experts_forward_and_merge_unmerge(moe):
   )
 
 
+def test_gguf_exports_refuse_what_llama_cpp_would_compute_differently(moe, tmp_path):
+  """qwen3moe GGUF export itself is checked in test_gguf_export_ref (transformers' GGUF loader)."""
+  from tests.tiny import tiny_tokenizer
+
+  _, params, _ = moe
+  adapted = _adapted(params)
+  with pytest.raises(ValueError, match="norm_topk_prob: False can't be exported as GGUF"):
+    jlora.export_gguf(tmp_path / "m.gguf", adapted, CONFIG, tiny_tokenizer(), "f32")
+  with pytest.raises(
+    ValueError, match="experts/down_proj/kernel is adapted, and llama.cpp adapters hold 2-D"
+  ):
+    jlora.save_adapter_gguf(tmp_path / "a.gguf", adapted, None, CONFIG)
+  mixtral = dataclasses.replace(CONFIG, model_type="mixtral", qk_norm=False)
+  with pytest.raises(ValueError, match="'mixtral' has no GGUF export"):
+    jlora.export_gguf(tmp_path / "m.gguf", adapted, mixtral, tiny_tokenizer(), "f32")
+  assert not list(tmp_path.iterdir())  # nothing half-written
+
+
 @pytest.mark.ref
 def test_router_aux_loss_matches_transformers():
   torch = pytest.importorskip("torch")

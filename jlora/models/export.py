@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -269,19 +270,42 @@ def gguf_plan(params, config, dtype: str) -> list[GgufTensor]:
   plan = hf_tensors(params, config)
   _check_head({t.name for t in plan}, bool(config.tie_word_embeddings), "export_gguf")
   head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-  out = []
+  out, layer_of = [], {}
   for t in plan:
-    name = spec.tensor_name(t.name)
-    qtype = _tensor_type(t.shape, GGUF_TYPES[dtype], head=t.name == head)
-    out.append(GgufTensor(name, t.shape, qtype, _gguf_value(spec, config, t)))
+    tensors = _expert_tensors(spec, t, dtype)
+    if tensors is None:
+      qtype = _tensor_type(t.shape, GGUF_TYPES[dtype], head=t.name == head)
+      tensors = [GgufTensor(spec.tensor_name(t.name), t.shape, qtype, _gguf_value(spec, config, t))]
+    out += tensors
+    layer_of.update((o.name, t.layer) for o in tensors)
   rank = {"token_embd.weight": -2, "output_norm.weight": 1e9, "output.weight": 1e9 + 1}
-  layer_of = {o.name: t.layer for o, t in zip(out, plan)}
   out.sort(key=lambda o: rank.get(o.name, layer_of[o.name] if layer_of[o.name] is not None else -1))
   freqs = _rope_freqs(config)
   if freqs is not None:
     name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
     out.append(GgufTensor(name, freqs.shape, Q.F32, lambda: freqs))
   return out
+
+
+def _expert_tensors(spec: gguf_spec.GgufWriting, t: HfTensor, dtype: str):
+  """A fused expert parameter [E, out, in] as llama.cpp's expert tensors (the mapping's `experts`:
+  gate_up_proj -> ffn_gate_exps + ffn_up_exps, slices of the output axis); None for other tensors."""
+  layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", t.name)
+  stems = layer and spec.mapping.experts.get(layer.group(2))
+  if not stems:
+    return None
+  experts, rows, cols = t.shape
+  part = rows // len(stems)
+  shape = (experts, part, cols)
+  qtype = _tensor_type(shape, GGUF_TYPES[dtype], head=False)
+
+  def piece(i: int) -> Callable[[], np.ndarray]:
+    return lambda: t.read()[:, i * part : (i + 1) * part, :]
+
+  return [
+    GgufTensor(f"blk.{layer.group(1)}.{stem}.weight", shape, qtype, piece(i))
+    for i, stem in enumerate(stems)
+  ]
 
 
 def write_gguf(path: Path, arch: str, add_metadata, tensors: list[GgufTensor]) -> None:

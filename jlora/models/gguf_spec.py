@@ -62,11 +62,26 @@ def llama_hparams(writer: gguf.GGUFWriter, config: Any) -> None:
   # llama3 scaling is not a key: llama.cpp reads it as the per-frequency tensor rope_freqs.weight.
 
 
+def moe_hparams(writer: gguf.GGUFWriter, config: Any) -> None:
+  """Llama's keys plus the experts'. llama.cpp always renormalises the top-k routing weights, so a
+  model that doesn't (Qwen3-MoE with norm_topk_prob=False) is refused rather than written wrong."""
+  if not config.norm_topk_prob:
+    raise ValueError(
+      "norm_topk_prob: False can't be exported as GGUF: llama.cpp renormalises the top-k routing "
+      "weights of every MoE layer, so the file would compute another model; use export_merged."
+    )
+  llama_hparams(writer, config)
+  writer.add_expert_count(config.num_experts)
+  writer.add_expert_used_count(config.num_experts_per_tok)
+  writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+
+
 # GGUF architectures whose metadata this module writes -> the writer. Tensor names, the Q/K
 # permutation and norm offsets come from the architecture's `registry.GGUFMapping`.
 HPARAMS_WRITERS: dict[str, Callable[[gguf.GGUFWriter, Any], None]] = {
   "llama": llama_hparams,
   "qwen2": llama_hparams,
+  "qwen3moe": moe_hparams,
 }
 
 

@@ -425,12 +425,21 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
   config = registry.config_from_hf(gguf_hf_config(field, tensors, arch, mapping))
 
   shards = _ShardWriter(out_dir, GGUF_SHARD_BYTES)
+  expert_parts: dict[str, dict[int, np.ndarray]] = {}  # fused expert tensor -> its slices so far
   for name, t in tensors.items():
     hf = gguf_to_hf_name(name, mapping)
-    if hf is None:
+    expert = gguf_expert_part(name, mapping) if hf is None else None
+    if hf is None and expert is None:
       raise UserError(f"Unexpected GGUF tensor {name!r} in {gguf_path}")
     # dequantize returns numpy in [out, in] order (torch Linear layout) for every ggml type.
     w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    if expert is not None:  # [E, out / parts, in]: joined along the output axis once all are read
+      hf, index, count = expert
+      parts = expert_parts.setdefault(hf, {})
+      parts[index] = w
+      if len(parts) == count:
+        shards.add(hf, np.concatenate([parts.pop(i) for i in range(count)], axis=1))
+      continue
     stem = name.rsplit(".", 1)[0]
     if mapping.permute_qk and stem.endswith((".attn_q", ".attn_k")):
       w = gguf_spec.unpermute_rope_rows(
@@ -453,6 +462,19 @@ def gguf_to_hf_name(name: str, mapping: registry.GGUFMapping) -> str | None:
     return None if module is None else f"model.layers.{layer}.{module}.{kind}"
   module = mapping.globals.get(stem)
   return None if module is None else f"{module}.{kind}"
+
+
+def gguf_expert_part(name: str, mapping: registry.GGUFMapping) -> tuple[str, int, int] | None:
+  """`blk.3.ffn_up_exps.weight` -> (`model.layers.3.mlp.experts.gate_up_proj`, 1, 2): the fused HF
+  expert tensor it is a slice of, its index and the slice count (mapping.experts); else None."""
+  stem = name.rsplit(".", 1)[0]
+  if not stem.startswith("blk."):
+    return None
+  _, layer, short = stem.split(".", 2)
+  for hf, stems in mapping.experts.items():
+    if short in stems:
+      return f"model.layers.{layer}.{hf}", stems.index(short), len(stems)
+  return None
 
 
 def gguf_hf_config(field, tensors: dict, arch: str, mapping: registry.GGUFMapping) -> dict:

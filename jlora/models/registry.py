@@ -38,6 +38,18 @@ GGUF_GEMMA_LAYER = {
   "ffn_norm": "pre_feedforward_layernorm",
   "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Qwen3-MoE's layers: attention as Llama's, the router as ffn_gate_inp; the experts are in
+# GGUF_MOE_EXPERTS.
+GGUF_MOE_LAYER = {
+  **{k: v for k, v in GGUF_LLAMA_LAYER.items() if k in ("ffn_norm",) or not k.startswith("ffn_")},
+  "ffn_gate_inp": "mlp.gate",
+}
+# A fused HF expert parameter (inside "model.layers.N.") -> the GGUF tensors llama.cpp keeps it as:
+# equal slices of each expert's output axis, in order (gate_up_proj [E, 2I, d] is gate then up).
+GGUF_MOE_EXPERTS = {
+  "mlp.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"),
+  "mlp.experts.down_proj": ("ffn_down_exps",),
+}
 GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -47,7 +59,8 @@ class GGUFMapping:
 
   layer / globals: GGUF tensor stem -> HF module (see GGUF_LLAMA_LAYER). permute_qk: llama.cpp
   interleaved Q/K rows for its rope layout (Llama). norm_offset: llama.cpp stores Gemma's norm
-  weights as `1 + w`, so the loader subtracts it (and an exporter adds it). config: the GGUF
+  weights as `1 + w`, so the loader subtracts it (and an exporter adds it). experts: fused HF
+  expert parameters and the GGUF tensors they split into (GGUF_MOE_EXPERTS). config: the GGUF
   metadata read into an HF config dict, given `field(key, default)` and the tensor names/shapes.
   """
 
@@ -56,6 +69,7 @@ class GGUFMapping:
   globals: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(GGUF_GLOBAL))
   permute_qk: bool = False
   norm_offset: float = 0.0
+  experts: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   extra_config: Callable[[Callable, str], dict] | None = None
 
 
@@ -86,6 +100,16 @@ def _gemma_gguf_config(field: Callable, arch: str) -> dict:
   return extra
 
 
+def _moe_gguf_config(field: Callable, arch: str) -> dict:
+  """The expert fields llama.cpp stores; it always renormalises the top-k weights."""
+  return {
+    "num_experts": int(field(f"{arch}.expert_count")),
+    "num_experts_per_tok": int(field(f"{arch}.expert_used_count")),
+    "moe_intermediate_size": int(field(f"{arch}.expert_feed_forward_length")),
+    "norm_topk_prob": True,
+  }
+
+
 FAMILIES: tuple[Family, ...] = (
   Family(
     name="llama",
@@ -103,6 +127,14 @@ FAMILIES: tuple[Family, ...] = (
     model_types=("mixtral", "qwen3_moe"),
     config_cls=MoeConfig,
     module_cls=MoeForCausalLM,
+    gguf={
+      "qwen3moe": GGUFMapping(
+        "qwen3_moe",
+        {**GGUF_MOE_LAYER, **GGUF_QK_NORM},
+        experts=GGUF_MOE_EXPERTS,
+        extra_config=_moe_gguf_config,
+      ),
+    },
   ),
   Family(
     name="gemma",
