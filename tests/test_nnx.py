@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,8 @@ from flax import nnx
 import jlora
 from jlora.config import IN
 from jlora.quant import quantized_nodes
-from tests import nnx_tiny
+from tests import gguf_reference, nnx_tiny
+from tests.tiny import TINY_VOCAB_SIZE, llama_cpp_permute, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +254,8 @@ import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 import jlora
 from jlora import sharding as shard_lib
-from tests import nnx_tiny
+from tests import gguf_reference, nnx_tiny
+from tests.tiny import TINY_VOCAB_SIZE, llama_cpp_permute, tiny_tokenizer
 
 model = nnx_tiny.make()
 tokens = nnx_tiny.tokens(batch=4)
@@ -321,7 +324,9 @@ def test_sharded_step_on_8_devices_equals_the_one_device_step():
 @pytest.mark.ref
 def test_nnx_llama_matches_transformers_and_its_adapter_loads_in_peft(tmp_path):
   """An NNX Llama mirroring transformers' (examples/nnx_llama.py): logits equal HF's; a LoRA
-  adapter saved from its nnx.State loads in PEFT and gives jlora's low-rank logits."""
+  adapter saved from its nnx.State loads in PEFT and gives jlora's low-rank logits; GGUF files
+  exported from the nnx.State (the family declared by an HF config dict) hold PEFT's merged
+  weights and PEFT's factors in llama.cpp's layout."""
   import peft
   import torch
   import transformers
@@ -330,7 +335,7 @@ def test_nnx_llama_matches_transformers_and_its_adapter_loads_in_peft(tmp_path):
   import nnx_llama
 
   hf_cfg = transformers.LlamaConfig(
-    vocab_size=64,
+    vocab_size=TINY_VOCAB_SIZE,
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=2,
@@ -341,7 +346,7 @@ def test_nnx_llama_matches_transformers_and_its_adapter_loads_in_peft(tmp_path):
   )
   torch.manual_seed(0)
   hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-  tokens = np.random.RandomState(0).randint(0, 64, (2, 7))
+  tokens = np.random.RandomState(0).randint(0, TINY_VOCAB_SIZE, (2, 7))
   with torch.no_grad():
     base_logits = hf(torch.tensor(tokens)).logits.numpy()
   model = nnx_llama.from_hf(hf)
@@ -354,11 +359,35 @@ def test_nnx_llama_matches_transformers_and_its_adapter_loads_in_peft(tmp_path):
   with pytest.warns(UserWarning, match="vLLM"):
     jlora.save_adapter(tmp_path / "adapter", lora, cfg)
   with torch.no_grad():
-    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(torch.tensor(tokens))
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    theirs = peft_model(torch.tensor(tokens))
   assert np.abs(theirs.logits.numpy() - base_logits).max() > 0.1
   np.testing.assert_allclose(ours, theirs.logits.numpy(), atol=1e-5)
   loaded = jlora.load_adapter(tmp_path / "adapter", state)
   np.testing.assert_allclose(jlora.wrap(graphdef)(loaded, jnp.asarray(tokens)), ours, atol=1e-6)
+
+  # GGUF: the merged model against PEFT's merge, renamed/permuted by the tests' own llama.cpp map.
+  jlora.export_gguf(tmp_path / "m.gguf", lora, hf_cfg.to_dict(), tiny_tokenizer(), "f32")
+  jlora.save_adapter_gguf(tmp_path / "a.gguf", lora, cfg, hf_cfg.to_dict())
+  hf_tensors = {k: v.float().numpy() for k, v in peft_model.state_dict().items()}
+  with torch.no_grad():
+    merged = {k: v.float().numpy() for k, v in peft_model.merge_and_unload().state_dict().items()}
+  expected = gguf_reference.llama_cpp_layout(merged, hf_cfg, permute=True)
+  written = gguf_reference.read_tensors(gguf.GGUFReader(tmp_path / "m.gguf"))
+  assert sorted(written) == sorted(expected)
+  for name, (_, value) in written.items():
+    np.testing.assert_allclose(value, expected[name], atol=1e-6, err_msg=name)
+  factors = gguf_reference.read_tensors(gguf.GGUFReader(tmp_path / "a.gguf"))
+  assert len(factors) == 2 * 3 * hf_cfg.num_hidden_layers
+  for key, value in hf_tensors.items():
+    if ".lora_" not in key:
+      continue
+    module = key.split("base_model.model.", 1)[1].split(".lora_")[0]
+    side = "a" if ".lora_A." in key else "b"
+    if side == "b" and module.endswith("q_proj"):
+      value = llama_cpp_permute(value, hf_cfg.num_attention_heads)
+    name = gguf_reference.gguf_name(f"{module}.weight")
+    np.testing.assert_allclose(factors[f"{name}.lora_{side}"][1], value, atol=1e-6, err_msg=key)
 
 
 def test_a_module_with_two_weights_is_refused_by_name():

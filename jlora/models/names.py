@@ -25,7 +25,14 @@ import re
 import numpy as np
 
 # flax leaf name -> HF tensor suffix
-LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+# (NNX modules written to mirror HF, like examples/nnx_llama.py's RMSNorm, call it `weight`.)
+LEAF_NAMES = {
+  "kernel": "weight",
+  "embedding": "weight",
+  "scale": "weight",
+  "weight": "weight",
+  "bias": "bias",
+}
 HF_LAYERS = "model.layers"
 # A module directly under a module of this name is an HF parameter of its own (fused experts).
 EXPERTS = "experts"
@@ -82,15 +89,20 @@ class HFNames:
     return [[f"{module}.{e}.{p}.weight" for p in dict(parts)[param]] for e in range(num_experts)]
 
   def stack_of(self, module_path: str) -> tuple[str, tuple[int, ...] | None] | None:
-    """(stack prefix, HF layer indices or None for "0..n-1") if the module sits in a stack."""
+    """(stack prefix, HF layer indices or None for "0..n-1") if the module sits in a stack.
+    A numbered entry under the prefix (NNX's list of layers, model/layers/3/...) is one layer."""
+    found = None
     for prefix, indices in self.stacks:
       if module_path == prefix or module_path.startswith(prefix + "/"):
-        return prefix, indices
-    if not self.stacks:
+        found = prefix, indices
+        break
+    if found is None and not self.stacks:
       parts = module_path.split("/")
       if "layers" in parts[:-1]:
-        return "/".join(parts[: parts.index("layers") + 1]), None
-    return None
+        found = "/".join(parts[: parts.index("layers") + 1]), None
+    if found is not None and module_path[len(found[0]) + 1 :].partition("/")[0].isdigit():
+      return None
+    return found
 
   def module_names(self, module_path: str, n_lead: int, n_layers: int = 0) -> list[str]:
     """HF module names of the flax module at `module_path`: one, or one per entry of its stack."""
