@@ -3,12 +3,20 @@
 Its module paths are the HF module names (model/layers/0/self_attn/q_proj is
 model.layers.0.self_attn.q_proj), so a PEFT adapter saved from it loads into the HF model.
 `from_hf(hf_model)` copies an HF model's weights (torch Linear [out, in] -> kernel [in, out]).
-It is an example of an NNX model jlora adapts, not one of jlora's model families.
+`from_pretrained(directory)` reads an HF checkpoint dir (config.json + *.safetensors) the same way,
+so `--config.model.nnx=examples.nnx_llama:from_pretrained` trains it with `train.sft` (the trainer
+calls the factory with config.model.path and reads the tokenizer from there). The model takes
+(tokens, positions, segment_ids) as the trainer needs (segment 0 is padding, packed rows hold
+several segments), and its config's `to_hf_dict()` declares the Llama family, so the trainer's
+merged and GGUF exports work on it. It is an example of an NNX model jlora adapts, not one of
+jlora's model families.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +39,10 @@ class LlamaConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_attention_heads
+
+  def to_hf_dict(self) -> dict:
+    """transformers' config.json fields: declares the Llama family to jlora's registry."""
+    return {"model_type": "llama", **dataclasses.asdict(self)}
 
 
 class RMSNorm(nnx.Module):
@@ -68,7 +80,7 @@ class Attention(nnx.Module):
     self.v_proj = _linear(d, kv * hd, rngs)
     self.o_proj = _linear(h * hd, d, rngs)
 
-  def __call__(self, x, positions):
+  def __call__(self, x, positions, segment_ids):
     cfg = self.cfg
     b, t, _ = x.shape
     heads = lambda y, n: y.reshape(b, t, n, cfg.head_dim)
@@ -78,8 +90,9 @@ class Attention(nnx.Module):
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(cfg.head_dim)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    probs = jax.nn.softmax(jnp.where(causal, scores, -1e30).astype(jnp.float32), -1)
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # [b, q, k]
+    allowed = (jnp.tril(jnp.ones((t, t), bool)) & same_segment)[:, None]
+    probs = jax.nn.softmax(jnp.where(allowed, scores, -1e30).astype(jnp.float32), -1)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(b, t, -1)
     return self.o_proj(out)
 
@@ -101,8 +114,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     self.mlp = Mlp(cfg, rngs)
 
-  def __call__(self, x, positions):
-    x = x + self.self_attn(self.input_layernorm(x), positions)
+  def __call__(self, x, positions, segment_ids):
+    x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
     return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -112,11 +125,14 @@ class Backbone(nnx.Module):
     self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-  def __call__(self, tokens):
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  def __call__(self, tokens, positions=None, segment_ids=None):
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
     x = self.embed_tokens(tokens)
     for layer in self.layers:
-      x = layer(x, positions)
+      x = layer(x, positions, segment_ids)
     return self.norm(x)
 
 
@@ -127,8 +143,8 @@ class LlamaForCausalLM(nnx.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, rngs)
 
-  def __call__(self, tokens):
-    x = self.model(tokens)
+  def __call__(self, tokens, positions=None, segment_ids=None):
+    x = self.model(tokens, positions, segment_ids)
     if self.config.tie_word_embeddings:
       return self.model.embed_tokens.attend(x)
     return self.lm_head(x)
@@ -141,18 +157,36 @@ def config_from_hf(hf_config) -> LlamaConfig:
 
 def from_hf(hf_model) -> LlamaForCausalLM:
   """An NNX Llama holding the weights of a transformers LlamaForCausalLM (torch)."""
-  cfg = config_from_hf(hf_model.config)
+  tensors = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+  return _with_weights(config_from_hf(hf_model.config), tensors)
+
+
+def from_pretrained(directory) -> LlamaForCausalLM:
+  """An NNX Llama from an HF checkpoint dir (config.json + *.safetensors), e.g. for train.sft."""
+  from safetensors.numpy import load_file
+
+  directory = Path(directory)
+  hf_config = json.loads((directory / "config.json").read_text())
+  fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+  cfg = LlamaConfig(**{k: v for k, v in hf_config.items() if k in fields})
+  tensors = {}
+  for file in sorted(directory.glob("*.safetensors")):
+    tensors.update(load_file(file))
+  return _with_weights(cfg, tensors)
+
+
+def _with_weights(cfg: LlamaConfig, tensors: dict) -> LlamaForCausalLM:
+  """The model with HF-named tensors (torch Linear [out, in] -> kernel [in, out])."""
   model = LlamaForCausalLM(cfg, nnx.Rngs(0))
   graphdef, state = nnx.split(model)
-  tensors = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
 
   def load(key_path, variable):
     path = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
     module, _, leaf = path.rpartition(".")
     if leaf == "kernel":
-      return variable.replace(jnp.asarray(tensors[f"{module}.weight"].T))
+      return variable.replace(jnp.asarray(tensors[f"{module}.weight"].T, jnp.float32))
     name = f"{module}.weight" if leaf == "embedding" else path
-    return variable.replace(jnp.asarray(tensors[name]))
+    return variable.replace(jnp.asarray(tensors[name], jnp.float32))
 
   state = jax.tree_util.tree_map_with_path(
     load, state, is_leaf=lambda x: isinstance(x, nnx.Variable)

@@ -560,3 +560,32 @@ def test_bad_cli_inputs_exit_2_with_one_line(files, tmp_path):
       assert len(lines) == 1 and lines[0].startswith("error: "), (extra, err[-2000:])
       for text in expect:
         assert text.format(**values) in lines[0], (extra, lines[0])
+
+
+def test_an_nnx_model_trains_through_the_same_stages(files, finished, tmp_path):
+  """config.model.nnx: the NNX Llama of examples/nnx_llama.py, read from the linen run's
+  checkpoint, goes through the same data, step, eval, generation and outputs: before training
+  (B = 0) its eval loss and greedy samples are the linen model's, it learns, and its merged
+  export reloads as a linen model whose logits are the NNX LoRA model's."""
+  from flax import nnx
+
+  sys.path.insert(0, str(tiny.REPO / "examples"))
+  import nnx_llama
+
+  out = tmp_path / "nnx"
+  overrides = {"model.nnx": "examples.nnx_llama:from_pretrained", "export_merged": True}
+  overrides.update(steps=3, eval_every=3, save_every=3)
+  config = tiny.sft_config(files["model"], files["train"], files["eval"], out, **overrides)
+  summary = sft.run(config, progress=False)
+  _, linen = finished
+  assert summary["before"]["eval_loss"] == pytest.approx(linen["before"]["eval_loss"], rel=1e-4)
+  assert [s["before"] for s in summary["samples"]] == [s["before"] for s in linen["samples"]]
+  assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+
+  graphdef, state = nnx.split(nnx_llama.from_pretrained(files["model"]))
+  tuned = jlora.load_adapter(out, state)
+  ids = np.arange(12, dtype=np.int32)[None] % 50 + 3
+  model, merged, _ = jlora.models.from_pretrained(out / "merged")
+  np.testing.assert_allclose(
+    model.apply({"params": merged}, ids), jlora.wrap(graphdef)(tuned, ids), atol=1e-4
+  )

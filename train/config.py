@@ -3,7 +3,7 @@
 `config.lora` holds exactly the fields of `jlora.LoraConfig` and `config.quant` those of
 `jlora.QuantConfig` (built by `dataclass_section`), so every library field, patterns included, is
 settable as `--config.lora.<field>=...`; `library_config` turns a section back into the dataclass.
-`config.model` holds `path` plus every field of every model family's config class (dtype,
+`config.model` holds `path` (and `nnx`, an NNX model's factory) plus every field of every model family's config class (dtype,
 remat_policy, rope_theta, Gemma's layer_types, ...; None: the checkpoint's value), checked against
 the family of the checkpoint. Every message names the field as the user typed it: `config.lora.rank`, not
 `LoraConfig.rank`.
@@ -58,7 +58,8 @@ FINGERPRINT_FIELDS = ("model", "data", "lora", "quant", "optim", "tokens", "seed
 # A task's own section (train.dpo's `dpo`), when the config has one.
 OPTIONAL_FINGERPRINT_FIELDS = ("dpo",)
 # config.model fields the trainer reads itself; every other one is a field of the model config class.
-TRAINER_MODEL_FIELDS = ("path",)
+# nnx: "package.module:factory" for an NNX model (see train.sft.load_nnx_model); None: off.
+TRAINER_MODEL_FIELDS = ("path", "nnx")
 # Model config fields set by the checkpoint's architecture only, never by the user.
 FIXED_MODEL_FIELDS = ("model_type",)
 # Fields whose valid values depend on the checkpoint's shape: checked once the checkpoint is read.
@@ -183,6 +184,8 @@ def model_section(**values) -> ml_collections.ConfigDict:
   section = ml_collections.ConfigDict()
   for name, value in values.items():
     section[name] = value
+  if "nnx" not in section:
+    section["nnx"] = ml_collections.FieldReference(None, field_type=object)
   for name in sorted(family_fields()):
     if name not in section:
       section[name] = ml_collections.FieldReference(None, field_type=object)

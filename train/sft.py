@@ -2,7 +2,8 @@
 
   python -m train.sft --config configs/llama.py [--config.lora.rank=16 ...] [--verbose]
 
-Loads a Llama-family base (HF dir, .gguf, hub id or an embedded model), optionally
+Loads a Llama-family base (HF dir, .gguf, hub id or an embedded model; or an NNX model from
+`--config.model.nnx=package.module:factory`), optionally
 quantizes it, adds LoRA adapters, and trains them with a step compiled over a
 (data, fsdp, tensor, expert) mesh. Rerunning the same command resumes from the latest
 checkpoint in output_dir; Ctrl-C (or SIGTERM) saves one at the end of the current step.
@@ -19,6 +20,7 @@ train/dpo.py; every stage is shared.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import runpy
 import shlex
@@ -33,6 +35,7 @@ from typing import Any
 import jax
 from absl import flags
 from flax import linen as nn
+from flax import nnx
 from ml_collections import config_flags
 from safetensors import SafetensorError
 from tqdm import tqdm
@@ -42,8 +45,10 @@ from jlora import sharding as shard_lib
 from jlora.errors import read_json
 from jlora.lora import is_adapter
 from jlora.models import export as export_lib
+from jlora.models import registry
 from jlora.models.llama import DEFAULT_RULES
-from jlora.models.loading import load_hf_dir, resolve_checkpoint
+from jlora.models.loading import load_hf_dir, load_tokenizer, resolve_checkpoint
+from jlora.models.nnx_causal import NnxCausalLM, family_config
 from jlora.quant import is_quantized
 from train import config as config_lib
 from train import data as data_lib
@@ -142,11 +147,19 @@ class Interrupted(Exception):
 # --------------------------------------------------------------------------- setup
 
 
+PATH_ERRORS = (ValueError, KeyError, TypeError, OSError, SafetensorError)
+# What importing and calling a user's factory may raise about config.model.nnx.
+FACTORY_ERRORS = (*PATH_ERRORS, ImportError, AttributeError)
+
+
 def load_model(config, mesh):
   """(model, base params placed on `mesh`, tokenizer). The params come boxed with their axis
   names, so jlora knows their layout. The config.model fields are checked against the
-  checkpoint's family before any weight is read."""
-  path_errors = (ValueError, KeyError, TypeError, OSError, SafetensorError)
+  checkpoint's family before any weight is read. With config.model.nnx, the model is the NNX
+  model its factory builds (load_nnx_model); every later stage is the same."""
+  if config.model.get("nnx") is not None:
+    return load_nnx_model(config, mesh)
+  path_errors = PATH_ERRORS
   with naming(f"config.model.path = {config.model.path!r}", path_errors):
     # A GGUF is converted by process 0; the others wait for it, then read its cache.
     directory = distributed.main_first(lambda: resolve_checkpoint(config.model.path))
@@ -154,6 +167,65 @@ def load_model(config, mesh):
   overrides = config_lib.model_overrides(config, hf_config)
   with naming(f"config.model.path = {config.model.path!r}", path_errors):
     return load_hf_dir(directory, mesh=mesh, **overrides)
+
+
+def load_nnx_model(config, mesh):
+  """(NnxCausalLM, its nnx.State placed on `mesh` by its sharding metadata, tokenizer).
+
+  config.model.nnx = "package.module:factory"; the trainer calls factory(config.model.path),
+  which returns an nnx.Module, or (nnx.Module, tokenizer); without a tokenizer it is read from
+  config.model.path. The model's contract is jlora.models.nnx_causal's."""
+  spec, path = config.model.nnx, config.model.path
+  what = f"config.model.nnx = {spec!r}"
+  with naming(what, FACTORY_ERRORS):
+    made = import_factory(spec)(path)
+  model, tokenizer = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
+  if not isinstance(model, nnx.Module):
+    raise UserError(
+      f"{what}: the factory returned {type(model).__name__}; expected an nnx.Module or "
+      "(nnx.Module, tokenizer)."
+    )
+  if tokenizer is None:
+    with naming(f"config.model.path = {path!r} (the tokenizer of {spec!r})", PATH_ERRORS):
+      tokenizer = load_tokenizer(Path(distributed.main_first(lambda: resolve_checkpoint(path))))
+  family = family_config(model)
+  check_nnx_run(config, what, family)
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(
+    state, shard_lib.named(mesh, shard_lib.logical_specs(state, DEFAULT_RULES))
+  )
+  return NnxCausalLM(graphdef, family), state, tokenizer
+
+
+def import_factory(spec) -> Callable:
+  module_name, _, name = str(spec).partition(":")
+  if not module_name or not name:
+    raise ValueError("expected 'package.module:factory' (a function of config.model.path).")
+  factory = getattr(importlib.import_module(module_name), name)
+  if not callable(factory):
+    raise TypeError(f"{name} in {module_name} is a {type(factory).__name__}, not a function.")
+  return factory
+
+
+def check_nnx_run(config, what: str, family) -> None:
+  """What an NNX model can't do in the trainer, refused before any step runs."""
+  if config.tokens.get("add"):
+    raise UserError(
+      f"config.tokens.add: growing the vocabulary of an NNX model ({what}) is not supported."
+    )
+  ignored = sorted(config_lib.model_overrides(config))
+  if ignored:
+    log(
+      f"note: config.model.{', config.model.'.join(ignored)} apply to jlora's own families; "
+      "the NNX factory builds its model as it is"
+    )
+  wanted = [name for name in ("export_merged", "export_gguf") if config.get(name)]
+  if wanted and family is None:
+    raise UserError(
+      f"config.{wanted[0]}: the NNX model of {what} declares no registered family (model.config "
+      f"with a model_type in {sorted(registry.MODEL_TYPES)}, e.g. a to_hf_dict() method), so "
+      "jlora can't name its tensors for the export; turn it off or declare the family."
+    )
 
 
 def add_tokens(config, model, params, tokenizer):
@@ -229,6 +301,13 @@ def adapt(config, params, tokens=None, eva=None):
   key = jax.random.key(config.seed)
   with config_lib.user_words():
     return jlora.prepare_for_training(params, lora, key, quant=quant, eva_data=eva)
+
+
+def describe_model(config, model) -> str:
+  source = config.model.path if config.model.get("nnx") is None else f"NNX {config.model.nnx}"
+  if model.config is None:
+    return f"{source} (no registered family)"
+  return f"{source} ({model.config.num_hidden_layers} layers, d={model.config.hidden_size})"
 
 
 def param_summary(trainable, frozen) -> str:
@@ -313,10 +392,7 @@ def setup(config, out: Path, mesh, record: outputs.RunRecord, task: Task) -> Tra
   arrays, stats = task.load_train_data(config, tokenizer)
   trainable, frozen = adapt(config, base, tokens, eva_data(config, model, arrays))
   del base
-  log(
-    f"model: {config.model.path} ({model.config.num_hidden_layers} layers, "
-    f"d={model.config.hidden_size}), quant: {config.quant.kind}"
-  )
+  log(f"model: {describe_model(config, model)}, quant: {config.quant.kind}")
   log(param_summary(trainable, frozen))
   log(
     f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.default_backend()} device(s); "

@@ -1,0 +1,107 @@
+"""An NNX causal LM seen through `protocol.CausalLM`, so the trainer, its evaluator and generation
+run it as they run a family's linen module.
+
+The NNX model (any `nnx.Module`, unmodified) needs one method:
+
+    model(input_ids, positions, segment_ids) -> logits [batch, seq, vocab]
+
+where a query attends to keys of its own segment only (segment 0 is padding; packed rows hold
+several segments). `NnxCausalLM.apply` runs it through `jlora.wrap(graphdef)`, so params that
+hold LoRA / quantized nodes take the low-rank path. What the protocol adds on top:
+
+  * `return_hidden` / `logits`: the model returns logits, so the "hidden states" handed to the
+    trainer's chunked cross-entropy are the logits and `logits` is the identity (the trainer
+    then holds [rows, labels, vocab] logits, not [rows, labels, d]: fine for models that fit).
+  * `init_cache` / `cache=`: the model has no KV cache, so the cache is the token buffer and
+    each decode step re-runs the whole buffer (quadratic in length; meant for eval samples).
+
+`config` is the model's family config when the model declares one (`model.config` is an HF
+config dict, a transformers config, or has `to_hf_dict()`, with a registered `model_type`):
+PEFT names, merged and GGUF exports then go through the registry as for linen. Otherwise it is
+None and only the PEFT adapter (HF names taken from the module paths) is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jlora import nnx_forward
+from jlora.models import registry
+
+CACHE_FIELDS = ("input_ids", "positions", "segment_ids")
+
+
+def family_config(model: nnx.Module):
+  """The registered family config `model.config` declares, or None."""
+  declared = getattr(model, "config", None)
+  if hasattr(declared, "to_hf_dict"):
+    declared = declared.to_hf_dict()
+  if isinstance(declared, Mapping) or hasattr(declared, "to_dict"):
+    hf = dict(declared) if isinstance(declared, Mapping) else declared.to_dict()
+    if hf.get("model_type") in registry.MODEL_TYPES:
+      return registry.config_from_hf(hf)
+  return None
+
+
+class NnxCausalLM:
+  """`protocol.CausalLM` for an NNX model: `apply({"params": state}, ...)` as linen's apply."""
+
+  def __init__(self, graphdef: nnx.GraphDef, config=None):
+    self.graphdef, self.config = graphdef, config
+    self._run = nnx_forward.wrap(graphdef)
+
+  def apply(self, variables, *args, method=None, rngs=None, **kwargs):
+    if method is not None:  # e.g. the head alone, `logits`
+      return method(self, *args, **kwargs)
+    dropout = (rngs or {}).get("dropout")
+    return self._forward(variables["params"], *args, dropout_key=dropout, **kwargs)
+
+  def logits(self, hidden):
+    """The head: identity, as the model's "hidden states" are already its logits."""
+    return hidden
+
+  def _forward(
+    self,
+    state,
+    input_ids,
+    positions=None,
+    segment_ids=None,
+    *,
+    logits_at=None,
+    return_hidden: bool = False,
+    cache: dict | None = None,
+    dropout_key=None,
+  ):
+    del return_hidden  # the logits serve as hidden states (see `logits`)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(input_ids)
+    inputs = (input_ids, positions.astype(jnp.int32), segment_ids.astype(jnp.int32))
+    if cache is None:
+      return _picked(self._run(state, *inputs, dropout_key=dropout_key), logits_at)
+    index = cache["index"]
+    written = {
+      name: jax.lax.dynamic_update_slice_in_dim(cache[name], x.astype(cache[name].dtype), index, 1)
+      for name, x in zip(CACHE_FIELDS, inputs)
+    }
+    logits = self._run(state, *(written[name] for name in CACHE_FIELDS), dropout_key=dropout_key)
+    new = jax.lax.dynamic_slice_in_dim(logits, index, input_ids.shape[1], axis=1)
+    return _picked(new, logits_at), {**written, "index": index + input_ids.shape[1]}
+
+  def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> dict:
+    """The token buffer the model re-reads at each step (padding: segment 0)."""
+    del dtype
+    empty = jnp.zeros((batch, max_len), jnp.int32)
+    return {**{name: empty for name in CACHE_FIELDS}, "index": jnp.zeros((), jnp.int32)}
+
+
+def _picked(logits, logits_at):
+  if logits_at is None:
+    return logits
+  return jnp.take_along_axis(logits, logits_at[..., None], axis=1)
