@@ -257,6 +257,26 @@ def test_bad_config_values(files, tmp_path):
     sft.run(_config(files, tmp_path, steps=0), progress=False)
 
 
+@pytest.mark.parametrize(
+  "spec, why",
+  [
+    ("nnx_llama", r"expected 'package.module:factory'"),
+    ("no_such_module:make", r"No module named 'no_such_module'"),
+    ("tests.tiny:no_such_factory", r"has no attribute 'no_such_factory'"),
+    ("tests.tiny:TINY_VOCAB_SIZE", r"TINY_VOCAB_SIZE in tests.tiny is a int, not a function"),
+    ("tests.tiny:read_json", r"the factory returned dict; expected an nnx.Module"),
+  ],
+)
+def test_a_bad_nnx_factory_is_one_line_naming_config_model_nnx(files, tmp_path, spec, why):
+  # read_json(config.model.path) fails on a directory: point the path at a JSON file instead.
+  path = tiny.write_rows(tmp_path / "rows.jsonl", 1) if spec.endswith("read_json") else None
+  if path is not None:
+    path.write_text("{}")
+  overrides = {"model.nnx": spec, **({"model.path": str(path)} if path else {})}
+  with pytest.raises(UserError, match=rf"^config.model.nnx = '{re.escape(spec)}': .*{why}"):
+    sft.run(_config(files, tmp_path, **overrides), progress=False)
+
+
 def test_prompts_longer_than_max_length_are_counted_and_skipped(files, tmp_path, capsys):
   rows = tmp_path / "long.jsonl"
   long_prompt = {
