@@ -228,6 +228,9 @@ def adapted_output(
   given, is x @ A computed already (jlora.intercept's shared-input siblings).
   """
   base = weight.base if is_lora(weight) or is_token_rows(weight) else weight
+  # The base is never trained: a step that differentiates the whole tree (nnx.Optimizer over
+  # the model's Params, jlora.optimizer on unsplit params) then gets zeros, not x^T dy, for it.
+  base = jax.lax.stop_gradient(base)
   if is_quantized(base):
     # Rematerialised, so the backward re-dequantizes instead of keeping every layer's
     # full-precision weight alive from the forward: only the 4-bit codes are stored.

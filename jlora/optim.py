@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jlora import config as config_lib
@@ -67,6 +68,34 @@ def scale_by_loraplus(ratio: float, embedding_ratio: float = 1.0) -> optax.Gradi
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def adapter_leaves(tree) -> list:
+  """The adapter leaves of `tree` (A, B, DoRA magnitudes, token rows), in tree order."""
+  labels = jax.tree.leaves(adapter_labels(tree))
+  return [x for x, label in zip(jax.tree.leaves(tree), labels, strict=True) if label == ADAPTER]
+
+
+def on_adapter_leaves(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` on the list of adapter leaves; every other leaf's update is zero.
+
+  The state is `tx`'s over that list, plain arrays with no jlora node inside, so containers that
+  rebuild the pytrees they hold (nnx.Optimizer's OptState turns a node into an nnx.State) keep
+  it as it was."""
+
+  def init(params):
+    return tx.init(adapter_leaves(params))
+
+  def update(updates, state, params=None):
+    chosen = adapter_leaves(updates)
+    new, state = tx.update(chosen, state, None if params is None else adapter_leaves(params))
+    new = iter(new)
+    flat, treedef = jax.tree.flatten(updates)
+    labels = jax.tree.leaves(adapter_labels(updates))
+    out = [next(new) if label == ADAPTER else jnp.zeros_like(x) for x, label in zip(flat, labels)]
+    return jax.tree.unflatten(treedef, out), state
+
+  return optax.GradientTransformation(init, update)
+
+
 def optimizer(
   tx: optax.GradientTransformation,
   params=None,
@@ -85,7 +114,7 @@ def optimizer(
   `loraplus_embedding_ratio` times `tx`'s lr (default: the same lr).
   """
   del params
-  masked = optax.multi_transform({ADAPTER: tx, FROZEN: optax.set_to_zero()}, adapter_labels)
+  masked = on_adapter_leaves(tx)
   if loraplus_ratio is None:
     return masked
   if not loraplus_ratio > 0 or not loraplus_embedding_ratio > 0:
