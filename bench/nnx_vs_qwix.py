@@ -1,17 +1,22 @@
-"""jlora vs qwix LoRA on the same NNX model: step time and compiled temporaries, side by side.
+"""jlora on NNX vs qwix LoRA on the same NNX model vs jlora on its linen Llama, side by side.
 
-The model is examples/nnx_llama.py (stock nnx.Linear / nnx.Embed, HF module paths). Default
-shape is SmolLM2-135M's (30 layers, d=576, 9 heads / 3 kv, MLP 1536, vocab 49152), batch 4 x 128,
-fp32; `--small` runs a reduced shape for a busy machine. Each config builds both from the same
-weights, compiles one training step (grads of the adapters + Adam), and times `--steps` steps
-after a warm-up; the two frameworks alternate within one process.
+The NNX model is examples/nnx_llama.py (stock nnx.Linear / nnx.Embed, HF module paths); the linen
+one is jlora.models.LlamaForCausalLM of the same shape. Default shape is SmolLM2-135M's (30 layers,
+d=576, 9 heads / 3 kv, MLP 1536, vocab 49152, tied), batch 4 x 128, fp32; `--layers N` keeps the
+shape but N layers (for a run that fits a few minutes), `--small` a reduced shape for smoke runs.
+Configs: q+v r8; all-linear r16; all-linear r16 on an nf4 base (jlora: jlora.quantize, block 64;
+qwix: LoraRule(weight_qtype='nf4', tile_size=64), its QLoRA). Each compiles one training step
+(grads of the adapters + Adam) and times `--steps` steps after a warm-up; the three run in turn in
+one process. Reported: median s/step, the speed ratio to qwix, XLA's compiled temporaries.
 
-    python -m bench.nnx_vs_qwix [--small] [--steps N]
+    python -m bench.nnx_vs_qwix [--layers N] [--steps N] [--small]
+    python -m bench.nnx_vs_qwix --steps 0     # compiled memory only, no timing
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -37,7 +42,14 @@ SMALL = nnx_llama.LlamaConfig(
   num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
 )  # fmt: skip
 ALL_LINEAR = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-CONFIGS = (("q,v r8", r".*(q_proj|v_proj)", 8), ("all-linear r16", ALL_LINEAR, 16))
+NF4_BLOCK = 64
+# (name, module regex, rank, nf4 base)
+CONFIGS = (
+  ("q+v r8", r".*(q_proj|v_proj)", 8, False),
+  ("all-linear r16", ALL_LINEAR, 16, False),
+  ("all-linear r16 nf4", ALL_LINEAR, 16, True),
+)
+FRAMEWORKS = ("jlora NNX", "qwix NNX", "jlora linen")
 
 
 def _loss(logits, tokens):
@@ -45,11 +57,16 @@ def _loss(logits, tokens):
   return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
 
-def jlora_step(model, pattern, rank, tx):
-  graphdef, state = nnx.split(model)
-  cfg = jlora.LoraConfig(rank=rank, alpha=2 * rank, targets=pattern)
-  trainable, frozen = jlora.split(jlora.apply(state, cfg, jax.random.key(1)))
-  run = jlora.wrap(graphdef)
+def lora_config(pattern, rank):
+  return jlora.LoraConfig(rank=rank, alpha=2 * rank, targets=pattern)
+
+
+def nf4():
+  return jlora.QuantConfig(kind="nf4", block_size=NF4_BLOCK, double_quant=True)
+
+
+def adapter_step(run, tx):
+  """step(trainable, opt_state, frozen, tokens) for a forward `run(params, tokens)`."""
 
   def step(trainable, opt_state, frozen, tokens):
     loss, grads = jax.value_and_grad(
@@ -58,14 +75,47 @@ def jlora_step(model, pattern, rank, tx):
     updates, opt_state = tx.update(grads, opt_state)
     return optax.apply_updates(trainable, updates), opt_state, loss
 
-  return step, (trainable, tx.init(trainable), frozen)
+  return step
 
 
-def qwix_step(model, pattern, rank, tx, tokens):
+def jlora_nnx_step(cfg, pattern, rank, quant, tx, tokens):
+  graphdef, state = nnx.split(nnx_llama.LlamaForCausalLM(cfg, nnx.Rngs(0)))
+  trainable, frozen = jlora.prepare_for_training(
+    state, lora_config(pattern, rank), jax.random.key(1), quant=nf4() if quant else None
+  )
+  return adapter_step(jlora.wrap(graphdef), tx), (trainable, tx.init(trainable), frozen)
+
+
+def jlora_linen_step(cfg, pattern, rank, quant, tx, tokens):
+  from jlora.models import LlamaConfig, LlamaForCausalLM
+
+  fields = {f: getattr(cfg, f) for f in ("vocab_size", "hidden_size", "intermediate_size")}
+  model = LlamaForCausalLM(
+    LlamaConfig(
+      **fields,
+      num_hidden_layers=cfg.num_hidden_layers,
+      num_attention_heads=cfg.num_attention_heads,
+      num_key_value_heads=cfg.num_key_value_heads,
+      tie_word_embeddings=cfg.tie_word_embeddings,
+      max_position_embeddings=max(2048, tokens.shape[1]),
+    )
+  )
+  params = model.init(jax.random.key(0), tokens)["params"]
+  trainable, frozen = jlora.prepare_for_training(
+    params, lora_config(pattern, rank), jax.random.key(1), quant=nf4() if quant else None
+  )
+  apply = jlora.wrap(model.apply)
+  run = lambda p, t: apply({"params": p}, t)
+  return adapter_step(run, tx), (trainable, tx.init(trainable), frozen)
+
+
+def qwix_step(cfg, pattern, rank, quant, tx, tokens):
   import qwix
 
-  provider = qwix.LoraProvider([qwix.LoraRule(module_path=pattern, rank=rank, alpha=2 * rank)])
-  lora_model = qwix.apply_lora_to_model(model, provider, tokens)
+  qlora = {"weight_qtype": "nf4", "tile_size": NF4_BLOCK} if quant else {}
+  rule = qwix.LoraRule(module_path=pattern, rank=rank, alpha=2 * rank, **qlora)
+  model = nnx_llama.LlamaForCausalLM(cfg, nnx.Rngs(0))
+  lora_model = qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]), tokens, rngs=nnx.Rngs(1))
   graphdef, adapters, rest = nnx.split(lora_model, nnx.LoRAParam, ...)
 
   def step(adapters, opt_state, rest, tokens):
@@ -79,10 +129,16 @@ def qwix_step(model, pattern, rank, tx, tokens):
   return step, (adapters, tx.init(adapters), rest)
 
 
-def measure(step, args, tokens, steps: int) -> tuple[float, float]:
-  """(median seconds per step, compiled temporaries in MiB)."""
+BUILDERS = {"jlora NNX": jlora_nnx_step, "qwix NNX": qwix_step, "jlora linen": jlora_linen_step}
+
+
+def measure(step, args, tokens, steps: int) -> tuple[float | None, float, float]:
+  """(median seconds per step or None, compiled temporaries MiB, arguments MiB)."""
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args, tokens).compile()
-  temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
+  memory = compiled.memory_analysis()
+  temp, arguments = memory.temp_size_in_bytes / 2**20, memory.argument_size_in_bytes / 2**20
+  if not steps:
+    return None, temp, arguments
   trainable, opt_state, frozen = args
   trainable, opt_state, loss = compiled(trainable, opt_state, frozen, tokens)
   loss.block_until_ready()
@@ -92,34 +148,41 @@ def measure(step, args, tokens, steps: int) -> tuple[float, float]:
     trainable, opt_state, loss = compiled(trainable, opt_state, frozen, tokens)
     loss.block_until_ready()
     times.append(time.perf_counter() - start)
-  return statistics.median(times), temp
+  return statistics.median(times), temp, arguments
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--small", action="store_true", help="a reduced shape for a busy machine")
-  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--small", action="store_true", help="a reduced shape, for smoke runs")
+  parser.add_argument("--layers", type=int, default=None, help="layers (default: the shape's)")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps; 0: memory only")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--length", type=int, default=128)
+  parser.add_argument("--configs", default=",".join(c[0] for c in CONFIGS))
   args = parser.parse_args(argv)
   cfg = SMALL if args.small else SMOLLM2
+  if args.layers:
+    cfg = dataclasses.replace(cfg, num_hidden_layers=args.layers)
   tokens = jax.random.randint(jax.random.key(0), (args.batch, args.length), 0, cfg.vocab_size)
   tx = optax.adam(1e-4)
   print(
     f"model: {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, vocab {cfg.vocab_size}; "
     f"batch {args.batch} x {args.length}, fp32; {jax.devices()[0].device_kind}, "
-    f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start"
   )
-  print(f"{'config':16} {'jlora s/step':>12} {'qwix s/step':>12} {'speed ratio':>11} "
-        f"{'jlora temp MiB':>14} {'qwix temp MiB':>13}")  # fmt: skip
-  for name, pattern, rank in CONFIGS:
-    model = nnx_llama.LlamaForCausalLM(cfg, nnx.Rngs(0))
-    ours = measure(*jlora_step(model, pattern, rank, tx), tokens, args.steps)
-    theirs = measure(*qwix_step(model, pattern, rank, tx, tokens), tokens, args.steps)
-    print(
-      f"{name:16} {ours[0]:12.3f} {theirs[0]:12.3f} {theirs[0] / ours[0]:10.2f}x "
-      f"{ours[1]:14.1f} {theirs[1]:13.1f}"
-    )
+  print(f"{'config':20} {'framework':12} {'s/step':>8} {'qwix/this':>9} {'temp MiB':>9} "
+        f"{'args MiB':>9}")  # fmt: skip
+  wanted = args.configs.split(",")
+  for name, pattern, rank, quant in (c for c in CONFIGS if c[0] in wanted):
+    rows = {}
+    for framework in FRAMEWORKS:
+      built = BUILDERS[framework](cfg, pattern, rank, quant, tx, tokens)
+      rows[framework] = measure(*built, tokens, args.steps)
+    qwix_time = rows["qwix NNX"][0]
+    for framework, (seconds, temp, arguments) in rows.items():
+      timed = f"{seconds:8.3f} {qwix_time / seconds:8.2f}x" if seconds else f"{'-':>8} {'-':>9}"
+      print(f"{name:20} {framework:12} {timed} {temp:9.1f} {arguments:9.1f}")
+  print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":
