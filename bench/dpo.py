@@ -4,7 +4,10 @@
 
 Same model (the embedded SmolLM2-135M-Instruct, fp32), LoRA (r=8, alpha=16, all-linear, as
 configs/dpo.py), pairs (the first --pairs of data/prefs_train.jsonl, every step), sigmoid loss,
-beta 0.1, reference = the base with adapters off on both sides (TRL: PEFT's disable_adapter).
+beta 0.1, reference = the base with adapters off on both sides (TRL: PEFT's disable_adapter),
+activation checkpointing on both sides (configs/dpo.py's remat_policy; TRL's default
+gradient_checkpointing=True). jlora's compiled step's temporaries (XLA's memory analysis) are
+recorded too.
 Each framework runs in its own process, one after the other; a step's time is the median of the
 timed steps, peak memory the process's peak RSS. jlora pads each side to config.data.max_length
 (112); TRL pads to the batch's longest sequence.
@@ -17,9 +20,11 @@ import argparse
 import time
 
 from bench import common
+from configs.dpo import get_config
 
-MAX_LENGTH = 112
-RANK = 8
+CONFIG = get_config()  # the default train.dpo run's sizes
+MAX_LENGTH = CONFIG.data.max_length
+RANK = CONFIG.lora.rank
 
 
 def pair_rows(n: int) -> list[dict]:
@@ -38,7 +43,7 @@ def worker_jlora(steps: int, warmup: int, n_pairs: int) -> dict:
   from train import dpo, pairs
   from train import step as step_lib
 
-  model, params, tokenizer = from_pretrained(common.MODEL)
+  model, params, tokenizer = from_pretrained(common.MODEL, remat_policy=CONFIG.model.remat_policy)
   cfg = jlora.LoraConfig(rank=RANK, alpha=2.0 * RANK, targets="all-linear")
   trainable, frozen = jlora.prepare_for_training(params, cfg, jax.random.key(0))
   del params
@@ -52,15 +57,18 @@ def worker_jlora(steps: int, warmup: int, n_pairs: int) -> dict:
     step_lib.make_train_step(model, tx, objective=dpo.make_objective(settings)),
     donate_argnums=(0, 1),
   )
+  compiled = step_fn.lower(trainable, opt_state, frozen, batch, 0, jax.random.key(0)).compile()
+  temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
   times, losses = [], []
   for i in range(warmup + steps):
     tick = time.perf_counter()
-    trainable, opt_state, metrics = step_fn(
+    trainable, opt_state, metrics = compiled(
       trainable, opt_state, frozen, batch, i, jax.random.key(0)
     )
     losses.append(float(metrics["loss"]))
     times.append(time.perf_counter() - tick)
-  return {"times": times[warmup:], "warmup_times": times[:warmup], "losses": losses}
+  result = {"times": times[warmup:], "warmup_times": times[:warmup], "losses": losses}
+  return {**result, "step_temp_mib": temp_mib}
 
 
 def worker_trl(steps: int, warmup: int, n_pairs: int) -> dict:
@@ -96,6 +104,7 @@ def worker_trl(steps: int, warmup: int, n_pairs: int) -> dict:
     report_to="none",
     use_cpu=True,
     bf16=False,  # TRL's configs default to bf16 autocast; both sides run fp32
+    gradient_checkpointing=True,  # TRL's default, stated: jlora's side uses configs/dpo.py's remat
     max_length=MAX_LENGTH,
     train_sampling_strategy="sequential",
     save_strategy="no",

@@ -2,9 +2,8 @@
 
 - sigmoid and ipo: TRL's own DPOTrainer (PEFT model, adapters disabled for the reference), run
   10 steps on the same tiny Llama, adapter init, pairs and hyper-parameters.
-- orpo and simpo (with label smoothing): the papers' formulas written out in torch on
-  the PEFT model, with torch's AdamW and HF's schedule, 10 steps. TRL's ORPOTrainer and
-  CPOTrainer tokenise pairs their own (older) way, and ORPOTrainer's NLL also scores the prompt.
+- orpo and simpo (with label smoothing and CPO's NLL term): TRL's ORPOTrainer and CPOTrainer
+  (trl.experimental), 10 steps on our tokens (their own tokenize_row splits pairs the older way).
 - the reference log-probs against transformers' base model (no adapters) and against the
   dequantized base for QLoRA; the compiled step's argument bytes against the SFT step's.
 """
@@ -42,9 +41,12 @@ SETTINGS = dict(beta=0.1, label_smoothing=0.0, gamma=0.5, nll_weight=0.0, precom
 CASES = {
   "sigmoid": ({}, "trl"),
   "ipo": ({}, "trl"),
-  "orpo": ({}, "torch"),
-  # with label smoothing: its formula is sigmoid's (one code path), checked here once
-  "simpo": ({"beta": 2.0, "gamma": 1.0, "label_smoothing": 0.2}, "torch"),
+  "orpo": ({}, "trl-experimental"),
+  # with label smoothing (sigmoid's code path, checked here once) and CPO's NLL (cpo_alpha)
+  "simpo": (
+    {"beta": 2.0, "gamma": 1.0, "label_smoothing": 0.2, "nll_weight": 0.5},
+    "trl-experimental",
+  ),
 }
 
 
@@ -95,17 +97,10 @@ def run_jlora(model_dir: Path, adapter_dir: Path, arrays: dict, settings: dict, 
 # --------------------------------------------------------------------------- references
 
 
-def run_trl(model_dir: Path, adapter_dir: Path, rows: list[dict], settings: dict, work: Path):
-  """TRL's DPOTrainer, sequential batches, the schedule and AdamW make_optimizer mirrors."""
-  import torch
-  import transformers
-  from datasets import Dataset
-  from peft import PeftModel, get_peft_model_state_dict
-  from trl import DPOConfig, DPOTrainer
-
-  base = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-  model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
-  args = DPOConfig(
+def trainer_args(work: Path) -> dict:
+  """HF Trainer arguments every TRL trainer here shares: sequential batches, the schedule and
+  AdamW make_optimizer mirrors, fp32 on the CPU."""
+  return dict(
     output_dir=str(work),
     per_device_train_batch_size=PAIRS_PER_STEP,
     max_steps=STEPS,
@@ -119,12 +114,43 @@ def run_trl(model_dir: Path, adapter_dir: Path, rows: list[dict], settings: dict
     report_to="none",
     use_cpu=True,
     bf16=False,  # TRL's configs default to bf16 autocast; both sides run fp32
-    max_length=None,
     train_sampling_strategy="sequential",
     save_strategy="no",
     disable_tqdm=True,
-    beta=settings["beta"],
-    loss_type=[settings["loss"]],
+  )
+
+
+def peft_model(model_dir: Path, adapter_dir: Path):
+  import torch
+  import transformers
+  from peft import PeftModel
+
+  base = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+  return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+
+
+def trl_results(trainer, model) -> dict:
+  from peft import get_peft_model_state_dict
+
+  logs = [h for h in trainer.state.log_history if "loss" in h]
+  return {
+    "loss": [h["loss"] for h in logs],
+    "grad_norm": [h["grad_norm"] for h in logs],
+    "reward_chosen": [h["rewards/chosen"] for h in logs],
+    "reward_rejected": [h["rewards/rejected"] for h in logs],
+    "adapter": {k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()},
+  }
+
+
+def run_trl(model_dir: Path, adapter_dir: Path, rows: list[dict], settings: dict, work: Path):
+  """TRL's DPOTrainer on the rows as given: it tokenises them itself."""
+  import transformers
+  from datasets import Dataset
+  from trl import DPOConfig, DPOTrainer
+
+  model = peft_model(model_dir, adapter_dir)
+  args = DPOConfig(
+    **trainer_args(work), max_length=None, beta=settings["beta"], loss_type=[settings["loss"]]
   )
   trainer = DPOTrainer(
     model=model,
@@ -134,94 +160,73 @@ def run_trl(model_dir: Path, adapter_dir: Path, rows: list[dict], settings: dict
   )
   tokens = [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in trainer.train_dataset]
   trainer.train()
-  logs = [h for h in trainer.state.log_history if "loss" in h]
-  state = get_peft_model_state_dict(model)
-  return {
-    "loss": [h["loss"] for h in logs],
-    "grad_norm": [h["grad_norm"] for h in logs],
-    "reward_chosen": [h["rewards/chosen"] for h in logs],
-    "reward_rejected": [h["rewards/rejected"] for h in logs],
-    "adapter": {k: v.detach().numpy() for k, v in state.items()},
-    "tokens": tokens,
-  }
+  return {**trl_results(trainer, model), "tokens": tokens}
 
 
-def torch_pair_loss(settings: dict, logps, lengths, ref_logps, chosen_nll):
-  """The papers' losses, written out independently of train/dpo.py. logps [p, 2] summed over
-  answer tokens; returns (loss, chosen rewards, rejected rewards)."""
-  import torch
-  import torch.nn.functional as F
-
-  kind, beta, eps = settings["loss"], settings["beta"], settings["label_smoothing"]
-  avg = logps / lengths
-  if kind == "sigmoid":  # DPO eq. 7; cDPO's smoothing
-    z = beta * ((logps[:, 0] - ref_logps[:, 0]) - (logps[:, 1] - ref_logps[:, 1]))
-    losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-    rewards = beta * (logps - ref_logps)
-  elif kind == "orpo":  # ORPO eq. 4-7: odds(y) = p / (1 - p), p the length-averaged likelihood
-    odds = lambda lp: lp - torch.log(1 - torch.exp(lp))
-    losses = -beta * F.logsigmoid(odds(avg[:, 0]) - odds(avg[:, 1]))
-    rewards = beta * avg
-  elif kind == "simpo":  # SimPO eq. 6
-    z = beta * (avg[:, 0] - avg[:, 1]) - settings["gamma"]
-    losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-    rewards = beta * avg
-  else:
-    raise ValueError(kind)
-  nll_weight = settings["nll_weight"] + (kind == "orpo")
-  return losses.mean() + nll_weight * chosen_nll, rewards[:, 0], rewards[:, 1]
+def tokenized_like_trl(arrays: dict, p: int) -> dict:
+  """Pair p of our arrays as TRL's ORPO / CPO tokenize_row returns a row: the prompt, and per
+  side the whole sequence with labels -100 on the prompt. (Their own tokenize_row splits prompt
+  and answer the older way and adds BOS / EOS tokens where missing; DPOTrainer's split, checked
+  above to equal ours, is TRL's current one.)"""
+  answers = arrays.get("answer_tokens", arrays["loss_mask"].sum(-1))
+  row = {}
+  for side, name in ((0, "chosen"), (1, "rejected")):
+    n = int((arrays["segment_ids"][p, side] > 0).sum())
+    ids = [*map(int, arrays["input_ids"][p, side, :n]), int(arrays["targets"][p, side, n - 1])]
+    prompt_len = len(ids) - int(answers[p, side])
+    row[f"{name}_input_ids"] = ids
+    row[f"{name}_attention_mask"] = [1] * len(ids)
+    row[f"{name}_labels"] = [-100] * prompt_len + ids[prompt_len:]
+    row["prompt_input_ids"] = ids[:prompt_len]
+    row["prompt_attention_mask"] = [1] * prompt_len
+  return row
 
 
-def run_torch(model_dir: Path, adapter_dir: Path, arrays: dict, settings: dict):
-  """The loss above on the PEFT model: clip, torch AdamW and HF's schedule, as HF's Trainer."""
-  import torch
+def run_trl_experimental(
+  model_dir: Path, adapter_dir: Path, arrays: dict, settings: dict, work: Path
+):
+  """On our tokens, TRL's ORPOTrainer, or its CPOTrainer with loss_type="simpo" and cpo_alpha =
+  our nll_weight."""
   import transformers
-  from peft import PeftModel, get_peft_model_state_dict
+  from datasets import Dataset
+  from trl.experimental.cpo import CPOConfig, CPOTrainer
+  from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-  base = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-  model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
-  model.train()
-  params = [p for p in model.parameters() if p.requires_grad]
-  opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-  sched = transformers.get_cosine_with_min_lr_schedule_with_warmup(opt, 1, STEPS, min_lr_rate=0.1)
-  out = {k: [] for k in ("loss", "grad_norm", "reward_chosen", "reward_rejected")}
-
-  def logps_of(m, ids, attention, scored):
-    logits = m(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-    token = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-    return (token * scored).sum(-1), token
-
-  for i in range(STEPS):
-    sl = slice(i * PAIRS_PER_STEP, (i + 1) * PAIRS_PER_STEP)
-    # Rebuild full sequences from the (input, target) arrays: tokens = input_ids + last target.
-    segments = arrays["segment_ids"][sl].reshape(-1, REF_LEN)
-    lengths_ = (segments > 0).sum(-1)
-    ids = np.zeros((len(segments), REF_LEN + 1), np.int64)
-    for r, n in enumerate(lengths_):
-      ids[r, :n] = arrays["input_ids"][sl].reshape(-1, REF_LEN)[r, :n]
-      ids[r, n] = arrays["targets"][sl].reshape(-1, REF_LEN)[r, n - 1]
-    attention = torch.tensor(np.arange(REF_LEN + 1)[None] <= lengths_[:, None], dtype=torch.long)
-    scored = torch.tensor(arrays["loss_mask"][sl].reshape(-1, REF_LEN), dtype=torch.float32)
-    ids = torch.tensor(ids)
-    logps, token = logps_of(model, ids, attention, scored)
-    with torch.no_grad(), model.disable_adapter():
-      ref, _ = logps_of(model, ids, attention, scored)
-    chosen_nll = -(token * scored)[0::2].sum() / scored[0::2].sum()
-    loss, rc, rr = torch_pair_loss(
-      settings, logps.view(-1, 2), scored.sum(-1).view(-1, 2), ref.view(-1, 2), chosen_nll
+  if settings["loss"] == "orpo":
+    assert settings["nll_weight"] == 0 and settings["label_smoothing"] == 0  # no such options
+    trainer_cls, args = ORPOTrainer, ORPOConfig(**trainer_args(work), beta=settings["beta"])
+  else:
+    trainer_cls, args = (
+      CPOTrainer,
+      CPOConfig(
+        **trainer_args(work),
+        loss_type="simpo",
+        beta=settings["beta"],
+        simpo_gamma=settings["gamma"],
+        label_smoothing=settings["label_smoothing"],
+        cpo_alpha=settings["nll_weight"],
+      ),
     )
-    loss.backward()
-    out["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    out["loss"].append(float(loss))
-    out["reward_chosen"].append(float(rc.mean()))
-    out["reward_rejected"].append(float(rr.mean()))
-  out["adapter"] = {
-    k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()
-  }
-  return out
+  args.remove_unused_columns = False
+
+  class OnOurTokens(trainer_cls):
+    def tokenize_row(self, feature, model=None):
+      return tokenized_like_trl(arrays, feature["index"])
+
+  model = peft_model(model_dir, adapter_dir)
+  n = len(arrays["input_ids"])
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+  tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # pads are masked anyway
+  trainer = OnOurTokens(
+    model=model,
+    args=args,
+    train_dataset=Dataset.from_list(
+      [{"prompt": "p", "chosen": "c", "rejected": "r", "index": i} for i in range(n)]
+    ),
+    processing_class=tokenizer,
+  )
+  trainer.train()
+  return trl_results(trainer, model)
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -239,7 +244,7 @@ def runs(request, tmp_path_factory):
   )
   model, base, tokenizer = from_pretrained(model_dir)
   params = jlora.apply(base, LORA, jax.random.key(1))
-  if reference == "torch":
+  if reference != "trl":
     # Nonzero B: the policy starts away from the base. (TRL's DPOTrainer would take a nonzero
     # starting adapter as the reference itself: it copies it as the "ref" adapter.)
     params = jax.tree.map(
@@ -254,11 +259,13 @@ def runs(request, tmp_path_factory):
   arrays, stats = pairs.tokenize_pairs(rows, tokenizer, max_length=REF_LEN)
   assert stats["pairs"] == len(rows) and stats["truncated"] == 0
   settings = settings_for(name)
+  if name == "orpo":
+    arrays = dpo.with_prompt_scored(arrays)
   mine = run_jlora(model_dir, root / "init", arrays, settings, root / "jlora")
   if reference == "trl":
     theirs = run_trl(model_dir, root / "init", rows, settings, root / "trl")
   else:
-    theirs = run_torch(model_dir, root / "init", arrays, settings)
+    theirs = run_trl_experimental(model_dir, root / "init", arrays, settings, root / "trl")
   return name, mine, theirs, arrays
 
 

@@ -56,7 +56,14 @@ def _env(**extra) -> dict:
 
 
 def _sft_args(files, out: Path, **overrides) -> list[str]:
-  return tiny.cli_args(files["model"], files["train"], files["eval"], out, **{**FAST, **overrides})
+  """The tiny run's flags; for files["module"] == "train.dpo", train.dpo's with its config."""
+  config = "dpo.py" if files.get("module") == "train.dpo" else "llama.py"
+  flat = {**FAST, **overrides}
+  return tiny.cli_args(files["model"], files["train"], files["eval"], out, config, **flat)
+
+
+def _module(files) -> str:
+  return files.get("module", "train.sft")
 
 
 def _launch(files, out: Path, processes=2, devices=4, timeout=900, **overrides):
@@ -67,6 +74,7 @@ def _launch(files, out: Path, processes=2, devices=4, timeout=900, **overrides):
     f"--processes={processes}",
     f"--devices-per-process={devices}",
     f"--timeout={timeout - 20}",
+    f"--module={_module(files)}",
     "--",
     *_sft_args(files, out, **overrides),
   ]
@@ -78,7 +86,7 @@ def _launch(files, out: Path, processes=2, devices=4, timeout=900, **overrides):
 def _one_process(files, out: Path, devices: int, **overrides):
   env = _env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   return subprocess.run(
-    [sys.executable, "-m", "train.sft", *_sft_args(files, out, **overrides)],
+    [sys.executable, "-m", _module(files), *_sft_args(files, out, **overrides)],
     env=env,
     cwd=tiny.REPO,
     capture_output=True,
@@ -264,15 +272,42 @@ def test_two_processes_equal_one_process(files, two):
   _assert_same_adapter(two[0], single, atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def pair_files(files):
+  """train.dpo's inputs: 16 training and 8 eval preference pairs, the same tiny model."""
+  from tests.test_dpo import preference_rows
+
+  rows = preference_rows(24)
+  root = files["root"]
+  (root / "pairs-train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
+  (root / "pairs-eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[16:]))
+  paths = {"train": root / "pairs-train.jsonl", "eval": root / "pairs-eval.jsonl"}
+  return {**files, **paths, "module": "train.dpo"}
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_nf4(files):
+def test_two_processes_equal_one_process_with_nf4_and_dpo(pair_files):
+  """One pair of runs covers two things: a QLoRA (nf4) base sharded over two processes, with the
+  merged export gathered from both, and train.dpo's pairs, reference log-probs (precomputed and
+  saved by process 0) and preference metrics on several processes."""
   quant = {"quant.kind": "nf4", "quant.block_size": 16, "steps": 2, "save_every": 2}
-  quant["export_merged"] = True
-  two = files["root"] / "two-nf4"
-  _ok(_launch(files, two, **quant))
-  one = files["root"] / "one-8-nf4"
-  _ok(_one_process(files, one, devices=8, **quant))
+  quant.update({"export_merged": True, "dpo.precompute_ref": True})
+  two = pair_files["root"] / "two-nf4"
+  _ok(_launch(pair_files, two, **quant))
+  one = pair_files["root"] / "one-8-nf4"
+  _ok(_one_process(pair_files, one, devices=8, **quant))
   _assert_same_adapter(two, one, atol=1e-5)
+  for name in ("metrics.jsonl", "reference_logps.safetensors"):
+    assert (two / name).exists() and (one / name).exists(), name
+  np.testing.assert_allclose(
+    load_file(two / "reference_logps.safetensors")["ref_logps"],
+    load_file(one / "reference_logps.safetensors")["ref_logps"],
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  summaries = [json.loads((d / "summary.json").read_text()) for d in (two, one)]
+  for key in ("reward_accuracy", "reward_margin", "logps_chosen"):
+    assert np.isclose(summaries[0]["after"][key], summaries[1]["after"][key], atol=1e-4), key
   # The merged export is gathered from both processes: complete, and equal to one process's.
   got = load_file(two / "merged" / "model.safetensors")
   want = load_file(one / "merged" / "model.safetensors")

@@ -166,10 +166,13 @@ def sft_config(model_dir, train_file, eval_file, output_dir, **overrides):
   return config
 
 
-def cli_args(model_dir, train_file, eval_file, output_dir, **overrides) -> list[str]:
-  """The same tiny config as command-line flags for `python -m train.sft`."""
+def cli_args(
+  model_dir, train_file, eval_file, output_dir, config="llama.py", **overrides
+) -> list[str]:
+  """The same tiny config as command-line flags for `python -m train.sft` (or, with
+  config="dpo.py", `python -m train.dpo`)."""
   flat = {**TINY, **_paths(model_dir, train_file, eval_file, output_dir), **overrides}
-  return ["--config", str(REPO / "configs" / "llama.py")] + [
+  return ["--config", str(REPO / "configs" / config)] + [
     f"--config.{k}={v}" for k, v in flat.items()
   ]
 

@@ -20,7 +20,8 @@ is that divided by the answer's length, ref_ the reference's, d the chosen - rej
   ipo      IPO (Azar et al. 2023, eq. 17), TRL DPOTrainer 'ipo' (length-normalised, as TRL):
            (d(avg logps - avg ref_logps) - 1/(2 beta))^2
   orpo     ORPO (Hong et al. 2024), TRL ORPOTrainer: NLL(chosen) - beta log s(log odds(avg logps)),
-           no reference model
+           no reference model; the NLL scores the whole chosen sequence, prompt included (as TRL
+           and the paper's code by default; see with_prompt_scored)
   simpo    SimPO (Meng et al. 2024), TRL CPOTrainer loss_type='simpo' with cpo_alpha=0:
            -(1-e) log s(beta (d(avg logps) - gamma/beta)) - e log s(-...), no reference model
 nll_weight adds that times the chosen answers' token-mean NLL to any loss (TRL's rpo_alpha /
@@ -111,11 +112,30 @@ def as_sequences(batch: dict) -> dict:
   return {k: batch[k].reshape(-1, *batch[k].shape[2:]) for k in SEQUENCE_KEYS}
 
 
+def answer_mask(batch):
+  """[p, 2, budget]: which label positions are answer tokens. All of them, unless the chosen
+  side's prompt is scored too (see with_prompt_scored): then the last `answer_tokens` ones."""
+  if "answer_tokens" not in batch:
+    return batch["label_mask"]
+  index = jnp.arange(batch["label_mask"].shape[-1])
+  first = batch["label_mask"].sum(-1, keepdims=True) - batch["answer_tokens"][..., None]
+  return (index >= first).astype(batch["label_mask"].dtype) * batch["label_mask"]
+
+
 def sequence_logps(apply_fn, model_cls, params, batch, rngs=None):
-  """(summed answer log-probs [p, 2], per-token log-probs [p, 2, budget])."""
+  """(summed answer log-probs [p, 2], per-token log-probs at every label position [p, 2, budget])."""
   tokens = step_lib.token_logps(apply_fn, model_cls, params, as_sequences(batch), rngs)
   tokens = tokens.reshape(*batch["label_mask"].shape)
-  return tokens.sum(-1), tokens
+  return (tokens * answer_mask(batch)).sum(-1), tokens
+
+
+def with_prompt_scored(arrays: dict) -> dict:
+  """ORPO's NLL term scores the whole chosen sequence, prompt included (TRL's ORPOTrainer and the
+  paper's code by default): the chosen side's loss_mask covers every real position, and
+  `answer_tokens` [pairs, 2] keeps the answers' lengths for the odds ratio."""
+  loss_mask = arrays["loss_mask"].copy()
+  loss_mask[:, 0] = arrays["segment_ids"][:, 0] > 0
+  return {**arrays, "loss_mask": loss_mask, "answer_tokens": arrays["loss_mask"].sum(-1)}
 
 
 def pair_weight(batch):
@@ -140,7 +160,7 @@ def make_objective(settings: dict) -> step_lib.Objective:
   def micro(apply_fn, model_cls, trainable, frozen, batch, totals, rngs):
     params = jlora.combine(trainable, frozen)
     logps, tokens = sequence_logps(apply_fn, model_cls, params, batch, rngs)
-    lengths = batch["label_mask"].sum(-1).astype(jnp.float32)
+    lengths = answer_mask(batch).sum(-1).astype(jnp.float32)
     if kind in REFERENCE_FREE:
       ref = jnp.zeros_like(logps)
     elif "ref_logps" in batch:
@@ -227,7 +247,7 @@ def tokenize(spec, tokenizer, config, field, split_name):
       f"{stats['skipped_identical']} identical, {stats['skipped_prompt_too_long']} with a prompt "
       f"longer than max_length={config.data.max_length} (raise config.data.max_length)."
     )
-  return rows, arrays, stats
+  return rows, with_prompt_scored(arrays) if config.dpo.loss == "orpo" else arrays, stats
 
 
 def load_train_data(config, tokenizer):
