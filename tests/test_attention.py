@@ -1,4 +1,5 @@
-"""Blockwise attention against the naive reference (fp32): outputs and gradients w.r.t. q, k, v."""
+"""Blockwise attention against the naive reference (fp32): outputs and gradients w.r.t. q, k, v
+(and the sinks, where a case has them)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _segments(*rows):
   return jnp.asarray([sum(([seg] * n for seg, n in row), []) for row in rows], jnp.int32)
 
 
-# name -> (heads, kv heads, segment rows, window, softcap, block_q, block_k)
+# name -> (heads, kv heads, segment rows, window, softcap, block_q, block_k[, sinks])
 CASES = {
   # Several packed segments, trailing padding, a length (37) no block size divides; GQA 3:1.
   "packed_gqa3_plain": (6, 2, [[(1, 10), (2, 15), (3, 9), (0, 3)], [(1, 37)]], None, None, 8, 16),
@@ -40,27 +41,37 @@ CASES = {
   "unsorted_segments": (6, 3, [[(1, 8), (2, 8), (1, 8), (3, 8), (0, 5)]] * 2, None, 3.0, 8, 8),
   # A row that is padding only: zero output, zero (not NaN) gradients.
   "all_padding_row": (6, 2, [[(0, 37)], [(2, 30), (0, 7)]], 9, None, 8, 16),
+  # gpt-oss's attention sinks (one logit per head in the softmax denominator), packed, windowed,
+  # with a padding row; one sink large enough to take most of its rows' mass.
+  "sinks": (6, 2, [[(1, 20), (2, 17)], [(0, 37)]], 7, None, 8, 16, [0.5, -1.0, 3.0, 0.0, 1.2, -2]),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_blockwise_matches_naive_forward_and_gradients(case):
-  heads, kv_heads, rows, window, softcap, block_q, block_k = CASES[case]
+  heads, kv_heads, rows, window, softcap, block_q, block_k, *sinks = CASES[case]
   segments = _segments(*rows)
   s = segments.shape[1]
   q, k, v, cotangent = _inputs(len(case), 2, s, s, heads, kv_heads)
+  sinks = jnp.asarray(sinks[0], jnp.float32) if sinks else None
   opts = dict(sliding_window=window, softcap=softcap)
 
   def loss(fn):
-    return lambda q, k, v: jnp.sum(fn(q, k, v, segments, segments, **opts) * cotangent)
+    def value(q, k, v, sinks):
+      return jnp.sum(fn(q, k, v, segments, segments, sinks=sinks, **opts) * cotangent)
+
+    return value
 
   block = lambda *a, **kw: blockwise_attention(*a, block_q=block_q, block_k=block_k, **kw)
-  want_out = naive_attention(q, k, v, segments, segments, **opts)
-  got_out = jax.jit(lambda q, k, v: block(q, k, v, segments, segments, **opts))(q, k, v)
+  want_out = naive_attention(q, k, v, segments, segments, sinks=sinks, **opts)
+  got_out = jax.jit(lambda *a: block(*a[:3], segments, segments, sinks=a[3], **opts))(
+    q, k, v, sinks
+  )
   np.testing.assert_allclose(got_out, want_out, **TOL)
-  want = jax.grad(loss(naive_attention), argnums=(0, 1, 2))(q, k, v)
-  got = jax.jit(jax.grad(loss(block), argnums=(0, 1, 2)))(q, k, v)
-  for name, g, w in zip("qkv", got, want):
+  args = (0, 1, 2, 3) if sinks is not None else (0, 1, 2)
+  want = jax.grad(loss(naive_attention), argnums=args)(q, k, v, sinks)
+  got = jax.jit(jax.grad(loss(block), argnums=args))(q, k, v, sinks)
+  for name, g, w in zip(["q", "k", "v", "sinks"], got, want):
     assert np.isfinite(np.asarray(g)).all(), name
     np.testing.assert_allclose(g, w, **TOL, err_msg=f"d{name}")
   padding = np.asarray(segments == 0)
@@ -78,8 +89,9 @@ def test_kv_cache_decode_matches_naive(new_tokens):
   kv_segments = jnp.asarray(kv_segments)
   q_segments = kv_segments[:, index : index + new_tokens]
   q, k, v, cotangent = _inputs(7, 2, new_tokens, cache_len, 6, 2)
-  for window in (None, 6):
-    opts = dict(sliding_window=window)
+  sinks = jnp.asarray([0.3, -1.0, 2.0, 0.1, 0.0, 1.0], jnp.float32)
+  for window, sink in ((None, None), (6, None), (6, sinks)):
+    opts = dict(sliding_window=window, sinks=sink)
 
     def run(fn, offset):
       out = lambda q, k, v: fn(q, k, v, q_segments, kv_segments, q_offset=offset, **opts)

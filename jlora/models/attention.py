@@ -11,8 +11,10 @@ slot `q_offset + i` may attend to key slot `j` when
 `sliding_window` may be a traced int32 scalar (per-layer windows under `nn.scan`); naive and blockwise
 take it as data, the cuDNN / splash paths need a Python int. `softcap=c` applies `c * tanh(scores / c)`
 to the scaled scores (Gemma 2). `scale` defaults to
-`1 / sqrt(d)`. The result is `[b, s, heads, d]` in the dtype of `v`; a query row that may attend to
-nothing (padding) gets zeros.
+`1 / sqrt(d)`. `sinks` [heads] (gpt-oss) is a learned logit per head that joins each row's softmax
+denominator and attends to nothing: probabilities are `exp(score) / (sum exp(scores) + exp(sink))`.
+The result is `[b, s, heads, d]` in the dtype of `v`; a query row that may attend to nothing
+(padding) gets zeros.
 
 Implementations (`implementation=`):
 
@@ -26,7 +28,7 @@ Implementations (`implementation=`):
   s == t. Calls outside those limits go to blockwise.
 * `"splash"`: TPU splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`), which takes
   segment ids and soft-capping; training/prefill shapes only (q_offset 0, s == t, lengths that are
-  multiples of 128), otherwise blockwise.
+  multiples of 128), no sinks, otherwise blockwise.
 * `"auto"` (the default): the fastest implementation that supports the call on the current backend:
   cudnn on GPU, splash on TPU, blockwise elsewhere (or when the fast one can't serve the call).
 
@@ -63,6 +65,7 @@ def naive_attention(
   sliding_window: int | None = None,
   softcap: float | None = None,
   scale: float | None = None,
+  sinks: Array | None = None,
 ) -> Array:
   """The reference: fp32 scores and a full `[b, kv_heads, groups, s, t]` mask."""
   b, s, n_heads, d = q.shape
@@ -78,7 +81,14 @@ def naive_attention(
   # A finite fill keeps fully masked rows (padding queries) free of NaNs; zeroing their
   # probabilities makes their output 0 rather than the mean of V.
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype)
+  if sinks is None:
+    probs = jax.nn.softmax(scores, axis=-1)
+  else:  # one more column per row, the head's sink, dropped after the softmax
+    sink = jnp.broadcast_to(
+      sinks.astype(jnp.float32).reshape(1, n_kv, n_heads // n_kv, 1, 1), (*scores.shape[:-1], 1)
+    )
+    probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+  probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
   out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
   return out.reshape(b, s, n_heads, d)
 
@@ -181,15 +191,18 @@ def _splash_attention(q, k, v, q_segments, kv_segments, *, sliding_window, softc
 # --------------------------------------------------------------------------- dispatch
 
 
-def resolve(implementation: str, q, k, v, *, q_offset=0, sliding_window=None, softcap=None) -> str:
-  """The implementation that will serve this call: `auto` and ineligible fast paths resolved."""
+def resolve(
+  implementation: str, q, k, v, *, q_offset=0, sliding_window=None, softcap=None, sinks=None
+) -> str:
+  """The implementation that will serve this call: `auto` and ineligible fast paths resolved.
+  Only naive and blockwise take sinks."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
       f"config.model.attention: {implementation!r} is not valid; expected one of "
       f"{', '.join(IMPLEMENTATIONS)}."
     )
-  if implementation in ("naive", "blockwise"):
-    return implementation
+  if implementation in ("naive", "blockwise") or sinks is not None:
+    return implementation if implementation == "naive" else "blockwise"
   cudnn_ok = _cudnn_eligible(q, k, v, q_offset, sliding_window, softcap)
   splash_ok = _splash_eligible(q, k, q_offset, sliding_window)
   if implementation == "auto":
@@ -209,6 +222,7 @@ def attention(
   sliding_window: int | None = None,
   softcap: float | None = None,
   scale: float | None = None,
+  sinks: Array | None = None,
   implementation: str = "auto",
   block_q: int = DEFAULT_BLOCK_Q,
   block_k: int = DEFAULT_BLOCK_K,
@@ -218,11 +232,20 @@ def attention(
   `block_q` / `block_k` are the blockwise implementation's block lengths.
   """
   chosen = resolve(
-    implementation, q, k, v, q_offset=q_offset, sliding_window=sliding_window, softcap=softcap
+    implementation,
+    q,
+    k,
+    v,
+    q_offset=q_offset,
+    sliding_window=sliding_window,
+    softcap=softcap,
+    sinks=sinks,
   )
   common = dict(sliding_window=sliding_window, softcap=softcap, scale=scale)
   if chosen == "naive":
-    return naive_attention(q, k, v, q_segments, kv_segments, q_offset=q_offset, **common)
+    return naive_attention(
+      q, k, v, q_segments, kv_segments, q_offset=q_offset, sinks=sinks, **common
+    )
 
   def blockwise(q, k, v):
     return blockwise_attention(
@@ -234,6 +257,7 @@ def attention(
       q_offset=q_offset,
       block_q=block_q,
       block_k=block_k,
+      sinks=sinks,
       **common,
     )
 

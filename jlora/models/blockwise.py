@@ -14,6 +14,10 @@ arguments, same masking rule) without ever holding a `[seq, seq]` array:
   segment ids), so skipped blocks cost nothing, not a masked matmul.
 * A custom VJP saves only the output and the per-row logsumexp, and the backward recomputes the
   block probabilities (FlashAttention-2's backward), so the residuals are O(seq) per layer.
+* Attention sinks (gpt-oss: a per-head logit in every row's softmax denominator) rescale each row
+  after the loop: with L the row's logsumexp over its keys, the output times `sigmoid(L - sink)`.
+  The loop returns L as a differentiable output (its cotangent adds `dL * p` to the scores'), so
+  JAX differentiates the rescaling, the sinks included.
 * GQA without repeating K and V: internally the queries are `[b, kv heads, seq * groups, d]`, the
   query heads that share a KV head stacked position-major as rows, so every block product is one
   plain matmul per (batch, KV head) whose contracting axis is already contiguous. (Grouping as
@@ -85,6 +89,7 @@ def blockwise_attention(
   scale: float | None = None,
   block_q: int = DEFAULT_BLOCK_Q,
   block_k: int = DEFAULT_BLOCK_K,
+  sinks: Array | None = None,
 ) -> Array:
   """q [b, s, heads, d], k/v [b, t, kv_heads, d] -> [b, s, heads, d] in v's dtype.
 
@@ -113,10 +118,15 @@ def blockwise_attention(
   offset = jnp.asarray(q_offset, jnp.int32)
   # The window is data, not a trace-time constant, so a scanned model may vary it per layer.
   window = jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32)
-  out = _flash(static, q, k, v, q_segments, kv_segments, offset, window)
+  out, lse = _flash(static, q, k, v, q_segments, kv_segments, offset, window)
   out = out.reshape(b, n_kv, nq * bq, groups, d).transpose(0, 2, 1, 3, 4)
-  out = out.reshape(b, nq * bq, n_heads, d)
-  return out[:, :s]
+  out = out.reshape(b, nq * bq, n_heads, d)[:, :s]
+  if sinks is None:
+    return out
+  lse = lse.reshape(b, n_kv, nq * bq, groups).transpose(0, 2, 1, 3).reshape(b, nq * bq, n_heads)
+  # exp(L) / (exp(L) + exp(sink)); empty rows (L = +inf) keep their zeros
+  keep = jax.nn.sigmoid(lse[:, :s] - sinks.astype(jnp.float32))
+  return (out.astype(jnp.float32) * keep[..., None]).astype(out.dtype)
 
 
 # --------------------------------------------------------------------------- the block plan
@@ -243,15 +253,19 @@ def _forward(static: _Static, q, k, v, q_segments, kv_segments, q_offset, window
 # --------------------------------------------------------------------------- backward
 
 
-def _backward(static: _Static, residuals, d_out):
-  """FlashAttention-2's backward: per key block, loop over the query blocks that need it."""
+def _backward(static: _Static, residuals, cotangents):
+  """FlashAttention-2's backward: per key block, loop over the query blocks that need it.
+
+  The logsumexp's cotangent d_lse joins as d scores = p * (dp - delta + d_lse)."""
   q, k, v, q_segments, kv_segments, q_offset, window, out, lse = residuals
+  d_out, d_lse = cotangents
   bq, bk = static.block_q, static.block_k
   rows = bq * static.groups
   nk = k.shape[2] // bk
   needed = block_plan(static, q_segments, kv_segments, q_offset, window)
   d_out = d_out.astype(v.dtype)
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  # d_lse is zero unless sinks use the logsumexp; empty rows (lse = inf) have p = 0 anyway
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
 
   def block_grads(i, j, kj, vj):
     """(dq_i, dk_j, dv_j) contributions of one block pair, fp32."""
@@ -299,7 +313,7 @@ def _backward(static: _Static, residuals, d_out):
 
 
 def _flash_primal(static, q, k, v, q_segments, kv_segments, q_offset, window):
-  return _forward(static, q, k, v, q_segments, kv_segments, q_offset, window)[0]
+  return _forward(static, q, k, v, q_segments, kv_segments, q_offset, window)
 
 
 def _flash_fwd(static, q, k, v, q_segments, kv_segments, q_offset, window):
@@ -308,7 +322,7 @@ def _flash_fwd(static, q, k, v, q_segments, kv_segments, q_offset, window):
   # without them the backward would have to rerun the whole forward loop.
   out = checkpoint_name(out, "attention_out")
   lse = checkpoint_name(lse, "attention_lse")
-  return out, (q, k, v, q_segments, kv_segments, q_offset, window, out, lse)
+  return (out, lse), (q, k, v, q_segments, kv_segments, q_offset, window, out, lse)
 
 
 _flash = jax.custom_vjp(_flash_primal, nondiff_argnums=(0,))
