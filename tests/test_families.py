@@ -81,8 +81,22 @@ CASES = {
     "mixtral",
     dict(num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=3, sliding_window=7),
   ),
+  # sinks, biases, a sliding then a full layer, YaRN (transformers' default rope_parameters), a
+  # clamp that bites (gate_up's outputs have std ~0.8)
+  "gpt_oss": (
+    "gpt_oss",
+    dict(
+      num_local_experts=4,
+      num_experts_per_tok=2,
+      num_key_value_heads=2,
+      head_dim=16,
+      sliding_window=5,
+      swiglu_alpha=1.3,
+      swiglu_limit=1.5,
+    ),
+  ),
 }
-MOE_CASES = ("qwen3_moe", "mixtral")
+MOE_CASES = ("qwen3_moe", "mixtral", "gpt_oss")
 PEFT_TARGETS = {
   "qwen3": ["q_proj", "v_proj", "down_proj"],
   "phi3": ["qkv_proj", "gate_up_proj"],
@@ -90,11 +104,13 @@ PEFT_TARGETS = {
   "gemma3": ["k_proj", "gate_proj"],
   "qwen3_moe": ["q_proj", "o_proj"],
   "mixtral": ["v_proj"],
+  "gpt_oss": ["k_proj", "o_proj"],
 }
 # PEFT's target_parameters (the fused 3-D expert weights), per case
 PEFT_PARAMETERS = {
   "qwen3_moe": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
   "mixtral": ["mlp.experts.down_proj"],
+  "gpt_oss": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
 }
 
 
@@ -273,7 +289,13 @@ def test_merged_moe_export_loads_in_transformers_and_jlora(family, tmp_path):
   cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets="all-linear")
   layout = jlora.trace_layout(model, jnp.asarray(ids))
   adapted = _randomize_b(jlora.apply(params, cfg, jax.random.key(0), layout=layout))
-  assert jlora.is_lora(adapted["model"]["layers"]["mlp"]["experts"]["gate_up_proj"]["kernel"])
+  adapted_paths = {
+    jlora.config.path_str(p)
+    for p, x in jax.tree_util.tree_flatten_with_path(adapted, is_leaf=jlora.is_lora)[0]
+    if jlora.is_lora(x)
+  }
+  assert any(p.endswith("mlp/experts/gate_up_proj/kernel") for p in adapted_paths)
+  assert not any("/router/" in p or "/gate/" in p for p in adapted_paths)
   jlora.export_merged(tmp_path, adapted, model.config, from_pretrained(directory)[2])
   merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
   ours = _jlora_logits(model, adapted, ids)

@@ -60,12 +60,12 @@ class HfTensor:
   read: Callable[[], np.ndarray]  # the merged value, HF layout, the params' dtype
 
 
-def _read_merged(leaf, layer: int | None, leaf_name: str, label: str) -> np.ndarray:
+def _read_merged(leaf, layer: int | None, transpose: bool, label: str) -> np.ndarray:
   if layer is not None:  # one layer of the stack; nodes stay valid per layer (see jlora.lora)
     leaf = jax.tree.map(lambda x: x[layer], leaf)
   value = leaf.merged() if is_adapter(leaf) else dequantized(leaf)
   value = host_array(value, label)
-  return to_torch(value) if leaf_name == KERNEL else value
+  return to_torch(value) if transpose else value
 
 
 def hf_tensors(params, model_config) -> list[HfTensor]:
@@ -84,7 +84,7 @@ def hf_tensors(params, model_config) -> list[HfTensor]:
     hf_shape = torch_shape(shape) if transpose else shape
     for i, name in enumerate(names):
       layer = i if stacked else None
-      read = functools.partial(_read_merged, leaf, layer, leaf_name, full)
+      read = functools.partial(_read_merged, leaf, layer, transpose, full)
       out.append(HfTensor(name, leaf_name, hf_shape, layer, read))
   return out
 

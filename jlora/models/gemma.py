@@ -122,23 +122,10 @@ class GemmaConfig:
 
   @property
   def plan(self) -> tuple[tuple[str, ...], int, tuple[str, ...]]:
-    """(pattern, repeats, tail): layer_types == pattern * repeats + tail, shortest pattern."""
-    types = self.layer_types
-    for period in range(1, len(types) + 1):
-      if all(types[i] == types[i % period] for i in range(len(types))):
-        repeats = len(types) // period
-        return types[:period], repeats, types[period * repeats :]
-    raise AssertionError("unreachable: the whole list is a period of itself")
+    return layer_plan(self.layer_types)
 
   def layer_stacks(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    pattern, repeats, tail = self.plan
-    period = len(pattern)
-    stacks = [
-      (f"model/layers/layers_{j}", tuple(g * period + j for g in range(repeats)))
-      for j in range(period)
-    ]
-    stacks += [(f"model/tail/layers_{j}", (repeats * period + j,)) for j in range(len(tail))]
-    return tuple(stacks)
+    return grouped_layer_stacks(self.plan)
 
   @classmethod
   def from_hf(cls, hf_config: Any, **overrides) -> GemmaConfig:
@@ -218,6 +205,28 @@ class GemmaConfig:
     }
 
 
+def layer_plan(types: tuple[str, ...]) -> tuple[tuple[str, ...], int, tuple[str, ...]]:
+  """(pattern, repeats, tail): types == pattern * repeats + tail, shortest pattern."""
+  for period in range(1, len(types) + 1):
+    if all(types[i] == types[i % period] for i in range(len(types))):
+      repeats = len(types) // period
+      return types[:period], repeats, types[period * repeats :]
+  raise AssertionError("unreachable: the whole list is a period of itself")
+
+
+def grouped_layer_stacks(plan) -> tuple[tuple[str, tuple[int, ...]], ...]:
+  """The stacks of a model scanned over groups (`GemmaModel`): each position of the pattern is a
+  stack `model/layers/layers_{j}` holding HF layers j, j + period, ...; the tail's under model/tail."""
+  pattern, repeats, tail = plan
+  period = len(pattern)
+  stacks = [
+    (f"model/layers/layers_{j}", tuple(g * period + j for g in range(repeats)))
+    for j in range(period)
+  ]
+  stacks += [(f"model/tail/layers_{j}", (repeats * period + j,)) for j in range(len(tail))]
+  return tuple(stacks)
+
+
 class GemmaDecoderLayer(nn.Module):
   """One block: norm -> attention -> norm, residual; norm -> MLP -> norm, residual."""
 
@@ -255,9 +264,10 @@ class GemmaLayerGroup(nn.Module):
 
   config: GemmaConfig
   layer_types: tuple[str, ...]
+  decoder_layer = GemmaDecoderLayer  # a class attribute: gpt-oss swaps in its own layer
 
   def setup(self):
-    layer = remat(GemmaDecoderLayer, self.config)
+    layer = remat(self.decoder_layer, self.config)
     self.layers = [layer(self.config, local=t == LOCAL) for t in self.layer_types]
 
   def __call__(self, h, rope, q_segments, kv_segments, q_offset, group_cache):
@@ -273,26 +283,35 @@ class GemmaLayerGroup(nn.Module):
 
 
 class GemmaModel(nn.Module):
+  """The trunk scanned over groups of local and global layers (see the module docstring).
+
+  Class attributes let another family with per-layer windows (gpt-oss) reuse it: its layer group,
+  its final norm's offset, and the methods `embeddings` and `rope`."""
+
   config: GemmaConfig
+  layer_group = GemmaLayerGroup
+  norm_offset = 1.0
 
   def setup(self):
     c = self.config
     pattern, repeats, tail = c.plan
     self.embed_tokens = embed(c)
     # rope, segments and offset are shared by every group; the cache is per group.
-    self.layers = scan_layers(GemmaLayerGroup, repeats, 4)(c, pattern)
+    self.layers = scan_layers(self.layer_group, repeats, 4)(c, pattern)
     if tail:
-      self.tail = scan_layers(GemmaLayerGroup, 1, 4)(c, tail)
-    self.norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, offset=1.0)
+      self.tail = scan_layers(self.layer_group, 1, 4)(c, tail)
+    self.norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, offset=self.norm_offset)
 
-  def __call__(self, input_ids, positions, segment_ids, cache):
+  def embeddings(self, input_ids):
     c = self.config
     # HF multiplies by sqrt(d) rounded to the weights' dtype.
     normalizer = jnp.asarray(math.sqrt(c.hidden_size), c.param_dtype).astype(c.dtype)
-    h = nn.with_logical_constraint(
-      self.embed_tokens(input_ids) * normalizer, ("batch", "seq", "embed")
-    )
-    rope = {
+    return self.embed_tokens(input_ids) * normalizer
+
+  def rope(self, positions) -> dict:
+    """{"local": (cos, sin), "global": (cos, sin)}."""
+    c = self.config
+    return {
       "global": rope_cos_sin(
         positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), c.dtype
       ),
@@ -300,6 +319,11 @@ class GemmaModel(nn.Module):
         positions, rope_inv_freq(c.head_dim, c.rope_local_theta, None), c.dtype
       ),
     }
+
+  def __call__(self, input_ids, positions, segment_ids, cache):
+    c = self.config
+    h = nn.with_logical_constraint(self.embeddings(input_ids), ("batch", "seq", "embed"))
+    rope = self.rope(positions)
     q_offset, kv_segments = cache_inputs(cache, segment_ids)
     args = (rope, segment_ids, kv_segments, q_offset)
     h, layers_cache = self.layers(h, *args, None if cache is None else cache["layers"])

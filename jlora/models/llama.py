@@ -93,7 +93,7 @@ REMAT_POLICIES = (
 # remat_policy="auto" rematerialises microbatches of at least this many tokens (rows x sequence)
 # with "dots_and_attention_saveable"; shorter ones keep everything ("none"), which is faster.
 LONG_ROW_TOKENS = 4096
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,7 +315,42 @@ def rope_inv_freq(dim: int, theta: float, rope_scaling: Mapping[str, Any] | None
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return jnp.where(is_medium, smoothed, scaled)
+  if rope_type == "yarn":
+    return yarn_inv_freq(inv_freq, dim, theta, scaling)
   return inv_freq
+
+
+def yarn_inv_freq(inv_freq: Array, dim: int, theta: float, scaling: Mapping[str, Any]) -> Array:
+  """YaRN (arXiv 2309.00071) as transformers computes it: frequencies that turn fewer than
+  `beta_slow` times over the original context are divided by `factor`, those that turn more than
+  `beta_fast` times are kept, and a linear ramp over the dims blends the two in between."""
+  factor = scaling["factor"]
+  old_len = scaling["original_max_position_embeddings"]
+  fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+  def dim_of(rotations):  # the dim whose frequency turns `rotations` times over old_len
+    return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+  low, high = dim_of(fast), dim_of(slow)
+  if scaling.get("truncate", True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low or 0.001), 0, 1)
+  return inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+
+def rope_attention_factor(rope_scaling: Mapping[str, Any] | None) -> float:
+  """The factor on cos and sin: YaRN's `attention_factor` (default 0.1 ln(factor) + 1), else 1."""
+  scaling = rope_scaling or {}
+  if _rope_type(scaling) != "yarn":
+    return 1.0
+  if scaling.get("attention_factor") is not None:
+    return float(scaling["attention_factor"])
+  factor, mscale, mscale_all = (scaling.get(k) for k in ("factor", "mscale", "mscale_all_dim"))
+  get_mscale = lambda m: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+  if mscale and mscale_all:
+    return get_mscale(mscale) / get_mscale(mscale_all)
+  return get_mscale(1.0)
 
 
 def rotate_half(x: Array) -> Array:
@@ -323,11 +358,14 @@ def rotate_half(x: Array) -> Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def rope_cos_sin(positions: Array, inv_freq: Array, dtype: Any) -> tuple[Array, Array]:
-  """cos, sin [b, s, 2 * len(inv_freq)] for int positions [b, s] (HF's rotate_half layout)."""
+def rope_cos_sin(
+  positions: Array, inv_freq: Array, dtype: Any, factor: float = 1.0
+) -> tuple[Array, Array]:
+  """cos, sin [b, s, 2 * len(inv_freq)] for int positions [b, s] (HF's rotate_half layout), each
+  times `factor` (rope_attention_factor)."""
   freqs = positions[..., None].astype(jnp.float32) * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+  return (jnp.cos(emb) * factor).astype(dtype), (jnp.sin(emb) * factor).astype(dtype)
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
@@ -417,7 +455,8 @@ class LlamaAttention(nn.Module):
 
   The config supplies the shapes plus `attention_bias`, `qk_norm`, `fused_projections`,
   `rms_norm_eps` and `attention` (the implementation); the layer supplies its own window, score
-  soft-cap, score scale and norm offset, so Gemma's local and global layers reuse this module.
+  soft-cap, score scale and norm offset, so Gemma's local and global layers reuse this module, and
+  whether o_proj has a bias and the heads have sinks (`sinks` [heads], gpt-oss).
   """
 
   config: Any
@@ -425,6 +464,8 @@ class LlamaAttention(nn.Module):
   softcap: float | None = None
   scale: float | None = None  # None: 1 / sqrt(head_dim)
   norm_offset: float = 0.0
+  output_bias: bool = False
+  with_sinks: bool = False
 
   def setup(self):
     c = self.config
@@ -437,7 +478,10 @@ class LlamaAttention(nn.Module):
       self.q_proj = linear(c, q_out, ("embed", "q_heads"), c.attention_bias, "q_proj")
       self.k_proj = linear(c, kv_out, ("embed", "kv_heads"), c.attention_bias, "k_proj")
       self.v_proj = linear(c, kv_out, ("embed", "kv_heads"), c.attention_bias, "v_proj")
-    self.o_proj = linear(c, c.hidden_size, ("q_heads", "embed"), False, "o_proj")
+    self.o_proj = linear(c, c.hidden_size, ("q_heads", "embed"), self.output_bias, "o_proj")
+    if self.with_sinks:
+      init = _partitioned(nn.initializers.normal(0.02), ("q_heads",))
+      self.sinks = self.param("sinks", init, (c.num_attention_heads,), c.param_dtype)
     if c.qk_norm:
       norm = lambda: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, self.norm_offset)
       self.q_norm, self.k_norm = norm(), norm()
@@ -493,6 +537,7 @@ class LlamaAttention(nn.Module):
       sliding_window=self.sliding_window,
       softcap=self.softcap,
       scale=self.scale,
+      sinks=self.sinks if self.with_sinks else None,
       implementation=c.attention,
       block_q=c.attention_block_q,
       block_k=c.attention_block_k,
@@ -651,7 +696,7 @@ class LlamaModel(nn.Module):
     h = self.embed_tokens(input_ids)
     h = nn.with_logical_constraint(h, ("batch", "seq", "embed"))
     inv_freq = rope_inv_freq(c.rotary_dim, c.rope_theta, c.rope_scaling)
-    cos, sin = rope_cos_sin(positions, inv_freq, c.dtype)
+    cos, sin = rope_cos_sin(positions, inv_freq, c.dtype, rope_attention_factor(c.rope_scaling))
     q_offset, kv_segments = cache_inputs(cache, segment_ids)
     layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
 

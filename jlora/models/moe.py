@@ -43,7 +43,7 @@ from jlora.models.llama import (
   HF_ARCHITECTURES as LLAMA_ARCHITECTURES,
 )
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen3_moe")  # gpt-oss: jlora.models.gpt_oss
 HF_ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 ROUTER_LOGITS = "router_logits"
 
@@ -59,6 +59,8 @@ class MoeConfig(LlamaConfig):
   router_aux_loss_coef: float = 0.0
   expert_matmul: str = "auto"  # jlora.experts: auto | ragged | blocked | dense
   model_type: str = "mixtral"
+
+  __hash__ = LlamaConfig.__hash__  # a dataclass would hash the fields, rope_scaling's dict included
 
   def __post_init__(self):
     super().__post_init__()
@@ -167,9 +169,13 @@ def router_aux_loss(router_logits: jax.Array, k: int, mask: jax.Array | None = N
 
 
 class MoeExperts(nn.Module):
-  """The E experts of one layer, in the checkpoint's fused layout (gate_up_proj, down_proj)."""
+  """The E experts of one layer, in the checkpoint's fused layout (gate_up_proj, down_proj).
+
+  Class attributes let a family (gpt-oss) change what the experts compute: `bias` gives both
+  weights a bias [E, out]; `activate` turns gate_up's output into down_proj's input."""
 
   config: MoeConfig
+  bias = False
 
   def setup(self):
     c = self.config
@@ -177,6 +183,7 @@ class MoeExperts(nn.Module):
       features,
       c.num_experts,
       names,
+      use_bias=self.bias,
       implementation=c.expert_matmul,
       dtype=c.dtype,
       param_dtype=c.param_dtype,
@@ -191,10 +198,14 @@ class MoeExperts(nn.Module):
     """x [tokens, d]; weights, chosen [tokens, k] -> [tokens, d]."""
     groups = sort_by_expert(chosen, weights, self.config.num_experts)
     rows = jnp.take(x, groups.token, axis=0)
-    gate, up = jnp.split(self.gate_up_proj(rows, groups), 2, axis=-1)
-    h = ACTIVATIONS[self.config.hidden_act](gate) * up
+    h = self.activate(self.gate_up_proj(rows, groups))
     y = self.down_proj(h, groups) * groups.weight[:, None].astype(h.dtype)
     return jnp.zeros_like(x).at[groups.token].add(y.astype(x.dtype))
+
+  def activate(self, gate_up: jax.Array) -> jax.Array:
+    """SwiGLU (or the config's activation) on gate_up = [gate | up]."""
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return ACTIVATIONS[self.config.hidden_act](gate) * up
 
 
 class SparseMoeBlock(nn.Module):

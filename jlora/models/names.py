@@ -14,7 +14,8 @@ config, a stack under a `layers` module holds HF layers 0..n-1 in order (Llama's
 Leaves: a flax kernel is [in, out] and torch's Linear weight is [out, in], so kernels transpose;
 embeddings, norm scales and biases do not. MoE experts are one HF parameter per weight with an
 expert axis first (`mlp.experts.gate_up_proj` [E, out, in], no `.weight`), which is the flax module
-`mlp/experts/gate_up_proj` with a kernel [E, in, out]: the last two axes swap (`to_torch`).
+`mlp/experts/gate_up_proj` with a kernel [E, in, out]: the last two axes swap (`to_torch`), except
+in families whose transformers model keeps them [E, in, out] too (gpt-oss: `experts_in_out`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ LEAF_NAMES = {
   "scale": "weight",
   "weight": "weight",
   "bias": "bias",
+  "sinks": "sinks",  # gpt-oss: self_attn.sinks, one logit per head
 }
 HF_LAYERS = "model.layers"
 # A module directly under a module of this name is an HF parameter of its own (fused experts).
@@ -63,6 +65,8 @@ class HFNames:
     (),
     (),
   )
+  # transformers keeps this family's fused experts [E, in, out] (gpt-oss), not [E, out, in]
+  experts_in_out: bool = False
 
   @classmethod
   def for_config(cls, config) -> HFNames:
@@ -72,6 +76,7 @@ class HFNames:
     return cls(
       tuple(stacks()) if stacks is not None else (),
       experts() if experts is not None else ((), ()),
+      bool(getattr(config, "hf_experts_in_out", False)),
     )
 
   def on_disk(self, hf_name: str) -> str:
@@ -138,4 +143,5 @@ class HFNames:
     suffix = "" if is_expert_param(module_path) else f".{LEAF_NAMES[leaf]}"
     if is_expert_param(module_path) and leaf == "bias":
       suffix = "_bias"  # gpt-oss: experts.gate_up_proj_bias
-    return [f"{n}{suffix}" for n in names], leaf == "kernel", stacked
+    transpose = leaf == "kernel" and not (is_expert_param(module_path) and self.experts_in_out)
+    return [f"{n}{suffix}" for n in names], transpose, stacked

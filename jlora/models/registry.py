@@ -15,6 +15,7 @@ from typing import Any
 
 from jlora.errors import UserError
 from jlora.models.gemma import GemmaConfig, GemmaForCausalLM
+from jlora.models.gpt_oss import GptOssConfig, GptOssForCausalLM
 from jlora.models.llama import DEFAULT_RULES, LlamaConfig, LlamaForCausalLM
 from jlora.models.moe import MoeConfig, MoeForCausalLM
 from jlora.models.names import HFNames
@@ -137,6 +138,12 @@ FAMILIES: tuple[Family, ...] = (
     },
   ),
   Family(
+    name="gpt_oss",
+    model_types=("gpt_oss",),
+    config_cls=GptOssConfig,
+    module_cls=GptOssForCausalLM,
+  ),
+  Family(
     name="gemma",
     model_types=("gemma2", "gemma3_text"),
     config_cls=GemmaConfig,
@@ -169,7 +176,7 @@ def family_for_model_type(model_type: str | None) -> Family:
 
 def family_for_config(config) -> Family:
   """The family of a jlora model config, an HF config dict or a transformers PretrainedConfig."""
-  # The exact class first: MoeConfig extends LlamaConfig.
+  # The exact class first: MoeConfig extends LlamaConfig, GptOssConfig MoeConfig.
   for match in (lambda f: type(config) is f.config_cls, lambda f: isinstance(config, f.config_cls)):
     for family in FAMILIES:
       if match(family):
