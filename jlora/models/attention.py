@@ -231,16 +231,8 @@ def attention(
 
   `block_q` / `block_k` are the blockwise implementation's block lengths.
   """
-  chosen = resolve(
-    implementation,
-    q,
-    k,
-    v,
-    q_offset=q_offset,
-    sliding_window=sliding_window,
-    softcap=softcap,
-    sinks=sinks,
-  )
+  window = dict(q_offset=q_offset, sliding_window=sliding_window)
+  chosen = resolve(implementation, q, k, v, **window, softcap=softcap, sinks=sinks)
   common = dict(sliding_window=sliding_window, softcap=softcap, scale=scale)
   if chosen == "naive":
     return naive_attention(
