@@ -141,6 +141,20 @@ def test_unregistered_model_type_names_the_supported_ones():
     GemmaConfig.from_hf({"model_type": "llama"})
 
 
+def test_mxfp4_gpt_oss_is_refused_in_one_line():
+  hf = {
+    "model_type": "gpt_oss",
+    **SHAPE,
+    "num_hidden_layers": 2,
+    "num_local_experts": 4,
+    "quantization_config": {"quant_method": "mxfp4"},
+  }
+  with pytest.raises(UserError, match=r"quant_method: 'mxfp4' checkpoints are not loaded.*Mxfp4"):
+    registry.config_from_hf(hf)
+  del hf["quantization_config"]
+  assert registry.config_from_hf(hf).layer_types == (SLIDING, FULL)  # transformers' default
+
+
 def test_missing_config_field_is_named(tmp_path):
   directory = tiny.make_checkpoint(tmp_path, config=CONFIGS["gemma2"])
   config = json.loads((directory / "config.json").read_text())
