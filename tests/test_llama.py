@@ -137,8 +137,8 @@ def test_config_errors_name_the_value_and_options():
     LlamaConfig.from_hf({"model_type": "gpt2", "vocab_size": 10})
   with pytest.raises(ValueError, match=r"lacks required fields \['hidden_size'"):
     LlamaConfig.from_hf({"model_type": "llama", "vocab_size": 10})
-  with pytest.raises(ValueError, match=r"rope_scaling type 'yarn'"):
-    LlamaConfig(**TINY, rope_scaling={"rope_type": "yarn", "factor": 2.0})
+  with pytest.raises(ValueError, match=r"rope_scaling type 'longrope'"):
+    LlamaConfig(**TINY, rope_scaling={"rope_type": "longrope", "factor": 2.0})
 
 
 def test_logits_at_return_hidden_and_logits_method():
