@@ -594,7 +594,7 @@ def test_an_nnx_model_trains_through_the_same_stages(files, finished, tmp_path):
 
   out = tmp_path / "nnx"
   overrides = {"model.nnx": "examples.nnx_llama:from_pretrained", "export_merged": True}
-  overrides.update(steps=3, eval_every=3, save_every=3)
+  overrides.update(steps=2, eval_every=2, save_every=2, eval_examples=2)  # samples: the first 2
   config = tiny.sft_config(files["model"], files["train"], files["eval"], out, **overrides)
   summary = sft.run(config, progress=False)
   _, linen = finished
