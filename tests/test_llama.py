@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jlora.models import LlamaConfig, LlamaForCausalLM, from_pretrained, init_cache
+from jlora.sharding import make_mesh
 from tests.tiny import save_torch_checkpoint
 from train.generate import generate, generate_ids
 
@@ -83,15 +84,16 @@ def test_default_rules_map_params_onto_data_fsdp_tensor():
   assert specs["model"]["layers"]["mlp"]["down_proj"]["kernel"] == P(None, "tensor", "fsdp")
   assert specs["model"]["embed_tokens"]["embedding"] == P("tensor", "fsdp")
   assert specs["lm_head"]["kernel"] == P("fsdp", "tensor")
-  # Activations: batch takes fsdp, so embed (also fsdp) stays replicated; a mesh axis is used once.
+  # Activations: batch takes fsdp (and expert), so embed (also fsdp) stays replicated; a mesh axis
+  # is used once.
   assert nn.logical_to_mesh_axes(("batch", "seq", "embed"), DEFAULT_RULES) == P(
-    ("data", "fsdp"), None, None
+    ("data", "fsdp", "expert"), None, None
   )
 
   # The activation constraints must trace inside a mesh, under scan, with the cache too.
   model = LlamaForCausalLM(LlamaConfig(**TINY))
   params = random_params(model)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  mesh = make_mesh()
   with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
     ids = jnp.ones((2, 4), jnp.int32)
     logits, _ = jit_apply(model)({"params": params}, ids, cache=init_cache(model.config, 2, 8))
