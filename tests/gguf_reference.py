@@ -6,6 +6,9 @@ package's reader."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
+from pathlib import Path
 
 import gguf
 import jax
@@ -206,3 +209,11 @@ def validate_model_file(reader: gguf.GGUFReader, config, arch: str, file_type: i
   assert got == expected
   for t in reader.tensors:
     assert t.tensor_type == expected_types[t.name], (t.name, t.tensor_type, expected_types[t.name])
+
+
+def llama_cpp_tool(name: str) -> str | None:
+  """One of llama.cpp's command-line tools (llama-tokenize, llama-perplexity, llama-completion):
+  $LLAMA_CPP_BIN/<name>, or on PATH; None when neither has it."""
+  directory = os.environ.get("LLAMA_CPP_BIN")
+  found = Path(directory) / name if directory else None
+  return str(found) if found and found.exists() else shutil.which(name)

@@ -6,10 +6,15 @@ run that survived a fault must end with exactly its adapter."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 import types
 from pathlib import Path
 
@@ -34,10 +39,14 @@ RUN = {"steps": 4, "save_every": 1, "eval_examples": 2, "samples": 1, "max_new_t
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-  """The tiny inputs and one uninterrupted run, whose adapter every surviving run must equal."""
+  """The tiny inputs and one uninterrupted run, whose adapter every surviving run must equal.
+  It keeps three checkpoints (2, 3, 4; the trainer keeps two), so one has a middle to damage."""
   files = tiny.sft_files(tmp_path_factory.mktemp("faults"))
   out = files["root"] / "uninterrupted"
-  sft.run(config(files, out), progress=False)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(sft, "Checkpointer", functools.partial(Checkpointer, max_to_keep=3))
+    sft.run(config(files, out), progress=False)
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "3", "4"]
   return files, out
 
 
@@ -58,10 +67,17 @@ def damage(checkpoint: Path) -> None:
       f.write_bytes(f.read_bytes()[:8])
 
 
-@pytest.mark.parametrize("damaged", [("4",), ("3", "4")], ids=["newest", "every"])
+@pytest.mark.parametrize(
+  "damaged,resumed_from",
+  [(("3",), 4), (("3", "4"), 2), (("2", "3", "4"), None)],
+  ids=["middle", "newest-and-middle", "every"],  # the second reads past a damaged newest and middle
+)
 def test_damaged_checkpoints_are_set_aside_and_the_run_finishes_equal(
-  uninterrupted, tmp_path, capsys, damaged
+  uninterrupted, tmp_path, capsys, damaged, resumed_from
 ):
+  """Checkpoints 2, 3, 4 of a finished run, some damaged, the adapter gone: the rerun resumes
+  from the newest good one (reading past a damaged middle one), or starts over with none, and
+  ends with the uninterrupted run's adapter. What it read and found damaged is set aside."""
   files, ref = uninterrupted
   out = tmp_path / "run"
   shutil.copytree(ref, out)
@@ -70,12 +86,16 @@ def test_damaged_checkpoints_are_set_aside_and_the_run_finishes_equal(
     damage(out / "checkpoints" / step)
   sft.run(config(files, out), progress=False)  # before: StepAlreadyExistsError on reaching step 4
   assert_same_adapter(out, ref)
+  logged = capsys.readouterr()
+  resumed = re.findall(r"resuming from step (\d+)", logged.out)
+  assert resumed == ([str(resumed_from)] if resumed_from else []), logged.out
   aside = sorted(
     p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(DAMAGED_PREFIX)
   )
-  assert [name.split("-")[1] for name in aside] == sorted(damaged)  # renamed, not deleted
-  err = capsys.readouterr().err
-  assert all(f"set it aside as {out / 'checkpoints' / name}" in err for name in aside), err
+  read = [step for step in damaged if resumed_from is None or int(step) > resumed_from]
+  assert [name.split("-")[1] for name in aside] == read  # renamed, not deleted
+  assert all((out / "checkpoints" / step).is_dir() for step in damaged if step not in read)
+  assert all(f"set it aside as {out / 'checkpoints' / name}" in logged.err for name in aside)
 
 
 def test_damage_in_the_middle_resumes_from_the_newest(tmp_path):
@@ -92,6 +112,86 @@ def test_damage_in_the_middle_resumes_from_the_newest(tmp_path):
   assert meta["step"] == 1 and checkpoints.manager.all_steps() == [1]  # 2 and 3 set aside
   checkpoints.save(3, state, {"step": 3})  # a step that was set aside is saved again
   assert checkpoints.latest_step() == 3
+
+
+# The trainer as `python -m train.sft` runs it, except that the save of checkpoint `slow_from`
+# (and later) waits inside orbax's temporary directory, after the arrays are written and before
+# the step's metadata is, until the test removes the marker file: a save that is still going on
+# when the signals come, at a point the test knows.
+SLOW_SAVE = """
+import sys, time
+from pathlib import Path
+import orbax.checkpoint as ocp
+from train import sft
+
+marker, slow_from = Path(sys.argv[1]), int(sys.argv[2])
+write_json = ocp.JsonCheckpointHandler._save_fn
+
+def slow_write_json(self, item, directory):
+  if isinstance(item, dict) and item.get("step", 0) >= slow_from:
+    marker.write_text(str(directory))
+    deadline = time.time() + 120
+    while marker.exists() and time.time() < deadline:
+      time.sleep(0.02)
+  return write_json(self, item, directory)
+
+ocp.JsonCheckpointHandler._save_fn = slow_write_json
+sft.main(["train.sft", *sys.argv[3:]])
+"""
+
+
+def wait_for(condition, proc, what: str, timeout: float = 300) -> None:
+  deadline = time.time() + timeout
+  while not condition():
+    if proc.poll() is not None:  # it may have ended just after the check
+      assert condition(), f"the run ended before {what}"
+      return
+    assert time.time() < deadline, f"no {what} in time"
+    time.sleep(0.02)
+
+
+def test_a_second_sigint_during_the_save_then_the_rerun_finishes_equal(
+  uninterrupted, tmp_path, capsys
+):
+  """Ctrl-C, then Ctrl-C again while checkpoint 2 is being written, in a real process: exit 130,
+  one line, no traceback; checkpoint 1 stays, and the rerun resumes from it and ends with the
+  uninterrupted run's adapter."""
+  files, ref = uninterrupted
+  out, marker = tmp_path / "run", tmp_path / "saving"
+  stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+  argv = tiny.cli_args(files["model"], files["train"], files["eval"], out, **RUN)
+  with stdout.open("w") as out_file, stderr.open("w") as err_file:
+    proc = subprocess.Popen(
+      [sys.executable, "-c", SLOW_SAVE, str(marker), "2", *argv],
+      env={**os.environ, "PYTHONPATH": str(tiny.REPO)},
+      cwd=tiny.REPO,
+      stdout=out_file,
+      stderr=err_file,
+    )
+  try:
+    wait_for(marker.exists, proc, "save of checkpoint 2")
+    proc.send_signal(signal.SIGINT)
+    # Two signals sent at once can arrive as one: the second goes after the first is handled.
+    wait_for(lambda: "SIGINT: stopping" in stdout.read_text(), proc, "first SIGINT handled")
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: "error:" in stderr.read_text(), proc, "second SIGINT handled")
+    marker.unlink()  # lets the stalled write go on, as a slow disk would
+    proc.wait(timeout=120)
+  finally:
+    marker.unlink(missing_ok=True)
+    proc.kill()
+  err = stderr.read_text()
+  lines = err.strip().splitlines()  # the progress bar's lines, then ours
+  assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+  assert [line for line in lines if "error" in line.lower()] == lines[-1:], err[-3000:]
+  assert lines[-1].startswith("error: stopped by SIGINT a second time"), lines[-1]
+  assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+  assert not (out / "adapter_model.safetensors").exists()
+
+  capsys.readouterr()
+  sft.main(["train.sft", *argv])
+  assert "resuming from step 1 " in capsys.readouterr().out
+  assert_same_adapter(out, ref)
 
 
 # --------------------------------------------------------------------------- changed under a resume

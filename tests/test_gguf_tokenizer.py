@@ -18,6 +18,7 @@ import pytest
 
 from jlora.errors import UserError
 from jlora.models.gguf_tokenizer import gguf_tokenizer
+from tests.gguf_reference import llama_cpp_tool
 from tests.tiny import REPO
 
 CHATML = (
@@ -460,15 +461,6 @@ def test_truncated_and_empty_gguf_are_one_line_errors(tmp_path, tiny_ggufs):
       gguf_tokenizer(tmp_path / name)
 
 
-def llama_tokenize_binary() -> str | None:
-  """llama.cpp's llama-tokenize: $LLAMA_CPP_BIN/llama-tokenize, or on PATH."""
-  import shutil
-
-  directory = os.environ.get("LLAMA_CPP_BIN")
-  found = Path(directory) / "llama-tokenize" if directory else None
-  return str(found) if found and found.exists() else shutil.which("llama-tokenize")
-
-
 @pytest.mark.llamacpp
 @pytest.mark.slow
 def test_smollm2_tokenizer_matches_llama_tokenize():
@@ -476,7 +468,7 @@ def test_smollm2_tokenizer_matches_llama_tokenize():
   Needs llama-tokenize (built from llama.cpp's source; see the README); skipped without it."""
   from jlora.models.loading import embedded_gguf_path
 
-  binary = llama_tokenize_binary()
+  binary = llama_cpp_tool("llama-tokenize")
   if binary is None:
     pytest.skip("llama-tokenize not found (set LLAMA_CPP_BIN to llama.cpp's build/bin)")
   path = embedded_gguf_path("smollm2-135m-instruct")
