@@ -70,17 +70,26 @@ def llama_tokenize(model_file, text: str, bos: bool = True) -> list[int]:
   return json.loads(out.strip().splitlines()[-1])
 
 
+def run_tool(args: list[str], complete) -> subprocess.CompletedProcess:
+  """Runs a llama.cpp tool until `complete(result)`: its logger writes from a thread that can
+  drop the last lines at exit (about one run in ten here), so a short output is run again."""
+  for _ in range(5):
+    done = subprocess.run(args, capture_output=True, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:].decode(errors="replace")
+    if complete(done):
+      return done
+  raise AssertionError(f"{args[0]} never wrote its whole output: {done.stderr[-3000:]!r}")
+
+
 def llama_perplexity(model_file, text_file, n_ctx: int, lora=None) -> float:
   lora_args = ["--lora", str(lora)] if lora else []
   args = ["-m", str(model_file), "-f", str(text_file), "-c", str(n_ctx), "-b", str(n_ctx)]
-  done = subprocess.run(
+  final = re.compile(rb"Final estimate: PPL = ([0-9.]+)")
+  done = run_tool(
     [llama_cpp_tool("llama-perplexity"), *args, *lora_args, *FP32],
-    capture_output=True,
-    text=True,
+    lambda done: final.search(done.stderr),
   )
-  found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
-  assert done.returncode == 0 and found, done.stderr[-3000:]
-  return float(found.group(1))
+  return float(final.search(done.stderr).group(1))
 
 
 def llama_completion(model_file, prompt: str, lora=None) -> bytes:
@@ -88,13 +97,11 @@ def llama_completion(model_file, prompt: str, lora=None) -> bytes:
   lora_args = ["--lora", str(lora)] if lora else []
   args = ["-m", str(model_file), "-p", prompt, "-n", str(STEPS), "--temp", "0", "--top-k", "1"]
   flags = ["-no-cnv", "--no-display-prompt", "--special", "--simple-io", "-c", "128", "--seed", "0"]
-  done = subprocess.run(
+  # After the tokens it writes " [end of text]\n" if it stopped at an end token, then "\n\n".
+  done = run_tool(
     [llama_cpp_tool("llama-completion"), *args, *flags, *lora_args, *FP32],
-    capture_output=True,
-    stdin=subprocess.DEVNULL,
+    lambda done: done.stdout.endswith(b"\n\n"),
   )
-  assert done.returncode == 0, done.stderr[-3000:].decode(errors="replace")
-  # After the tokens it prints " [end of text]\n" if it stopped at an end token, then "\n\n".
   return done.stdout.removesuffix(b"\n\n").removesuffix(b" [end of text]\n")
 
 
