@@ -119,10 +119,9 @@ def test_damage_in_the_middle_resumes_from_the_newest(tmp_path):
 # the step's metadata is, until the test removes the marker file: a save that is still going on
 # when the signals come, at a point the test knows.
 SLOW_SAVE = """
-import sys, time
+import runpy, sys, time
 from pathlib import Path
 import orbax.checkpoint as ocp
-from train import sft
 
 marker, slow_from = Path(sys.argv[1]), int(sys.argv[2])
 write_json = ocp.JsonCheckpointHandler._save_fn
@@ -136,7 +135,8 @@ def slow_write_json(self, item, directory):
   return write_json(self, item, directory)
 
 ocp.JsonCheckpointHandler._save_fn = slow_write_json
-sft.main(["train.sft", *sys.argv[3:]])
+sys.argv = ["train.sft", *sys.argv[3:]]
+runpy.run_module("train.sft", run_name="__main__")
 """
 
 

@@ -45,7 +45,7 @@ from jlora.lora import is_lora
 from train import data as data_lib
 from train import distributed, outputs, pairs, sft
 from train import step as step_lib
-from train.errors import UserError
+from train.errors import UserError, run_cli
 from train.evaluate import Evaluator, metric_names, put_batch, score
 
 LOSSES = ("sigmoid", "ipo", "orpo", "simpo")
@@ -440,4 +440,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  run_cli(main)

@@ -192,10 +192,27 @@ def _os_error_line(e: OSError) -> str:
   return str(e)
 
 
-def _report(message: str, status: int) -> None:
+class StopNow(SystemExit):
+  """The exit a second signal asks for: `run_cli` ends the process without waiting for anyone."""
+
+
+def run_cli(main) -> None:
+  """A command's `if __name__ == "__main__"`: `main()`, except that after a second signal the
+  process ends at once. Threads still inside a library's save (orbax's) are abandoned rather
+  than joined at shutdown, where they would print their own traceback under our one line; what
+  they were writing is a temporary directory the rerun ignores."""
+  try:
+    main()
+  except StopNow as e:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(e.code)
+
+
+def _report(message: str, status: int, exit_type: type[SystemExit] = SystemExit) -> None:
   print(f"error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, whatever it held
   sys.stderr.flush()
-  sys.exit(status)
+  raise exit_type(status)
 
 
 @contextlib.contextmanager
@@ -209,7 +226,8 @@ def exit_on_user_error(verbose: bool = False):
       raise
     _report(_os_error_line(e) if isinstance(e, OSError) else str(e), 2)
   except Stopped as e:
-    _report(f"{e}; rerun the same command to resume from the last checkpoint.", 128 + e.signum)
+    message = f"{e}; rerun the same command to resume from the last checkpoint."
+    _report(message, 128 + e.signum, StopNow)
   except KeyboardInterrupt:
     _report("interrupted (SIGINT); rerun the same command to resume.", 128 + signal.SIGINT)
   except Exception as e:

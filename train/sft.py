@@ -61,6 +61,7 @@ from train.errors import (
   closest_first,
   exit_on_user_error,
   naming,
+  run_cli,
   verbose_requested,
   writing,
 )
@@ -845,4 +846,4 @@ def main(argv: list[str] | None = None, task: Task = SFT) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  run_cli(main)
