@@ -404,9 +404,9 @@ def test_pairs_keep_the_prompt_end_and_count_what_they_drop():
 @pytest.mark.parametrize(
   "row, expected",
   [
-    ({"prompt": "p", "rejected": "r"}, "row 0 is missing field 'chosen'"),
-    ({"prompt": "p", "chosen": "c"}, "row 0 is missing field 'rejected'"),
-    ({"chosen": "c", "rejected": "r"}, "row 0 is missing field 'prompt'"),
+    ({"prompt": "p", "rejected": "r"}, "row 1 is missing field 'chosen'"),
+    ({"prompt": "p", "chosen": "c"}, "row 1 is missing field 'rejected'"),
+    ({"chosen": "c", "rejected": "r"}, "row 1 is missing field 'prompt'"),
     ({"prompt": "p", "chosen": 3, "rejected": "r"}, "a string 'prompt' needs string"),
   ],
 )

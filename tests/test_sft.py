@@ -263,7 +263,10 @@ def test_bad_config_values(files, tmp_path):
     ("nnx_llama", r"expected 'package.module:factory'"),
     ("no_such_module:make", r"No module named 'no_such_module'"),
     ("tests.tiny:no_such_factory", r"has no attribute 'no_such_factory'"),
-    ("tests.tiny:TINY_VOCAB_SIZE", r"TINY_VOCAB_SIZE in tests.tiny is a int, not a function"),
+    (
+      "tests.tiny:TINY_VOCAB_SIZE",
+      r"TINY_VOCAB_SIZE in tests.tiny is not a function \(its type is int\)",
+    ),
     ("tests.tiny:read_json", r"the factory returned dict; expected an nnx.Module"),
   ],
 )

@@ -92,6 +92,13 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
   return spec, None
 
 
+def json_kind(value) -> str:
+  """What a parsed JSON value is, in JSON's words: 'an array', 'a number', ..."""
+  kinds = {list: "an array", str: "a string", bool: "true or false", int: "a number"}
+  kinds.update({float: "a number", type(None): "null", dict: "an object"})
+  return kinds.get(type(value), type(value).__name__)
+
+
 def load_rows(spec: str, split_name: str = "train", field: str = "config.data.train") -> list[dict]:
   """Rows of a local .json/.jsonl/.parquet file, a directory of such files (or a dataset repo
   layout), or a hub dataset split. `split_name` is used when the spec names no split.
@@ -175,7 +182,7 @@ def read_json_rows(path: str, where: str) -> Rows:
       raise UserError(f"{where}: line {e.lineno} is not valid JSON ({e.msg}).") from None
     for i, row in enumerate(rows):
       if not isinstance(row, dict):
-        raise UserError(f"{where}: row {i + 1} is a {type(row).__name__}, not a JSON object.")
+        raise UserError(f"{where}: row {i + 1} is {json_kind(row)}, not a JSON object.")
     if not rows:
       raise UserError(f"{where}: the file is empty, it has no rows.")
     return Rows(rows)
@@ -190,7 +197,7 @@ def read_json_rows(path: str, where: str) -> Rows:
         f"{where}: line {number} is not valid JSON ({e.msg} at column {e.colno})."
       ) from None
     if not isinstance(row, dict):
-      raise UserError(f"{where}: line {number} is a {type(row).__name__}, not a JSON object.")
+      raise UserError(f"{where}: line {number} is {json_kind(row)}, not a JSON object.")
     rows.append(row)
     names.append(f"line {number}")
   if not rows:

@@ -29,56 +29,60 @@ PAIR_HELP = (
 )
 
 
-def _checked(value, index, source, field) -> list[dict]:
+def row_names(rows) -> list[str]:
+  """How errors name each row: as the file numbers it (train.data's `line N`) when the rows came
+  from a file, else `row N`, counted from 1."""
+  return getattr(rows, "names", None) or [f"row {i + 1}" for i in range(len(rows))]
+
+
+def _checked(value, where, source, field) -> list[dict]:
   for j, m in enumerate(value):
     for key in ("role", "content"):
       if not isinstance(m, dict) or m.get(key) is None:
-        raise UserError(f"{source}: row {index} is missing field '{field}[{j}].{key}'")
+        raise UserError(f"{source}: {where} is missing field '{field}[{j}].{key}'")
   if not value:
-    raise UserError(f"{source}: row {index} field {field!r} is an empty list")
+    raise UserError(f"{source}: {where} field {field!r} is an empty list")
   return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def split_row(row: dict, index: int, source: str) -> tuple[list[dict] | str, list, list]:
+def split_row(row: dict, where: str, source: str) -> tuple[list[dict] | str, list, list]:
   """(prompt, chosen, rejected): the prompt as a string or messages, each answer as messages
   (a string answer becomes one assistant message)."""
   for side in SIDES:
     if row.get(side) is None:
       present = sorted(k for k in row if row[k] is not None)
       raise UserError(
-        f"{source}: row {index} is missing field {side!r} (row keys: {present}); {PAIR_HELP}"
+        f"{source}: {where} is missing field {side!r} (row keys: {present}); {PAIR_HELP}"
       )
   prompt = row.get("prompt")
   if prompt is None:
     if not all(isinstance(row[s], list) for s in SIDES):
-      raise UserError(f"{source}: row {index} is missing field 'prompt'; {PAIR_HELP}")
-    chosen, rejected = (_checked(row[s], index, source, s) for s in SIDES)
+      raise UserError(f"{source}: {where} is missing field 'prompt'; {PAIR_HELP}")
+    chosen, rejected = (_checked(row[s], where, source, s) for s in SIDES)
     shared = 0
     while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
       shared += 1
     if shared == 0:
       raise UserError(
-        f"{source}: row {index} has no 'prompt' and its chosen and rejected conversations share "
+        f"{source}: {where} has no 'prompt' and its chosen and rejected conversations share "
         "no first message; add a 'prompt' field"
       )
     return chosen[:shared], chosen[shared:], rejected[shared:]
   if isinstance(prompt, str):
     if not all(isinstance(row[s], str) for s in SIDES):
-      raise UserError(
-        f"{source}: row {index}: a string 'prompt' needs string 'chosen' and 'rejected'"
-      )
+      raise UserError(f"{source}: {where}: a string 'prompt' needs string 'chosen' and 'rejected'")
     return prompt, row["chosen"], row["rejected"]
-  prompt = _checked(prompt, index, source, "prompt")
+  prompt = _checked(prompt, where, source, "prompt")
   answers = []
   for side in SIDES:
     value = row[side]
     if isinstance(value, str):
       value = [{"role": "assistant", "content": value}]
-    answers.append(_checked(value, index, source, side))
+    answers.append(_checked(value, where, source, side))
   return prompt, *answers
 
 
-def encode_side(tokenizer, prompt, answer, chat: bool, index: int, source: str):
+def encode_side(tokenizer, prompt, answer, chat: bool, where: str, source: str):
   """(prompt ids, answer ids) of one side, untruncated."""
   if chat:
     if isinstance(prompt, str):
@@ -89,14 +93,14 @@ def encode_side(tokenizer, prompt, answer, chat: bool, index: int, source: str):
     full = data_lib.render_chat(tokenizer, prompt + answer, False)
     if not full.startswith(prompt_text) or len(full) == len(prompt_text):
       raise UserError(
-        f"{source}: row {index}: the chat template does not render the prompt (with the "
+        f"{source}: {where}: the chat template does not render the prompt (with the "
         "generation prompt) as a prefix of the prompt and answer, so the answer can't be located"
       )
     p = tokenizer.encode(prompt_text, add_special_tokens=False)
     return p, tokenizer.encode(full[len(prompt_text) :], add_special_tokens=False)
   if not isinstance(prompt, str):
     raise UserError(
-      f"{source}: row {index}: chat messages need a chat template; set "
+      f"{source}: {where}: chat messages need a chat template; set "
       "config.data.use_chat_template=True with a tokenizer that has one, or use string rows."
     )
   if tokenizer.eos_token_id is None:
@@ -125,12 +129,12 @@ def tokenize_pairs(
   examples = []
   stats = dict(rows=len(rows), pairs=0, truncated=0, skipped_prompt_too_long=0)
   stats.update(skipped_identical=0, tokens=0)
-  for i, row in enumerate(rows):
-    prompt, chosen, rejected = split_row(row, i, source)
+  for where, row in zip(row_names(rows), rows):
+    prompt, chosen, rejected = split_row(row, where, source)
     if chosen == rejected:
       stats["skipped_identical"] += 1
       continue
-    sides = [encode_side(tokenizer, prompt, a, chat, i, source) for a in (chosen, rejected)]
+    sides = [encode_side(tokenizer, prompt, a, chat, where, source) for a in (chosen, rejected)]
     if len(sides[0][0]) > max_length:
       stats["skipped_prompt_too_long"] += 1
       continue
@@ -148,8 +152,8 @@ def prompts_and_references(rows, tokenizer, *, use_chat_template: bool = True, s
   answer's text, for generate-then-score evaluation."""
   chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
   out = []
-  for i, row in enumerate(rows):
-    prompt, chosen, _ = split_row(row, i, source)
+  for where, row in zip(row_names(rows), rows):
+    prompt, chosen, _ = split_row(row, where, source)
     if chat:
       messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
       ids = tokenizer.encode(

@@ -204,7 +204,9 @@ def import_factory(spec) -> Callable:
     raise ValueError("expected 'package.module:factory' (a function of config.model.path).")
   factory = getattr(importlib.import_module(module_name), name)
   if not callable(factory):
-    raise TypeError(f"{name} in {module_name} is a {type(factory).__name__}, not a function.")
+    raise TypeError(
+      f"{name} in {module_name} is not a function (its type is {type(factory).__name__})."
+    )
   return factory
 
 
