@@ -1,7 +1,8 @@
 """llama.cpp's own command-line tools run jlora's GGUF exports: `llama-perplexity` on a text gives
 jlora's perplexity on the same tokens within 0.02%, and `llama-completion`'s 32 greedy tokens are
 jlora's, for the merged file and for the base file with the adapter file (`--lora`). On a tiny
-random model, and (slow) on the embedded SmolLM2-135M with an adapter on every linear layer.
+random model, a tiny Qwen3-MoE with LoRA on its experts (merged only: llama.cpp adapters hold no
+experts), and (slow) on the embedded SmolLM2-135M with an adapter on every linear layer.
 
 Needs llama.cpp's tools, built from its source (`llama-tokenize`, `llama-perplexity`,
 `llama-completion`, see the README): `$LLAMA_CPP_BIN/<tool>` or on PATH; skipped without them.
@@ -216,3 +217,36 @@ def test_llama_cpp_runs_an_adapted_smollm2_as_jlora_does(tmp_path):
   prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
   results = check_against_llama_cpp(tmp_path, model, params, base, files, tokenizer, prompt, 128)
   print(results)
+
+
+def test_llama_cpp_runs_a_qwen3_moe_export_as_jlora_does(tmp_path):
+  """A tiny Qwen3-MoE (transformers' layout) with LoRA on attention and on the experts, merged
+  and written as llama.cpp's qwen3moe: llama.cpp's perplexity and greedy tokens are jlora's."""
+  from jlora.models import from_pretrained
+  from tests import tiny
+  from tests.test_gguf_export import IDS, randomize_b
+
+  shape = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+  directory = tiny.save_torch_checkpoint(tmp_path / "hf", "qwen3_moe", head_dim=16, **shape)
+  model, params, tokenizer = from_pretrained(directory)
+  cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets="all-linear")
+  params = randomize_b(
+    jlora.apply(params, cfg, jax.random.key(0), layout=jlora.trace_layout(model, IDS))
+  )
+  base = jax.tree.map(lambda n: n.base if jlora.is_lora(n) else n, params, is_leaf=jlora.is_lora)
+  merged = jlora.export_gguf(tmp_path / "merged.gguf", params, model.config, tokenizer, "f32")
+  text_file = tmp_path / "text.txt"
+  text_file.write_text(TEXT * 4)
+  tokens = llama_tokenize(merged, text_file.read_text())
+  bos = tokens[0] if len(tokens) > len(llama_tokenize(merged, TEXT * 4, bos=False)) else None
+  ours = jlora_perplexity(model, params, tokens, 32, bos)
+  assert ours != pytest.approx(jlora_perplexity(model, base, tokens, 32, bos), rel=1e-3)
+  theirs = llama_perplexity(merged, text_file, 32)
+  assert theirs == pytest.approx(ours, rel=PPL_TOLERANCE)
+  prompt = "Once upon a time"
+  [greedy] = generate_ids(
+    model, params, [llama_tokenize(merged, prompt)], STEPS, eos_ids=[tokenizer.eos_token_id],
+    apply_fn=jlora.wrap(model.apply),
+  )  # fmt: skip
+  assert llama_completion(merged, prompt) == token_bytes(tokenizer, greedy)
+  print({"jlora_ppl": ours, "llama_cpp_ppl": theirs, "greedy_tokens": len(greedy)})
