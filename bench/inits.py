@@ -9,10 +9,10 @@ and after). Also LoftQ's reconstruction error ||W - (dequant(Q) + s*A@B)|| / ||W
 QLoRA's ||W - dequant(Q)|| / ||W||, per layer and module, on the same model. Writes
 bench/results/inits.json and prints markdown tables.
 
-The defaults are sized to finish in about 6 minutes on an idle 2-core CPU (SmolLM2-135M trains at
-~76 tokens/s there): one packed row of 96 tokens per step (one example each: 85 of the 1,500 are
-cut), not the trainer's 4 x 256, so each variant sees only 30 examples and the differences between
-inits are small and noisy; --rows 4 --seq 128 is ~5x slower.
+The defaults are sized for an idle 2-core CPU (SmolLM2-135M trains at ~76 tokens/s there): one
+packed row of 96 tokens per step (one example each: 85 of the 1,500 are cut), not the trainer's
+4 x 256, so each variant sees only 30 examples and the differences between inits are small and
+noisy; --rows 4 --seq 128 is ~5x slower. LoRA r=8 on q_proj and v_proj only (see MODULES).
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ from jlora.models import from_pretrained
 from train import data as data_lib
 from train import step as step_lib
 
-LORA = jlora.LoraConfig(rank=8, alpha=16.0, targets="all-linear")
+# q_proj and v_proj (PEFT's default for Llama): PiSSA's and LoftQ's SVDs of every all-linear
+# kernel take minutes on the 2-core CPU (a 576 x 1536 SVD is seconds there, in numpy too).
+MODULES = {"self_attn": ("q_proj", "v_proj")}
+LORA = jlora.LoraConfig(rank=8, alpha=16.0, targets=[m for ms in MODULES.values() for m in ms])
 NF4 = jlora.QuantConfig(kind="nf4")
 LR = 5e-4
 LORAPLUS_RATIO = 16.0
@@ -106,10 +109,7 @@ def loftq_errors(loftq_params, params) -> list[dict]:
   """Per module and layer: QLoRA's and LoftQ's relative reconstruction errors."""
   plain = meta.unbox(params)
   rows = []
-  for group, names in (
-    ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-    ("mlp", ("gate_proj", "up_proj", "down_proj")),
-  ):
+  for group, names in MODULES.items():
     for name in names:
       node = loftq_params["model"]["layers"][group][name]["kernel"]
       w = plain["model"]["layers"][group][name]["kernel"]
@@ -154,12 +154,12 @@ def main(argv=None) -> None:
     lora_params = adapted(variant, model, params, layout, eva_batches)
     init_s = time.perf_counter() - tick
     r = {"variant": variant}
+    if variant == "loftq":  # before training, which donates (deletes) the initial factors
+      errors = loftq_errors(lora_params, params)
     if args.steps:  # --steps 0: the LoftQ reconstruction errors only
       r = train_and_eval(variant, model, lora_params, train, evaluation, args.steps)
       results.append(r)
     r["init_s"] = init_s
-    if variant == "loftq":
-      errors = loftq_errors(lora_params, params)
     if args.steps:
       print(
         f"{variant:9s} eval {r['eval_before']:.4f} -> {r['eval_after']:.4f}  (init {init_s:.1f} s, train {r['train_s']:.1f} s)",
@@ -206,6 +206,7 @@ def main(argv=None) -> None:
         "seq": args.seq,
         "lr": LR,
         "lora": str(LORA),
+        "targets": list(LORA.targets),
         "loraplus_ratio": LORAPLUS_RATIO,
         "loftq_iters": 2,
       },

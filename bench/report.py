@@ -414,7 +414,7 @@ def inits_section(d: dict) -> str:
       f"{r['eval_after'] - r['eval_before']:+.4f} |"
       for r in d["results"]
     )
-    losses = f"""Eval loss after {s["steps"]} steps of {s["rows"]} x {s["seq"]} tokens, all-linear r=8, alpha 16, AdamW
+    losses = f"""Eval loss after {s["steps"]} steps of {s["rows"]} x {s["seq"]} tokens, r=8, alpha 16 on {"/".join(s.get("targets", ["all-linear"]))}, AdamW
 lr {s["lr"]:g}, the same key, batches and eval rows for every variant:
 
 | init | eval loss before | eval loss after | change |
