@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import nnx_llama  # noqa: E402
 
 import jlora  # noqa: E402
+from bench import common  # noqa: E402
 
 SMOLLM2 = nnx_llama.LlamaConfig(
   vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -159,7 +160,9 @@ def main(argv=None) -> None:
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--length", type=int, default=128)
   parser.add_argument("--configs", default=",".join(c[0] for c in CONFIGS))
+  parser.add_argument("--out", default="bench/results/nnx_vs_qwix.json")
   args = parser.parse_args(argv)
+  machine = common.machine()
   cfg = SMALL if args.small else SMOLLM2
   if args.layers:
     cfg = dataclasses.replace(cfg, num_hidden_layers=args.layers)
@@ -173,6 +176,7 @@ def main(argv=None) -> None:
   print(f"{'config':20} {'framework':12} {'s/step':>8} {'qwix/this':>9} {'temp MiB':>9} "
         f"{'args MiB':>9}")  # fmt: skip
   wanted = args.configs.split(",")
+  results = []
   for name, pattern, rank, quant in (c for c in CONFIGS if c[0] in wanted):
     rows = {}
     for framework in FRAMEWORKS:
@@ -182,7 +186,12 @@ def main(argv=None) -> None:
     for framework, (seconds, temp, arguments) in rows.items():
       timed = f"{seconds:8.3f} {qwix_time / seconds:8.2f}x" if seconds else f"{'-':>8} {'-':>9}"
       print(f"{name:20} {framework:12} {timed} {temp:9.1f} {arguments:9.1f}")
+      results.append(dict(config=name, framework=framework, step_s=seconds, temp_mib=temp))
   print(f"load average {os.getloadavg()[0]:.1f} at the end")
+  machine["loadavg_at_end"] = list(os.getloadavg())
+  shape = dict(layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, vocab=cfg.vocab_size)
+  run = dict(steps=args.steps, batch=args.batch, length=args.length, **shape)
+  common.write_json(args.out, dict(machine=machine, run=run, rows=results))
 
 
 if __name__ == "__main__":

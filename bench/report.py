@@ -293,6 +293,18 @@ across microbatches of very different weight is checked by `tests/test_fidelity.
 """
 
 
+def sitting_words(machine: dict) -> str:
+  """The load of a sitting, in words: idle (load average at most 2 at both ends) or shared."""
+  start = machine["loadavg_at_start"][0]
+  end = machine.get("loadavg_at_end", [start])[0]
+  if max(start, end) <= 2.0:
+    return f"The machine was otherwise idle (load average {start} at the start, {end} at the end)."
+  return (
+    f"This sitting shared the 2 cores with other jobs (load average {start} at the start, {end} at "
+    "the end), so absolute numbers are low and rows that ran at different times are not comparable."
+  )
+
+
 def serve_section(r: dict) -> str:
   from bench.serve import table
 
@@ -317,14 +329,44 @@ adapter alone on the base.
 
 {table(r)}
 {targets}
-This sitting shared the 2 cores with other jobs (load average {r["machine"]["loadavg_at_start"][0]} at
-the start, {r["machine"].get("loadavg_at_end", ["?"])[0]} at the end; the benchmark ran under `nice`), so
-absolute numbers are low and the server rows and the sequential row ran under different loads. The
-mixed-adapter ratio compares rows of the same sitting. The engine computes all 16 slots over the whole
-cache at every step, busy or not: with one client a token took {one:.0f} ms (p50) against
-{1000 / seq:.0f} ms for `train.generate`'s one-row step, so on this compute-bound CPU a 16-slot step costs
-several one-row steps and batching gains little. The 4x target assumes a step bound by reading the
-weights (an accelerator); no accelerator was measured in this sitting.
+{sitting_words(r["machine"])} The mixed-adapter ratio compares rows of the same sitting. The engine
+computes all 16 slots at every step, busy or not, over a KV cache as wide as the longest live request
+needs: with one client a token took {one:.0f} ms (p50), against {1000 / seq:.0f} ms per token (prefill
+included) for `train.generate` one request at a time, so on this compute-bound CPU a 16-slot step
+costs several one-row steps. The 4x target assumes a step bound by reading the weights (an
+accelerator); no accelerator was measured in this sitting.
+"""
+
+
+def nnx_section(r: dict) -> str:
+  run, rows = r["run"], r["rows"]
+  qwix = {row["config"]: row["step_s"] for row in rows if row["framework"] == "qwix NNX"}
+  table = common.markdown_table(
+    ["config", "framework", "s/step", "qwix / this", "temporaries MiB"],
+    [
+      [
+        row["config"],
+        row["framework"],
+        f"{row['step_s']:.3f}" if row["step_s"] else "-",
+        f"{qwix[row['config']] / row['step_s']:.2f}x" if row["step_s"] else "-",
+        f"{row['temp_mib']:.1f}",
+      ]
+      for row in rows
+    ],
+  )
+  return f"""## NNX: jlora vs qwix's LoRA on the same NNX Llama, and jlora's linen Llama (CPU, fp32)
+
+`python -m bench.nnx_vs_qwix --layers {run["layers"]} --steps {run["steps"]}`
+({common.machine_line(r["machine"])}): SmolLM2-135M's shape (d={run["hidden"]}, vocab
+{run["vocab"]:,}) cut to {run["layers"]} layers so that all nine compiles fit in minutes, batch
+{run["batch"]} x {run["length"]}; median of the timed steps after one untimed step; temporaries from
+XLA's memory analysis of the compiled step. {sitting_words(r["machine"])}
+
+{table}
+
+Targets: jlora on NNX >= 1.0x qwix's speed on every config, with fewer temporaries, and within 5% of
+jlora on linen. The linen model sits under one `nn.scan` with remat; examples/nnx_llama.py is an
+unrolled Python loop, which is why the nf4 temporaries differ between jlora's two models.
 """
 
 
@@ -490,6 +532,8 @@ def main() -> None:
   ]
   if (RESULTS / "serve.json").exists():
     sections.append(serve_section(load("serve.json")))
+  if (RESULTS / "nnx_vs_qwix.json").exists():
+    sections.append(nnx_section(load("nnx_vs_qwix.json")))
   if (RESULTS / "moe.json").exists():
     sections.append(moe_section(load("moe.json")))
   if (RESULTS / "long_context.json").exists():
