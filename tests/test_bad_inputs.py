@@ -168,6 +168,7 @@ LAUNCH = [
   (["--processes", "2", "--timeout", "0"], ["--timeout=0.0"]),
   (["--processes", "2", "--grace", "-1"], ["--grace=-1.0"]),
   (["--processes", "2", "--module", "no_such_module.x"], ["--module='no_such_module.x'"]),
+  (["--processes", "2", "--module", "train.nosuch"], ["--module='train.nosuch'"]),
   (["--devices-per-process", "2"], ["--processes"]),
   (["--processes", "2", "--bogus"], ["unrecognized arguments", "--bogus"]),
 ]

@@ -135,11 +135,19 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
       parser.error(f"{flag}={value} is not valid; expected a number >= {least}.")
   if args.timeout is not None and not args.timeout > 0:
     parser.error(f"--timeout={args.timeout} is not valid; expected a number of seconds > 0.")
-  if importlib.util.find_spec(args.module.split(".")[0]) is None:
+  if not module_exists(args.module):
     parser.error(
       f"--module={args.module!r} is not valid; no such module (expected e.g. train.sft)."
     )
   return args, rest
+
+
+def module_exists(name: str) -> bool:
+  """Whether `python -m name` would find the module (its parent packages are imported to look)."""
+  try:
+    return importlib.util.find_spec(name) is not None
+  except (ImportError, ValueError):  # a missing parent package, or an empty name
+    return False
 
 
 def _terminate(signum, frame):
