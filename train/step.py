@@ -105,12 +105,11 @@ def token_logps(apply_fn, model_cls, params, batch, rngs=None, router_logits: bo
     rngs=rngs,
     **({"mutable": ["intermediates"]} if router_logits else {}),
   )
-  if router_logits:
-    hidden, state = hidden
-    return token_logps_of_hidden(apply_fn, model_cls, params, batch, hidden), stacked_router_logits(
-      state
-    )
-  return token_logps_of_hidden(apply_fn, model_cls, params, batch, hidden)
+  if not router_logits:
+    return token_logps_of_hidden(apply_fn, model_cls, params, batch, hidden)
+  hidden, state = hidden
+  logps = token_logps_of_hidden(apply_fn, model_cls, params, batch, hidden)
+  return logps, stacked_router_logits(state)
 
 
 def stacked_router_logits(state) -> jax.Array:
