@@ -6,10 +6,6 @@ transformers' own function. Tiny random Qwen3-MoE (8 experts, top-2, 2 layers, d
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -20,6 +16,7 @@ import pytest
 import jlora
 from jlora.experts import grouped, sort_by_expert
 from jlora.models.moe import ROUTER_LOGITS, MoeConfig, MoeForCausalLM, router_aux_loss
+from tests.tiny import run_on_fake_devices
 
 EXPERTS = ("model/layers/mlp/experts/gate_up_proj", "model/layers/mlp/experts/down_proj")
 CONFIG = MoeConfig(
@@ -332,18 +329,7 @@ print(json.dumps({
 def test_expert_parallel_step_on_8_devices_equals_the_one_device_step():
   """data=2 x expert=4: each device holds 2 of the 8 experts (and their A, B) and a quarter of
   the rows; the loss and every adapter gradient equal the unsharded step's."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": root}
-  proc = subprocess.run(
-    [sys.executable, "-c", EXPERT_PARALLEL_SCRIPT],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    cwd=root,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result = run_on_fake_devices(EXPERT_PARALLEL_SCRIPT, 8)
   np.testing.assert_allclose(*result["loss"], rtol=1e-5)
   assert result["grad_diff"] < 1e-5, result
   assert "'expert'" in result["base"] and "'expert'" in result["a"], result

@@ -6,9 +6,7 @@ materialised in numpy (W + scale * A @ B, DoRA's m * V / ||V||), XLA's cost anal
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import gguf
@@ -23,7 +21,7 @@ import jlora
 from jlora.config import IN
 from jlora.quant import quantized_nodes
 from tests import gguf_reference, nnx_tiny
-from tests.tiny import TINY_VOCAB_SIZE, llama_cpp_permute, tiny_tokenizer
+from tests.tiny import TINY_VOCAB_SIZE, llama_cpp_permute, run_on_fake_devices, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +273,7 @@ from flax import nnx
 import jlora
 from jlora import sharding as shard_lib
 from tests import gguf_reference, nnx_tiny
-from tests.tiny import TINY_VOCAB_SIZE, llama_cpp_permute, tiny_tokenizer
+from tests.tiny import TINY_VOCAB_SIZE, llama_cpp_permute, run_on_fake_devices, tiny_tokenizer
 
 model = nnx_tiny.make()
 tokens = nnx_tiny.tokens(batch=4)
@@ -315,22 +313,7 @@ print(json.dumps({
 
 
 def test_sharded_step_on_8_devices_equals_the_one_device_step():
-  env = {
-    **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    "JAX_PLATFORMS": "cpu",
-  }
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run(
-    [sys.executable, "-c", SHARDED_SCRIPT],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    cwd=root,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result = run_on_fake_devices(SHARDED_SCRIPT, 8)
   # Adapters shard like the base weight they adapt (from its NNX metadata): A on the input
   # axes, B on the output axes, the rank never.
   assert result["up_base"] == "P(None, 'fsdp', 'tensor')"

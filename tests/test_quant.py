@@ -7,11 +7,7 @@ and the float model run on explicitly dequantized weights.
 """
 
 import functools
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import chex
@@ -27,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 import jlora
 from jlora import quant
 from jlora.quant import QuantConfig, QuantizedWeight
+from tests.tiny import run_on_fake_devices
 
 # The code indices each kind actually produces (int4 never emits index 0 = -8/7).
 PRODUCED = {"nf4": np.arange(16), "int4": np.arange(1, 16)}
@@ -313,21 +310,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_device_put_and_dequantize_on_a_2x4_mesh():
-  env = {
-    **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    "JAX_PLATFORMS": "cpu",
-  }
-  proc = subprocess.run(
-    [sys.executable, "-c", SHARDED_SCRIPT],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result = run_on_fake_devices(SHARDED_SCRIPT, 8, timeout=120)
   plain, dq = result["False"], result["True"]
   assert plain["codes"] == "P(None, 'fsdp', 'tensor')"
   assert plain["absmax"] == "P(None, 'fsdp', 'tensor')"

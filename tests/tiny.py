@@ -383,3 +383,27 @@ def kill_at_checkpoint(args: list[str], env: dict, out: Path, step: int, timeout
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (out / "adapter_model.safetensors").exists(), "the run finished before it was killed"
+
+
+def run_on_fake_devices(script: str, devices: int, timeout: float = 300) -> dict:
+  """Runs `script` (python source) in a fresh CPU process with `devices` fake devices, from the
+  repo root, and returns the JSON object its last stdout line holds."""
+  import os
+  import sys
+
+  env = {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": str(REPO),
+  }
+  proc = subprocess.run(
+    [sys.executable, "-c", script],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    cwd=REPO,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
