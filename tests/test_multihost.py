@@ -323,6 +323,8 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_sigkill_one_process_then_resume_on_two_and_on_one(files, two):
+  """Also the single-process SIGKILL case: the copy resumes in one process. (train.dpo's own
+  SIGKILL test runs one process from start to end.)"""
   out = files["root"] / "killed"
   command = [sys.executable, "-m", "train.launch", "--processes=2", "--devices-per-process=4"]
   command += ["--grace=5", "--", *_sft_args(files, out)]
@@ -357,6 +359,9 @@ def test_sigkill_one_process_then_resume_on_two_and_on_one(files, two):
   _ok(one)
   assert "resuming from step" in one.stdout
   _assert_same_adapter(other, two[0], atol=1e-5)
+  for run in (out, other):
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), "resumed metrics must not repeat steps"
 
 
 @pytest.mark.slow
