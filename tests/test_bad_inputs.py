@@ -63,6 +63,8 @@ SFT_CONFIG = [
   (["--config.lora.rank=0"], ["config.lora.rank", "0"]),
   (["--config.lora.dropout=1.5"], ["config.lora.dropout", "1.5"]),
   (["--config.lora.targets=no_such_layer"], ["config.lora.targets", "no_such_layer"]),
+  # An MoE expert target on a dense model: the line lists the weights there are.
+  (["--config.lora.targets=experts.gate_up_proj"], ["experts.gate_up_proj", "mlp/up_proj"]),
   (["--config.optim.lr=0"], ["config.optim.lr", "expected a number in (0, 1)"]),
   (["--config.optim.weight_decay=-1"], ["config.optim.weight_decay", "-1"]),
   (["--config.optim.warmup_steps=-2"], ["config.optim.warmup_steps", "-2"]),
