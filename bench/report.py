@@ -365,8 +365,14 @@ XLA's memory analysis of the compiled step. {sitting_words(r["machine"])}
 {table}
 
 Targets: jlora on NNX >= 1.0x qwix's speed on every config, with fewer temporaries, and within 5% of
-jlora on linen. The linen model sits under one `nn.scan` with remat; examples/nnx_llama.py is an
-unrolled Python loop, which is why the nf4 temporaries differ between jlora's two models.
+jlora on linen. Both NNX rows run the same model (examples/nnx_llama.py, which calls jlora's attention
+function as the linen Llama does: blockwise on CPU) and the same loss. With an nf4 base jlora keeps
+only the 4-bit codes between forward and backward and dequantizes again in the backward, after the
+output's gradient exists (`jlora.lowrank.dequantized_in_backward`); qwix's QLoRA keeps every layer's
+dequantized weight alive through the loss, hence its extra temporaries. Without quantization the two
+compile to the same program (the same saved activations: x, x A per adapter, the layer outputs), so
+their temporaries are equal, not fewer. The linen model sits under one `nn.scan`; the NNX one is an
+unrolled Python loop of layers.
 """
 
 

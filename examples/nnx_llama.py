@@ -20,8 +20,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+
+from jlora.models.attention import attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +88,9 @@ class Attention(nnx.Module):
     q = _rope(heads(self.q_proj(x), cfg.num_attention_heads), positions, cfg.rope_theta)
     k = _rope(heads(self.k_proj(x), cfg.num_key_value_heads), positions, cfg.rope_theta)
     v = heads(self.v_proj(x), cfg.num_key_value_heads)
-    groups = cfg.num_attention_heads // cfg.num_key_value_heads
-    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(cfg.head_dim)
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # [b, q, k]
-    allowed = (jnp.tril(jnp.ones((t, t), bool)) & same_segment)[:, None]
-    probs = jax.nn.softmax(jnp.where(allowed, scores, -1e30).astype(jnp.float32), -1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(b, t, -1)
+    # jlora's attention function (GQA without repeating K/V; blockwise, O(t) memory, on CPU): the
+    # same one jlora's linen Llama calls, so the two compare as models of the same computation.
+    out = attention(q, k, v, segment_ids, segment_ids).reshape(b, t, -1)
     return self.o_proj(out)
 
 

@@ -8,8 +8,8 @@ the output is
 
     y = layer(x; base) + scale * einsum(dropout(x), A, B)
 
-so W + BA is never formed, and a quantized base is dequantized inside a rematerialised
-function right next to its matmul (the backward re-dequantizes; only codes are kept).
+so W + BA is never formed, and a quantized base is dequantized right next to its matmul,
+in the forward and again in the backward (only the codes are kept between them).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora.config import BATCH, IN, OUT
 from jlora.lora import DoraWeight, factor_axes, is_lora, is_stacked, weight_norm
@@ -126,11 +127,11 @@ def low_rank(node, x, equation: Equation | None, adapter_ids=None) -> jax.Array:
   if stacked:
     a, b = node.rows(adapter_ids)  # [batch, ...] each, the scale (0 for base rows) on b
   else:
-    a, b = node.a, node.b * node.scale  # the scale goes on a factor, never on activations
+    a, b = node.a, node.b
   if equation is None:  # embedding lookup: the rows of A are the token's low-rank code
     if stacked:
       return jnp.einsum("z...r,zrf->z...f", node.lookup(adapter_ids, x), b)
-    return jnp.einsum("...r,rf->...f", jnp.take(a, x, axis=0), b)
+    return jnp.einsum("...r,rf->...f", jnp.take(a, x, axis=0) * node.scale, b)
   x_sub, k_sub, y_sub = equation
   rank = fresh_letters(x_sub + k_sub + y_sub, 1)
   (first, first_sub), (second, second_sub) = _first_and_second(node, x_sub, k_sub, rank, a, b)
@@ -139,6 +140,10 @@ def low_rank(node, x, equation: Equation | None, adapter_ids=None) -> jax.Array:
     first_sub, second_sub = row + first_sub, row + second_sub
   mid_sub = "".join(c for c in x_sub if c not in first_sub or c in y_sub) + rank
   low = jnp.einsum(f"{x_sub},{first_sub}->{mid_sub}", x, first)
+  if not stacked:
+    # The scale goes on the [..., rank] activation: a scaled copy of a factor would be a
+    # temporary kept alive from the forward to the backward, one per adapted weight.
+    low = low * jnp.asarray(node.scale, low.dtype)
   return jnp.einsum(f"{mid_sub},{second_sub}->{y_sub}", low, second)
 
 
@@ -206,6 +211,50 @@ def dora_output(node, y, y_dropped, lora, equation: Equation, bias, where: str) 
   return out
 
 
+def _zero_cotangent(leaf):
+  if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+    return jnp.zeros_like(leaf)
+  return np.zeros(jnp.shape(leaf), jax.dtypes.float0)
+
+
+def _after(base, dy):
+  """`base` made to depend on `dy` (each leaf + 0 * one element of dy): the same values (XLA
+  doesn't fold a float times 0: it could be NaN), computable only once dy exists. An optimization
+  barrier says the same to XLA, but the CPU backend removes barriers before it schedules."""
+  zero = jnp.ravel(dy)[0] * 0
+  return jax.tree.map(lambda leaf: leaf + zero.astype(leaf.dtype), base)
+
+
+def dequantized_in_backward(base_layer: Callable, base, x) -> Callable:
+  """base_layer(base, x) for a quantized base whose backward dequantizes it again, late.
+
+  Only the 4-bit codes are kept from the forward, never a full-precision weight. The backward's
+  dequantization reads the output's cotangent (see _after), so XLA can't schedule it early: with
+  jax.checkpoint alone it may (the codes are there from the start), and in an unrolled layer
+  stack (an NNX list of layers) it dequantized every layer's weight before the loss and kept
+  them all alive through the peak. The base gets a zero cotangent (it is
+  frozen); the layer's other inputs (closed-over biases, x) get their true ones.
+  """
+  run, consts = jax.closure_convert(base_layer, base, x)
+
+  @jax.custom_vjp
+  def layer(consts, base, x):
+    return run(base, x, *consts)
+
+  def forward(consts, base, x):
+    return run(base, x, *consts), (consts, base, x)
+
+  def backward(saved, dy):
+    consts, base, x = saved
+    base = _after(base, dy)
+    _, vjp = jax.vjp(lambda consts, x: run(base, x, *consts), consts, x)
+    d_consts, dx = vjp(dy)
+    return d_consts, jax.tree.map(_zero_cotangent, base), dx
+
+  layer.defvjp(forward, backward)
+  return lambda base, x: layer(consts, base, x)
+
+
 def adapted_output(
   weight,
   base_layer: Callable,
@@ -232,9 +281,7 @@ def adapted_output(
   # the model's Params, jlora.optimizer on unsplit params) then gets zeros, not x^T dy, for it.
   base = jax.lax.stop_gradient(base)
   if is_quantized(base):
-    # Rematerialised, so the backward re-dequantizes instead of keeping every layer's
-    # full-precision weight alive from the forward: only the 4-bit codes are stored.
-    base_layer = jax.checkpoint(base_layer)
+    base_layer = dequantized_in_backward(base_layer, base, x)
   y = base_layer(base, x)
   if is_token_rows(weight):  # trainable tokens: a lookup gains the rows' change, attend its columns
     if equation is None:

@@ -75,6 +75,20 @@ def _materialised(params, dora=False):
   return jax.tree.map(visit, params, is_leaf=jlora.is_node)
 
 
+def _formed(params):
+  """Each node replaced by dequant(base) + scale * A @ B in jnp (differentiable in A and B)."""
+
+  def visit(x):
+    if not jlora.is_lora(x):
+      return x
+    product = lambda a, b: jnp.tensordot(a, b, axes=1)
+    for _ in range(x.a.ndim - 1 - x.roles.count(IN)):  # stacked layers
+      product = jax.vmap(product)
+    return jlora.dequantize(x.base) + x.scale * product(x.a, x.b)
+
+  return jax.tree.map(visit, params, is_leaf=jlora.is_node)
+
+
 def _run_unmodified(graphdef, plain_state, tokens):
   return nnx.merge(graphdef, plain_state)(tokens)
 
@@ -203,6 +217,17 @@ def test_qlora_nf4_double_quant_on_nnx(tiny):
   )
   out = jax.jit(jlora.wrap(graphdef))(lora, tokens)
   np.testing.assert_allclose(out, _run_unmodified(graphdef, _materialised(lora), tokens), atol=1e-5)
+  # The gradients of A and B (the backward dequantizes again) equal autodiff through the
+  # unmodified model on W = dequant(codes) + scale * A @ B, formed in jnp.
+  trainable, frozen = jlora.split(lora)
+  weights = jax.random.normal(jax.random.key(5), out.shape)
+  low_rank = lambda t: jlora.wrap(graphdef)(jlora.combine(t, frozen), tokens)
+  formed = lambda t: _run_unmodified(graphdef, _formed(jlora.combine(t, frozen)), tokens)
+  got, want = (
+    jax.jit(jax.grad(lambda t: jnp.sum(f(t) * weights)))(trainable) for f in (low_rank, formed)
+  )
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_dora_on_nnx(tiny):
