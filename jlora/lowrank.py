@@ -291,7 +291,7 @@ def adapted_output(
     return y
   x_low = dropped(weight, x, dropout_key)
   if low is not None:
-    lora = jnp.einsum("...r,ro->...o", low, weight.b * weight.scale)
+    lora = jnp.einsum("...r,ro->...o", low * jnp.asarray(weight.scale, low.dtype), weight.b)
   else:
     if equation is not None and not embedding:
       check_roles(where, weight, equation)
