@@ -6,6 +6,7 @@ transformers' own function. Tiny random Qwen3-MoE (8 experts, top-2, 2 layers, d
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -98,15 +99,29 @@ def test_all_linear_adapts_the_experts_and_not_the_router(moe):
 @pytest.mark.parametrize("matmul", ["dense", "ragged", "blocked"])
 @pytest.mark.parametrize("tokens,experts,k", [(508, 16, 4), (7, 4, 2), (3, 16, 1)])
 def test_grouped_matmul_equals_a_per_row_gather(matmul, tokens, experts, k):
-  """Each row times its own expert's weight, in numpy; odd sizes, experts with no rows included."""
+  """Each token times each of its experts' weights, in numpy; odd sizes, experts with no rows
+  included; through dispatch to the slots, the grouped matmul and back (forward and gradient)."""
   rng = np.random.default_rng(tokens)
-  x = rng.standard_normal((tokens * k, 8), np.float32)
+  x = rng.standard_normal((tokens, 8), np.float32)
   w = rng.standard_normal((experts, 8, 5), np.float32)
   chosen = np.argsort(-rng.standard_normal((tokens, experts)), axis=1)[:, :k]
-  groups = sort_by_expert(jnp.asarray(chosen), jnp.ones((tokens, k)), experts)
-  reference = np.einsum("ni,nio->no", x, w[np.asarray(groups.expert)])
-  ours = jax.jit(lambda x, w: grouped(x, w, groups, matmul))(x, w)
-  np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=1e-5)
+  groups = sort_by_expert(jnp.asarray(chosen), jnp.ones((tokens, k)), experts, matmul)
+
+  def per_assignment(x, w):  # [tokens, k, 5]
+    return grouped(groups.dispatch(x), w, groups, matmul)[groups.slot].reshape(tokens, k, 5)
+
+  reference = np.einsum("ti,tkio->tko", x, w[chosen])
+  np.testing.assert_allclose(jax.jit(per_assignment)(x, w), reference, atol=1e-4, rtol=1e-5)
+  if tokens != 7:  # the gradients once (padding, skipped blocks and an empty expert included)
+    return
+  # d/dx and d/dw of the sum of every x W_e, by hand: dx[t] = sum over t's experts of W_e 1
+  combined = lambda x, w: jnp.sum(groups.combine(grouped(groups.dispatch(x), w, groups, matmul)))
+  dx, dw = jax.jit(jax.grad(combined, argnums=(0, 1)))(x, w)
+  np.testing.assert_allclose(dx, w[chosen].sum(axis=(1, 3)), atol=1e-4, rtol=1e-5)
+  ones = np.ones((tokens, k, 5), np.float32)
+  reference_dw = np.zeros_like(w)
+  np.add.at(reference_dw, chosen, np.einsum("ti,tko->tkio", x, ones))
+  np.testing.assert_allclose(dw, reference_dw, atol=1e-3, rtol=1e-5)
 
 
 @pytest.mark.parametrize("matmul", ["ragged", "blocked"])  # dense: the per-row test above
@@ -264,19 +279,25 @@ def test_lora_step_costs_at_most_2_3x_the_forward(moe):
 
 def test_expert_flops_scale_with_top_k_not_with_the_number_of_experts():
   """XLA's cost analysis of the CPU default (blocked): 4x the experts costs about the same, 2x the
-  top-k about twice; the dense one-hot path, for contrast, grows with the experts."""
+  top-k about twice; the dense one-hot path, for contrast, grows with the experts. Blocked is a
+  loop over blocks, which the cost analysis counts once: its cost is that times the trip count
+  XLA infers for the loop."""
   from bench.common import flops_of
 
   def cost(experts, k, matmul="blocked"):
     tokens, rng = 256, np.random.default_rng(0)
     chosen = np.argsort(-rng.standard_normal((tokens, experts)), axis=1)[:, :k]
-    groups = sort_by_expert(jnp.asarray(chosen), jnp.ones((tokens, k)), experts)
-    x, w = jnp.ones((tokens * k, 64)), jnp.ones((experts, 64, 64))
-    return flops_of(jax.jit(lambda x, w: grouped(x, w, groups, matmul)).lower(x, w).compile())
+    groups = sort_by_expert(jnp.asarray(chosen), jnp.ones((tokens, k)), experts, matmul)
+    x, w = jnp.ones((groups.source.shape[0], 64)), jnp.ones((experts, 64, 64))
+    compiled = jax.jit(lambda x, w: grouped(x, w, groups, matmul)).lower(x, w).compile()
+    trips = [int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', compiled.as_text())]
+    assert len(trips) == (matmul == "blocked"), trips
+    return flops_of(compiled) * (trips[0] if trips else 1)
 
   assert cost(32, 2) < 1.2 * cost(8, 2)
   assert 1.6 * cost(8, 1) < cost(8, 2) < 2.4 * cost(8, 1)
   assert cost(32, 2, "dense") > 3.5 * cost(8, 2, "dense")
+  assert cost(8, 2) < 2.0 * 2 * 256 * 2 * 64 * 64  # at most 2x the assignments' FLOPs
 
 
 EXPERT_PARALLEL_SCRIPT = """

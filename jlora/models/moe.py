@@ -196,11 +196,11 @@ class MoeExperts(nn.Module):
 
   def __call__(self, x: jax.Array, weights: jax.Array, chosen: jax.Array) -> jax.Array:
     """x [tokens, d]; weights, chosen [tokens, k] -> [tokens, d]."""
-    groups = sort_by_expert(chosen, weights, self.config.num_experts)
-    rows = jnp.take(x, groups.token, axis=0)
-    h = self.activate(self.gate_up_proj(rows, groups))
+    c = self.config
+    groups = sort_by_expert(chosen, weights, c.num_experts, c.expert_matmul)
+    h = self.activate(self.gate_up_proj(groups.dispatch(x), groups))
     y = self.down_proj(h, groups) * groups.weight[:, None].astype(h.dtype)
-    return jnp.zeros_like(x).at[groups.token].add(y.astype(x.dtype))
+    return groups.combine(y.astype(x.dtype))
 
   def activate(self, gate_up: jax.Array) -> jax.Array:
     """SwiGLU (or the config's activation) on gate_up = [gate | up]."""
