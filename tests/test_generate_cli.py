@@ -127,7 +127,18 @@ def test_cli_process_prints_one_line_and_verbose_shows_traceback(files):
     main([*argv[3:], "--verbose"])
 
 
-def test_good_adapter_still_generates(files, capsys):
-  argv = ["--model", str(files / "model"), "--adapter", str(files / "adapter"), "--prompt", "the"]
-  main([*argv, "--max_new_tokens", "2"])
-  assert capsys.readouterr().out.strip()
+def test_good_adapter_generates_and_an_nnx_model_decodes_the_same_tokens(files, capsys):
+  """A good adapter generates; with --nnx, examples/nnx_llama.py (which mirrors transformers'
+  Llama) read from the same checkpoint decodes, greedily and with the adapter, what jlora's
+  linen Llama decodes."""
+  argv = ["--model", str(files / "model"), "--adapter", str(files / "adapter")]
+  argv += ["--prompt", "the", "--prompt", "a longer prompt", "--max_new_tokens", "5"]
+  main(argv)
+  linen = capsys.readouterr().out
+  main([*argv, "--nnx", "examples.nnx_llama:from_pretrained"])
+  assert capsys.readouterr().out == linen and len(linen.strip()) > 10
+  with pytest.raises(SystemExit) as stopped:  # a bad factory is the flag's one error line
+    main([*argv, "--nnx", "examples.nnx_llama:no_such_factory"])
+  assert stopped.value.code == 2 and "--nnx 'examples.nnx_llama:no_such_factory'" in (
+    capsys.readouterr().err
+  )

@@ -10,6 +10,7 @@ Library use::
 CLI::
 
     python -m train.generate --model smollm2-135m-instruct --prompt "What is the capital of France?"
+    python -m train.generate --model DIR --nnx examples.nnx_llama:from_pretrained --prompt "..."
 
 Several adapters on one base, one batch, one compiled program (every prompt runs under every
 name in --use; 'base' is the model without adapters)::
@@ -216,6 +217,11 @@ def _parser() -> argparse.ArgumentParser:
   add = parser.add_argument
   add("--model", default=DEFAULT_MODEL, help="HF dir, .gguf file, hub id or embedded name")
   add(
+    "--nnx",
+    help="package.module:factory building an NNX model from --model (as train.sft's "
+    "config.model.nnx): generate with it instead of jlora's own family",
+  )
+  add(
     "--adapter",
     action="append",
     help="PEFT adapter dir (adapter_config.json + adapter_model.safetensors); or NAME=DIR, "
@@ -305,11 +311,20 @@ def run(args: argparse.Namespace) -> None:
   import jlora
   from jlora.models import from_pretrained
 
-  # from_pretrained boxes params with their axis names, so jlora knows the layer axis unaided.
-  with naming(f"--model {args.model!r}", MODEL_ERRORS):
-    model, params, tokenizer = from_pretrained(args.model)
-  context = model.config.max_position_embeddings
-  if args.max_new_tokens > context:  # the KV cache is sized by it: a huge value exhausts memory
+  if args.nnx:  # an NNX model built by the user's factory, the same seam as train.sft's
+    from train.sft import build_nnx_model
+
+    model, params, tokenizer = build_nnx_model(
+      args.nnx, args.model, f"--nnx {args.nnx!r}", f"--model {args.model!r}"
+    )
+  else:
+    # from_pretrained boxes params with their axis names, so jlora knows the layer axis unaided.
+    with naming(f"--model {args.model!r}", MODEL_ERRORS):
+      model, params, tokenizer = from_pretrained(args.model)
+  # The cache is sized by max_new_tokens: a huge value exhausts memory (an NNX model without a
+  # family declares no context length).
+  context = getattr(model.config, "max_position_embeddings", math.inf)
+  if args.max_new_tokens > context:
     raise UserError(
       f"--max_new_tokens: {args.max_new_tokens} is not valid; expected at most the model's "
       f"context length, {context}."

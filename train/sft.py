@@ -171,13 +171,23 @@ def load_model(config, mesh):
 
 
 def load_nnx_model(config, mesh):
-  """(NnxCausalLM, its nnx.State placed on `mesh` by its sharding metadata, tokenizer).
-
-  config.model.nnx = "package.module:factory"; the trainer calls factory(config.model.path),
-  which returns an nnx.Module, or (nnx.Module, tokenizer); without a tokenizer it is read from
-  config.model.path. The model's contract is jlora.models.nnx_causal's."""
+  """(NnxCausalLM, its nnx.State placed on `mesh` by its sharding metadata, tokenizer) from
+  config.model.nnx = "package.module:factory" (see build_nnx_model)."""
   spec, path = config.model.nnx, config.model.path
   what = f"config.model.nnx = {spec!r}"
+  model, state, tokenizer = build_nnx_model(spec, path, what, f"config.model.path = {path!r}")
+  check_nnx_run(config, what, model.config)
+  state = jax.device_put(
+    state, shard_lib.named(mesh, shard_lib.logical_specs(state, DEFAULT_RULES))
+  )
+  return model, state, tokenizer
+
+
+def build_nnx_model(spec, path, what: str, path_what: str):
+  """(NnxCausalLM, its nnx.State, tokenizer): factory(path) for spec = "package.module:factory",
+  which returns an nnx.Module, or (nnx.Module, tokenizer); without a tokenizer it is read from
+  `path`. The model's contract is jlora.models.nnx_causal's. `what` / `path_what` name the
+  setting and the path in errors (train.sft's config fields, train.generate's flags)."""
   with naming(what, FACTORY_ERRORS):
     made = import_factory(spec)(path)
   model, tokenizer = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
@@ -187,14 +197,10 @@ def load_nnx_model(config, mesh):
       "(nnx.Module, tokenizer)."
     )
   if tokenizer is None:
-    with naming(f"config.model.path = {path!r} (the tokenizer of {spec!r})", PATH_ERRORS):
+    with naming(f"{path_what} (the tokenizer of {spec!r})", PATH_ERRORS):
       tokenizer = load_tokenizer(Path(distributed.main_first(lambda: resolve_checkpoint(path))))
   family = family_config(model)
-  check_nnx_run(config, what, family)
   graphdef, state = nnx.split(model)
-  state = jax.device_put(
-    state, shard_lib.named(mesh, shard_lib.logical_specs(state, DEFAULT_RULES))
-  )
   return NnxCausalLM(graphdef, family), state, tokenizer
 
 
