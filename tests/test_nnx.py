@@ -272,6 +272,61 @@ def test_mixed_adapter_batch_on_nnx(tiny):
   np.testing.assert_allclose(out[2], nnx.merge(graphdef, state)(tokens)[0], atol=1e-5, rtol=1e-5)
 
 
+class _Einsum(nnx.Module):
+  """A custom projection calling jnp.einsum on its own param `w` (tunix's pattern)."""
+
+  def __init__(self, d: int):
+    self.w = nnx.Param(jax.random.normal(jax.random.key(1), (d, d)))
+
+  def __call__(self, x):
+    return jnp.einsum("td,de->te", x, self.w[...])
+
+
+class _TwoProjections(nnx.Module):
+  """x through a stock nnx.Linear and through a custom einsum module."""
+
+  def __init__(self, d: int):
+    self.linear = nnx.Linear(d, d, use_bias=False, rngs=nnx.Rngs(0))
+    self.proj = _Einsum(d)
+
+  def __call__(self, x):
+    return self.linear(x), self.proj(x)
+
+
+def test_adapter_dropout_on_nnx_drops_the_adapters_input_only():
+  """With A = B = I and scale 1 the adapter path adds its dropped input, so the naive definition
+  checks directly: out - x W is x with each element either 0 or x / (1 - p), about p of them 0
+  (the base sees x whole); each adapted call draws its own mask; one key gives one mask; without
+  a key there is no dropout."""
+  d, p = 8, 0.5
+  graphdef, state = nnx.split(_TwoProjections(d))
+  cfg = jlora.LoraConfig(rank=d, alpha=d, targets=["linear", "proj"], dropout=p)
+  identity = lambda n: n.replace(a=jnp.eye(d), b=jnp.eye(d)) if jlora.is_lora(n) else n
+  lora = jax.tree.map(identity, jlora.apply(state, cfg, jax.random.key(2)), is_leaf=jlora.is_lora)
+  run = jax.jit(jlora.wrap(graphdef))
+  x = np.asarray(jax.random.normal(jax.random.key(3), (64, d)), np.float64) + 3.0  # never 0
+  bases = [
+    np.asarray(v, np.float64)
+    for v in (state["linear"]["kernel"].get_value(), state["proj"]["w"].get_value())
+  ]
+
+  def adapter_inputs(**kwargs):
+    outs = run(lora, jnp.asarray(x, jnp.float32), **kwargs)
+    return [np.asarray(o, np.float64) - x @ w for o, w in zip(outs, bases)]
+
+  for got in adapter_inputs():
+    np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4)
+  key = jax.random.key(4)
+  masks = []
+  for got, again in zip(adapter_inputs(dropout_key=key), adapter_inputs(dropout_key=key)):
+    np.testing.assert_array_equal(got, again)
+    kept = np.isclose(got, x / (1 - p), rtol=1e-4, atol=1e-4)
+    assert (kept | np.isclose(got, 0, atol=1e-4)).all()
+    assert 0.35 < 1 - kept.mean() < 0.65
+    masks.append(kept)
+  assert (masks[0] != masks[1]).any()
+
+
 def test_a_target_that_matches_nothing_lists_the_nnx_paths(tiny):
   _, _, state, layout, _ = tiny
   with pytest.raises(ValueError, match=r"matched no weight(.|\n)*layers/down(.|\n)*layers/q"):
