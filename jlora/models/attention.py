@@ -30,7 +30,7 @@ Implementations (`implementation=`):
   segment ids and soft-capping; training/prefill shapes only (q_offset 0, s == t, lengths that are
   multiples of 128), no sinks, otherwise blockwise.
 * `"auto"` (the default): the fastest implementation that supports the call on the current backend:
-  cudnn on GPU, splash on TPU, blockwise elsewhere (or when the fast one can't serve the call).
+  cudnn on GPU, splash on TPU, blockwise elsewhere (naive for a decode step's one query per row)
 
 The cudnn and splash paths could not be run where this was written (CPU only); they are thin
 wrappers whose eligibility checks follow the JAX documentation, and they fall back to blockwise.
@@ -206,7 +206,9 @@ def resolve(
   cudnn_ok = _cudnn_eligible(q, k, v, q_offset, sliding_window, softcap)
   splash_ok = _splash_eligible(q, k, q_offset, sliding_window)
   if implementation == "auto":
-    return "cudnn" if cudnn_ok else "splash" if splash_ok else "blockwise"
+    # One query per row (a decode step): its scores are one row per key, nothing to block.
+    fallback = "naive" if q.shape[1] == 1 else "blockwise"
+    return "cudnn" if cudnn_ok else "splash" if splash_ok else fallback
   ok = cudnn_ok if implementation == "cudnn" else splash_ok
   return implementation if ok else "blockwise"
 

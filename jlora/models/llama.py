@@ -654,7 +654,7 @@ def checkpoint_policy(name: str, tokens: int) -> tuple[bool, Any]:
 def scan_layers(layer_cls, length: int, n_broadcast: int):
   """`nn.scan` of `layer_cls` over `length` steps with params stacked on a leading "layers" axis.
 
-  The layer is called as (carry, *n_broadcast shared args, per-step cache) -> (carry, cache).
+  The layer is called as (carry, *n_broadcast shared args, per-step input) -> (carry, output).
   """
   return nn.scan(
     layer_cls,
@@ -664,6 +664,32 @@ def scan_layers(layer_cls, length: int, n_broadcast: int):
     length=length,
     metadata_params={nn.PARTITION_NAME: "layers"},
   )
+
+
+def cache_in_carry(layer_cls):
+  """`layer_cls` for `scan_layers` with the carry (h, caches).
+
+  caches None: the per-step input is this layer's cache (or None, training), scanned over as an
+  input and an output. caches given (a decode step, one new token per row): the per-step input is
+  the layer's index, every layer's KV cache rides in the carry and each layer writes its cache
+  back in place; scanned over instead, the caches would be copied whole at every layer of every
+  step (most of a CPU decode step at batch 16).
+  """
+
+  class CacheInCarry(layer_cls):
+    def __call__(self, carry, *args):
+      (h, caches), (*shared, per_step) = carry, args
+      if caches is None:
+        h, new = layer_cls.__call__(self, h, *shared, per_step)
+        return (h, None), new
+      # A barrier makes this layer's slice its own buffer, so writing the stack needs no copy.
+      mine = jax.lax.optimization_barrier(jax.tree.map(lambda stack: stack[per_step], caches))
+      h, new = layer_cls.__call__(self, h, *shared, mine)
+      put = lambda stack, layer: jax.lax.dynamic_update_index_in_dim(stack, layer, per_step, 0)  # noqa: E731
+      return (h, jax.tree.map(put, caches, new)), None
+
+  CacheInCarry.__name__ = CacheInCarry.__qualname__ = f"CacheInCarry{layer_cls.__name__}"
+  return CacheInCarry
 
 
 def embed(config) -> nn.Embed:
@@ -685,8 +711,8 @@ class LlamaModel(nn.Module):
     self.embed_tokens = embed(c)
     layer = remat(self.decoder_layer, c)
     if c.scan_layers:
-      # cos, sin, segments and offset are shared by every layer; the cache is per layer.
-      self.layers = scan_layers(layer, c.num_hidden_layers, 5)(c)
+      # cos, sin, segments and offset are shared by every layer; the caches ride in the carry.
+      self.layers = scan_layers(cache_in_carry(layer), c.num_hidden_layers, 5)(c)
     else:
       self.layers = [layer(c) for _ in range(c.num_hidden_layers)]
     self.norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
@@ -702,7 +728,12 @@ class LlamaModel(nn.Module):
 
     args = (cos, sin, segment_ids, kv_segments, q_offset)
     if c.scan_layers:
-      h, new_layer_caches = self.layers(h, *args, layer_caches)
+      if layer_caches is not None and input_ids.shape[1] == 1:  # a decode step
+        (h, new_layer_caches), _ = self.layers(
+          (h, layer_caches), *args, jnp.arange(c.num_hidden_layers)
+        )
+      else:
+        (h, _), new_layer_caches = self.layers((h, None), *args, layer_caches)
     else:
       per_layer = []
       for i, layer in enumerate(self.layers):
