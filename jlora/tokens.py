@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jlora import boxes
 from jlora import config as config_lib
 from jlora.config import EMBEDDING, IN, KERNEL, OUT
 from jlora.quant import dequantized
@@ -124,7 +125,7 @@ def vocab_tables(params, vocab_size: int) -> dict[str, int]:
   head kernels [d, V] (OUTPUT_HEAD_NAMES) whose V is `vocab_size`."""
   found = {}
   for path, (name, leaf) in config_lib.candidate_leaves(params).items():
-    shape = tuple(leaf.unbox().shape if hasattr(leaf, "unbox") else leaf.shape)
+    shape = tuple(boxes.unboxed(leaf).shape)
     if name == EMBEDDING and len(shape) == 2 and shape[0] == vocab_size:
       found[f"{path}/{name}"] = 0
     head = path.rpartition("/")[2] in config_lib.OUTPUT_HEAD_NAMES
@@ -146,13 +147,15 @@ def grow_vocab(params, old_size: int, new_size: int):
     axis = tables.get(config_lib.path_str(key_path))
     if axis is None:
       return leaf
-    value = leaf.unbox() if hasattr(leaf, "unbox") else leaf
+    value = boxes.unboxed(leaf)
     mean = jnp.mean(value.astype(jnp.float32), axis=axis, keepdims=True).astype(value.dtype)
     extra = jnp.repeat(mean, new_size - old_size, axis=axis)
     grown = jnp.concatenate([value, extra], axis=axis)
     sharding = getattr(value, "sharding", None)
     if sharding is not None and not isinstance(sharding, jax.sharding.SingleDeviceSharding):
       grown = jax.device_put(grown, sharding)
+    if boxes.is_nnx_variable(leaf):
+      return leaf.replace(grown)
     return leaf.replace_boxed(grown) if hasattr(leaf, "replace_boxed") else grown
 
   return jax.tree_util.tree_map_with_path(grow, params, is_leaf=config_lib.is_opaque)

@@ -6,6 +6,7 @@ materialised in numpy (W + scale * A @ B, DoRA's m * V / ||V||), XLA's cost anal
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -482,3 +483,46 @@ def test_a_module_with_two_weights_is_refused_by_name():
   _, state = nnx.split(TwoWeights())
   with pytest.raises(ValueError, match=r"holds several weights \['gating', 'linear'\]"):
     jlora.apply(state, jlora.LoraConfig(rank=2, targets=".*"), jax.random.key(0))
+
+
+def test_added_tokens_grow_an_nnx_models_tables_and_their_rows_train():
+  """config.tokens.add on NNX: the tokenizer gains the tokens, the embedding and the untied head
+  gain mean rows (numpy), old logits stay exactly, a new token's logit is the mean of the old
+  ones (the head is linear), and the new rows train as token rows on the low-rank forward."""
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+  import nnx_llama
+
+  from jlora.models.nnx_causal import NnxCausalLM, family_config
+
+  llama = nnx_llama.LlamaForCausalLM(nnx_llama.LlamaConfig(vocab_size=TINY_VOCAB_SIZE), nnx.Rngs(0))
+  graphdef, state = nnx.split(llama)
+  model, tokenizer = NnxCausalLM(graphdef, family_config(llama)), tiny_tokenizer()
+  ids = jnp.asarray([[5, 9, 17, 3]])
+  before = np.asarray(jax.jit(model.apply)({"params": state}, ids))
+  model, grown, tables = jlora.tokens.add_tokens(model, state, tokenizer, ["<a>", "<b>"])
+  new = tokenizer.convert_tokens_to_ids(["<a>", "<b>"])
+  assert model.config.vocab_size == TINY_VOCAB_SIZE + 2 == max(new) + 1
+  assert sorted(tables) == ["lm_head", "model/embed_tokens"]
+  for path, transpose in (
+    (("model", "embed_tokens", "embedding"), False),
+    (("lm_head", "kernel"), True),
+  ):
+    old_rows, rows = (
+      np.asarray(functools.reduce(lambda t, k: t[k], path, tree).get_value(), np.float64)
+      for tree in (state, grown)
+    )
+    old_rows, rows = (old_rows.T, rows.T) if transpose else (old_rows, rows)
+    np.testing.assert_allclose(rows[new], np.stack([old_rows.mean(0)] * 2), atol=1e-6)
+  after = np.asarray(jax.jit(model.apply)({"params": grown}, ids))
+  np.testing.assert_array_equal(after[..., :TINY_VOCAB_SIZE], before)
+  np.testing.assert_allclose(after[..., new[0]], before.mean(-1), atol=1e-5)
+
+  cfg = jlora.LoraConfig(rank=2, targets=["q_proj"], trainable_token_indices=tables)
+  trainable, frozen = jlora.split(jlora.apply(grown, cfg, jax.random.key(1)))
+  with_new = jnp.asarray([[5, new[0], 9, 3]])  # <a> is read (embedding row), <b> predicted (head)
+  loss = lambda t: (
+    -jnp.mean(model.apply({"params": jlora.combine(t, frozen)}, with_new)[..., new[1]])
+  )
+  grads = jax.jit(jax.grad(loss))(trainable)
+  rows = [x for x in jax.tree.leaves(grads) if x.shape[0] == 2]  # the 2 added rows per table
+  assert rows and all(float(jnp.abs(r).sum()) > 0 for r in rows)

@@ -218,9 +218,11 @@ def import_factory(spec) -> Callable:
 
 def check_nnx_run(config, what: str, family) -> None:
   """What an NNX model can't do in the trainer, refused before any step runs."""
-  if config.tokens.get("add"):
+  if config.tokens.get("add") and family is None:
     raise UserError(
-      f"config.tokens.add: growing the vocabulary of an NNX model ({what}) is not supported."
+      f"config.tokens.add: the NNX model of {what} declares no registered family (model.config "
+      "with a model_type, e.g. a to_hf_dict() method), so its vocab_size is unknown; declare it "
+      "or drop config.tokens.add."
     )
   ignored = sorted(config_lib.model_overrides(config))
   if ignored:

@@ -55,6 +55,11 @@ class NnxCausalLM:
     self.graphdef, self.config = graphdef, config
     self._run = nnx_forward.wrap(graphdef)
 
+  def clone(self, *, config):
+    """The same model with another family config (e.g. a grown vocab_size: the NNX layers read
+    their table sizes from the state, so the graph needs no change)."""
+    return NnxCausalLM(self.graphdef, config)
+
   def apply(self, variables, *args, method=None, rngs=None, **kwargs):
     if method is not None:  # e.g. the head alone, `logits`
       return method(self, *args, **kwargs)
