@@ -330,11 +330,11 @@ adapter alone on the base.
 {table(r)}
 {targets}
 {sitting_words(r["machine"])} The mixed-adapter ratio compares rows of the same sitting. The engine
-computes all 16 slots at every step, busy or not, over a KV cache as wide as the longest live request
-needs: with one client a token took {one:.0f} ms (p50), against {1000 / seq:.0f} ms per token (prefill
-included) for `train.generate` one request at a time, so on this compute-bound CPU a 16-slot step
-costs several one-row steps. The 4x target assumes a step bound by reading the weights (an
-accelerator); no accelerator was measured in this sitting.
+computes all 16 slots at every step, busy or not (with one client a token took {one:.0f} ms (p50),
+against {1000 / seq:.0f} ms per token, prefill included, for `train.generate` one request at a
+time), and prefills each request alone, the same prefill work `train.generate` does. A decode step
+keeps the KV caches in the layer scan's carry and writes them in place; scanned over as inputs and
+outputs, XLA copied them whole at every layer, which was most of a 16-slot CPU step.
 """
 
 
