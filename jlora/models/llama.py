@@ -682,8 +682,7 @@ def cache_in_carry(layer_cls):
       if caches is None:
         h, new = layer_cls.__call__(self, h, *shared, per_step)
         return (h, None), new
-      # A barrier makes this layer's slice its own buffer, so writing the stack needs no copy.
-      mine = jax.lax.optimization_barrier(jax.tree.map(lambda stack: stack[per_step], caches))
+      mine = jax.tree.map(lambda stack: stack[per_step], caches)
       h, new = layer_cls.__call__(self, h, *shared, mine)
       put = lambda stack, layer: jax.lax.dynamic_update_index_in_dim(stack, layer, per_step, 0)  # noqa: E731
       return (h, jax.tree.map(put, caches, new)), None
