@@ -352,7 +352,7 @@ def test_bad_input(adapted, tmp_path):
   phi = dataclasses.replace(model.config, model_type="phi3")
   with pytest.raises(
     ValueError,
-    match=r"model_type: 'phi3' has no GGUF export; supported: \['llama', 'mistral', 'qwen2', 'qwen3_moe'\]",
+    match=r"model_type: 'phi3' has no GGUF export; supported: \['gpt_oss', 'llama', 'mistral', 'mixtral', 'qwen2', 'qwen3_moe'\]",
   ):
     jlora.export_gguf(tmp_path / "m.gguf", params, phi, tokenizer)
 

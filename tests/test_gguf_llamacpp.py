@@ -1,8 +1,8 @@
 """llama.cpp's own command-line tools run jlora's GGUF exports: `llama-perplexity` on a text gives
 jlora's perplexity on the same tokens within 0.02%, and `llama-completion`'s 32 greedy tokens are
 jlora's, for the merged file and for the base file with the adapter file (`--lora`). On a tiny
-random model, a tiny Qwen3-MoE with LoRA on its experts (merged only: llama.cpp adapters hold no
-experts), and (slow) on the embedded SmolLM2-135M with an adapter on every linear layer.
+random model, a tiny Qwen3-MoE, Mixtral and gpt-oss with LoRA on their experts (merged only:
+llama.cpp adapters hold no experts), and (slow) on the embedded SmolLM2-135M with an adapter on every linear layer.
 
 Needs llama.cpp's tools, built from its source (`llama-tokenize`, `llama-perplexity`,
 `llama-completion`, see the README): `$LLAMA_CPP_BIN/<tool>` or on PATH; skipped without them.
@@ -219,20 +219,50 @@ def test_llama_cpp_runs_an_adapted_smollm2_as_jlora_does(tmp_path):
   print(results)
 
 
-def test_llama_cpp_runs_a_qwen3_moe_export_as_jlora_does(tmp_path):
-  """A tiny Qwen3-MoE (transformers' layout) with LoRA on attention and on the experts, merged
-  and written as llama.cpp's qwen3moe: llama.cpp's perplexity and greedy tokens are jlora's."""
+# Tiny random transformers checkpoints of the MoE families llama.cpp runs, 4 experts, top-2.
+MOE_CASES = {
+  "qwen3_moe": dict(
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, head_dim=16
+  ),
+  "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+  # Sliding layers (window 8 < the 32-token chunks), sinks, biases, YaRN (llama.cpp rounds its
+  # correction range outward, which is transformers' truncate=True).
+  "gpt_oss": dict(
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    intermediate_size=32,
+    head_dim=16,
+    sliding_window=8,
+    rope_parameters={
+      "rope_type": "yarn",
+      "rope_theta": 150000.0,
+      "factor": 4.0,
+      "original_max_position_embeddings": 16,
+      "beta_fast": 32.0,
+      "beta_slow": 1.0,
+      "truncate": True,
+    },
+  ),
+}
+
+
+@pytest.mark.parametrize("model_type", list(MOE_CASES))
+def test_llama_cpp_runs_a_moe_export_as_jlora_does(model_type, tmp_path):
+  """A tiny Qwen3-MoE / Mixtral / gpt-oss (transformers' layout) with LoRA on attention and on the
+  experts, merged and written as llama.cpp's qwen3moe / llama / gpt-oss: llama.cpp's perplexity
+  and greedy tokens are jlora's."""
   from jlora.models import from_pretrained
   from tests import tiny
   from tests.test_gguf_export import IDS, randomize_b
 
-  shape = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
-  directory = tiny.save_torch_checkpoint(tmp_path / "hf", "qwen3_moe", head_dim=16, **shape)
+  directory = tiny.save_torch_checkpoint(tmp_path / "hf", model_type, **MOE_CASES[model_type])
   model, params, tokenizer = from_pretrained(directory)
   cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets="all-linear")
   params = randomize_b(
     jlora.apply(params, cfg, jax.random.key(0), layout=jlora.trace_layout(model, IDS))
   )
+  adapted = jax.tree_util.tree_flatten_with_path(params, is_leaf=jlora.is_lora)[0]
+  assert any(jlora.is_lora(n) and "experts" in jax.tree_util.keystr(p) for p, n in adapted)
   base = jax.tree.map(lambda n: n.base if jlora.is_lora(n) else n, params, is_leaf=jlora.is_lora)
   merged = jlora.export_gguf(tmp_path / "merged.gguf", params, model.config, tokenizer, "f32")
   text_file = tmp_path / "text.txt"

@@ -200,7 +200,7 @@ def test_unsupported_gguf_architecture(tmp_path):
   writer.close()
   with pytest.raises(
     ValueError,
-    match=r"Unsupported GGUF architecture 'falcon'.*'gemma2', 'gemma3', 'llama', 'qwen2'",
+    match=r"Unsupported GGUF architecture 'falcon'.*'gemma2', 'gemma3', 'gpt-oss', 'llama', 'qwen2'",
   ):
     from_pretrained(tmp_path / "x.gguf", cache_dir=tmp_path)
 

@@ -199,10 +199,83 @@ def test_gguf_exports_refuse_what_llama_cpp_would_compute_differently(moe, tmp_p
     ValueError, match="experts/down_proj/kernel is adapted, and llama.cpp adapters hold 2-D"
   ):
     jlora.save_adapter_gguf(tmp_path / "a.gguf", adapted, None, CONFIG)
-  mixtral = dataclasses.replace(CONFIG, model_type="mixtral", qk_norm=False)
-  with pytest.raises(ValueError, match="'mixtral' has no GGUF export"):
-    jlora.export_gguf(tmp_path / "m.gguf", adapted, mixtral, tiny_tokenizer(), "f32")
   assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+GGUF_ROUND_TRIPS = {
+  "mixtral": {},
+  # YaRN, sliding layers, a tied head (llama.cpp's gpt-oss needs output.weight: a copy).
+  "gpt_oss": dict(
+    head_dim=8,
+    sliding_window=4,
+    tie_word_embeddings=True,
+    rope_parameters={
+      "rope_type": "yarn",
+      "rope_theta": 150000.0,
+      "factor": 4.0,
+      "original_max_position_embeddings": 16,
+      "truncate": True,
+    },
+  ),
+}
+
+
+@pytest.mark.parametrize("model_type", list(GGUF_ROUND_TRIPS))
+def test_mixtral_and_gpt_oss_gguf_exports_load_back(model_type, tmp_path):
+  """jlora's GGUF loader reads its own Mixtral (llama + experts) and gpt-oss exports back to the
+  same config and weights, exactly (f32). That the files compute the model, with LoRA on the
+  experts merged, llama.cpp checks (test_gguf_llamacpp); transformers' GGUF loader reads neither
+  (it builds no experts for llama, and its gpt-oss reader expects other tensor names and fails on
+  the YaRN keys)."""
+  from jlora.models import from_pretrained, registry
+  from tests.tiny import TINY_VOCAB_SIZE, tiny_tokenizer
+
+  config = registry.config_from_hf(
+    dict(
+      model_type=model_type,
+      vocab_size=TINY_VOCAB_SIZE,
+      hidden_size=32,
+      intermediate_size=16,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      num_local_experts=4,
+      num_experts_per_tok=2,
+      max_position_embeddings=64,
+      **GGUF_ROUND_TRIPS[model_type],
+    )
+  )
+  model = registry.family_for_config(config).module_cls(config)
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), int)))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes["params"])
+  path = jlora.export_gguf(tmp_path / "m.gguf", params, config, tiny_tokenizer(), "f32")
+  reloaded, reloaded_params, _ = from_pretrained(path)
+  reloaded_params = nn.meta.unbox(reloaded_params)
+  if config.tie_word_embeddings:  # written twice: llama.cpp's gpt-oss requires output.weight
+    assert not reloaded.config.tie_word_embeddings
+    np.testing.assert_array_equal(
+      reloaded_params.pop("lm_head")["kernel"], params["model"]["embed_tokens"]["embedding"].T
+    )
+  fields = (
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "layer_types",
+    "sliding_window",
+  )
+  for field in fields:
+    assert getattr(reloaded.config, field, None) == getattr(config, field, None), field
+  jax.tree.map(np.testing.assert_array_equal, reloaded_params, params)
+  if model_type == "gpt_oss":
+    assert reloaded.config.rope_scaling == {
+      **config.rope_scaling,
+      "beta_fast": 32.0,
+      "beta_slow": 1.0,
+    }
+    clamped = dataclasses.replace(config, swiglu_limit=5.0)
+    with pytest.raises(ValueError, match="swiglu_limit: 5.0 can't be exported as GGUF"):
+      jlora.export_gguf(tmp_path / "c.gguf", params, clamped, tiny_tokenizer(), "f32")
 
 
 @pytest.mark.ref
@@ -219,18 +292,34 @@ def test_router_aux_loss_matches_transformers():
   np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-5)
 
 
+ROUTER_LOSS_CASES = {
+  "qwen3_moe": dict(
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
+  ),
+  # gpt-oss: router bias, softmax over the top-k logits, alternating sliding/full layers.
+  "gpt_oss": dict(
+    num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=16, sliding_window=4
+  ),
+}
+
+
 @pytest.mark.ref
-def test_sft_step_with_router_loss_equals_transformers_loss(tmp_path):
-  """config.model.router_aux_loss_coef > 0: the step's loss is transformers' Qwen3-MoE loss with
-  output_router_logits (cross-entropy + coef * load balancing over the non-padding tokens)."""
+@pytest.mark.parametrize("model_type", list(ROUTER_LOSS_CASES))
+def test_sft_step_with_router_loss_equals_transformers_loss(model_type, tmp_path):
+  """config.model.router_aux_loss_coef > 0: the step's loss is transformers' loss (Qwen3-MoE,
+  gpt-oss) with output_router_logits (cross-entropy + coef * load balancing over the non-padding
+  tokens)."""
   torch = pytest.importorskip("torch")
   from jlora.models import from_pretrained
   from tests import tiny
   from train import step as step_lib
 
-  shape = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
   directory = tiny.save_torch_checkpoint(
-    tmp_path, "qwen3_moe", router_aux_loss_coef=0.3, output_router_logits=True, **shape
+    tmp_path,
+    model_type,
+    router_aux_loss_coef=0.3,
+    output_router_logits=True,
+    **ROUTER_LOSS_CASES[model_type],
   )
   ids = np.random.default_rng(0).integers(3, tiny.TINY_VOCAB_SIZE, (2, 9))
   real = np.ones((2, 9), np.int32)

@@ -71,6 +71,8 @@ def test_gguf_mapping_is_found_both_ways():
   for arch, (_, mapping) in registry.GGUF_ARCHITECTURES.items():
     assert registry.gguf_for_model_type(mapping.model_type) == (arch, mapping)
   assert registry.gguf_for_model_type("mistral")[0] == "llama"
+  llama = registry.gguf_architecture("llama")[1]
+  assert registry.gguf_for_model_type("mixtral") == ("llama", llama.with_experts)  # as llama.cpp
   with pytest.raises(ValueError, match=r"'phi3' has no GGUF architecture"):
     registry.gguf_for_model_type("phi3")
 

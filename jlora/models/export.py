@@ -10,8 +10,9 @@ time and its adapter merged into that slice only (into dequant(W4) for a QLoRA b
 holds one layer's tensors on the host on top of the params, never a merged copy of the model.
 
 GGUF files are written the way llama.cpp's convert_hf_to_gguf.py writes them: tensor names from the
-gguf package's HF -> GGUF table, Q/K rows permuted for the llama architecture (gguf_spec), 1-D
-tensors (norms, biases) in F32, and the header, metadata and tensor index written before the
+gguf package's HF -> GGUF table, Q/K rows permuted for the llama architecture (gguf_spec), fused
+MoE experts split into llama.cpp's per-projection expert tensors, vectors, biases and routers in
+F32, and the header, metadata and tensor index written before the
 tensor data, which is then streamed tensor by tensor.
 """
 
@@ -218,10 +219,11 @@ def source_tokenizer_pre(model_path) -> str | None:
   return field.contents() if field is not None else None
 
 
-def _tensor_type(shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType, head: bool):
-  """F32 for vectors; the wanted type for matrices, F16 where rows don't split into its blocks
-  (llama.cpp's converter falls back the same way), Q8_0 for the head of a 4/5-bit file."""
-  if len(shape) < 2:
+def _tensor_type(name: str, shape: tuple[int, ...], wanted, head: bool):
+  """F32 for vectors, biases and MoE routers (llama.cpp's converter keeps them F32); the wanted
+  type for matrices, F16 where rows don't split into its blocks (the converter falls back the same
+  way), Q8_0 for the head of a 4/5-bit file."""
+  if len(shape) < 2 or not name.endswith(".weight") or ".ffn_gate_inp." in name:
     return Q.F32
   if head and wanted in _LOW_BIT:
     wanted = Q.Q8_0
@@ -270,12 +272,16 @@ def gguf_plan(params, config, dtype: str) -> list[GgufTensor]:
   plan = hf_tensors(params, config)
   _check_head({t.name for t in plan}, bool(config.tie_word_embeddings), "export_gguf")
   head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+  in_out = registry.hf_names(config).experts_in_out
   out, layer_of = [], {}
   for t in plan:
-    tensors = _expert_tensors(spec, t, dtype)
+    tensors = _expert_tensors(spec, t, dtype, in_out)
     if tensors is None:
-      qtype = _tensor_type(t.shape, GGUF_TYPES[dtype], head=t.name == head)
-      tensors = [GgufTensor(spec.tensor_name(t.name), t.shape, qtype, _gguf_value(spec, config, t))]
+      name = spec.tensor_name(t.name)
+      qtype = _tensor_type(name, t.shape, GGUF_TYPES[dtype], head=t.name == head)
+      tensors = [GgufTensor(name, t.shape, qtype, _gguf_value(spec, config, t))]
+      if t.name == head and config.tie_word_embeddings and spec.mapping.untied_output:
+        tensors.append(dataclasses.replace(tensors[0], name="output.weight"))
     out += tensors
     layer_of.update((o.name, t.layer) for o in tensors)
   rank = {"token_embd.weight": -2, "output_norm.weight": 1e9, "output.weight": 1e9 + 1}
@@ -287,23 +293,32 @@ def gguf_plan(params, config, dtype: str) -> list[GgufTensor]:
   return out
 
 
-def _expert_tensors(spec: gguf_spec.GgufWriting, t: HfTensor, dtype: str):
-  """A fused expert parameter [E, out, in] as llama.cpp's expert tensors (the mapping's `experts`:
-  gate_up_proj -> ffn_gate_exps + ffn_up_exps, slices of the output axis); None for other tensors."""
-  layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", t.name)
+def _expert_tensors(spec: gguf_spec.GgufWriting, t: HfTensor, dtype: str, in_out: bool):
+  """A fused expert parameter as llama.cpp's expert tensors (the mapping's `experts`): gate_up_proj
+  [E, 2I, d] -> ffn_gate_exps + ffn_up_exps [E, I, d], halves of the output axis, or its alternate
+  rows where the mapping is interleaved (gpt-oss); its bias `gate_up_proj_bias` [E, 2I] splits the
+  same way into their `.bias`. Experts kept [E, in, out] (gpt-oss) are transposed first. None for
+  other tensors."""
+  layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+?)(_bias)?", t.name)
   stems = layer and spec.mapping.experts.get(layer.group(2))
   if not stems:
     return None
-  experts, rows, cols = t.shape
-  part = rows // len(stems)
-  shape = (experts, part, cols)
-  qtype = _tensor_type(shape, GGUF_TYPES[dtype], head=False)
+  kind = "bias" if layer.group(3) else "weight"
+  read, shape = t.read, t.shape
+  if kind == "weight" and in_out:
+    read, shape = (lambda: to_torch(t.read())), torch_shape(shape)
+  n = len(stems)
+  part = shape[1] // n
+  part_shape = (shape[0], part, *shape[2:])
+  qtype = _tensor_type(f".{kind}", part_shape, GGUF_TYPES[dtype], head=False)
 
   def piece(i: int) -> Callable[[], np.ndarray]:
-    return lambda: t.read()[:, i * part : (i + 1) * part, :]
+    if spec.mapping.interleaved:
+      return lambda: read()[:, i::n]
+    return lambda: read()[:, i * part : (i + 1) * part]
 
   return [
-    GgufTensor(f"blk.{layer.group(1)}.{stem}.weight", shape, qtype, piece(i))
+    GgufTensor(f"blk.{layer.group(1)}.{stem}.{kind}", part_shape, qtype, piece(i))
     for i, stem in enumerate(stems)
   ]
 
@@ -358,6 +373,7 @@ def export_gguf(
   if (
     getattr(config, "sliding_window", None)
     and config.sliding_window < config.max_position_embeddings
+    and not spec.mapping.swa
   ):
     warnings.warn(
       f"config.sliding_window={config.sliding_window}: llama.cpp's {spec.arch!r} architecture "

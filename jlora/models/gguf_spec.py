@@ -23,6 +23,7 @@ import gguf
 import numpy as np
 
 from jlora.models import registry
+from jlora.models.gemma import LOCAL
 
 
 def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -39,13 +40,13 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
   )
 
 
-def llama_hparams(writer: gguf.GGUFWriter, config: Any) -> None:
-  """The `{arch}.*` keys llama.cpp reads for a Llama-style decoder (llama, mistral, qwen2)."""
+def decoder_hparams(writer: gguf.GGUFWriter, config: Any, feed_forward: int) -> None:
+  """The `{arch}.*` keys llama.cpp reads for every Llama-style decoder."""
   c = config
   writer.add_context_length(c.max_position_embeddings)
   writer.add_embedding_length(c.hidden_size)
   writer.add_block_count(c.num_hidden_layers)
-  writer.add_feed_forward_length(c.intermediate_size)
+  writer.add_feed_forward_length(feed_forward)
   writer.add_head_count(c.num_attention_heads)
   writer.add_head_count_kv(c.num_key_value_heads)
   writer.add_key_length(c.head_dim)
@@ -59,21 +60,71 @@ def llama_hparams(writer: gguf.GGUFWriter, config: Any) -> None:
   if rope_type == "linear":
     writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     writer.add_rope_scaling_factor(scaling["factor"])
+  elif rope_type == "yarn":  # as llama.cpp's converter writes it
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(scaling["factor"])
+    writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    for key, add in (
+      ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+      ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+      ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
+    ):
+      if scaling.get(key) is not None:
+        add(scaling[key])
   # llama3 scaling is not a key: llama.cpp reads it as the per-frequency tensor rope_freqs.weight.
 
 
-def moe_hparams(writer: gguf.GGUFWriter, config: Any) -> None:
-  """Llama's keys plus the experts'. llama.cpp always renormalises the top-k routing weights, so a
-  model that doesn't (Qwen3-MoE with norm_topk_prob=False) is refused rather than written wrong."""
+def expert_hparams(writer: gguf.GGUFWriter, config: Any) -> None:
+  """The experts' keys. llama.cpp's llama and qwen3moe always renormalise the top-k routing
+  weights, so a model that doesn't (Qwen3-MoE with norm_topk_prob=False) is refused rather than
+  written wrong."""
   if not config.norm_topk_prob:
     raise ValueError(
       "norm_topk_prob: False can't be exported as GGUF: llama.cpp renormalises the top-k routing "
       "weights of every MoE layer, so the file would compute another model; use export_merged."
     )
-  llama_hparams(writer, config)
+  writer.add_expert_count(config.num_experts)
+  writer.add_expert_used_count(config.num_experts_per_tok)
+
+
+def llama_hparams(writer: gguf.GGUFWriter, config: Any) -> None:
+  """Llama, Mistral, Qwen2 and Mixtral (llama.cpp's llama with experts: the experts' width is
+  feed_forward_length)."""
+  if getattr(config, "num_experts", None):
+    decoder_hparams(writer, config, config.moe_intermediate_size)
+    expert_hparams(writer, config)
+  else:
+    decoder_hparams(writer, config, config.intermediate_size)
+
+
+def moe_hparams(writer: gguf.GGUFWriter, config: Any) -> None:
+  """Qwen3-MoE: llama's keys, the experts' and their own width."""
+  decoder_hparams(writer, config, config.intermediate_size)
+  expert_hparams(writer, config)
+  writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+
+
+# What llama.cpp's gpt-oss fixes in code rather than reads: a jlora config that differs is refused.
+GPT_OSS_FIXED = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0, "attention_bias": True}
+
+
+def gpt_oss_hparams(writer: gguf.GGUFWriter, config: Any) -> None:
+  """gpt-oss: the experts (their width in both ff keys, as llama.cpp's converter writes them), the
+  sliding window, and which layers use it (an array of flags, which llama.cpp reads in place of
+  its default pattern). YaRN's keys are written as the converter does; llama.cpp rounds YaRN's
+  correction range outward, transformers' `truncate: False` (gpt-oss's own setting) doesn't."""
+  for key, value in GPT_OSS_FIXED.items():
+    if getattr(config, key) != value:
+      raise ValueError(
+        f"{key}: {getattr(config, key)!r} can't be exported as GGUF: llama.cpp's gpt-oss fixes it "
+        f"at {value!r}, so the file would compute another model; use export_merged."
+      )
+  decoder_hparams(writer, config, config.moe_intermediate_size)
   writer.add_expert_count(config.num_experts)
   writer.add_expert_used_count(config.num_experts_per_tok)
   writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+  writer.add_sliding_window(config.sliding_window or config.max_position_embeddings)
+  writer.add_sliding_window_pattern([t == LOCAL for t in config.layer_types])
 
 
 # GGUF architectures whose metadata this module writes -> the writer. Tensor names, the Q/K
@@ -82,6 +133,7 @@ HPARAMS_WRITERS: dict[str, Callable[[gguf.GGUFWriter, Any], None]] = {
   "llama": llama_hparams,
   "qwen2": llama_hparams,
   "qwen3moe": moe_hparams,
+  "gpt-oss": gpt_oss_hparams,
 }
 
 
@@ -97,6 +149,8 @@ class GgufWriting:
     """llama.cpp's name for an HF tensor: model.layers.3.self_attn.q_proj.weight ->
     blk.3.attn_q.weight (the inverse of the loader's `gguf_to_hf_name`)."""
     module, kind = hf_name.rsplit(".", 1)
+    if kind not in ("weight", "bias"):  # a bare parameter (gpt-oss's self_attn.sinks)
+      module, kind = hf_name, "weight"
     layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
     if layer:
       stem = {v: k for k, v in self.mapping.layer.items()}.get(layer.group(2))
@@ -111,7 +165,10 @@ class GgufWriting:
 def exportable_model_types() -> list[str]:
   types = set(registry.GGUF_ARCH_ALIASES)
   types |= {
-    m.model_type for a, (_, m) in registry.GGUF_ARCHITECTURES.items() if a in HPARAMS_WRITERS
+    v.model_type
+    for a, (_, m) in registry.GGUF_ARCHITECTURES.items()
+    if a in HPARAMS_WRITERS
+    for v in m.variants()
   }
   return sorted(types)
 

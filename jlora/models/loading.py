@@ -71,7 +71,7 @@ HUB_PATTERNS = [
   "chat_template.json",
 ]
 # Bump when the GGUF conversion output changes, so stale caches are not reused.
-_GGUF_CONVERTER_VERSION = 3
+_GGUF_CONVERTER_VERSION = 4
 # Converted GGUFs are written in safetensors shards of at most this many bytes.
 GGUF_SHARD_BYTES = 2 << 30
 # Tensors some checkpoints carry that the model recomputes.
@@ -413,7 +413,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
   arch = field("general.architecture")
   try:
-    _, mapping = registry.gguf_architecture(arch)
+    _, mapping = registry.gguf_architecture(arch, experts=bool(field(f"{arch}.expert_count", 0)))
   except ValueError as e:
     raise UserError(f"{gguf_path}: {e}") from None
   tensors = {t.name: t for t in reader.tensors}
@@ -425,6 +425,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
   config = registry.config_from_hf(gguf_hf_config(field, tensors, arch, mapping))
 
   shards = _ShardWriter(out_dir, GGUF_SHARD_BYTES)
+  in_out = registry.hf_names(config).experts_in_out
   expert_parts: dict[str, dict[int, np.ndarray]] = {}  # fused expert tensor -> its slices so far
   for name, t in tensors.items():
     hf = gguf_to_hf_name(name, mapping)
@@ -433,12 +434,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
       raise UserError(f"Unexpected GGUF tensor {name!r} in {gguf_path}")
     # dequantize returns numpy in [out, in] order (torch Linear layout) for every ggml type.
     w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-    if expert is not None:  # [E, out / parts, in]: joined along the output axis once all are read
+    if expert is not None:  # [E, out / parts, ...]: joined along the output axis once all are read
       hf, index, count = expert
       parts = expert_parts.setdefault(hf, {})
       parts[index] = w
       if len(parts) == count:
-        shards.add(hf, np.concatenate([parts.pop(i) for i in range(count)], axis=1))
+        joined = [parts.pop(i) for i in range(count)]
+        shards.add(hf, join_expert_parts(joined, mapping.interleaved, in_out and "_bias" not in hf))
       continue
     stem = name.rsplit(".", 1)[0]
     if mapping.permute_qk and stem.endswith((".attn_q", ".attn_k")):
@@ -459,6 +461,8 @@ def gguf_to_hf_name(name: str, mapping: registry.GGUFMapping) -> str | None:
   if stem.startswith("blk."):
     _, layer, short = stem.split(".", 2)
     module = mapping.layer.get(short)
+    if module is not None and module.endswith(".sinks"):  # an HF parameter without `.weight`
+      return f"model.layers.{layer}.{module}"
     return None if module is None else f"model.layers.{layer}.{module}.{kind}"
   module = mapping.globals.get(stem)
   return None if module is None else f"{module}.{kind}"
@@ -467,14 +471,27 @@ def gguf_to_hf_name(name: str, mapping: registry.GGUFMapping) -> str | None:
 def gguf_expert_part(name: str, mapping: registry.GGUFMapping) -> tuple[str, int, int] | None:
   """`blk.3.ffn_up_exps.weight` -> (`model.layers.3.mlp.experts.gate_up_proj`, 1, 2): the fused HF
   expert tensor it is a slice of, its index and the slice count (mapping.experts); else None."""
-  stem = name.rsplit(".", 1)[0]
+  stem, kind = name.rsplit(".", 1)
   if not stem.startswith("blk."):
     return None
   _, layer, short = stem.split(".", 2)
+  suffix = "_bias" if kind == "bias" else ""  # gpt-oss: experts.gate_up_proj_bias
   for hf, stems in mapping.experts.items():
     if short in stems:
-      return f"model.layers.{layer}.{hf}", stems.index(short), len(stems)
+      return f"model.layers.{layer}.{hf}{suffix}", stems.index(short), len(stems)
   return None
+
+
+def join_expert_parts(parts: list[np.ndarray], interleaved: bool, in_out: bool) -> np.ndarray:
+  """The inverse of the exporter's split: parts [E, n, ...] joined along axis 1, one after the
+  other or (interleaved) row by row: part j's row i becomes row i * len(parts) + j; then
+  transposed to [E, in, out] for a family that keeps its experts so (gpt-oss)."""
+  if interleaved:
+    stacked = np.stack(parts, axis=2)
+    joined = stacked.reshape(stacked.shape[0], -1, *stacked.shape[3:])
+  else:
+    joined = np.concatenate(parts, axis=1)
+  return np.ascontiguousarray(to_torch(joined)) if in_out else joined
 
 
 def gguf_hf_config(field, tensors: dict, arch: str, mapping: registry.GGUFMapping) -> dict:
@@ -485,9 +502,11 @@ def gguf_hf_config(field, tensors: dict, arch: str, mapping: registry.GGUFMappin
   scaling_type = field(f"{arch}.rope.scaling.type", "none")
   if scaling_type == "linear":
     rope_scaling = {"rope_type": "linear", "factor": float(field(f"{arch}.rope.scaling.factor"))}
+  elif scaling_type == "yarn":
+    rope_scaling = gguf_yarn(field, arch)
   elif scaling_type != "none":
     raise UserError(
-      f"GGUF rope scaling type {scaling_type!r} is not supported; supported: none, linear"
+      f"GGUF rope scaling type {scaling_type!r} is not supported; supported: none, linear, yarn"
     )
   d = {
     "model_type": mapping.model_type,
@@ -509,6 +528,23 @@ def gguf_hf_config(field, tensors: dict, arch: str, mapping: registry.GGUFMappin
   if mapping.extra_config is not None:
     d.update(mapping.extra_config(field, arch))
   return d
+
+
+def gguf_yarn(field, arch: str) -> dict:
+  """YaRN as llama.cpp runs it: its defaults, and the correction range rounded outward
+  (transformers' truncate=True)."""
+  scaling = {
+    "rope_type": "yarn",
+    "factor": float(field(f"{arch}.rope.scaling.factor")),
+    "original_max_position_embeddings": int(field(f"{arch}.rope.scaling.original_context_length")),
+    "beta_fast": float(field(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+    "beta_slow": float(field(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
+    "truncate": True,
+  }
+  attention_factor = field(f"{arch}.rope.scaling.yarn_attn_factor", None)
+  if attention_factor is not None:
+    scaling["attention_factor"] = float(attention_factor)
+  return scaling
 
 
 class _ShardWriter:

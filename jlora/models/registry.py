@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from jlora.errors import UserError
-from jlora.models.gemma import GemmaConfig, GemmaForCausalLM
+from jlora.models.gemma import GLOBAL, LOCAL, GemmaConfig, GemmaForCausalLM
 from jlora.models.gpt_oss import GptOssConfig, GptOssForCausalLM
 from jlora.models.llama import DEFAULT_RULES, LlamaConfig, LlamaForCausalLM
 from jlora.models.moe import MoeConfig, MoeForCausalLM
@@ -52,6 +52,14 @@ GGUF_MOE_EXPERTS = {
   "mlp.experts.down_proj": ("ffn_down_exps",),
 }
 GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# gpt-oss as llama.cpp's gpt-oss: biased attention with sinks (an HF parameter without `.weight`),
+# a biased router, and the experts (with biases, `gate_up_proj_bias` -> the stems' `.bias`).
+GGUF_GPT_OSS_LAYER = {
+  **{k: v for k, v in GGUF_LLAMA_LAYER.items() if not k.startswith("ffn_")},
+  "post_attention_norm": "post_attention_layernorm",
+  "attn_sinks": "self_attn.sinks",
+  "ffn_gate_inp": "mlp.router",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +69,13 @@ class GGUFMapping:
   layer / globals: GGUF tensor stem -> HF module (see GGUF_LLAMA_LAYER). permute_qk: llama.cpp
   interleaved Q/K rows for its rope layout (Llama). norm_offset: llama.cpp stores Gemma's norm
   weights as `1 + w`, so the loader subtracts it (and an exporter adds it). experts: fused HF
-  expert parameters and the GGUF tensors they split into (GGUF_MOE_EXPERTS). config: the GGUF
-  metadata read into an HF config dict, given `field(key, default)` and the tensor names/shapes.
+  expert parameters and the GGUF tensors they split into (GGUF_MOE_EXPERTS); their biases
+  (`<param>_bias`) split into the same stems' `.bias`. interleaved: the split parts alternate along
+  the output axis (gpt-oss's gate, up, gate, ...) rather than follow each other. extra_config: the
+  family's GGUF metadata read into HF config fields, given `field(key, default)` and the arch.
+  with_experts: the mapping of the same architecture's files that hold experts (llama.cpp writes
+  Mixtral as `llama` with `llama.expert_count`). swa: llama.cpp runs the config's sliding window.
+  untied_output: llama.cpp requires output.weight (a tied head is written as a copy).
   """
 
   model_type: str
@@ -71,7 +84,14 @@ class GGUFMapping:
   permute_qk: bool = False
   norm_offset: float = 0.0
   experts: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  interleaved: bool = False
   extra_config: Callable[[Callable, str], dict] | None = None
+  with_experts: GGUFMapping | None = None
+  swa: bool = False
+  untied_output: bool = False
+
+  def variants(self) -> tuple[GGUFMapping, ...]:
+    return (self,) if self.with_experts is None else (self, self.with_experts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +131,34 @@ def _moe_gguf_config(field: Callable, arch: str) -> dict:
   }
 
 
+def _mixtral_gguf_config(field: Callable, arch: str) -> dict:
+  """Mixtral in a `llama` file: the expert counts; the experts' width is feed_forward_length."""
+  return {
+    "num_local_experts": int(field(f"{arch}.expert_count")),
+    "num_experts_per_tok": int(field(f"{arch}.expert_used_count")),
+  }
+
+
+def _gpt_oss_gguf_config(field: Callable, arch: str) -> dict:
+  """gpt-oss: the experts, the sliding window and which layers use it (llama.cpp's default
+  pattern is sliding, full, sliding, ...); swiglu's constants are llama.cpp's fixed ones."""
+  n_layers = int(field(f"{arch}.block_count"))
+  pattern = field(f"{arch}.attention.sliding_window_pattern", 2)
+  if not isinstance(pattern, list):  # every n-th layer full, the others sliding (0: all sliding)
+    pattern = [pattern == 0 or i % pattern < pattern - 1 for i in range(n_layers)]
+  extra = {
+    "num_local_experts": int(field(f"{arch}.expert_count")),
+    "num_experts_per_tok": int(field(f"{arch}.expert_used_count")),
+    "intermediate_size": int(field(f"{arch}.expert_feed_forward_length")),
+    "sliding_window": int(field(f"{arch}.attention.sliding_window")),
+    "layer_types": [LOCAL if s else GLOBAL for s in pattern],
+    "attention_bias": True,
+  }
+  if field(f"{arch}.rope.scaling.type", "none") == "none":  # else gpt-oss's default is YaRN
+    extra["rope_parameters"] = {"rope_type": "default"}
+  return extra
+
+
 FAMILIES: tuple[Family, ...] = (
   Family(
     name="llama",
@@ -118,7 +166,18 @@ FAMILIES: tuple[Family, ...] = (
     config_cls=LlamaConfig,
     module_cls=LlamaForCausalLM,
     gguf={
-      "llama": GGUFMapping("llama", GGUF_LLAMA_LAYER, permute_qk=True),
+      "llama": GGUFMapping(
+        "llama",
+        GGUF_LLAMA_LAYER,
+        permute_qk=True,
+        with_experts=GGUFMapping(
+          "mixtral",
+          GGUF_MOE_LAYER,
+          permute_qk=True,
+          experts=GGUF_MOE_EXPERTS,
+          extra_config=_mixtral_gguf_config,
+        ),
+      ),
       "qwen2": GGUFMapping("qwen2", GGUF_LLAMA_LAYER),
       "qwen3": GGUFMapping("qwen3", {**GGUF_LLAMA_LAYER, **GGUF_QK_NORM}),
     },
@@ -142,6 +201,17 @@ FAMILIES: tuple[Family, ...] = (
     model_types=("gpt_oss",),
     config_cls=GptOssConfig,
     module_cls=GptOssForCausalLM,
+    gguf={
+      "gpt-oss": GGUFMapping(
+        "gpt_oss",
+        GGUF_GPT_OSS_LAYER,
+        experts=GGUF_MOE_EXPERTS,
+        interleaved=True,
+        extra_config=_gpt_oss_gguf_config,
+        swa=True,
+        untied_output=True,
+      ),
+    },
   ),
   Family(
     name="gemma",
@@ -208,12 +278,18 @@ def hf_names(config) -> HFNames:
   return family_for_config(config).hf_names(config)
 
 
-def gguf_architecture(arch: str) -> tuple[Family, GGUFMapping]:
+def gguf_architecture(arch: str, experts: bool = False) -> tuple[Family, GGUFMapping]:
+  """The family and mapping of a GGUF architecture; experts: the file has experts (`{arch}.
+  expert_count`), which selects the architecture's `with_experts` mapping where it has one (Mixtral
+  in a llama file, whose family is then the MoE one)."""
   if arch not in GGUF_ARCHITECTURES:
     raise UserError(
       f"Unsupported GGUF architecture {arch!r}; supported: {sorted(GGUF_ARCHITECTURES)}."
     )
-  return GGUF_ARCHITECTURES[arch]
+  family, mapping = GGUF_ARCHITECTURES[arch]
+  if experts and mapping.with_experts is not None:
+    return family_for_model_type(mapping.with_experts.model_type), mapping.with_experts
+  return family, mapping
 
 
 # HF model_types that llama.cpp writes under another family member's GGUF architecture.
@@ -223,10 +299,14 @@ GGUF_ARCH_ALIASES = {"mistral": "llama"}
 def gguf_for_model_type(model_type: str) -> tuple[str, GGUFMapping]:
   """(GGUF architecture, its mapping) for an HF model_type: what a GGUF exporter writes."""
   for arch, (_, mapping) in GGUF_ARCHITECTURES.items():
-    if mapping.model_type == model_type or arch == GGUF_ARCH_ALIASES.get(model_type):
+    if arch == GGUF_ARCH_ALIASES.get(model_type):
       return arch, mapping
+    for variant in mapping.variants():
+      if variant.model_type == model_type:
+        return arch, variant
   supported = sorted(
-    {m.model_type for _, m in GGUF_ARCHITECTURES.values()} | set(GGUF_ARCH_ALIASES)
+    {v.model_type for _, m in GGUF_ARCHITECTURES.values() for v in m.variants()}
+    | set(GGUF_ARCH_ALIASES)
   )
   raise ValueError(
     f"model_type {model_type!r} has no GGUF architecture in jlora; expected one of {supported}."
