@@ -1,7 +1,7 @@
 """Serving: `train.serve` under 1, 4 and 16 concurrent streaming clients, spread over 4 adapters
 and over 1 adapter, against `train.generate` run one request at a time.
 
-    python -m bench.serve [--requests-per-client 2] [--max-tokens 32] [--out bench/results/serve.json]
+    python -m bench.serve [--requests-per-client 4] [--max-tokens 32] [--out bench/results/serve.json]
     python -m bench.serve --smoke      # a tiny random model, to check that it runs
 
 Model: the embedded SmolLM2-135M-Instruct (fp32). Four LoRA adapters (rank 16 on q,k,v,o;
@@ -158,7 +158,7 @@ def sequential(model_path: str, dirs: dict, requests: int, max_tokens: int) -> d
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--requests-per-client", type=int, default=2)
+  parser.add_argument("--requests-per-client", type=int, default=4)
   parser.add_argument("--max-tokens", type=int, default=32)
   parser.add_argument("--clients", default="1,4,16")
   parser.add_argument("--out", default="bench/results/serve.json")
