@@ -73,8 +73,9 @@ def llama_tokenize(model_file, text: str, bos: bool = True) -> list[int]:
 
 def run_tool(args: list[str], complete) -> subprocess.CompletedProcess:
   """Runs a llama.cpp tool until `complete(result)`: its logger writes from a thread that can
-  drop the last lines at exit (about one run in ten here), so a short output is run again."""
-  for _ in range(5):
+  drop the last lines at exit (one run in ten on a loaded machine, most runs on an idle one:
+  llama-completion's tokens on a tiny model), so a short output is run again."""
+  for _ in range(40):
     done = subprocess.run(args, capture_output=True, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:].decode(errors="replace")
     if complete(done):
