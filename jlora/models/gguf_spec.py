@@ -120,8 +120,7 @@ def gpt_oss_hparams(writer: gguf.GGUFWriter, config: Any) -> None:
         f"at {value!r}, so the file would compute another model; use export_merged."
       )
   decoder_hparams(writer, config, config.moe_intermediate_size)
-  writer.add_expert_count(config.num_experts)
-  writer.add_expert_used_count(config.num_experts_per_tok)
+  expert_hparams(writer, config)  # gpt-oss's top-k softmax always sums to one
   writer.add_expert_feed_forward_length(config.moe_intermediate_size)
   writer.add_sliding_window(config.sliding_window or config.max_position_embeddings)
   writer.add_sliding_window_pattern([t == LOCAL for t in config.layer_types])
