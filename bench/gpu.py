@@ -122,12 +122,15 @@ def worker_jlora(args, qlora: bool) -> dict:
     dtype=jnp.bfloat16,
     param_dtype=jnp.bfloat16,
     remat_policy=args.remat,
+    attention=args.attention,
   )
   model = LlamaForCausalLM(config)
   example = jnp.zeros((1, 8), jnp.int32)
   params = meta.unbox(jax.jit(model.init)(jax.random.key(0), example)["params"])
   layout = jlora.trace_layout(model, example)
-  cfg = jlora.LoraConfig(rank=RANK, alpha=ALPHA, targets="all-linear", dtype=jnp.float32)
+  cfg = jlora.LoraConfig(
+    rank=RANK, alpha=ALPHA, targets="all-linear", dtype=jnp.dtype(args.lora_dtype)
+  )
   quant = jlora.QuantConfig(kind="nf4") if qlora else None
   trainable, frozen = jlora.prepare_for_training(
     params, cfg, jax.random.key(1), quant=quant, layout=layout
@@ -272,6 +275,12 @@ def main(argv=None) -> None:
     type=float,
     default=None,
     help="peak dense bf16 TFLOP/s (default: 989 on H100/H200)",
+  )
+  parser.add_argument(
+    "--attention", default="auto", help="jlora's config.model.attention (auto: cudnn on GPU)"
+  )
+  parser.add_argument(
+    "--lora-dtype", default="float32", help="jlora's adapter dtype (PEFT keeps fp32 adapters)"
   )
   parser.add_argument("--no-peft", action="store_true")
   parser.add_argument("--no-qlora", action="store_true")

@@ -112,16 +112,55 @@ blocks of {q["double_quant_block"]}; input {q["input"]}. These numbers don't dep
 """
 
 
-def gpu_section() -> str:
-  return """## 4. GPU: tokens/s and MFU (Llama-3.2-1B shape, bf16)
+def gpu_steps(r: dict) -> dict[str, float]:
+  return {
+    name: statistics.median(run["times"]) for name, run in r["results"].items() if "times" in run
+  }
+
+
+def gpu_attention_lines(a: dict | None) -> str:
+  if a is None:
+    return "- `python -m bench.gpu_attention` (cuDNN against naive attention on the GPU) has not run yet.\n"
+  checks = "; ".join(
+    f"{name}: {c['forward']:.3f} forward, {max(c['grads_qkv']):.3f} in gradients"
+    for name, c in a["check"].items()
+  )
+  scale = max(c["output_scale"] for c in a["check"].values())
+  t = {k: v * 1e3 for k, v in a["seconds"].items()}
+  return f"""- **cuDNN against naive attention** (`python -m bench.gpu_attention`, {a["device"]}, bf16, forward and
+  the three input gradients), largest differences at an output scale of {scale:.1f}: {checks}. These are
+  bf16 rounding: blockwise against naive on the CPU differs by the same amounts.
+- **Attention alone** on this shape (2 x 2048, 32 heads, 8 KV heads, 64-dim, 4 segments per row), one
+  forward + backward: cuDNN {t["cudnn"]:.1f} ms, blockwise {t["blockwise"]:.1f} ms, naive {t["naive"]:.1f} ms.
+"""
+
+
+def gpu_section(g: dict, before: dict, bf16: dict, attention: dict | None) -> str:
+  now, then, half = gpu_steps(g), gpu_steps(before), gpu_steps(bf16)
+  return f"""## 4. GPU: tokens/s and MFU (Llama-3.2-1B shape, bf16)
 
 `python -m bench.gpu` measures LoRA r=16 all-linear and QLoRA nf4 on a Llama-3.2-1B-shaped model with
 random weights, with 2048-token packed sequences. It reports MFU against 989 TFLOP/s, and runs the same
-training through PEFT + transformers (bf16, sdpa) for the ratio.
+training through PEFT + transformers (bf16, sdpa) for the ratio. {g["args"]["steps"]} timed steps after
+{g["args"]["warmup"]} warm-up steps, median.
 
-**No GPU was lent to the session that wrote this file, so there are no GPU numbers here.** The script
-refuses to run on a CPU backend. Its code paths were exercised only in a tiny CPU smoke mode
-(`--allow-cpu --layers 1 --seq 128`), whose timings mean nothing.
+{common.machine_line(g["machine"])}; {g["machine"]["device_kind"]} (lent through this workplace's
+device tool); the package versions are those installed there.
+
+{g["table_markdown"]}
+
+- **Before packed cuDNN attention** (`bench/results/gpu_before_packed_cudnn.json`, same command and
+  machine kind, earlier that day): jlora {then["jlora"]:.3f} s/step ({then["peft"] / then["jlora"]:.2f}x PEFT),
+  QLoRA {then["jlora-qlora"]:.3f} s ({then["peft"] / then["jlora-qlora"]:.2f}x), PEFT {then["peft"]:.3f} s. Every
+  row is packed (several examples), and cuDNN's public entry point (`jax.nn.dot_product_attention`)
+  takes no segment ids, so every step fell back to the pure-JAX blockwise attention. Packed rows now
+  go to cuDNN's packed (THD) layout through JAX's cuDNN module, each segment's offset and length
+  computed from the segment ids; rows with more than one segment per 64 slots still fall back.
+{gpu_attention_lines(attention)}- **Adapters in bf16** (`--lora-dtype bfloat16 --no-peft --no-qlora`, `bench/results/gpu_bf16_adapters.json`):
+  {half["jlora"]:.3f} s/step against {now["jlora"]:.3f} s with fp32 adapters. PEFT keeps fp32 adapters too.
+- PEFT's QLoRA (bitsandbytes) is not run; the QLoRA ratio is against PEFT's bf16 LoRA.
+- CPU backends never take the cuDNN paths. CI tests the offsets' computation against a plain walk over
+  the row (`tests/test_attention.py`) and the fallback.
 """
 
 
@@ -532,7 +571,12 @@ def main() -> None:
     vs_peft_section(load("vs_peft.json"), load("flops.json")),
     flops_section(load("flops.json")),
     quant_section(load("quant_table.json")),
-    gpu_section(),
+    gpu_section(
+      load("gpu.json"),
+      load("gpu_before_packed_cudnn.json"),
+      load("gpu_bf16_adapters.json"),
+      load("gpu_attention.json") if (RESULTS / "gpu_attention.json").exists() else None,
+    ),
     default_run_section(load("default_run.json")),
     fidelity_section(RESULTS / "fidelity.json"),
   ]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jlora.models.attention import attention, naive_attention, resolve
+from jlora.models.attention import attention, naive_attention, packed_segment_offsets, resolve
 from jlora.models.blockwise import block_plan, blocking, blockwise_attention
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -150,6 +150,43 @@ def test_blocking_balances_blocks_and_keeps_short_inputs_whole():
   assert blocking(300, 128) == (104, 3)
   length, count = blocking(1100, 512)
   assert count == 3 and length * count >= 1100 and length % 8 == 0
+
+
+def test_packed_segment_offsets_in_cudnns_packed_convention():
+  """Each row's segments as first slot and length, -1 beyond; rows cuDNN can't take are flagged.
+  The reference is a plain Python walk over the row."""
+
+  def walk(row, m):
+    runs, start = [], None
+    for i, seg in enumerate(list(row) + [0]):
+      if start is not None and (seg != row[start]):
+        runs.append((start, i - start))
+        start = None
+      if start is None and seg != 0 and i < len(row):
+        start = i
+    ids = [row[s] for s, _ in runs]
+    ok = len(runs) <= m and len(set(ids)) == len(ids)
+    offsets = [s for s, _ in runs][:m] + [-1] * (m + 1 - min(len(runs), m))
+    lengths = [n for _, n in runs][:m] + [-1] * (m - min(len(runs), m))
+    return ok, offsets[: m + 1], lengths
+
+  rows = [
+    [1, 1, 1, 2, 2, 3, 0, 0],  # packed, padded at the end
+    [1, 1, 1, 1, 1, 1, 1, 1],  # one segment
+    [0, 0, 0, 0, 0, 0, 0, 0],  # padding only
+    [1, 2, 3, 4, 4, 4, 4, 0],  # more segments than m = 3
+    [1, 1, 2, 2, 1, 1, 0, 0],  # segment 1 in two runs
+  ]
+  for row in rows:
+    ok, offsets, lengths = packed_segment_offsets(jnp.asarray([row]), 3)
+    want_ok, want_offsets, want_lengths = walk(row, 3)
+    assert bool(ok) == want_ok, row
+    if want_ok:
+      assert offsets[0].tolist() == want_offsets and lengths[0].tolist() == want_lengths, row
+  ok, _, _ = packed_segment_offsets(jnp.asarray(rows[:3]), 3)
+  assert bool(ok)
+  ok, _, _ = packed_segment_offsets(jnp.asarray(rows[:4]), 3)
+  assert not bool(ok)
 
 
 def test_dispatch_names_the_value_and_auto_is_blockwise_on_cpu():

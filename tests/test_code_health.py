@@ -31,6 +31,11 @@ def _root_name(node: ast.expr) -> str | None:
 
 # Public names of the standard library that start with an underscore all the same.
 DOCUMENTED = {"os._exit"}
+# Private modules of other projects that jlora reads on purpose, each with the reason.
+ALLOWED_PRIVATE_MODULES = {
+  # cuDNN's packed-rows attention: jax.nn.dot_product_attention takes no segment ids.
+  "jax._src.cudnn.fused_attention_stablehlo",
+}
 
 
 def private_crossings(source: str, where: str) -> list[str]:
@@ -47,6 +52,8 @@ def private_crossings(source: str, where: str) -> list[str]:
         modules.add(alias.asname or alias.name)
     elif isinstance(node, ast.Import):
       for alias in node.names:
+        if alias.name in ALLOWED_PRIVATE_MODULES:
+          continue
         if any(_is_private(part) for part in alias.name.split(".")):
           found.append(f"{where}:{node.lineno} import {alias.name}")
         modules.add(alias.asname or alias.name.split(".")[0])

@@ -22,22 +22,26 @@ Implementations (`implementation=`):
   against; memory grows with s * t.
 * `"blockwise"`: flash-style pure JAX (`jlora.models.blockwise`): O(seq) memory, skips masked blocks,
   custom VJP. Runs on every backend; the default on CPU.
-* `"cudnn"`: `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs. cuDNN takes no
-  segment ids, so it serves only rows that hold one segment followed by padding (checked at run
-  time; packed rows fall back to blockwise through `lax.cond`), bf16/fp16, no softcap, q_offset 0,
-  s == t. Calls outside those limits go to blockwise.
+* `"cudnn"`: cuDNN's fused attention on NVIDIA GPUs, bf16/fp16, no softcap, q_offset 0, s == t.
+  Chosen per batch at run time: rows of one segment followed by padding go through
+  `jax.nn.dot_product_attention(implementation="cudnn")`; packed rows (the trainer's usual batch)
+  through cuDNN's packed layout, given each segment's offset and length (`packed_segment_offsets`;
+  the public entry point takes no segment ids); rows with more than one segment per 64 slots, or
+  a segment split in two, go to blockwise. Calls outside the static limits go to blockwise.
 * `"splash"`: TPU splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`), which takes
   segment ids and soft-capping; training/prefill shapes only (q_offset 0, s == t, lengths that are
   multiples of 128), no sinks, otherwise blockwise.
 * `"auto"` (the default): the fastest implementation that supports the call on the current backend:
   cudnn on GPU, splash on TPU, blockwise elsewhere (naive for a decode step's one query per row)
 
-The cudnn and splash paths could not be run where this was written (CPU only); they are thin
-wrappers whose eligibility checks follow the JAX documentation, and they fall back to blockwise.
+The cudnn paths are checked against naive on an H200 by `python -m bench.gpu_attention` (CI has
+no GPU). The splash path could not be run where this was written (no TPU); it is a thin wrapper
+whose eligibility checks follow the JAX documentation, and it falls back to blockwise.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import jax
@@ -122,9 +126,44 @@ def _single_segment_lengths(segments: Array) -> tuple[Array, Array]:
   return jnp.all((real == prefix) & same), lengths
 
 
+def packed_segment_offsets(segments: Array, max_segments: int) -> tuple[Array, Array, Array]:
+  """(ok, offsets [b, m + 1], lengths [b, m]) of each row's segments, in cuDNN's packed (THD)
+  convention: a segment's first slot and length, unused entries -1. ok is False when some row
+  holds more than `max_segments` segments or a segment in two separate runs (cuDNN packs
+  contiguous segments only). Padding (segment 0) is no segment."""
+  previous = jnp.pad(segments[:, :-1], ((0, 0), (1, 0)), constant_values=0)
+  starts = (segments != 0) & (segments != previous)
+
+  def one_row(row, row_starts):
+    (first,) = jnp.nonzero(row_starts, size=max_segments + 1, fill_value=-1)
+    ids = jnp.where(first >= 0, row[jnp.maximum(first, 0)], -1)
+    lengths = jnp.sum(row[None, :] == ids[:, None], axis=1)
+    lengths = jnp.where(first >= 0, lengths, -1).astype(jnp.int32)
+    contiguous = jnp.sum(jnp.maximum(lengths, 0)) == jnp.sum(row != 0)
+    return first[max_segments] < 0, contiguous, first.astype(jnp.int32), lengths[:max_segments]
+
+  fits, contiguous, offsets, lengths = jax.vmap(one_row)(segments, starts)
+  return jnp.all(fits & contiguous), offsets, lengths
+
+
+def _cudnn_module():
+  """JAX's cuDNN attention module, whose entry point takes packed segments (the public
+  jax.nn.dot_product_attention does not); None where this JAX lacks it."""
+  try:
+    import jax._src.cudnn.fused_attention_stablehlo as cudnn
+  except ImportError:
+    return None
+  takes_segments = "q_offsets" in inspect.signature(cudnn.dot_product_attention).parameters
+  return cudnn if takes_segments else None
+
+
 def _cudnn_attention(q, k, v, q_segments, kv_segments, *, sliding_window, scale, fallback):
   ok, q_lengths = _single_segment_lengths(q_segments)
   kv_ok, kv_lengths = _single_segment_lengths(kv_segments)
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+  def padded(out):
+    return jnp.where((q_segments != 0)[:, :, None, None], out, 0).astype(v.dtype)
 
   def fused(q, k, v):
     out = jax.nn.dot_product_attention(
@@ -138,10 +177,33 @@ def _cudnn_attention(q, k, v, q_segments, kv_segments, *, sliding_window, scale,
       local_window_size=None if sliding_window is None else (sliding_window - 1, 0),
       implementation="cudnn",
     )
-    return jnp.where((q_segments != 0)[:, :, None, None], out, 0).astype(v.dtype)
+    return padded(out)
 
-  # Packed rows can't be expressed without segment ids: decided per batch, at run time.
-  return lax.cond(ok & kv_ok & jnp.all(q_segments == kv_segments), fused, fallback, q, k, v)
+  same = jnp.all(q_segments == kv_segments)
+  # Packed rows: cuDNN's packed layout, with up to one segment per 64 slots (more go to
+  # blockwise); positions restart per segment, so its per-segment causal mask is ours.
+  cudnn = _cudnn_module()
+  if cudnn is None:
+    return lax.cond(ok & kv_ok & same, fused, fallback, q, k, v)
+  packed_ok, offsets, lengths = packed_segment_offsets(q_segments, max(1, q.shape[1] // 64))
+
+  def packed(q, k, v):
+    out = cudnn.dot_product_attention(
+      q,
+      k,
+      v,
+      q_seqlen=lengths,
+      kv_seqlen=lengths,
+      q_offsets=offsets,
+      kv_offsets=offsets,
+      scale=scale,
+      mask_type=cudnn.MaskType.CAUSAL,
+      sliding_window_length=sliding_window,
+    )
+    return padded(out)
+
+  branch = jnp.where(ok & kv_ok & same, 0, jnp.where(packed_ok & same, 1, 2))
+  return lax.switch(branch, (fused, packed, fallback), q, k, v)
 
 
 # --------------------------------------------------------------------------- splash (TPU)
