@@ -184,13 +184,14 @@ def test_missing_tensor_is_named(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["gemma2", "qwen3"])
-def test_sft_trains_gemma2_and_qwen3(case, tmp_path):
+def test_sft_trains_gemma2(tmp_path):
+  """The trainer end to end on the family furthest from Llama (soft-caps, alternating windows,
+  scaled embeddings). Qwen3's and Gemma 3's training step is tested above in bf16 and fp32."""
   from safetensors.numpy import load_file
 
   from train import sft
 
-  model_dir = tiny.make_checkpoint(tmp_path / "model", config=CONFIGS[case])
+  model_dir = tiny.make_checkpoint(tmp_path / "model", config=CONFIGS["gemma2"])
   train = tiny.write_rows(tmp_path / "train.jsonl", 32)
   evals = tiny.write_rows(tmp_path / "eval.jsonl", 4, start=1000)
   out = tmp_path / "run"
