@@ -101,9 +101,8 @@ def test_rounded_types_match_the_rounded_model(dtype, adapted, tmp_path):  # noq
 
 
 @pytest.mark.slow
-def test_finetuned_smollm2_exports_a_file_both_readers_load(tmp_path):
+def test_adapted_smollm2_exports_a_file_both_readers_load(tmp_path):
   import jax.numpy as jnp
-  import optax
 
   from jlora.models import export, from_pretrained
   from jlora.models.loading import embedded_gguf_path
@@ -121,23 +120,17 @@ def test_finetuned_smollm2_exports_a_file_both_readers_load(tmp_path):
   text = tokenizer.apply_chat_template(messages, tokenize=False)
   ids = jnp.asarray([tokenizer(text, add_special_tokens=False)["input_ids"]])
 
-  # A short fine-tune: three SGD steps on one conversation.
+  # Adapted weights off the file's 4-bit grid, as a fine-tune leaves them: random non-zero B.
   lora_cfg = jlora.LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj", "down_proj"))
   params = jlora.apply(base, lora_cfg, jax.random.key(0), layout=jlora.trace_layout(model, ids))
-  trainable, frozen = jlora.split(params)
-
-  def loss(t, f):
-    out = jlora.wrap(model.apply)({"params": jlora.combine(t, f)}, ids[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(out, ids[:, 1:]).mean()
-
-  step = jax.jit(jax.value_and_grad(loss))
-  losses = []
-  for _ in range(3):
-    value, grads = step(trainable, frozen)
-    losses.append(float(value))
-    trainable = jax.tree.map(lambda p, g: p - 0.05 * g, trainable, grads)
-  assert losses[-1] < losses[0]
-  params = jlora.combine(trainable, frozen)
+  keys = iter(jax.random.split(jax.random.key(1), 128))
+  params = jax.tree.map(
+    lambda n: (
+      n.replace(b=0.02 * jax.random.normal(next(keys), n.b.shape)) if jlora.is_lora(n) else n
+    ),
+    params,
+    is_leaf=jlora.is_lora,
+  )
 
   pre = export.source_tokenizer_pre("smollm2-135m-instruct")
   path = jlora.export_gguf(
@@ -166,7 +159,7 @@ def test_finetuned_smollm2_exports_a_file_both_readers_load(tmp_path):
   )
   expected = np.asarray(jlora.wrap(model.apply)({"params": rounded}, ids))
   # Keep the host under ~3 GiB: one 135M-param model at a time from here on.
-  del rounded, base, params, trainable, frozen, grads, step
+  del rounded, base, params
   gc.collect()
 
   hf_model = transformers_gguf(path)
