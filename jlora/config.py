@@ -199,24 +199,46 @@ def path_str(key_path) -> str:
   return "/".join(parts)
 
 
-def _weights_by_module(params) -> dict[str, list[tuple[str, Any]]]:
+def _weights_by_module(params) -> dict[str, list[tuple[str, str]]]:
+  """{module path: [(leaf name, full path) of each weight it holds]}."""
   found = {}
 
   def visit(key_path, leaf):
     full = path_str(key_path)
     module, _, name = full.rpartition("/")
     if boxes.is_weight(name, leaf):
-      found.setdefault(module, []).append((name, leaf))
+      found.setdefault(module, []).append((name, full))
 
   jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_opaque)
   return found
 
 
+def target_paths(params) -> dict[str, str]:
+  """{full path of each weight: its target path}, the path LoraConfig.targets and layouts name.
+
+  A weight's target path is its module's path (``.../q_proj`` for ``q_proj/kernel``), except in a
+  module that holds several weights (an NNX module whose call einsums two Params, as Gemma's MLP
+  does with ``gate_proj`` and ``up_proj``): there each weight is its own target, named by the
+  module path plus the param's name (``.../mlp/gate_proj``)."""
+  paths = {}
+  for module, weights in _weights_by_module(params).items():
+    for name, full in weights:
+      paths[full] = f"{module}/{name}" if len(weights) > 1 else module
+  return paths
+
+
 def candidate_leaves(params) -> dict[str, tuple[str, Any]]:
-  """Adaptable leaves as {module path: (leaf name, leaf)}: the weights (`boxes.is_weight`).
-  A module that holds several (an NNX module with two 2-D Params) lists its last one here;
-  `select` refuses to select it."""
-  return {module: weights[-1] for module, weights in _weights_by_module(params).items()}
+  """Adaptable leaves as {target path (see `target_paths`): (leaf name, leaf)}."""
+  targets = target_paths(params)
+  found = {}
+
+  def visit(key_path, leaf):
+    full = path_str(key_path)
+    if full in targets:
+      found[targets[full]] = (full.rpartition("/")[2], leaf)
+
+  jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_opaque)
+  return found
 
 
 def is_node(x) -> bool:
@@ -288,14 +310,6 @@ def select(
     for path, (name, _) in candidates.items()
     if _matches(path, name, targets) and not (exclude is not None and _matches(path, name, exclude))
   ]
-  several = {m: [n for n, _ in w] for m, w in _weights_by_module(params).items() if len(w) > 1}
-  for path in chosen:
-    if path in several:
-      names = several[path]
-      raise ValueError(
-        f"{field}={targets!r} selects {path!r}, which holds several weights {names}; jlora adapts "
-        "one weight per module path. Select other modules (exclude this one)."
-      )
   if not chosen:
     listing = (
       "\n  ".join(sorted(candidates))
@@ -311,17 +325,21 @@ def select(
 
 
 def map_selected(params, chosen, fn, layout=None):
-  """Replaces each selected weight's value by fn(path, name, value, n_lead, roles).
+  """Replaces each selected weight's value by fn(path, name, value, n_lead, roles), `path`
+  being its target path (`target_paths`).
 
   jlora nodes already know their layout (n_lead, roles); other weights get it from
   `kernel_roles`. linen trees come back unboxed; NNX Variables stay, holding the new
   value (`boxes.reboxed`). Everything else is unchanged.
   """
 
+  targets = target_paths(params)
+
   def visit(key_path, leaf):
-    path, _, name = path_str(key_path).rpartition("/")
+    full = path_str(key_path)
+    path, name = targets.get(full), full.rpartition("/")[2]
     value = boxes.unboxed(leaf)
-    if path not in chosen or not boxes.is_weight(name, leaf):
+    if path not in chosen:
       return boxes.reboxed(leaf, value)
     if is_node(value):
       n_lead, roles = value.n_lead, value.roles

@@ -199,8 +199,10 @@ def eva(
     layout=layout,
   )
 
+  target_paths = config_lib.target_paths(adapted)
+
   def visit(key_path, node):
-    path = config_lib.path_str(key_path).rpartition("/")[0]
+    path = target_paths.get(config_lib.path_str(key_path))
     if not is_lora(node) or path not in by_path:
       return node
     return _with_components(node, path, by_path[path], components)

@@ -167,6 +167,8 @@ def wrap(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   """
   if isinstance(apply_fn, nnx.GraphDef):
     return nnx_forward.wrap(apply_fn)
+  if getattr(apply_fn, "runs_jlora_nodes", False):
+    return apply_fn  # it runs nodes itself (an NNX model's NnxCausalLM.apply, on nnx_forward)
 
   @functools.wraps(apply_fn)
   def wrapped(variables, *args, adapter_ids=None, **kwargs):

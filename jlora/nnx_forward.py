@@ -288,16 +288,17 @@ def _check_supported(model) -> None:
 
 
 def trace_layout(graphdef: nnx.GraphDef, state, *args, method: str = "__call__", **kwargs):
-  """Roles of every weight the model's call contracts, by module path (abstract trace).
+  """Roles of every weight the model's call contracts, by target path (abstract trace).
 
   Runs the model under jax.eval_shape with each weight wrapped in a probe node, so the stock
   layers and the einsum/dot_general catch report how each weight meets its input.
   """
   layout: dict[str, tuple[str, ...]] = {}
+  targets = config_lib.target_paths(state)
 
   def probe(key_path, leaf):
-    path, _, name = config_lib.path_str(key_path).rpartition("/")
-    if not (boxes.is_nnx_variable(leaf) and boxes.is_weight(name, leaf)):
+    path = targets.get(config_lib.path_str(key_path))
+    if path is None or not boxes.is_nnx_variable(leaf):
       return leaf
     return leaf.replace(_Probe(base=leaf.get_value(), path=path))
 

@@ -173,8 +173,9 @@ def hf_modules(params, names: HFNames | None = None) -> list[HFModule]:
   """The HF modules of every adapter in `params`, in path order (names: the family's mapping)."""
   names = names or HFNames()
   modules = []
+  targets = config_lib.target_paths(params)
   for full, node in sorted(_adapted_modules(params).items()):
-    path, _, leaf_name = full.rpartition("/")
+    path, leaf_name = targets[full], full.rpartition("/")[2]
     if is_stacked(node):
       raise ValueError(
         f"{full} holds stacked adapters {list(node.names)}; a PEFT adapter holds one. Save each "
@@ -193,7 +194,7 @@ def hf_modules(params, names: HFNames | None = None) -> list[HFModule]:
         HFModule(
           path=full,
           hf_name=hf_name,
-          kind=leaf_name,
+          kind=boxes.weight_kind(leaf_name),
           node=node,
           layer=layer if n_lead else None,
           rank=int(node.a.shape[-1]),
@@ -283,7 +284,8 @@ def _target_modules(params, entries) -> list[str]:
   entries = [e for e in entries if not e.expert]
   if not entries:
     return []
-  adapted = {e.path.rpartition("/")[0] for e in entries}
+  targets = config_lib.target_paths(params)
+  adapted = {targets[e.path] for e in entries}
   shorts = sorted({_short_name(e.hf_name) for e in entries})
   candidates = {p for p in config_lib.candidate_leaves(params) if p.rpartition("/")[2] in shorts}
   if candidates == adapted:
@@ -520,9 +522,11 @@ def check_peft_config(cfg: Mapping[str, Any]) -> None:
 def _base_modules(
   base_params, layout, hf_names: HFNames | None = None
 ) -> dict[str, tuple[str, str, int | None, Any]]:
-  """HF module name -> (flax module path, leaf name, layer index or None, n_lead) for every adaptable weight."""
+  """HF module name -> (flax weight path, leaf name, layer index or None, n_lead) for every
+  adaptable weight."""
   hf_names = hf_names or HFNames()
   out = {}
+  full_paths = {target: full for full, target in config_lib.target_paths(base_params).items()}
   for path, (leaf_name, leaf) in config_lib.candidate_leaves(base_params).items():
     names = boxes.axis_names(leaf)
     shape = tuple(boxes.unboxed(leaf).shape)
@@ -539,7 +543,7 @@ def _base_modules(
     if (tuple(roles) != (IN, OUT) and not expert) or n_lead > 1:
       continue
     for layer, hf in enumerate(hf_names.module_names(path, n_lead, shape[0] if n_lead else 0)):
-      out[hf] = (path, leaf_name, layer if n_lead else None, n_lead)
+      out[hf] = (full_paths[path], leaf_name, layer if n_lead else None, n_lead)
   return out
 
 
@@ -637,11 +641,11 @@ def _check_base_copies(base_copies, index, base_params) -> None:
       raise ValueError(
         f"The adapter saves a base weight for {hf}, which maps onto no weight in base_params."
       )
-    path, leaf_name, layer, _ = index[hf]
-    base = np.asarray(_leaf_at(base_params, f"{path}/{leaf_name}"), np.float32)
+    full, leaf_name, layer, _ = index[hf]
+    base = np.asarray(_leaf_at(base_params, full), np.float32)
     base = base[layer] if layer is not None else base
     saved = np.asarray(saved, np.float32)
-    saved = saved.T if leaf_name == KERNEL else saved
+    saved = saved.T if boxes.weight_kind(leaf_name) == KERNEL else saved
     if saved.shape != base.shape or not np.allclose(saved, base, rtol=1e-3, atol=1e-5):
       raise ValueError(
         f"The adapter replaces the base weight of {hf} (saved {saved.shape}, base {base.shape}), e.g. after "
@@ -713,13 +717,13 @@ def _token_nodes_from_peft(peft_cfg, token_rows, index) -> dict[str, dict]:
         f"The adapter holds trainable token rows for {hf}, which trainable_token_indices="
         f"{spec!r} does not name or base_params does not have."
       )
-    path, leaf_name, layer, _ = index[hf]
+    full, _, layer, _ = index[hf]
     if rows.shape[0] != len(indices) or layer is not None:
       raise ValueError(
         f"{hf}: trainable token rows {rows.shape} do not match trainable_token_indices "
         f"{list(indices)}."
       )
-    out[f"{path}/{leaf_name}"] = {"rows": rows, "indices": tuple(int(i) for i in indices)}
+    out[full] = {"rows": rows, "indices": tuple(int(i) for i in indices)}
   missing = sorted(set(by_short) - {_short_name(hf) for hf in token_rows})
   if missing:
     raise ValueError(
@@ -742,7 +746,7 @@ def _validate(peft_cfg, modules: Mapping[str, PeftModule], index) -> None:
       f"The adapter holds weights for modules its target_modules do not select (PEFT would "
       f"ignore them): {untargeted}"
     )
-  heads = {p for p in index.values() if p[0].rpartition("/")[2] == "lm_head"}
+  heads = {hf for hf in index if _short_name(hf) == "lm_head"}
   dora = bool(peft_cfg.get("use_dora"))
   for hf, module in modules.items():
     if module.kind == EMBEDDING and _short_name(hf) == "embed_tokens" and not heads:
@@ -782,10 +786,8 @@ def _group(peft_cfg, modules: Mapping[str, PeftModule], index) -> dict[str, dict
   """{flax weight path: {layer or None: LayerFactors}}."""
   grouped: dict[str, dict] = {}
   for hf, module in modules.items():
-    path, leaf_name, layer, _ = index[hf]
-    grouped.setdefault(f"{path}/{leaf_name}", {})[layer] = LayerFactors(
-      hf, module.fields, peft_scale(peft_cfg, hf)
-    )
+    full, _, layer, _ = index[hf]
+    grouped.setdefault(full, {})[layer] = LayerFactors(hf, module.fields, peft_scale(peft_cfg, hf))
   return grouped
 
 
@@ -914,7 +916,8 @@ def lora_config_from_peft(peft_cfg: Mapping[str, Any], params, dtype=jnp.float32
     bool(peft_cfg.get("use_rslora")),
   )
   rank_pattern, alpha_pattern = {}, {}
-  adapted = {full.rpartition("/")[0]: node for full, node in _adapted_modules(params).items()}
+  targets = config_lib.target_paths(params)
+  adapted = {targets[full]: node for full, node in _adapted_modules(params).items()}
   for path, node in sorted(adapted.items()):
     r = int(node.a.shape[-1])
     a = node.scale * (math.sqrt(r) if rslora else r)

@@ -486,14 +486,15 @@ def quantize(params, qcfg: QuantConfig, *, layout: config_lib.Layout | None = No
         f"quantize: {path!r} already holds a {type(value).__name__}; quantize before jlora.apply."
       )
     _check_quantizable(path, name, tuple(value.shape)[n_lead:], roles, qcfg.block_size)
-    todo[f"{path}/{name}"] = (value, n_lead, roles)
+    todo[path] = (value, n_lead, roles)
     return value
 
   todo: dict[str, tuple[Any, int, tuple[str, ...]]] = {}
   unboxed = config_lib.map_selected(params, chosen, visit, layout)
   nodes = _quantized_nodes(todo, qcfg)
+  targets = config_lib.target_paths(unboxed)
   return jax.tree_util.tree_map_with_path(
-    lambda kp, v: _replaced(v, nodes.get(config_lib.path_str(kp))),
+    lambda kp, v: _replaced(v, nodes.get(targets.get(config_lib.path_str(kp)))),
     unboxed,
     is_leaf=config_lib.is_opaque,
   )

@@ -2,7 +2,8 @@
 
 Stock layers (nnx.Embed with a tied `attend` head, nnx.LinearGeneral, nnx.Einsum,
 nnx.Linear), a custom module that calls jnp.einsum on its own param `w` (as tunix's and
-bonsai's attention projections do), one that calls lax.dot_general (as MaxText's
+bonsai's attention projections do), one that holds two params and einsums both (as tunix's
+Gemma MLP does with gate_proj and up_proj), one that calls lax.dot_general (as MaxText's
 DenseGeneral does), and a layer stack built with nnx.vmap and run with nnx.scan. Every
 weight carries logical axis names, with the stack's axis named 'layers'.
 """
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 VOCAB, D, HEADS, LAYERS = 32, 16, 2, 2
-TARGETS = ("q", "o", "up", "down", "gate", "embed")
+TARGETS = ("q", "o", "up", "down", "gate", "embed", "mlp/gate_proj", "mlp/up_proj")
 
 
 def _init(names):
@@ -30,6 +31,18 @@ class EinsumProj(nnx.Module):
 
   def __call__(self, x):
     return jnp.einsum(self.equation, x, self.w[...])
+
+
+class GatedMlp(nnx.Module):
+  """Gemma-style: two params in one module, each contracted by its own jnp.einsum."""
+
+  def __init__(self, din, dhidden, rngs):
+    self.gate_proj = nnx.Param(_init(("embed", "mlp"))(rngs.params(), (din, dhidden)))
+    self.up_proj = nnx.Param(_init(("embed", "mlp"))(rngs.params(), (din, dhidden)))
+
+  def __call__(self, x):
+    gate = jnp.einsum("btd,df->btf", x, self.gate_proj[...])
+    return jax.nn.gelu(gate) * jnp.einsum("btd,df->btf", x, self.up_proj[...])
 
 
 class DotGeneralProj(nnx.Module):
@@ -59,10 +72,12 @@ class Block(nnx.Module):
     self.up = nnx.Linear(D, 2 * D, kernel_init=_init(("embed", "mlp")), rngs=rngs)
     self.down = EinsumProj("btf,fd->btd", (2 * D, D), ("mlp", "embed"), rngs)
     self.gate = DotGeneralProj(D, D, ("embed", "mlp"), rngs)
+    self.mlp = GatedMlp(D, 2 * D, rngs)
 
   def __call__(self, x):
     x = x + self.o(jnp.tanh(self.q(x)))
-    return x + self.down(jax.nn.silu(self.up(x))) * jnp.tanh(self.gate(x)).mean(-1, keepdims=True)
+    hidden = jax.nn.silu(self.up(x)) + jnp.tanh(self.mlp(x))
+    return x + self.down(hidden) * jnp.tanh(self.gate(x)).mean(-1, keepdims=True)
 
 
 class TinyNnx(nnx.Module):

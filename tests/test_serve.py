@@ -27,7 +27,7 @@ import pytest
 import jlora
 from jlora.models import LlamaConfig, from_pretrained
 from tests.tiny import TINY_VOCAB_SIZE, random_hf_state, save_numpy_checkpoint
-from train import serve
+from train import nnx_model, serve
 from train.engine import Engine, Request
 from train.generate import chat_prompt_ids, generate_ids
 
@@ -344,10 +344,45 @@ def test_nf4_base_serves_adapters_as_generate_does(served):
   assert [e[1] for e in events[:-1]] == ref and events[-1][0] == "done"
 
 
+def test_an_nnx_model_serves_as_train_generate_decodes_it(served, references):
+  """--nnx examples.nnx_llama:from_pretrained over the same checkpoint: the engine's greedy
+  tokens (a request on an adapter and one on the base, in one batch) equal train.generate's
+  decoding of the NNX model (generate_ids on the adapter loaded alone), and the linen ones."""
+  spec, base, root = "examples.nnx_llama:from_pretrained", served["base"], served["root"]
+  argv = ["--model", base, "--nnx", spec, "--max-num-seqs", "2", "--max-loras", "1"]
+  args = serve.parser().parse_args(argv + ["--max-lora-rank", "8", "--max-model-len", "48"])
+  serve.check_args(args)
+  engine, server = serve.build(args)
+  tok, texts, got, done = (
+    server.tokenizer,
+    {"qv": PROMPTS[0], "base": PROMPTS[1]},
+    {},
+    threading.Semaphore(0),
+  )
+  prompts = {adapter: chat_prompt_ids(tok, text) for adapter, text in texts.items()}
+
+  def emit_to(adapter):
+    got[adapter] = []
+    return lambda e: got[adapter].append(e[1]) if e[0] == "token" else done.release()
+
+  try:
+    engine.load_adapter("qv", str(root / "qv"))
+    for adapter, prompt in prompts.items():
+      engine.submit(Request(prompt, adapter, 6, emit_to(adapter)))
+    assert all(done.acquire(timeout=120) for _ in prompts)
+  finally:
+    engine.close()
+  model, params, _ = nnx_model.load(spec, base, "--nnx", "--model")
+  for adapter, prompt in prompts.items():
+    use = params if adapter == "base" else jlora.load_adapter(root / adapter, params)
+    ref = generate_ids(model, use, [prompt], 6, eos_ids=[tok.eos_token_id], apply_fn=model.apply)
+    assert got[adapter] == ref[0] == references[adapter][texts[adapter]][:6]
+
+
 MESH_SCRIPT = """
 import json, sys, threading
 from jlora.models import from_pretrained
-from train import serve
+from train import nnx_model, serve
 from train.engine import Engine, Request
 from train.generate import chat_prompt_ids
 

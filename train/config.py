@@ -58,7 +58,7 @@ FINGERPRINT_FIELDS = ("model", "data", "lora", "quant", "optim", "tokens", "seed
 # A task's own section (train.dpo's `dpo`), when the config has one.
 OPTIONAL_FINGERPRINT_FIELDS = ("dpo",)
 # config.model fields the trainer reads itself; every other one is a field of the model config class.
-# nnx: "package.module:factory" for an NNX model (see train.sft.load_nnx_model); None: off.
+# nnx: "package.module:factory" for an NNX model (see train.nnx_model); None: off.
 TRAINER_MODEL_FIELDS = ("path", "nnx")
 # Model config fields set by the checkpoint's architecture only, never by the user.
 FIXED_MODEL_FIELDS = ("model_type",)

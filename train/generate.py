@@ -312,9 +312,9 @@ def run(args: argparse.Namespace) -> None:
   from jlora.models import from_pretrained
 
   if args.nnx:  # an NNX model built by the user's factory, the same seam as train.sft's
-    from train.sft import build_nnx_model
+    from train import nnx_model
 
-    model, params, tokenizer = build_nnx_model(
+    model, params, tokenizer = nnx_model.load(
       args.nnx, args.model, f"--nnx {args.nnx!r}", f"--model {args.model!r}"
     )
   else:

@@ -375,6 +375,11 @@ def parser():
   cli = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   add = cli.add_argument
   add("--model", default=DEFAULT_MODEL, help="HF dir, .gguf file, hub id or embedded name")
+  add(
+    "--nnx",
+    help="package.module:factory building an NNX model from --model (as train.sft's "
+    "config.model.nnx): serve it instead of jlora's own family",
+  )
   add("--adapter", action="append", default=[], help="NAME=DIR, a PEFT adapter dir; repeatable")
   add("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
   add("--port", type=int, default=8000)
@@ -441,9 +446,16 @@ def build(args) -> tuple[Engine, Server]:
   from jlora.models import from_pretrained
 
   mesh = parse_mesh(args.mesh)
-  with naming(f"--model {args.model!r}", MODEL_ERRORS):
-    model, params, tokenizer = from_pretrained(args.model, mesh=mesh)
-  context = model.config.max_position_embeddings
+  if args.nnx:  # an NNX model built by the user's factory, the same seam as train.sft's
+    from train import nnx_model
+
+    flags = f"--nnx {args.nnx!r}", f"--model {args.model!r}"
+    model, params, tokenizer = nnx_model.load(args.nnx, args.model, *flags, mesh=mesh)
+  else:
+    with naming(f"--model {args.model!r}", MODEL_ERRORS):
+      model, params, tokenizer = from_pretrained(args.model, mesh=mesh)
+  # An NNX model without a registered family declares no context length.
+  context = getattr(model.config, "max_position_embeddings", 2048)
   max_len = args.max_model_len or min(context, 2048)
   if max_len > context:
     raise UserError(

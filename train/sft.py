@@ -20,7 +20,6 @@ train/dpo.py; every stage is shared.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import runpy
 import shlex
@@ -35,7 +34,6 @@ from typing import Any
 import jax
 from absl import flags
 from flax import linen as nn
-from flax import nnx
 from ml_collections import config_flags
 from safetensors import SafetensorError
 from tqdm import tqdm
@@ -47,12 +45,11 @@ from jlora.lora import is_adapter
 from jlora.models import export as export_lib
 from jlora.models import registry
 from jlora.models.llama import DEFAULT_RULES
-from jlora.models.loading import load_hf_dir, load_tokenizer, resolve_checkpoint
-from jlora.models.nnx_causal import NnxCausalLM, family_config
+from jlora.models.loading import load_hf_dir, resolve_checkpoint
 from jlora.quant import is_quantized
 from train import config as config_lib
 from train import data as data_lib
-from train import distributed, outputs
+from train import distributed, nnx_model, outputs
 from train import step as step_lib
 from train.checkpoint import Checkpointer
 from train.errors import (
@@ -149,8 +146,6 @@ class Interrupted(Exception):
 
 
 PATH_ERRORS = (ValueError, KeyError, TypeError, OSError, SafetensorError)
-# What importing and calling a user's factory may raise about config.model.nnx.
-FACTORY_ERRORS = (*PATH_ERRORS, ImportError, AttributeError)
 
 
 def load_model(config, mesh):
@@ -172,48 +167,12 @@ def load_model(config, mesh):
 
 def load_nnx_model(config, mesh):
   """(NnxCausalLM, its nnx.State placed on `mesh` by its sharding metadata, tokenizer) from
-  config.model.nnx = "package.module:factory" (see build_nnx_model)."""
+  config.model.nnx = "package.module:factory" (see train.nnx_model)."""
   spec, path = config.model.nnx, config.model.path
   what = f"config.model.nnx = {spec!r}"
-  model, state, tokenizer = build_nnx_model(spec, path, what, f"config.model.path = {path!r}")
+  model, state, tokenizer = nnx_model.load(spec, path, what, f"config.model.path = {path!r}", mesh)
   check_nnx_run(config, what, model.config)
-  state = jax.device_put(
-    state, shard_lib.named(mesh, shard_lib.logical_specs(state, DEFAULT_RULES))
-  )
   return model, state, tokenizer
-
-
-def build_nnx_model(spec, path, what: str, path_what: str):
-  """(NnxCausalLM, its nnx.State, tokenizer): factory(path) for spec = "package.module:factory",
-  which returns an nnx.Module, or (nnx.Module, tokenizer); without a tokenizer it is read from
-  `path`. The model's contract is jlora.models.nnx_causal's. `what` / `path_what` name the
-  setting and the path in errors (train.sft's config fields, train.generate's flags)."""
-  with naming(what, FACTORY_ERRORS):
-    made = import_factory(spec)(path)
-  model, tokenizer = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
-  if not isinstance(model, nnx.Module):
-    raise UserError(
-      f"{what}: the factory returned {type(model).__name__}; expected an nnx.Module or "
-      "(nnx.Module, tokenizer)."
-    )
-  if tokenizer is None:
-    with naming(f"{path_what} (the tokenizer of {spec!r})", PATH_ERRORS):
-      tokenizer = load_tokenizer(Path(distributed.main_first(lambda: resolve_checkpoint(path))))
-  family = family_config(model)
-  graphdef, state = nnx.split(model)
-  return NnxCausalLM(graphdef, family), state, tokenizer
-
-
-def import_factory(spec) -> Callable:
-  module_name, _, name = str(spec).partition(":")
-  if not module_name or not name:
-    raise ValueError("expected 'package.module:factory' (a function of config.model.path).")
-  factory = getattr(importlib.import_module(module_name), name)
-  if not callable(factory):
-    raise TypeError(
-      f"{name} in {module_name} is not a function (its type is {type(factory).__name__})."
-    )
-  return factory
 
 
 def check_nnx_run(config, what: str, family) -> None:

@@ -13,7 +13,11 @@ hold LoRA / quantized nodes take the low-rank path. What the protocol adds on to
     trainer's chunked cross-entropy are the logits and `logits` is the identity (the trainer
     then holds [rows, labels, vocab] logits, not [rows, labels, d]: fine for models that fit).
   * `init_cache` / `cache=`: the model has no KV cache, so the cache is the token buffer and
-    each decode step re-runs the whole buffer (quadratic in length; meant for eval samples).
+    each decode step re-runs the whole buffer (quadratic in length; meant for eval samples and
+    small models). The buffer takes the KV cache's layout (`jlora.models.llama.init_cache`): "k"
+    holds each column's (token id, position) as [batch, max_len, 1, 2], beside the cache's
+    segment_ids and index, so code that moves a KV cache's rows and columns (train.serve's
+    engine) moves the buffer the same way.
 
 `config` is the model's family config when the model declares one (`model.config` is an HF
 config dict, a transformers config, or has `to_hf_dict()`, with a registered `model_type`):
@@ -23,6 +27,7 @@ None and only the PEFT adapter (HF names taken from the module paths) is written
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +38,8 @@ from flax import nnx
 from jlora import nnx_forward
 from jlora.models import registry
 
-CACHE_FIELDS = ("input_ids", "positions", "segment_ids")
+# The token buffer's "k" column [batch, max_len, 1, 2]: (token id, position) per column.
+TOKENS_SHAPE = (1, 2)
 
 
 def family_config(model: nnx.Module):
@@ -60,11 +66,15 @@ class NnxCausalLM:
     their table sizes from the state, so the graph needs no change)."""
     return NnxCausalLM(self.graphdef, config)
 
-  def apply(self, variables, *args, method=None, rngs=None, **kwargs):
+  def apply(self, variables, *args, method=None, rngs=None, adapter_ids=None, **kwargs):
     if method is not None:  # e.g. the head alone, `logits`
       return method(self, *args, **kwargs)
     dropout = (rngs or {}).get("dropout")
-    return self._forward(variables["params"], *args, dropout_key=dropout, **kwargs)
+    run = functools.partial(self._run, dropout_key=dropout, adapter_ids=adapter_ids)
+    return self._forward(run, variables["params"], *args, **kwargs)
+
+  # jlora.wrap(model.apply) returns it as it is: it already takes nodes and `adapter_ids`.
+  apply.runs_jlora_nodes = True
 
   def logits(self, hidden):
     """The head: identity, as the model's "hidden states" are already its logits."""
@@ -72,6 +82,7 @@ class NnxCausalLM:
 
   def _forward(
     self,
+    run,
     state,
     input_ids,
     positions=None,
@@ -80,7 +91,6 @@ class NnxCausalLM:
     logits_at=None,
     return_hidden: bool = False,
     cache: dict | None = None,
-    dropout_key=None,
   ):
     del return_hidden  # the logits serve as hidden states (see `logits`)
     if positions is None:
@@ -89,21 +99,23 @@ class NnxCausalLM:
       segment_ids = jnp.ones_like(input_ids)
     inputs = (input_ids, positions.astype(jnp.int32), segment_ids.astype(jnp.int32))
     if cache is None:
-      return _picked(self._run(state, *inputs, dropout_key=dropout_key), logits_at)
+      return _picked(run(state, *inputs), logits_at)
     index = cache["index"]
-    written = {
-      name: jax.lax.dynamic_update_slice_in_dim(cache[name], x.astype(cache[name].dtype), index, 1)
-      for name, x in zip(CACHE_FIELDS, inputs)
-    }
-    logits = self._run(state, *(written[name] for name in CACHE_FIELDS), dropout_key=dropout_key)
+    tokens = jnp.stack([input_ids.astype(jnp.int32), inputs[1]], -1)[:, :, None, :]
+    k = jax.lax.dynamic_update_slice_in_dim(cache["k"], tokens, index, 1)
+    segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], inputs[2], index, 1)
+    logits = run(state, k[:, :, 0, 0], k[:, :, 0, 1], segments)
     new = jax.lax.dynamic_slice_in_dim(logits, index, input_ids.shape[1], axis=1)
-    return _picked(new, logits_at), {**written, "index": index + input_ids.shape[1]}
+    return _picked(new, logits_at), {"k": k, "segment_ids": segments, "index": index + new.shape[1]}
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> dict:
     """The token buffer the model re-reads at each step (padding: segment 0)."""
     del dtype
-    empty = jnp.zeros((batch, max_len), jnp.int32)
-    return {**{name: empty for name in CACHE_FIELDS}, "index": jnp.zeros((), jnp.int32)}
+    return {
+      "k": jnp.zeros((batch, max_len, *TOKENS_SHAPE), jnp.int32),
+      "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+      "index": jnp.zeros((), jnp.int32),
+    }
 
 
 def _picked(logits, logits_at):
