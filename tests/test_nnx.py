@@ -7,6 +7,7 @@ materialised in numpy (W + scale * A @ B, DoRA's m * V / ||V||), XLA's cost anal
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 
@@ -22,7 +23,14 @@ import jlora
 from jlora.config import IN
 from jlora.quant import quantized_nodes
 from tests import gguf_reference, nnx_tiny
-from tests.tiny import TINY_VOCAB_SIZE, llama_cpp_permute, run_on_fake_devices, tiny_tokenizer
+from tests.tiny import (
+  TINY,
+  TINY_VOCAB_SIZE,
+  llama_cpp_permute,
+  make_checkpoint,
+  run_on_fake_devices,
+  tiny_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +365,7 @@ from flax import nnx
 import jlora
 from jlora import sharding as shard_lib
 from tests import gguf_reference, nnx_tiny
-from tests.tiny import TINY_VOCAB_SIZE, llama_cpp_permute, run_on_fake_devices, tiny_tokenizer
+from tests.tiny import TINY, TINY_VOCAB_SIZE, llama_cpp_permute, run_on_fake_devices, tiny_tokenizer
 
 model = nnx_tiny.make()
 tokens = nnx_tiny.tokens(batch=4)
@@ -532,3 +540,45 @@ def test_added_tokens_grow_an_nnx_models_tables_and_their_rows_train():
   grads = jax.jit(jax.grad(loss))(trainable)
   rows = [x for x in jax.tree.leaves(grads) if x.shape[0] == 2]  # the 2 added rows per table
   assert rows and all(float(jnp.abs(r).sum()) > 0 for r in rows)
+
+
+PAIRS = [
+  {"prompt": f"Name {1 + i % 3} colours, #{i}.", "chosen": "red, green", "rejected": "a cat"}
+  for i in range(8)
+]
+
+
+def test_train_dpo_takes_an_nnx_model(tmp_path):
+  """config.model.nnx in train.dpo: examples/nnx_llama.py read from a tiny checkpoint goes through
+  the same stages (data, reference, step, eval, outputs). Before training B = 0, so the policy
+  is the reference: every reward is 0 and the sigmoid pair loss is log 2; two steps raise the
+  chosen answers' reward margin, and the PEFT adapter it writes loads onto the NNX state."""
+  from configs.dpo import get_config
+  from train import dpo
+
+  model_dir = make_checkpoint(tmp_path / "model")
+  for name, rows in (("train", PAIRS), ("eval", PAIRS[:4])):
+    (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = get_config()
+  values = {**TINY, "steps": 2, "eval_every": 2, "save_every": 2, "samples": 0}
+  values.update({"data.max_length": 48, "model.path": str(model_dir), "output_dir": str(tmp_path)})
+  values.update({"model.nnx": "examples.nnx_llama:from_pretrained", "optim.lr": 5e-2})
+  values.update({"dpo.nll_weight": 0.0, "eval.metrics": ""})  # eval_loss: the pair loss alone
+  values.update(
+    {"data.train": str(tmp_path / "train.jsonl"), "data.eval": str(tmp_path / "eval.jsonl")}
+  )
+  for key, value in values.items():
+    *parents, leaf = key.split(".")
+    functools.reduce(lambda node, k: node[k], parents, config)[leaf] = value
+  summary = dpo.run(config, progress=False)
+  before, after = summary["before"], summary["after"]
+  assert before["reward_margin"] == pytest.approx(0, abs=1e-5)
+  assert before["reward_chosen"] == pytest.approx(0, abs=1e-5)
+  assert before["eval_loss"] == pytest.approx(np.log(2), abs=1e-5)
+  assert after["reward_margin"] > 0.01 and after["eval_loss"] < np.log(2)
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+  import nnx_llama
+
+  graphdef, state = nnx.split(nnx_llama.from_pretrained(model_dir))
+  tuned = jlora.load_adapter(tmp_path, state)
+  assert jlora.adapter_count(tuned) > 0

@@ -346,8 +346,8 @@ def test_nf4_base_serves_adapters_as_generate_does(served):
 
 def test_an_nnx_model_serves_as_train_generate_decodes_it(served, references):
   """--nnx examples.nnx_llama:from_pretrained over the same checkpoint: the engine's greedy
-  tokens (a request on an adapter and one on the base, in one batch) equal train.generate's
-  decoding of the NNX model (generate_ids on the adapter loaded alone), and the linen ones."""
+  tokens (a request on an adapter and one on the base, in one batch) equal train.generate's:
+  its decoding of the NNX model with the adapter loaded alone, and of jlora's linen Llama."""
   spec, base, root = "examples.nnx_llama:from_pretrained", served["base"], served["root"]
   argv = ["--model", base, "--nnx", spec, "--max-num-seqs", "2", "--max-loras", "1"]
   args = serve.parser().parse_args(argv + ["--max-lora-rank", "8", "--max-model-len", "48"])
@@ -373,10 +373,10 @@ def test_an_nnx_model_serves_as_train_generate_decodes_it(served, references):
   finally:
     engine.close()
   model, params, _ = nnx_model.load(spec, base, "--nnx", "--model")
-  for adapter, prompt in prompts.items():
-    use = params if adapter == "base" else jlora.load_adapter(root / adapter, params)
-    ref = generate_ids(model, use, [prompt], 6, eos_ids=[tok.eos_token_id], apply_fn=model.apply)
-    assert got[adapter] == ref[0] == references[adapter][texts[adapter]][:6]
+  adapted = jlora.load_adapter(root / "qv", params)
+  ref = generate_ids(model, adapted, [prompts["qv"]], 6, eos_ids=[tok.eos_token_id])
+  assert got["qv"] == ref[0] == references["qv"][texts["qv"]][:6]
+  assert got["base"] == references["base"][texts["base"]][:6]
 
 
 MESH_SCRIPT = """
