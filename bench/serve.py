@@ -15,8 +15,9 @@ after another (greedy, max_tokens --max-tokens; client i uses adapter i % 4, or 
   per token: (last token - first token) / (tokens - 1) per request, p50 / p99
   sequential: train.generate.generate_ids, one prompt at a time, the adapter alone on the base
 
-Untimed warm-up requests (each adapter x prompt, then 16 clients at full length) first: the
-server compiles its prefill buckets and cache moves then (its decode step, at start-up).
+The server compiles its decode steps and its prefill of the prompts (every batch size) at
+start-up; untimed warm-up requests (each adapter x prompt, then 16 clients at full length) then
+compile the cache moves.
 """
 
 from __future__ import annotations
@@ -64,13 +65,14 @@ def make_adapters(root, params, rank: int) -> dict[str, str]:
   return dirs
 
 
-def start_server(argv: list[str]):
-  """(url, stop): train.serve on a free loopback port, in a thread of this process."""
+def start_server(argv: list[str], prompt_lengths: list[int]):
+  """(url, stop): train.serve on a free loopback port, in a thread of this process, its prefill
+  compiled for these prompt lengths."""
   from train import serve
 
   args = serve.parser().parse_args(argv)
   serve.check_args(args)
-  _, server = serve.build(args)
+  _, server = serve.build(args, prompt_lengths)
   return serve.serve_in_thread(server)
 
 
@@ -177,15 +179,18 @@ def main() -> None:
 
     model_path = str(make_checkpoint(root / "model"))
     args.clients, args.max_tokens, args.requests_per_client = "1,4", 8, 1
-  _, params, _ = from_pretrained(model_path)
+  _, params, tok = from_pretrained(model_path)
   dirs = make_adapters(root, params, rank=16)
   del params
+  from train.generate import chat_prompt_ids
+
+  lengths = [len(chat_prompt_ids(tok, p)) for p in PROMPTS]
   argv = ["--model", model_path, "--max-num-seqs", "16", "--max-model-len", "256"]
   argv += [f"--adapter={name}={path}" for name, path in dirs.items()]
-  url, stop = start_server(argv)
+  url, stop = start_server(argv, lengths)
   rows = []
   try:
-    for name in dirs:  # warm-up: every adapter and prompt once (compiles each prompt's bucket)
+    for name in dirs:  # warm-up: every adapter and prompt once
       asyncio.run(run_load(url, [name], 1, len(PROMPTS), 2))
     # and 16 clients at full length: the cache moves between the widths a timed run uses
     asyncio.run(run_load(url, list(dirs), 16, 1, args.max_tokens))

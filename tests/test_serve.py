@@ -28,7 +28,7 @@ import jlora
 from jlora.models import LlamaConfig, from_pretrained
 from tests.tiny import TINY_VOCAB_SIZE, random_hf_state, save_numpy_checkpoint
 from train import nnx_model, serve
-from train.engine import Engine, Request
+from train.engine import Engine, Request, batch_buckets, prefill_batches
 from train.generate import chat_prompt_ids, generate_ids
 
 CONFIG = LlamaConfig(
@@ -294,6 +294,18 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(served, monkeypatch
     time.sleep(0.05)
   assert not any(engine.slots)
   assert engine.cancelled == cancelled + 1  # freed early, not run to max_tokens
+
+
+def test_waiting_prompts_are_prefilled_in_power_of_two_batches_of_one_length():
+  # 13 prompts padded to 48 tokens and 2 to 16: 8 + 4 + 1 of the first, 2 of the second.
+  padded = [48] * 6 + [16] + [48] * 7 + [16]
+  batches = prefill_batches(padded, 16)
+  assert [len(b) for b in batches] == [8, 4, 1, 2]
+  assert sorted(i for b in batches for i in b) == list(range(15))
+  assert all(len({padded[i] for i in b}) == 1 for b in batches)
+  # At most PREFILL_TOKENS (1024) padded tokens a call, but always one prompt.
+  assert batch_buckets(16, 48) == [1, 2, 4, 8, 16] and batch_buckets(16, 256) == [1, 2, 4]
+  assert batch_buckets(6, 16) == [1, 2, 4] and batch_buckets(16, 2048) == [1]
 
 
 def test_bad_flags_are_one_line_errors(capsys):

@@ -2,8 +2,10 @@
 
 Requests join and leave between decode steps. Each slot (a row of the batch) carries its own
 adapter id, RoPE position and KV-cache row, so one compiled step serves every request whatever
-adapter it names; a new request is prefilled alone in one of a few padded lengths (`buckets`),
-so new prompt lengths don't recompile either.
+adapter it names. The requests waiting when slots free up are prefilled together, a batch per
+padded length (`buckets`, so new prompt lengths don't recompile) of a power-of-two size
+(`batch_buckets`): one call over several prompts costs a third less CPU per prompt than one
+call each (SmolLM2-135M, 48 tokens, 8 prompts), and the decode steps wait for one call, not several.
 
 The KV cache (the model's own `init_cache`) has one write column, `index`, shared by every row:
 that keeps its shapes static. So a slot's tokens sit in the columns just before it,
@@ -48,6 +50,9 @@ log = logging.getLogger(__name__)
 # columns, so the live rows move at most once every HEADROOM steps.
 CACHE_BUCKET = 32
 HEADROOM = 16
+# A prefill call holds at most this many padded tokens (or one prompt): a burst of long prompts
+# is prefilled in a few calls, so the running requests' next tokens are not held up by all of it.
+PREFILL_TOKENS = 1024
 
 
 class AdapterError(ValueError):
@@ -119,6 +124,30 @@ def length_buckets(max_len: int, step: int, multiples: int) -> list[int]:
 def prompt_buckets(max_len: int) -> list[int]:
   """Prefill lengths: PROMPT_BUCKET multiples (train.generate's padding), then doubling."""
   return length_buckets(max_len, PROMPT_BUCKET, 8)
+
+
+def batch_buckets(max_num_seqs: int, length: int) -> list[int]:
+  """Prefill batch sizes for prompts padded to `length`: powers of two up to the slots, within
+  PREFILL_TOKENS (always 1)."""
+  limit = min(max_num_seqs, max(PREFILL_TOKENS // length, 1))
+  return [1 << i for i in range(limit.bit_length())]
+
+
+def prefill_batches(padded: Sequence[int], max_num_seqs: int) -> list[list[int]]:
+  """Indices of prompts of these padded lengths grouped into prefill calls: one length per call,
+  each length's prompts split into batches of `batch_buckets` sizes, largest first (no padding
+  rows)."""
+  groups: dict[int, list[int]] = {}
+  for i, length in enumerate(padded):
+    groups.setdefault(length, []).append(i)
+  batches = []
+  for length, group in groups.items():
+    sizes = batch_buckets(max_num_seqs, length)
+    while group:
+      size = max(s for s in sizes if s <= len(group))
+      batches.append(group[:size])
+      group = group[size:]
+  return batches
 
 
 def cache_widths(max_len: int) -> list[int]:
@@ -225,9 +254,17 @@ def _column_axes(leaf) -> tuple[int, int]:
   return leaf.ndim - 4, leaf.ndim - 3
 
 
-@jax.jit
+def _one_row(x, i: int):
+  """Row i of a cache leaf as a batch-1 leaf (k/v buffers, segment ids); the index as it is."""
+  if x.ndim == 0:
+    return x
+  return jax.lax.slice_in_dim(x, i, i + 1, axis=_column_axes(x)[0] if x.ndim >= 4 else 0)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
 def _insert(cache, small, row, start):
-  """cache with `small`'s (batch 1) k/v written into row `row`, columns from `start`."""
+  """cache with `small`'s (batch 1) k/v written into row `row`, columns from `start` (in place:
+  `cache` is donated)."""
 
   def put(big, one):
     if big.ndim < 4:  # segment_ids and index: the engine sets them
@@ -301,9 +338,13 @@ class Engine:
 
   @staticmethod
   def _prefill(model, apply_fn, params, ids, positions, segments, adapter_ids, sampling):
+    """(first tokens [batch], each row's k/v cache as its own batch-1 cache): one insert program
+    per length then serves every batch size."""
     cache = model.init_cache(ids.shape[0], ids.shape[1])
     logits, cache = last_logits(apply_fn, params, ids, positions, segments, cache, adapter_ids)
-    return sample_rows(logits, *sampling), cache
+
+    rows = [jax.tree.map(lambda x: _one_row(x, i), cache) for i in range(ids.shape[0])]
+    return sample_rows(logits, *sampling), rows
 
   @staticmethod
   def _step(apply_fn, params, tokens, positions, live, cache, adapter_ids, sampling):
@@ -325,15 +366,27 @@ class Engine:
     if self._thread is not None:
       self._thread.join(timeout=30)
 
-  def warm_up(self) -> Engine:
-    """Compiles the decode step for every cache width (all slots idle) before the first request;
-    call before `start`. Prefill compiles per bucket, on the first prompt of that length."""
+  def warm_up(self, prompt_lengths: Sequence[int] = ()) -> Engine:
+    """Compiles the decode step for every cache width (all slots idle) before the first request,
+    and the prefill of every batch size for prompts of `prompt_lengths` tokens (with their
+    inserts into every cache width); call before `start`. Other prompt lengths compile their
+    prefill on first use, once per batch size."""
     ids = np.zeros((len(self.slots),), np.int32)
     sampling = _sampling([None] * len(self.slots), ids)
     for width in self.widths:
       cache = self._new_cache(width)
       self.step_fn(self.params, ids, ids, ids, cache, ids - 1, sampling)
+    for length in sorted({self.bucket_of(n) for n in prompt_lengths}):
+      for size in batch_buckets(len(self.slots), length):
+        dummy = Request([0] * length, BASE, 1, lambda _: None)
+        _, smalls = self._prefill_call([dummy] * size, [-1] * size)
+      for width in (w for w in self.widths if w > length):
+        _insert(self._new_cache(width), smalls[0], np.int32(0), np.int32(0))
     return self
+
+  def bucket_of(self, prompt_len: int) -> int:
+    """The padded length a prompt of `prompt_len` tokens is prefilled at."""
+    return next(b for b in self.buckets if b >= prompt_len)
 
   def _placed(self, tree, cache: bool = False):
     """tree on the mesh (without one, as it is). A KV cache (`cache`) always gets the same
@@ -444,35 +497,50 @@ class Engine:
       done.set_exception(e)
 
   def _admit(self) -> None:
-    while self.waiting and None in self.slots:
+    """Moves waiting requests into the free slots, prefilled in batches (`prefill_batches`)."""
+    free = [row for row, run in enumerate(self.slots) if run is None]
+    joining: list[tuple[Request, int]] = []
+    while self.waiting and len(joining) < len(free):
       request = self.waiting.popleft()
       if request.cancelled.is_set():
         continue
       try:
-        adapter_id = self.adapters.acquire(request.adapter)
+        joining.append((request, self.adapters.acquire(request.adapter)))
       except KeyError:
         _emit(request, ("error", 404, f"The model {request.adapter!r} was unloaded."))
-        continue
-      self.prefill(self.slots.index(None), request, adapter_id)
+    padded = [self.bucket_of(len(request.prompt)) for request, _ in joining]
+    for batch in prefill_batches(padded, len(self.slots)):
+      self.prefill([free[i] for i in batch], [joining[i] for i in batch])
 
-  def prefill(self, row: int, request: Request, adapter_id: int) -> None:
-    """Prefills `request` alone in a padded bucket, then copies its k/v into row `row`."""
-    n = len(request.prompt)
-    bucket = next(b for b in self.buckets if b >= n)
-    ids = np.zeros((1, bucket), np.int32)
-    ids[0, bucket - n :] = request.prompt
-    segments = (np.arange(bucket) >= bucket - n).astype(np.int32)[None]
+  def _prefill_call(self, requests: Sequence[Request], adapter_ids: Sequence[int]):
+    """(first tokens, per-row caches) of prompts left-padded to one bucket, in one call."""
+    bucket = self.bucket_of(max(len(r.prompt) for r in requests))
+    ids = np.zeros((len(requests), bucket), np.int32)
+    for i, request in enumerate(requests):
+      ids[i, bucket - len(request.prompt) :] = request.prompt
+    lengths = np.asarray([len(r.prompt) for r in requests])[:, None]
+    segments = (np.arange(bucket)[None] >= bucket - lengths).astype(np.int32)
     positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
-    sampling = _sampling([request], [0])
-    token, small = self.prefill_fn(
-      self.params, ids, positions, segments, np.asarray([adapter_id], np.int32), sampling
-    )
+    sampling = _sampling(requests, [0] * len(requests))
+    adapter_ids = np.asarray(adapter_ids, np.int32)
+    return self.prefill_fn(self.params, ids, positions, segments, adapter_ids, sampling)
+
+  def prefill(self, rows: Sequence[int], joining: Sequence[tuple[Request, int]]) -> None:
+    """Prefills the (request, adapter id) pairs of one bucket together, then copies each one's
+    k/v into its row of `rows`."""
+    requests = [request for request, _ in joining]
+    tokens, smalls = self._prefill_call(requests, [adapter_id for _, adapter_id in joining])
+    bucket = self.bucket_of(max(len(r.prompt) for r in requests))
     self._make_room(bucket)
-    self.cache = self._placed(_insert(self.cache, small, row, self.index - bucket), cache=True)
-    self.lens[row] = n
-    self.slots[row] = _Running(request, adapter_id)
+    for row, small in zip(rows, smalls):
+      moved = _insert(self.cache, small, np.int32(row), np.int32(self.index - bucket))
+      self.cache = self._placed(moved, cache=True)
+    for row, (request, adapter_id) in zip(rows, joining):
+      self.lens[row] = len(request.prompt)
+      self.slots[row] = _Running(request, adapter_id)
     self._write_segments()
-    self._accept(row, int(token[0]))
+    for row, token in zip(rows, np.asarray(tokens).tolist()):
+      self._accept(row, token)
 
   def decode(self) -> None:
     """One step for every slot: feeds each running request its last token, samples the next."""

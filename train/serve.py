@@ -440,8 +440,9 @@ def parse_mesh(value: str | None):
     return make_mesh(**sizes)
 
 
-def build(args) -> tuple[Engine, Server]:
-  """Loads the model (quantized with --quant), starts the engine and loads the --adapter dirs."""
+def build(args, prompt_lengths: Sequence[int] = ()) -> tuple[Engine, Server]:
+  """Loads the model (quantized with --quant), starts the engine and loads the --adapter dirs.
+  prompt_lengths: prompts whose prefill (every batch size) compiles before serving."""
   import jlora
   from jlora.models import from_pretrained
 
@@ -474,7 +475,7 @@ def build(args) -> tuple[Engine, Server]:
     eos_ids=eos,
     mesh=mesh,
   )
-  engine.warm_up().start()
+  engine.warm_up(prompt_lengths).start()
   for name, path in args.named.items():
     try:
       engine.load_adapter(name, path)
