@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -150,77 +150,190 @@ def block_rows(n: int, num_experts: int) -> int:
   return int(min(128, max(8, 1 << (share - 1).bit_length())))
 
 
-def blocked(fn, rows: tuple, weights: tuple, groups: Groups) -> jax.Array:
-  """fn(row blocks..., weights of the block's expert...) on each block of rows: rows [slots, ...],
-  weights [E, ...]. The blocks past the last expert's region (all padding) are skipped, so the
-  FLOPs are the assignments' plus the padding, never E times them."""
-  starts = jnp.arange(0, rows[0].shape[0], groups.block)
-  in_use = starts < jnp.sum(-(-groups.sizes // groups.block) * groups.block)
-  return _blockwise(fn, rows, weights, groups.expert[starts], in_use)
+class ExpertWeight(NamedTuple):
+  """An expert weight as the grouped matmuls read it: w [E, in, out] (dequantized); when adapted,
+  a [E, in, r] and b [E, r, out] already times the LoRA scale; bias [E, out] or None."""
+
+  w: jax.Array
+  a: jax.Array | None = None
+  b: jax.Array | None = None
+  bias: jax.Array | None = None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blockwise(fn, rows, weights, block_expert, in_use):
-  """A loop over the blocks that reads each expert's weights in place: jnp.take of the weights per
-  block (a batched matmul on a [blocks, in, out] copy) cost more than the matmuls it fed, and
-  differentiating the loop would save that copy for the backward. The backward (below) is a loop
-  too, reading the weights in place again."""
-
-  def one(_, block):
-    row_blocks, e, use = block
-    w_e = tuple(w[e] for w in weights)
-    out = jax.eval_shape(fn, *row_blocks, *w_e)
-    zeros = lambda: jnp.zeros(out.shape, out.dtype)
-    return None, jax.lax.cond(use, lambda: fn(*row_blocks, *w_e), zeros)
-
-  _, out = jax.lax.scan(one, None, (_by_block(rows, block_expert), block_expert, in_use))
-  return out.reshape(rows[0].shape[0], *out.shape[2:])
+def expert_weight(weight: Any, bias: jax.Array | None = None) -> ExpertWeight:
+  """A plain, quantized or LoRA expert kernel (and its bias) as an ExpertWeight."""
+  if not is_lora(weight):
+    return ExpertWeight(dequantized(weight), bias=bias)
+  return ExpertWeight(dequantized(weight.base), weight.a, weight.b * weight.scale, bias)
 
 
-def _by_block(rows: tuple, block_expert) -> tuple:
-  return tuple(r.reshape(block_expert.shape[0], -1, *r.shape[1:]) for r in rows)
+def _apply(x: jax.Array, x_low: jax.Array, w: ExpertWeight) -> jax.Array:
+  """One expert's weight on rows x (the adapter reads x_low, x with dropout)."""
+  y = x @ w.w.astype(x.dtype)
+  if w.a is not None:
+    y = y + (x_low @ w.a.astype(x.dtype)) @ w.b.astype(x.dtype)
+  return y if w.bias is None else y + w.bias.astype(y.dtype)
 
 
-def _blockwise_fwd(fn, rows, weights, block_expert, in_use):
-  return _blockwise(fn, rows, weights, block_expert, in_use), (rows, weights, block_expert, in_use)
+def blocked_chain(
+  x: jax.Array, weights: tuple, groups: Groups, activate=None, masks: tuple | None = None
+) -> jax.Array:
+  """Rows x [slots, in] through the expert weights in turn (`activate` between two): each block of
+  rows meets its own expert's weights, all the chain's in one loop body, so a block's hidden rows
+  stay in cache. masks: per weight, the adapter's dropout mask on its input rows, or None."""
+  blocks = -(-groups.sizes // groups.block)
+  first = (jnp.cumsum(blocks) - blocks).astype(jnp.int32)
+  masks = masks or (None,) * len(weights)
+  return _chain(activate, groups.block, x, tuple(masks), tuple(weights), first, blocks)
 
 
-def _blockwise_bwd(fn, residuals, g):
-  """Per block, fn's vjp: the rows' cotangents, and the weights' summed into their expert (a frozen
-  weight's sum is unused and removed by dead-code elimination)."""
-  rows, weights, block_expert, in_use = residuals
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Needs:
+  """Which inputs of `_chain` are differentiated (static, kept with the residuals)."""
 
-  def one(grads, block):
-    row_blocks, g_block, e, use = block
-    w_e = tuple(w[e] for w in weights)
-    pull = lambda: jax.vjp(fn, *row_blocks, *w_e)[1](g_block)
-    zeros = lambda: jax.tree.map(jnp.zeros_like, (*row_blocks, *w_e))
-    d = jax.lax.cond(use, pull, zeros)
-    grads = tuple(acc.at[e].add(dw) for acc, dw in zip(grads, d[len(rows) :]))
-    return grads, d[: len(rows)]
-
-  blocks = (_by_block(rows, block_expert), *_by_block((g,), block_expert), block_expert, in_use)
-  dw, d_rows = jax.lax.scan(one, jax.tree.map(jnp.zeros_like, weights), blocks)
-  d_rows = tuple(d.reshape(r.shape) for d, r in zip(d_rows, rows))
-  return d_rows, dw, None, None
+  x: bool
+  weights: tuple  # per weight, per leaf
 
 
-_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chain(activate, block, x, masks, weights, first, blocks):
+  """Loop over the experts (reading each one's weights once), and within an expert over its blocks
+  of rows. The blocks past the last expert's region (all padding) are never visited, so the FLOPs
+  are the assignments' plus under one block per expert. Differentiating the loop would save every
+  block's weights; the backward (below) loops the same way instead, on the pre-activations the
+  forward saved, and makes weight gradients only for the weights that are trained."""
+  return _chain_forward(activate, block, x, masks, weights, first, blocks)[0]
 
 
-def _matmul(x, w):
-  return x @ w.astype(x.dtype)
+def _rows(x, start, block):
+  return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, block)
 
 
-def _adapted_matmul(x, x_low, w, a, b_scaled):
-  return x @ w.astype(x.dtype) + (x_low @ a.astype(x.dtype)) @ b_scaled.astype(x.dtype)
+def _expert(tree, e):
+  return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False), tree)
+
+
+def _low(h, mask):
+  return h if mask is None else h * mask
+
+
+def _chain_forward(activate, block, x, masks, weights, first, blocks):
+  rows = x.shape[0]
+  out = jnp.zeros((rows, weights[-1].w.shape[-1]), x.dtype)
+  saved = tuple(jnp.zeros((rows, w.w.shape[-1]), x.dtype) for w in weights[:-1])
+
+  def per_expert(e, carry):
+    ws = _expert(weights, e)
+
+    def per_block(j, carry):
+      out, saved = carry
+      start = j * block
+      h = _rows(x, start, block)
+      pre = []
+      for i, w in enumerate(ws):
+        if i:
+          pre.append(h)
+          h = activate(h)
+        h = _apply(h, _low(h, _rows(masks[i], start, block)), w)
+      saved = tuple(jax.lax.dynamic_update_slice_in_dim(s, p, start, 0) for s, p in zip(saved, pre))
+      return jax.lax.dynamic_update_slice_in_dim(out, h, start, 0), saved
+
+    return jax.lax.fori_loop(first[e], first[e] + blocks[e], per_block, carry)
+
+  out, saved = jax.lax.fori_loop(0, first.shape[0], per_expert, (out, saved))
+  return out, saved
+
+
+def _chain_fwd(activate, block, x, masks, weights, first, blocks):
+  needs = _Needs(
+    x.perturbed, tuple(tuple(p.perturbed for p in jax.tree.leaves(w)) for w in weights)
+  )
+  value = lambda t: jax.tree.map(lambda p: p.value, t)
+  x, masks, weights, first, blocks = map(value, (x, masks, weights, first, blocks))
+  out, saved = _chain_forward(activate, block, x, masks, weights, first, blocks)
+  return out, (needs, x, masks, weights, first, blocks, saved)
+
+
+def _pull(fn, args: list, needs, g):
+  """The cotangents of fn(*args) for the args whose need is True (None for the others)."""
+  live = [i for i, n in enumerate(needs) if n]
+
+  def of_live(*values):
+    full = list(args)
+    for i, v in zip(live, values):
+      full[i] = v
+    return fn(*full)
+
+  grads = jax.vjp(of_live, *[args[i] for i in live])[1](g) if live else ()
+  out = [None] * len(args)
+  for i, d in zip(live, grads):
+    out[i] = d
+  return out
+
+
+def _chain_bwd(activate, block, residuals, g):
+  """Per block, last weight first: the pre-activation's (or the rows') cotangent, and the
+  cotangents of the trained leaves, summed per expert and written once per expert."""
+  needs, x, masks, weights, first, blocks, saved = residuals
+  g = jnp.zeros(x.shape[:1] + weights[-1].w.shape[-1:], x.dtype) if _symbolic(g) else g
+  trees = [jax.tree.structure(w) for w in weights]
+  leaves = [jax.tree.leaves(w) for w in weights]
+  acc = [[jnp.zeros_like(v) for v, n in zip(ls, ns) if n] for ls, ns in zip(leaves, needs.weights)]
+  dx = jnp.zeros_like(x) if needs.x else None
+
+  def per_expert(e, carry):
+    dx, acc = carry
+    ws = [_expert(ls, e) for ls in leaves]
+    local = [[jnp.zeros_like(v[0]) for v in a] for a in acc]
+
+    def per_block(j, carry):
+      dx, local = carry
+      start = j * block
+      cot = _rows(g, start, block)
+      inputs = [_rows(x, start, block), *(_rows(s, start, block) for s in saved)]
+      for i in reversed(range(len(ws))):
+        mask = _rows(masks[i], start, block)
+
+        def stage(h, *w_leaves, i=i, mask=mask):
+          h = activate(h) if i else h
+          return _apply(h, _low(h, mask), jax.tree.unflatten(trees[i], w_leaves))
+
+        need_in = needs.x if i == 0 else True
+        d = _pull(stage, [inputs[i], *ws[i]], (need_in, *needs.weights[i]), cot)
+        local[i] = [s + v for s, v in zip(local[i], (v for v in d[1:] if v is not None))]
+        cot = d[0]
+      if dx is not None:
+        dx = jax.lax.dynamic_update_slice_in_dim(dx, cot, start, 0)
+      return dx, local
+
+    dx, local = jax.lax.fori_loop(first[e], first[e] + blocks[e], per_block, (dx, local))
+    acc = [
+      [jax.lax.dynamic_update_index_in_dim(a, v, e, 0) for a, v in zip(ai, li)]
+      for ai, li in zip(acc, local)
+    ]
+    return dx, acc
+
+  dx, acc = jax.lax.fori_loop(0, first.shape[0], per_expert, (dx, acc))
+  dweights = []
+  for tree, ns, a in zip(trees, needs.weights, acc):
+    it = iter(a)
+    dweights.append(jax.tree.unflatten(tree, [next(it) if n else None for n in ns]))
+  return dx, None, tuple(dweights), None, None
+
+
+def _symbolic(g) -> bool:
+  return isinstance(g, jax.custom_derivatives.SymbolicZero)
+
+
+_chain.defvjp(_chain_fwd, _chain_bwd, symbolic_zeros=True)
 
 
 def grouped(x: jax.Array, w: jax.Array, groups: Groups, implementation: str) -> jax.Array:
   """Slot i of x [slots, in] times w[groups.expert[i]] ([E, in, out]) -> [slots, out]."""
   chosen = resolve(implementation)
   if chosen == "blocked":
-    return blocked(_matmul, (x,), (w,), groups)
+    return blocked_chain(x, (ExpertWeight(w),), groups)
   if groups.block != 1:
     raise ValueError(f"{chosen} needs Groups sorted with block 1, not {groups.block}")
   if chosen == "ragged":
@@ -230,21 +343,24 @@ def grouped(x: jax.Array, w: jax.Array, groups: Groups, implementation: str) -> 
 
 
 def grouped_matmul(
-  x: jax.Array, weight: Any, groups: Groups, implementation: str = "auto", x_low=None
+  x: jax.Array,
+  weight: Any,
+  groups: Groups,
+  implementation: str = "auto",
+  mask: jax.Array | None = None,
+  bias: jax.Array | None = None,
 ) -> jax.Array:
-  """`grouped(x, W)` for a plain, quantized or LoRA expert weight; LoRA adds the factored path
-  scale * (x_low A_e) B_e, with x_low the adapter's (dropped-out) input, x by default. Blocked
-  runs both paths in one loop over the blocks."""
-  base = weight.base if is_lora(weight) else weight
-  w = dequantized(base)
-  if not is_lora(weight):
-    return grouped(x, w, groups, implementation)
-  x_low = x if x_low is None else x_low
-  b_scaled = weight.b * weight.scale
+  """`grouped(x, W)` (+ the bias of each row's expert) for a plain, quantized or LoRA expert
+  weight; LoRA adds the factored path scale * ((x * mask) A_e) B_e, mask being the adapter's
+  dropout (none by default). Blocked runs both paths in one loop over the blocks."""
   if resolve(implementation) == "blocked":
-    return blocked(_adapted_matmul, (x, x_low), (w, weight.a, b_scaled), groups)
-  low = grouped(x_low, weight.a, groups, implementation)
-  return grouped(x, w, groups, implementation) + grouped(low, b_scaled, groups, implementation)
+    return blocked_chain(x, (expert_weight(weight, bias),), groups, masks=(mask,))
+  w = expert_weight(weight)
+  y = grouped(x, w.w, groups, implementation)
+  if w.a is not None:
+    low = grouped(_low(x, mask), w.a, groups, implementation)
+    y = y + grouped(low, w.b, groups, implementation)
+  return y if bias is None else y + jnp.take(bias, groups.expert, axis=0).astype(y.dtype)
 
 
 class GroupedDense(nn.Module):
@@ -260,28 +376,50 @@ class GroupedDense(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.normal(0.02)
 
-  @nn.compact
   def __call__(self, x: jax.Array, groups: Groups) -> jax.Array:
-    shape = (self.num_experts, x.shape[-1], self.features)
+    kernel, bias = self.parts(x.shape[-1])
+    x = x.astype(self.dtype)
+    y = grouped_matmul(x, kernel, groups, self.implementation, self.dropout_mask(x.shape), bias)
+    return y.astype(self.dtype)
+
+  @nn.compact
+  def parts(self, in_features: int) -> tuple[Any, jax.Array | None]:
+    """(kernel, bias or None): the kernel may be a jlora node (LoRA, quantized)."""
+    shape = (self.num_experts, in_features, self.features)
     init = nn.with_logical_partitioning(self.kernel_init, self.names)
     if self.has_variable("params", "kernel"):  # may be a jlora node: read it without a shape check
       kernel = nn.meta.unbox(self.get_variable("params", "kernel"))
     else:
       kernel = self.param("kernel", init, shape, self.param_dtype)
-    x = x.astype(self.dtype)
-    y = grouped_matmul(x, kernel, groups, self.implementation, self._dropped(kernel, x))
-    if self.use_bias:
-      bias_init = nn.with_logical_partitioning(
-        nn.initializers.zeros, (self.names[0], self.names[2])
-      )
-      bias = self.param("bias", bias_init, (self.num_experts, self.features), self.param_dtype)
-      y = y + jnp.take(bias, groups.expert, axis=0).astype(y.dtype)
-    return y.astype(self.dtype)
+    if not self.use_bias:
+      return kernel, None
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros, (self.names[0], self.names[2]))
+    return kernel, self.param(
+      "bias", bias_init, (self.num_experts, self.features), self.param_dtype
+    )
 
-  def _dropped(self, kernel, x):
-    """The adapter's input: x, with the node's dropout when a 'dropout' rng is passed."""
+  def dropout_mask(self, shape: tuple[int, ...]) -> jax.Array | None:
+    """The adapter's dropout on its input rows (kept / (1 - rate), else 0), when its node has a
+    rate and a 'dropout' rng is passed; None otherwise."""
+    kernel = self.get_variable("params", "kernel")
     rate = kernel.dropout if is_lora(kernel) else 0.0
     if not rate or not self.has_rng("dropout"):
       return None
-    keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, shape)
+    return jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(self.dtype)
+
+
+def grouped_mlp(
+  x: jax.Array, up: GroupedDense, down: GroupedDense, activate, groups: Groups
+) -> jax.Array:
+  """down(activate(up(x))) on rows sorted by expert. Blocked runs both weights in one loop body
+  (`blocked_chain`); the other implementations call the two layers in turn."""
+  if resolve(up.implementation) != "blocked":
+    return down(activate(up(x, groups)), groups)
+  up_kernel, up_bias = up.parts(x.shape[-1])
+  x = x.astype(up.dtype)
+  hidden = jax.eval_shape(activate, jax.ShapeDtypeStruct((1, up.features), x.dtype)).shape[-1]
+  down_kernel, down_bias = down.parts(hidden)
+  weights = (expert_weight(up_kernel, up_bias), expert_weight(down_kernel, down_bias))
+  masks = (up.dropout_mask(x.shape), down.dropout_mask((x.shape[0], hidden)))
+  return blocked_chain(x, weights, groups, activate, masks).astype(down.dtype)

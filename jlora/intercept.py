@@ -202,7 +202,7 @@ def trace_layout(model, *args, method=None, **kwargs) -> dict[str, tuple[str, ..
 
   def record(next_fun, call_args, call_kwargs, context):
     module = context.module
-    if isinstance(module, GroupedDense) and context.method_name == "__call__":
+    if isinstance(module, GroupedDense) and context.method_name == "parts":
       layout["/".join(module.path)] = (BATCH, IN, OUT)  # [E, in, out]: the expert axis is a batch
     elif isinstance(module, LAYERS) and context.method_name in ("__call__", "attend") and call_args:
       layout["/".join(module.path)] = _layer_roles(

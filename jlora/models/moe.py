@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.experts import IMPLEMENTATIONS as EXPERT_IMPLEMENTATIONS
-from jlora.experts import GroupedDense, sort_by_expert
+from jlora.experts import GroupedDense, grouped_mlp, sort_by_expert
 from jlora.models.llama import (
   ACTIVATIONS,
   LlamaConfig,
@@ -198,8 +198,8 @@ class MoeExperts(nn.Module):
     """x [tokens, d]; weights, chosen [tokens, k] -> [tokens, d]."""
     c = self.config
     groups = sort_by_expert(chosen, weights, c.num_experts, c.expert_matmul)
-    h = self.activate(self.gate_up_proj(groups.dispatch(x), groups))
-    y = self.down_proj(h, groups) * groups.weight[:, None].astype(h.dtype)
+    h = grouped_mlp(groups.dispatch(x), self.gate_up_proj, self.down_proj, self.activate, groups)
+    y = h * groups.weight[:, None].astype(h.dtype)
     return groups.combine(y.astype(x.dtype))
 
   def activate(self, gate_up: jax.Array) -> jax.Array:
