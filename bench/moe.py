@@ -1,7 +1,8 @@
 """One LoRA step on a Qwen3-MoE-shaped model: jlora (blocked, dense and ragged expert matmuls) against PEFT +
-transformers, side by side, fp32 on CPU.
+transformers, side by side, fp32 on CPU by default.
 
     python -m bench.moe [--steps 5] [--warmup 2] [--out bench/results/moe.json]
+    python -m bench.moe --device gpu [--dtype bfloat16]   # torch on cuda, jax on its GPU backend
 
 Model: a random transformers Qwen3-MoE checkpoint scaled to this machine (SHAPE below: 4 layers,
 d=256, 16 experts, top-4, expert width 256), written once and loaded by every worker. Batch: 4 x 128
@@ -9,12 +10,15 @@ random tokens, next-token cross-entropy on every position. Adapters: rank 8, alp
 layer and the experts (jlora: targets="all-linear", which includes the experts; PEFT: target_modules
 "all-linear" plus target_parameters mlp.experts.gate_up_proj / down_proj), B = 0 at init. AdamW(lr
 1e-4) on the adapters only. Each (framework, path) runs in its own process: step time is the median
-of --steps timed steps after --warmup (jlora's first call compiles), peak RSS is ru_maxrss.
+of --steps timed steps after --warmup (jlora's first call compiles), peak RSS is ru_maxrss (and on
+GPU the peak device memory: torch's max_memory_allocated, jax's peak_bytes_in_use). --dtype sets
+both frameworks' weights and compute (the adapters too); --device cpu keeps jax off any GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -54,7 +58,7 @@ def batch():
   return np.random.default_rng(0).integers(0, SHAPE["vocab_size"], (ROWS, SEQ))
 
 
-def worker_jlora(directory: str, matmul: str, steps: int, warmup: int) -> dict:
+def worker_jlora(directory: str, matmul: str, steps: int, warmup: int, dtype: str) -> dict:
   import jax
   import jax.numpy as jnp
   import optax
@@ -62,7 +66,9 @@ def worker_jlora(directory: str, matmul: str, steps: int, warmup: int) -> dict:
   import jlora
   from jlora.models import from_pretrained
 
-  model, params, _ = from_pretrained(directory, expert_matmul=matmul)
+  model, params, _ = from_pretrained(
+    directory, expert_matmul=matmul, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype)
+  )
   ids = jnp.asarray(batch())
   cfg = jlora.LoraConfig(rank=RANK, alpha=2.0 * RANK, targets="all-linear")
   params = jlora.apply(params, cfg, jax.random.key(0), layout=jlora.trace_layout(model, ids))
@@ -72,7 +78,7 @@ def worker_jlora(directory: str, matmul: str, steps: int, warmup: int) -> dict:
   apply = jlora.wrap(model.apply)
 
   def loss_fn(t):
-    logits = apply({"params": jlora.combine(t, frozen)}, ids[:, :-1])
+    logits = apply({"params": jlora.combine(t, frozen)}, ids[:, :-1]).astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
   @jax.jit
@@ -87,7 +93,11 @@ def worker_jlora(directory: str, matmul: str, steps: int, warmup: int) -> dict:
     state[0], state[1], loss = step(*state)
     return loss.block_until_ready()
 
-  return timed(one_step, steps, warmup)
+  result = timed(one_step, steps, warmup)
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    result["peak_device_mib"] = device.memory_stats()["peak_bytes_in_use"] / 2**20
+  return {**result, "platform": device.platform}
 
 
 def timed(one_step, steps: int, warmup: int) -> dict:
@@ -106,12 +116,14 @@ def timed(one_step, steps: int, warmup: int) -> dict:
   }
 
 
-def worker_peft(directory: str, steps: int, warmup: int) -> dict:
+def worker_peft(directory: str, steps: int, warmup: int, device: str, dtype: str) -> dict:
   import peft
   import torch
   import transformers
 
-  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+  device = "cuda" if device == "gpu" else "cpu"
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
+  model = model.to(device)
   config = peft.LoraConfig(
     r=RANK,
     lora_alpha=2 * RANK,
@@ -122,16 +134,19 @@ def worker_peft(directory: str, steps: int, warmup: int) -> dict:
   optimizer = torch.optim.AdamW(
     [p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0
   )
-  ids = torch.from_numpy(batch().astype("int64"))
+  ids = torch.from_numpy(batch().astype("int64")).to(device)
 
   def one_step():
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-    return loss
+    return loss.item()  # waits for the step (cuda runs asynchronously)
 
-  return timed(one_step, steps, warmup)
+  result = timed(one_step, steps, warmup)
+  if device == "cuda":
+    result["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
+  return {**result, "platform": device}
 
 
 NAMES = {
@@ -146,12 +161,15 @@ def table(result: dict) -> str:
   """The markdown table of a bench/results/moe.json (also used by bench.report)."""
   rows = result["rows"]
   peft_s = rows["peft"].get("step_s")
+  on_device = any("peak_device_mib" in r for r in rows.values())
   out = []
   for name, r in rows.items():
     if "error" not in r:
       speed = f"{peft_s / r['step_s']:.2f}x" if peft_s else "-"
-      out.append([NAMES[name], f"{r['step_s']:.2f}", f"{r['peak_rss_mib']:.0f}", speed])
-  return common.markdown_table(["run", "step s", "peak RSS MiB", "vs PEFT"], out)
+      memory = [f"{r.get('peak_device_mib', 0):.0f}"] if on_device else []
+      out.append([NAMES[name], f"{r['step_s']:.4f}", f"{r['peak_rss_mib']:.0f}", *memory, speed])
+  header = ["run", "step s", "peak RSS MiB", *(["peak device MiB"] if on_device else []), "vs PEFT"]
+  return common.markdown_table(header, out)
 
 
 def main(argv=None) -> None:
@@ -161,32 +179,38 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--out", default="bench/results/moe.json")
+  parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   parser.add_argument("--worker", choices=["jlora", "peft"])
   parser.add_argument("--matmul", default="blocked")
   parser.add_argument("--dir")
   parser.add_argument("--worker-out")
   args = parser.parse_args(argv)
   if args.worker == "jlora":
-    result = worker_jlora(args.dir, args.matmul, args.steps, args.warmup)
+    result = worker_jlora(args.dir, args.matmul, args.steps, args.warmup, args.dtype)
     return common.write_worker_result(args.worker_out, result)
   if args.worker == "peft":
-    return common.write_worker_result(
-      args.worker_out, worker_peft(args.dir, args.steps, args.warmup)
-    )
+    result = worker_peft(args.dir, args.steps, args.warmup, args.device, args.dtype)
+    return common.write_worker_result(args.worker_out, result)
 
   machine = common.machine()
   rows = {}
   with tempfile.TemporaryDirectory() as directory:
     write_checkpoint(directory)
     timing = ["--dir", directory, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    timing += ["--device", args.device, "--dtype", args.dtype]
+    # Each framework on the device asked for: jax on its default backend (the GPU where there is
+    # one) unless --device cpu.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"} if args.device == "cpu" else None
     rows["peft"] = common.run_worker("bench.moe", ["--worker", "peft", *timing])
     for matmul in ("blocked", "dense", "ragged"):
       worker = ["--worker", "jlora", "--matmul", matmul, *timing]
-      rows[f"jlora-{matmul}"] = common.run_worker("bench.moe", worker)
+      rows[f"jlora-{matmul}"] = common.run_worker("bench.moe", worker, env=env)
   for name, r in rows.items():
     if "error" in r:
       print(f"{name} failed:\n{r['error']}", file=sys.stderr)
   result = {"machine": machine, "shape": SHAPE, "steps": args.steps, "rows": rows}
+  result.update(device=args.device, dtype=args.dtype)
   print(common.machine_line(machine))
   print(table(result))
   common.write_json(args.out, result)

@@ -10,10 +10,12 @@ slower.
 
   ragged  `jax.lax.ragged_dot`: FLOPs scale with the assignments (top-k), not with E, on backends
           with a grouped kernel (GPU, TPU). XLA:CPU lowers it densely (E / k times the FLOPs).
-  blocked each expert's region of slots padded to whole blocks of rows, and a loop over the blocks
-          multiplying each by its own expert's weight, read in place, and skipping the all-padding
-          blocks at the end: the FLOPs are the assignments' plus under one block per expert. A
-          custom gradient loops the same way (see `_blockwise`). XLA:CPU runs these plain dots well.
+  blocked each expert's region of slots padded to whole blocks of rows; a loop over the experts
+          (each one's weights sliced once) and within each over its blocks, never visiting the
+          all-padding blocks at the end: the FLOPs are the assignments' plus under one block per
+          expert. An expert MLP (`grouped_mlp`) runs gate_up, the activation and down in one
+          loop body, so a block's hidden rows stay in cache; a custom gradient loops the same way
+          on the saved pre-activations (see `_chain`). XLA:CPU runs these plain dots well.
   dense   every expert on every row, the right one kept by a one-hot contraction: E / k times the
           FLOPs; the simplest, kept as the reference for the others.
   auto    ragged on GPU and TPU, blocked on CPU (bench/moe.py measures all three).
@@ -21,7 +23,8 @@ slower.
 An adapted expert weight is an ordinary `LoraWeight` whose roles are (batch, in, out): one node with
 a [E, in, r] and b [E, r, out], PEFT's `target_parameters` convention of one A and B per expert. Its
 low-rank path runs inside the same grouped matmul on the factors (each row meets its own expert's A
-and B; blocked runs both paths in one loop): x A_e B_e, never W + BA. A quantized base is dequantized next to its matmul, as for Dense.
+and B; blocked runs both paths in one loop): x A_e B_e, never W + BA. A quantized base is
+dequantized next to its matmul, as for Dense.
 """
 
 from __future__ import annotations
