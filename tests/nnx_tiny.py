@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import jlora
+
 VOCAB, D, HEADS, LAYERS = 32, 16, 2, 2
 TARGETS = ("q", "o", "up", "down", "gate", "embed", "mlp/gate_proj", "mlp/up_proj")
 
@@ -108,3 +110,18 @@ def make(seed: int = 0, vocab: int = VOCAB, dim: int = D) -> TinyNnx:
 
 def tokens(batch: int = 2, length: int = 5, seed: int = 0):
   return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
+
+
+def randomized(params, seed=3):
+  """Non-zero A and B everywhere, so the adapters change the output."""
+  keys = iter(jax.random.split(jax.random.key(seed), 1000))
+
+  def visit(x):
+    if not jlora.is_lora(x):
+      return x
+    return x.replace(
+      a=0.3 * jax.random.normal(next(keys), x.a.shape),
+      b=0.3 * jax.random.normal(next(keys), x.b.shape),
+    )
+
+  return jax.tree.map(visit, params, is_leaf=jlora.is_lora)

@@ -27,8 +27,9 @@ from tests.tiny import (
   TINY,
   TINY_VOCAB_SIZE,
   llama_cpp_permute,
-  make_checkpoint,
+  random_hf_state,
   run_on_fake_devices,
+  save_numpy_checkpoint,
   tiny_tokenizer,
 )
 
@@ -40,21 +41,6 @@ def tiny():
   graphdef, state = nnx.split(model)
   layout = jlora.trace_layout(model, tokens)
   return model, graphdef, state, layout, tokens
-
-
-def _randomized(params, seed=3):
-  """Non-zero A and B everywhere, so the adapters change the output."""
-  keys = iter(jax.random.split(jax.random.key(seed), 1000))
-
-  def visit(x):
-    if not jlora.is_lora(x):
-      return x
-    return x.replace(
-      a=0.3 * jax.random.normal(next(keys), x.a.shape),
-      b=0.3 * jax.random.normal(next(keys), x.b.shape),
-    )
-
-  return jax.tree.map(visit, params, is_leaf=jlora.is_lora)
 
 
 def _delta(node) -> np.ndarray:
@@ -119,7 +105,7 @@ def test_init_output_equals_the_base_exactly(tiny):
 def test_low_rank_forward_equals_the_unmodified_model_on_materialised_weights(tiny):
   model, graphdef, state, layout, tokens = tiny
   cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=nnx_tiny.TARGETS)
-  lora = _randomized(jlora.apply(state, cfg, jax.random.key(1), layout=layout))
+  lora = nnx_tiny.randomized(jlora.apply(state, cfg, jax.random.key(1), layout=layout))
   out = jax.jit(jlora.wrap(graphdef))(lora, tokens)
   expected = _run_unmodified(graphdef, _materialised(lora), tokens)
   assert float(jnp.max(jnp.abs(expected - model(tokens)))) > 0.1  # the adapters matter
@@ -129,10 +115,44 @@ def test_low_rank_forward_equals_the_unmodified_model_on_materialised_weights(ti
   assert not hasattr(nnx.Linear.__call__, "__wrapped__")
 
 
-def test_unmerge_recovers_the_base_and_grads_reach_only_the_adapters(tiny):
+SHARDED_SCRIPT = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+import jlora
+from jlora import sharding as shard_lib
+from tests import nnx_tiny
+
+# test_unmerge's step (the same model, tokens and adapters) on a data=2, fsdp=2, tensor=2 mesh.
+model = nnx_tiny.make()
+tokens = nnx_tiny.tokens()
+layout = jlora.trace_layout(model, tokens)
+graphdef, state = nnx.split(model)
+cfg = jlora.LoraConfig(rank=2, targets=nnx_tiny.TARGETS)
+rules = (("layers", None), ("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"),
+         ("heads", "tensor"), ("kv", None))
+mesh = shard_lib.make_mesh(data=2, fsdp=2, tensor=2)
+placed = jax.device_put(state, shard_lib.named(mesh, shard_lib.logical_specs(state, rules)))
+t8, f8 = jlora.prepare_for_training(placed, cfg, jax.random.key(1), layout=layout)
+t, _ = jlora.split(nnx_tiny.randomized(jlora.apply(state, cfg, jax.random.key(1), layout=layout)))
+t8 = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), t, t8)
+x8 = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+loss = lambda t: jnp.mean(jlora.wrap(graphdef)(jlora.combine(t, f8), x8) ** 2)
+loss8, g8 = jax.jit(jax.value_and_grad(loss))(t8)
+up = t8["layers"]["up"]["kernel"].get_value()
+print(json.dumps({
+  "loss": float(loss8), "grads": [np.asarray(g).tolist() for g in jax.tree.leaves(g8)],
+  "up_a": str(up.a.sharding.spec), "up_b": str(up.b.sharding.spec),
+  "up_base": str(f8["layers"]["up"]["kernel"].get_value().base.sharding.spec),
+  "devices": len(up.a.sharding.device_set),
+}))
+"""
+
+
+def test_unmerge_recovers_the_base_and_grads_reach_only_the_adapters_on_1_and_8_devices(tiny):
   _, graphdef, state, layout, tokens = tiny
   cfg = jlora.LoraConfig(rank=2, targets=nnx_tiny.TARGETS)
-  lora = _randomized(jlora.apply(state, cfg, jax.random.key(1), layout=layout))
+  lora = nnx_tiny.randomized(jlora.apply(state, cfg, jax.random.key(1), layout=layout))
   trainable, frozen = jlora.split(lora)
   merged = jlora.merge(lora)
   back = jlora.unmerge(merged, trainable)
@@ -142,7 +162,7 @@ def test_unmerge_recovers_the_base_and_grads_reach_only_the_adapters(tiny):
   def loss(t):
     return jnp.mean(jlora.wrap(graphdef)(jlora.combine(t, frozen), tokens) ** 2)
 
-  grads = jax.jit(jax.grad(loss))(trainable)
+  value, grads = jax.jit(jax.value_and_grad(loss))(trainable)
   nodes = [x for x in jax.tree.leaves(grads, is_leaf=jlora.is_lora) if jlora.is_lora(x)]
   assert len(nodes) == len(nnx_tiny.TARGETS)
   for node in nodes:
@@ -150,6 +170,17 @@ def test_unmerge_recovers_the_base_and_grads_reach_only_the_adapters(tiny):
       node.base is None and float(jnp.abs(node.a).sum()) > 0 and float(jnp.abs(node.b).sum()) > 0
     )
   assert len(jax.tree.leaves(grads)) == 2 * len(nodes)  # A and B only: no base, no bias
+
+  # The same step on 8 fake devices (a subprocess): adapters shard like the base weight they
+  # adapt (from its NNX metadata): A on the input axes, B on the output axes, the rank never.
+  sharded = run_on_fake_devices(SHARDED_SCRIPT, 8)
+  assert sharded["up_base"] == "P(None, 'fsdp', 'tensor')"
+  assert sharded["up_a"] == "P(None, 'fsdp', None)"
+  assert sharded["up_b"] == "P(None, None, 'tensor')"
+  assert sharded["devices"] == 8
+  np.testing.assert_allclose(sharded["loss"], value, rtol=1e-5)
+  for got, want in zip(sharded["grads"], jax.tree.leaves(grads), strict=True):
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-4, atol=1e-5)
 
 
 def test_optimizer_state_is_twice_the_adapter_floats_and_a_step_trains(tiny):
@@ -221,7 +252,7 @@ def test_qlora_nf4_double_quant_on_nnx(tiny):
   targets = ("q", "o", "up", "down", "gate", "gate_proj", "up_proj")
   q = jlora.quantize(state, jlora.QuantConfig(block_size=8, targets=targets), layout=layout)
   assert len(quantized_nodes(q)) == len(targets) and jlora.bytes_per_weight(q) < 4
-  lora = _randomized(
+  lora = nnx_tiny.randomized(
     jlora.apply(q, jlora.LoraConfig(rank=2, targets=targets), jax.random.key(1), layout=layout)
   )
   out = jax.jit(jlora.wrap(graphdef))(lora, tokens)
@@ -249,7 +280,7 @@ def test_dora_on_nnx(tiny):
   np.testing.assert_allclose(
     jlora.wrap(graphdef)(lora, tokens), nnx.merge(graphdef, state)(tokens), atol=1e-5
   )
-  lora = _randomized(lora)
+  lora = nnx_tiny.randomized(lora)
   lora = jax.tree.map(
     lambda x: x.replace(magnitude=x.magnitude * 1.3) if jlora.is_lora(x) else x,
     lora,
@@ -264,8 +295,8 @@ def test_dora_on_nnx(tiny):
 def test_mixed_adapter_batch_on_nnx(tiny):
   _, graphdef, state, layout, tokens = tiny
   cfg = jlora.LoraConfig(rank=2, targets=nnx_tiny.TARGETS)
-  first = _randomized(jlora.apply(state, cfg, jax.random.key(1), layout=layout), seed=4)
-  second = _randomized(
+  first = nnx_tiny.randomized(jlora.apply(state, cfg, jax.random.key(1), layout=layout), seed=4)
+  second = nnx_tiny.randomized(
     jlora.apply(
       state, jlora.LoraConfig(rank=3, targets=("up", "down")), jax.random.key(2), layout=layout
     ),
@@ -358,64 +389,6 @@ def test_an_unsupported_nnx_layer_is_named():
     jlora.wrap(graphdef)(lora, jnp.ones((1, 5, 3)))
 
 
-SHARDED_SCRIPT = r"""
-import json
-import jax, jax.numpy as jnp, numpy as np
-from flax import nnx
-import jlora
-from jlora import sharding as shard_lib
-from tests import gguf_reference, nnx_tiny
-from tests.tiny import TINY, TINY_VOCAB_SIZE, llama_cpp_permute, run_on_fake_devices, tiny_tokenizer
-
-model = nnx_tiny.make()
-tokens = nnx_tiny.tokens(batch=4)
-layout = jlora.trace_layout(model, tokens)
-graphdef, state = nnx.split(model)
-cfg = jlora.LoraConfig(rank=2, targets=nnx_tiny.TARGETS)
-rules = (("layers", None), ("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"),
-         ("heads", "tensor"), ("kv", None))
-mesh = shard_lib.make_mesh(data=2, fsdp=2, tensor=2)
-placed = jax.device_put(state, shard_lib.named(mesh, shard_lib.logical_specs(state, rules)))
-
-def step(trainable, frozen, tokens):
-  loss = lambda t: jnp.mean(jlora.wrap(graphdef)(jlora.combine(t, frozen), tokens) ** 2)
-  return jax.value_and_grad(loss)(trainable)
-
-def randomized(t):
-  keys = iter(jax.random.split(jax.random.key(7), 100))
-  return jax.tree.map(lambda x: x.replace(b=0.3 * jax.random.normal(next(keys), x.b.shape))
-                      if jlora.is_lora(x) else x, t, is_leaf=jlora.is_lora)
-
-t1, f1 = jlora.prepare_for_training(state, cfg, jax.random.key(1), layout=layout)
-t8, f8 = jlora.prepare_for_training(placed, cfg, jax.random.key(1), layout=layout)
-t1 = randomized(t1)
-t8 = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), randomized(t8), t8)
-loss1, g1 = jax.jit(step)(t1, f1, tokens)
-x8 = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-loss8, g8 = jax.jit(step)(t8, f8, x8)
-up = t8["layers"]["up"]["kernel"].get_value()
-print(json.dumps({
-  "loss": [float(loss1), float(loss8)],
-  "grad_diff": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8))),
-  "up_a": str(up.a.sharding.spec), "up_b": str(up.b.sharding.spec),
-  "up_base": str(f8["layers"]["up"]["kernel"].get_value().base.sharding.spec),
-  "devices": len(up.a.sharding.device_set),
-}))
-"""
-
-
-def test_sharded_step_on_8_devices_equals_the_one_device_step():
-  result = run_on_fake_devices(SHARDED_SCRIPT, 8)
-  # Adapters shard like the base weight they adapt (from its NNX metadata): A on the input
-  # axes, B on the output axes, the rank never.
-  assert result["up_base"] == "P(None, 'fsdp', 'tensor')"
-  assert result["up_a"] == "P(None, 'fsdp', None)"
-  assert result["up_b"] == "P(None, None, 'tensor')"
-  assert result["devices"] == 8
-  np.testing.assert_allclose(*result["loss"], rtol=1e-5)
-  assert result["grad_diff"] < 1e-5
-
-
 @pytest.mark.ref
 def test_nnx_llama_matches_transformers_and_its_adapter_loads_in_peft(tmp_path):
   """An NNX Llama mirroring transformers' (examples/nnx_llama.py): logits equal HF's; a LoRA
@@ -449,7 +422,7 @@ def test_nnx_llama_matches_transformers_and_its_adapter_loads_in_peft(tmp_path):
 
   graphdef, state = nnx.split(model)
   cfg = jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
-  lora = _randomized(jlora.apply(state, cfg, jax.random.key(0)))
+  lora = nnx_tiny.randomized(jlora.apply(state, cfg, jax.random.key(0)))
   ours = jlora.wrap(graphdef)(lora, jnp.asarray(tokens))
   with pytest.warns(UserWarning, match="vLLM"):
     jlora.save_adapter(tmp_path / "adapter", lora, cfg)
@@ -556,7 +529,11 @@ def test_train_dpo_takes_an_nnx_model(tmp_path):
   from configs.dpo import get_config
   from train import dpo
 
-  model_dir = make_checkpoint(tmp_path / "model")
+  llama = jlora.models.LlamaConfig(
+    vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+  )  # fmt: skip
+  model_dir = save_numpy_checkpoint(tmp_path / "model", llama, random_hf_state(llama))
   for name, rows in (("train", PAIRS), ("eval", PAIRS[:4])):
     (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   config = get_config()
