@@ -27,7 +27,7 @@ import pytest
 import jlora
 from jlora.models import LlamaConfig, from_pretrained
 from tests.tiny import TINY_VOCAB_SIZE, random_hf_state, save_numpy_checkpoint
-from train import nnx_model, serve
+from train import serve
 from train.engine import Engine, Request, batch_buckets, prefill_batches
 from train.generate import chat_prompt_ids, generate_ids
 
@@ -384,7 +384,7 @@ def test_an_nnx_model_serves_as_train_generate_decodes_it(served, references):
     assert all(done.acquire(timeout=120) for _ in prompts)
   finally:
     engine.close()
-  model, params, _ = nnx_model.load(spec, base, "--nnx", "--model")
+  model, params = engine.model, engine.base_params  # what train.generate --nnx loads
   adapted = jlora.load_adapter(root / "qv", params)
   ref = generate_ids(model, adapted, [prompts["qv"]], 6, eos_ids=[tok.eos_token_id])
   assert got["qv"] == ref[0] == references["qv"][texts["qv"]][:6]
@@ -394,7 +394,7 @@ def test_an_nnx_model_serves_as_train_generate_decodes_it(served, references):
 MESH_SCRIPT = """
 import json, sys, threading
 from jlora.models import from_pretrained
-from train import nnx_model, serve
+from train import serve
 from train.engine import Engine, Request
 from train.generate import chat_prompt_ids
 
