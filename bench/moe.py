@@ -97,7 +97,7 @@ def worker_jlora(directory: str, matmul: str, steps: int, warmup: int, dtype: st
   device = jax.devices()[0]
   if device.platform != "cpu":
     result["peak_device_mib"] = device.memory_stats()["peak_bytes_in_use"] / 2**20
-  return {**result, "platform": device.platform}
+  return {**result, "platform": device.platform, "device_kind": device.device_kind}
 
 
 def timed(one_step, steps: int, warmup: int) -> dict:
@@ -210,7 +210,10 @@ def main(argv=None) -> None:
     if "error" in r:
       print(f"{name} failed:\n{r['error']}", file=sys.stderr)
   result = {"machine": machine, "shape": SHAPE, "steps": args.steps, "rows": rows}
-  result.update(device=args.device, dtype=args.dtype)
+  result.update(device=args.device, dtype=args.dtype, blocked="fused expert loop")
+  kinds = {r["device_kind"] for r in rows.values() if r.get("platform", "cpu") != "cpu"}
+  if kinds:
+    machine["device_kind"] = ", ".join(sorted(kinds))
   print(common.machine_line(machine))
   print(table(result))
   common.write_json(args.out, result)

@@ -435,22 +435,46 @@ def moe_section(r: dict) -> str:
 `python -m bench.moe --steps {r.get("steps", 3)} --warmup 1` ({common.machine_line(r["machine"])}).
 Random Qwen3-MoE checkpoint: {shape["num_hidden_layers"]} layers, d={shape["hidden_size"]},
 {shape["num_experts"]} experts, top-{shape["num_experts_per_tok"]}, expert width
-{shape["moe_intermediate_size"]}, vocab {shape["vocab_size"]:,}; batch 4 x 128 tokens; LoRA r=8, alpha
+{shape["moe_intermediate_size"]}, vocab {
+    shape["vocab_size"]:,}; batch 4 x 128 tokens; LoRA r=8, alpha
 16 on every linear layer and on the experts (PEFT: `target_modules="all-linear"` + `target_parameters`
 for `mlp.experts.gate_up_proj` / `down_proj`). One process per row, all rows in one sitting.
 
 {table(r)}
 
-Load average at the start: {r["machine"]["loadavg_at_start"][0]}. transformers runs each expert on
-the tokens routed to it (a Python loop over the experts that got tokens), and PEFT's
+Load average at the start: {r["machine"]["loadavg_at_start"][0]}. transformers 5 runs the experts
+through torch's `_grouped_mm` (on CPU one matmul per expert that got tokens), and PEFT's
 `target_parameters` adds each expert's W + BA to the weight per forward. jlora keeps the adapters
 factored. XLA:CPU has no grouped-matmul kernel: the dense one-hot path multiplies every routed token
 by every expert's weights (E / k = {shape["num_experts"] // shape["num_experts_per_tok"]} times the
 FLOPs), and XLA:CPU lowers `ragged_dot` densely too. The blocked path pads each expert's rows to
-blocks and multiplies each block by its own expert's weight, so its FLOPs are the routed tokens'
-plus at most one partial block per expert; it is `expert_matmul="auto"`'s choice on CPU
-({moe_verdict(r)}). On GPU/TPU auto takes `ragged_dot`, a grouped kernel there; no accelerator was
-measured. jlora's peak RSS is higher (XLA's buffers and the compile).
+blocks and loops over the experts (each one's weights read once) and their blocks, running gate_up,
+the activation and down in one loop body, so its FLOPs are the routed tokens' plus at most one
+partial block per expert; it is `expert_matmul="auto"`'s choice on CPU ({moe_verdict(r)}{
+    ""
+    if r.get("blocked")
+    else "; this sitting predates the fused per-expert loop: it ran one loop per weight over blocks"
+  }). jlora's peak RSS is higher (XLA's buffers and the compile).
+{moe_gpu_section()}
+"""
+
+
+def moe_gpu_section() -> str:
+  """bench/results/moe_gpu.json (`python -m bench.moe --device gpu`), when there is one."""
+  if not (RESULTS / "moe_gpu.json").exists():
+    return (
+      "On GPU/TPU auto takes `ragged_dot`, a grouped kernel there; no accelerator was measured."
+    )
+  from bench.moe import table
+
+  r = load("moe_gpu.json")
+  return f"""
+On a GPU, `python -m bench.moe --device gpu --steps {r["steps"]} --warmup 2` ({r["dtype"]}; torch on
+cuda, jax on its GPU backend; {common.machine_line(r["machine"])}; one
+{r["machine"].get("device_kind", "GPU")}). auto takes `ragged_dot` there; at this small shape every jlora path is launch-bound and
+the dense one-hot einsum (E / k times the FLOPs, in a few large kernels) is the fastest.
+
+{table(r)}
 """
 
 
