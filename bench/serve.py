@@ -6,7 +6,8 @@ and over 1 adapter, against `train.generate` run one request at a time.
 
 Model: the embedded SmolLM2-135M-Instruct (fp32). Four LoRA adapters (rank 16 on q,k,v,o;
 random non-zero B), written as PEFT dirs and loaded by the server at start-up. The server runs
-in this process (uvicorn in a thread, 127.0.0.1, a free port, --max-num-seqs 16); the clients
+in this process (uvicorn in a thread, 127.0.0.1, a free port, --max-num-seqs 16, its adapter
+stack sized for those adapters: --max-lora-rank 16 --lora-targets q_proj,k_proj,v_proj,o_proj); the clients
 are asyncio httpx streams on loopback, each sending --requests-per-client chat requests one
 after another (greedy, max_tokens --max-tokens; client i uses adapter i % 4, or adapter 0).
 
@@ -185,7 +186,9 @@ def main() -> None:
   from train.generate import chat_prompt_ids
 
   lengths = [len(chat_prompt_ids(tok, p)) for p in PROMPTS]
+  # The adapter stack is sized for the adapters served: their rank and their layers.
   argv = ["--model", model_path, "--max-num-seqs", "16", "--max-model-len", "256"]
+  argv += ["--max-lora-rank", "16", "--lora-targets", ",".join(TARGETS)]
   argv += [f"--adapter={name}={path}" for name, path in dirs.items()]
   url, stop = start_server(argv, lengths)
   rows = []

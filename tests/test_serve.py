@@ -28,7 +28,7 @@ import jlora
 from jlora.models import LlamaConfig, from_pretrained
 from tests.tiny import TINY_VOCAB_SIZE, random_hf_state, save_numpy_checkpoint
 from train import serve
-from train.engine import Engine, Request, batch_buckets, prefill_batches
+from train.engine import AdapterError, Engine, Request, batch_buckets, prefill_batches
 from train.generate import chat_prompt_ids, generate_ids
 
 CONFIG = LlamaConfig(
@@ -308,6 +308,16 @@ def test_waiting_prompts_are_prefilled_in_power_of_two_batches_of_one_length():
   assert batch_buckets(6, 16) == [1, 2, 4] and batch_buckets(16, 2048) == [1]
 
 
+def test_lora_targets_must_name_linear_layers(served):
+  with pytest.raises(serve.UserError) as error:
+    serve.lora_targets("q_proj,embed_tokens", served["params"])
+  assert str(error.value) == (
+    "--lora-targets: 'q_proj,embed_tokens' is not valid; expected all-linear or comma-separated "
+    "names of the model's linear layers, from ['down_proj', 'gate_proj', 'k_proj', 'o_proj', "
+    "'q_proj', 'up_proj', 'v_proj']."
+  )
+
+
 def test_bad_flags_are_one_line_errors(capsys):
   for argv, expected in [
     (["--max-num-seqs", "0"], "error: --max-num-seqs: 0 is not valid; expected an integer >= 1."),
@@ -331,12 +341,21 @@ def test_bad_flags_are_one_line_errors(capsys):
 
 
 def test_nf4_base_serves_adapters_as_generate_does(served):
-  """--quant nf4: the engine over a quantized base equals train.generate on the same base."""
+  """--quant nf4: the engine over a quantized base equals train.generate on the same base; its
+  stack holds q_proj and v_proj only (--lora-targets), so an MLP adapter is refused by name."""
   model, tok, root = served["model"], served["tokenizer"], served["root"]
   quantized = jlora.quantize(served["params"], jlora.QuantConfig(kind="nf4", block_size=32))
-  engine = Engine(model, quantized, max_num_seqs=2, max_loras=1, max_lora_rank=8, max_model_len=48)
+  targets = serve.lora_targets("q_proj,v_proj", quantized)
+  engine = Engine(
+    model, quantized, max_num_seqs=2, max_loras=1, max_lora_rank=8, max_model_len=48,
+    lora_targets=targets,
+  )  # fmt: skip
   engine.start()
   try:
+    with pytest.raises(
+      AdapterError, match=r"'mlp' adapts .*\['mlp'\].*--lora-targets q_proj,v_proj"
+    ):
+      engine.load_adapter("mlp", str(root / "mlp"))
     engine.load_adapter("qv", str(root / "qv"))
     prompt = chat_prompt_ids(tok, PROMPTS[0])
     events, done = [], threading.Event()

@@ -387,6 +387,12 @@ def parser():
   add("--max-loras", type=int, default=4, help="adapters loaded at once")
   add("--max-lora-rank", type=int, default=16, help="largest adapter rank (smaller are padded)")
   add(
+    "--lora-targets",
+    default="all-linear",
+    help="the linear layers adapters may adapt: all-linear, or comma-separated module names "
+    "(e.g. q_proj,k_proj,v_proj,o_proj); every step computes each one, so fewer cost less",
+  )
+  add(
     "--max-model-len",
     type=int,
     help="tokens per sequence, prompt included (default: the model's context, at most 2048)",
@@ -440,6 +446,35 @@ def parse_mesh(value: str | None):
     return make_mesh(**sizes)
 
 
+def lora_targets(value: str, params):
+  """--lora-targets as LoraConfig.targets: names that match some of the model's linear layers
+  (those all-linear adapts) and nothing else."""
+  if value == "all-linear":
+    return value
+  targets = [t.strip() for t in value.split(",")]
+  try:
+    chosen = _adapted_paths(params, targets)
+  except ValueError:  # a malformed list, or names matching no weight
+    chosen = {("none",)}
+  linear = _adapted_paths(params, "all-linear")
+  if not chosen <= linear:
+    raise UserError(
+      f"--lora-targets: {value!r} is not valid; expected all-linear or comma-separated names "
+      f"of the model's linear layers, from {sorted({path[-2] for path in linear})}."
+    )
+  return targets
+
+
+def _adapted_paths(params, targets) -> set[tuple]:
+  import jax
+
+  import jlora
+
+  adapted = jlora.apply(params, jlora.LoraConfig(rank=1, targets=targets), jax.random.key(0))
+  leaves = jax.tree_util.tree_flatten_with_path(adapted, is_leaf=jlora.is_lora)[0]
+  return {tuple(getattr(k, "key", k) for k in kp) for kp, leaf in leaves if jlora.is_lora(leaf)}
+
+
 def build(args, prompt_lengths: Sequence[int] = ()) -> tuple[Engine, Server]:
   """Loads the model (quantized with --quant), starts the engine and loads the --adapter dirs.
   prompt_lengths: prompts whose prefill (every batch size) compiles before serving."""
@@ -474,6 +509,7 @@ def build(args, prompt_lengths: Sequence[int] = ()) -> tuple[Engine, Server]:
     max_model_len=max_len,
     eos_ids=eos,
     mesh=mesh,
+    lora_targets=lora_targets(args.lora_targets, params),
   )
   engine.warm_up(prompt_lengths).start()
   for name, path in args.named.items():
