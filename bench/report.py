@@ -368,10 +368,11 @@ adapter alone on the base.
 
 {table(r)}
 {targets}
-{sitting_words(r["machine"])} The mixed-adapter ratio compares rows of the same sitting. The engine
-computes all 16 slots at every step, busy or not (with one client a token took {one:.0f} ms (p50),
-against {1000 / seq:.0f} ms per token, prefill included, for `train.generate` one request at a
-time). Requests that wait for slots are prefilled together, a batch per padded length (powers of two;
+{sitting_words(r["machine"])} The mixed-adapter ratio compares rows of the same sitting. A decode
+step computes the slots up to the highest live one, rounded up to a power of two (requests take the
+lowest free slots), so one client's steps are one row: with one client a token took
+{one:.0f} ms (p50), against {1000 / seq:.0f} ms per token, prefill included, for `train.generate`
+one request at a time. (Before, every step computed all 16 slots: 92 ms a token with one client.) Requests that wait for slots are prefilled together, a batch per padded length (powers of two;
 one call over 8 prompts costs about a third less CPU per prompt than 8 calls), and each row's keys
 and values are written into the running cache in place. The adapter stack holds the layers the
 adapters adapt (`--lora-targets q_proj,k_proj,v_proj,o_proj`, as `--max-lora-rank 16` sizes their

@@ -28,7 +28,14 @@ import jlora
 from jlora.models import LlamaConfig, from_pretrained
 from tests.tiny import TINY_VOCAB_SIZE, random_hf_state, save_numpy_checkpoint
 from train import serve
-from train.engine import AdapterError, Engine, Request, batch_buckets, prefill_batches
+from train.engine import (
+  AdapterError,
+  Engine,
+  Request,
+  batch_buckets,
+  prefill_batches,
+  row_buckets,
+)
 from train.generate import chat_prompt_ids, generate_ids
 
 CONFIG = LlamaConfig(
@@ -294,6 +301,24 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(served, monkeypatch
     time.sleep(0.05)
   assert not any(engine.slots)
   assert engine.cancelled == cancelled + 1  # freed early, not run to max_tokens
+
+
+def test_a_lone_request_decodes_one_row_not_every_slot(served, references, monkeypatch):
+  """The decode step computes the rows up to the highest live slot, rounded up to a power of two;
+  a lone request sits in slot 0, so each of its steps is one row, and its text is still
+  train.generate's."""
+  assert row_buckets(16) == [1, 2, 4, 8, 16] and row_buckets(6) == [1, 2, 4, 6]
+  assert row_buckets(1) == [1]
+  engine, step, rows = served["engine"], served["engine"].step_fn, []
+
+  def counting_step(*args):
+    rows.append(args[0])
+    return step(*args)
+
+  monkeypatch.setattr(engine, "step_fn", counting_step)
+  reply = _chat(served, "qv", PROMPTS[0])
+  assert reply.choices[0].message.content == _expect(served, references, "qv", PROMPTS[0])[0]
+  assert rows and set(rows) == {1}, rows
 
 
 def test_waiting_prompts_are_prefilled_in_power_of_two_batches_of_one_length():

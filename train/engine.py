@@ -17,6 +17,12 @@ when `index` reaches the end, or the live rows fit a narrower width, every row's
 moved together into a cache of the width they need (each row ends at `index`, so one shift
 keeps them all contiguous). Each width compiles its own decode step, once.
 
+A decode step computes only the rows up to the highest live slot, rounded up to a power of two
+(`row_buckets`; requests take the lowest free slots): with one client a step is one row, not
+`max_num_seqs`. Those rows are sliced out of the cache and written back in place. Each (rows,
+width) pair compiles its own step, all at start-up (`warm_up`). With a mesh every step computes
+every row, so the rows keep splitting evenly over its batch axes.
+
 Adapters live in one stack of `max_loras` entries of rank `max_lora_rank` (jlora.stack_adapters
 over zero adapters; smaller ranks are zero-padded, which is exact, and each adapter's scale is
 folded into its B), so loading one writes arrays of the same shapes and never recompiles. An
@@ -155,6 +161,11 @@ def cache_widths(max_len: int) -> list[int]:
   return length_buckets(max_len, CACHE_BUCKET, 4)
 
 
+def row_buckets(max_num_seqs: int) -> list[int]:
+  """Row counts the decode step compiles for: powers of two below the slots, then the slots."""
+  return [1 << i for i in range((max_num_seqs - 1).bit_length())] + [max_num_seqs]
+
+
 def empty_stack(base_params, max_loras: int, max_lora_rank: int, targets="all-linear"):
   """params whose `targets` (LoraConfig.targets) hold `max_loras` zero adapters of rank
   max_lora_rank, scale 1. Every step computes every target's adapters, so fewer targets cost
@@ -258,11 +269,28 @@ def _column_axes(leaf) -> tuple[int, int]:
   return leaf.ndim - 4, leaf.ndim - 3
 
 
-def _one_row(x, i: int):
-  """Row i of a cache leaf as a batch-1 leaf (k/v buffers, segment ids); the index as it is."""
+def _row_axis(x) -> int:
+  """The batch (slot) axis of a cache leaf: k/v buffers and segment ids [batch, width]."""
+  return _column_axes(x)[0] if x.ndim >= 4 else 0
+
+
+def _row_slice(x, start: int, rows: int):
+  """Rows [start, start + rows) of a cache leaf; the index (a scalar) as it is."""
   if x.ndim == 0:
     return x
-  return jax.lax.slice_in_dim(x, i, i + 1, axis=_column_axes(x)[0] if x.ndim >= 4 else 0)
+  return jax.lax.slice_in_dim(x, start, start + rows, axis=_row_axis(x))
+
+
+def _row_update(full, part):
+  """`full` with its first rows replaced by `part`'s (the index: `part`'s, the step's new one)."""
+  if full.ndim == 0:
+    return part
+  return jax.lax.dynamic_update_slice_in_dim(full, part.astype(full.dtype), 0, _row_axis(full))
+
+
+def _one_row(x, i: int):
+  """Row i of a cache leaf as a batch-1 leaf (k/v buffers, segment ids); the index as it is."""
+  return _row_slice(x, i, 1)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -340,7 +368,10 @@ class Engine:
     self._thread: threading.Thread | None = None
     apply_fn = jlora.wrap(model.apply)
     self.prefill_fn = jax.jit(functools.partial(self._prefill, model, apply_fn))
-    self.step_fn = jax.jit(functools.partial(self._step, apply_fn), donate_argnums=(4,))
+    self.rows = [max_num_seqs] if mesh is not None else row_buckets(max_num_seqs)
+    self.step_fn = jax.jit(
+      functools.partial(self._step, apply_fn), static_argnums=0, donate_argnums=(5,)
+    )
 
   # ---------------------------------------------------------------- compiled pieces
 
@@ -355,10 +386,14 @@ class Engine:
     return sample_rows(logits, *sampling), rows
 
   @staticmethod
-  def _step(apply_fn, params, tokens, positions, live, cache, adapter_ids, sampling):
-    logits, cache = last_logits(
-      apply_fn, params, tokens[:, None], positions[:, None], live[:, None], cache, adapter_ids
+  def _step(apply_fn, rows, params, tokens, positions, live, cache, adapter_ids, sampling):
+    """One token for the first `rows` slots (the other rows are idle): those rows of the cache
+    are sliced out, stepped and written back; the full cache is donated, so in place."""
+    part = jax.tree.map(lambda x: _row_slice(x, 0, rows), cache)
+    logits, part = last_logits(
+      apply_fn, params, tokens[:, None], positions[:, None], live[:, None], part, adapter_ids
     )
+    cache = jax.tree.map(_row_update, cache, part)
     return sample_rows(logits, *sampling), cache
 
   # ---------------------------------------------------------------- the public side
@@ -375,15 +410,18 @@ class Engine:
       self._thread.join(timeout=30)
 
   def warm_up(self, prompt_lengths: Sequence[int] = ()) -> Engine:
-    """Compiles the decode step for every cache width (all slots idle) before the first request,
+    """Compiles the decode step for every cache width and row count (`row_buckets`; all slots
+    idle) before the first request,
     and the prefill of every batch size for prompts of `prompt_lengths` tokens (with their
     inserts into every cache width); call before `start`. Other prompt lengths compile their
     prefill on first use, once per batch size."""
-    ids = np.zeros((len(self.slots),), np.int32)
-    sampling = _sampling([None] * len(self.slots), ids)
     for width in self.widths:
-      cache = self._new_cache(width)
-      self.step_fn(self.params, ids, ids, ids, cache, ids - 1, sampling)
+      for rows in self.rows:
+        ids = np.zeros((rows,), np.int32)
+        cache = self._new_cache(width)
+        self.step_fn(
+          rows, self.params, ids, ids, ids, cache, ids - 1, _sampling([None] * rows, ids)
+        )
     for length in sorted({self.bucket_of(n) for n in prompt_lengths}):
       for size in batch_buckets(len(self.slots), length):
         dummy = Request([0] * length, BASE, 1, lambda _: None)
@@ -551,7 +589,8 @@ class Engine:
       self._accept(row, token)
 
   def decode(self) -> None:
-    """One step for every slot: feeds each running request its last token, samples the next."""
+    """One step for the slots up to the highest live one: feeds each running request its last
+    token, samples the next."""
     for row, run in enumerate(self.slots):
       if run is not None and run.request.cancelled.is_set():
         self.cancelled += 1
@@ -559,15 +598,19 @@ class Engine:
     if not any(self.slots):
       return
     self._make_room(0)
-    live = np.asarray([run is not None for run in self.slots], np.int32)
-    tokens = np.asarray([run.token if run else 0 for run in self.slots], np.int32)
-    ids = np.asarray([run.adapter_id if run else -1 for run in self.slots], np.int32)
-    runs = [run.request if run else None for run in self.slots]
-    steps = [run.produced if run else 0 for run in self.slots]
+    highest = max(row for row, run in enumerate(self.slots) if run is not None)
+    rows = next(n for n in self.rows if n > highest)
+    slots = self.slots[:rows]
+    live = np.asarray([run is not None for run in slots], np.int32)
+    tokens = np.asarray([run.token if run else 0 for run in slots], np.int32)
+    ids = np.asarray([run.adapter_id if run else -1 for run in slots], np.int32)
+    runs = [run.request if run else None for run in slots]
+    steps = [run.produced if run else 0 for run in slots]
     next_tokens, self.cache = self.step_fn(
+      rows,
       self.params,
       tokens,
-      self.lens.astype(np.int32),
+      self.lens[:rows].astype(np.int32),
       live,
       self.cache,
       ids,
@@ -575,7 +618,7 @@ class Engine:
     )
     self.cache = self._placed(self.cache, cache=True)
     self.index += 1
-    self.lens += live
+    self.lens[:rows] += live
     for row, token in enumerate(np.asarray(next_tokens).tolist()):
       if self.slots[row] is not None:
         self._accept(row, token)
