@@ -449,30 +449,23 @@ def parse_mesh(value: str | None):
 def lora_targets(value: str, params):
   """--lora-targets as LoraConfig.targets: names that match some of the model's linear layers
   (those all-linear adapts) and nothing else."""
+  from jlora.config import check_targets, select
+
   if value == "all-linear":
     return value
   targets = [t.strip() for t in value.split(",")]
+  linear = select(params, "all-linear")
   try:
-    chosen = _adapted_paths(params, targets)
+    check_targets("--lora-targets", targets)
+    fits = set(select(params, targets)) <= set(linear)
   except ValueError:  # a malformed list, or names matching no weight
-    chosen = {("none",)}
-  linear = _adapted_paths(params, "all-linear")
-  if not chosen <= linear:
+    fits = False
+  if not fits:
     raise UserError(
       f"--lora-targets: {value!r} is not valid; expected all-linear or comma-separated names "
-      f"of the model's linear layers, from {sorted({path[-2] for path in linear})}."
+      f"of the model's linear layers, from {sorted({path.rpartition('/')[2] for path in linear})}."
     )
   return targets
-
-
-def _adapted_paths(params, targets) -> set[tuple]:
-  import jax
-
-  import jlora
-
-  adapted = jlora.apply(params, jlora.LoraConfig(rank=1, targets=targets), jax.random.key(0))
-  leaves = jax.tree_util.tree_flatten_with_path(adapted, is_leaf=jlora.is_lora)[0]
-  return {tuple(getattr(k, "key", k) for k in kp) for kp, leaf in leaves if jlora.is_lora(leaf)}
 
 
 def build(args, prompt_lengths: Sequence[int] = ()) -> tuple[Engine, Server]:
