@@ -199,18 +199,23 @@ def path_str(key_path) -> str:
   return "/".join(parts)
 
 
-def _weights_by_module(params) -> dict[str, list[tuple[str, str]]]:
-  """{module path: [(leaf name, full path) of each weight it holds]}."""
+def _weights_by_module(params) -> dict[str, list[tuple[str, str, Any]]]:
+  """{module path: [(leaf name, full path, leaf) of each weight it holds]}."""
   found = {}
 
   def visit(key_path, leaf):
     full = path_str(key_path)
     module, _, name = full.rpartition("/")
     if boxes.is_weight(name, leaf):
-      found.setdefault(module, []).append((name, full))
+      found.setdefault(module, []).append((name, full, leaf))
 
   jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_opaque)
   return found
+
+
+def _target_path(module: str, name: str, weights: list) -> str:
+  """A weight's target path: its module's, or module/name in a module holding several."""
+  return f"{module}/{name}" if len(weights) > 1 else module
 
 
 def target_paths(params) -> dict[str, str]:
@@ -220,25 +225,20 @@ def target_paths(params) -> dict[str, str]:
   module that holds several weights (an NNX module whose call einsums two Params, as Gemma's MLP
   does with ``gate_proj`` and ``up_proj``): there each weight is its own target, named by the
   module path plus the param's name (``.../mlp/gate_proj``)."""
-  paths = {}
-  for module, weights in _weights_by_module(params).items():
-    for name, full in weights:
-      paths[full] = f"{module}/{name}" if len(weights) > 1 else module
-  return paths
+  return {
+    full: _target_path(module, name, weights)
+    for module, weights in _weights_by_module(params).items()
+    for name, full, _ in weights
+  }
 
 
 def candidate_leaves(params) -> dict[str, tuple[str, Any]]:
   """Adaptable leaves as {target path (see `target_paths`): (leaf name, leaf)}."""
-  targets = target_paths(params)
-  found = {}
-
-  def visit(key_path, leaf):
-    full = path_str(key_path)
-    if full in targets:
-      found[targets[full]] = (full.rpartition("/")[2], leaf)
-
-  jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_opaque)
-  return found
+  return {
+    _target_path(module, name, weights): (name, leaf)
+    for module, weights in _weights_by_module(params).items()
+    for name, _, leaf in weights
+  }
 
 
 def is_node(x) -> bool:
