@@ -1,13 +1,15 @@
 """jlora on NNX vs qwix LoRA on the same NNX model vs jlora on its linen Llama, side by side.
 
-The NNX model is examples/nnx_llama.py (stock nnx.Linear / nnx.Embed, HF module paths); the linen
-one is jlora.models.LlamaForCausalLM of the same shape. Default shape is SmolLM2-135M's (30 layers,
+The NNX models are examples/nnx_llama.py (stock nnx.Linear / nnx.Embed, HF module paths) and
+tunix's Llama3 (examples/tunix_llama.py: google-tunix's model file, custom einsum modules, naive
+attention), each run by jlora and by qwix; the linen one is jlora.models.LlamaForCausalLM of the
+same shape. Default shape is SmolLM2-135M's (30 layers,
 d=576, 9 heads / 3 kv, MLP 1536, vocab 49152, tied), batch 4 x 128, fp32; `--layers N` keeps the
 shape but N layers (for a run that fits a few minutes), `--small` a reduced shape for smoke runs.
 Configs: q+v r8; all-linear r16; all-linear r16 on an nf4 base (jlora: jlora.quantize, block 64;
 qwix: LoraRule(weight_qtype='nf4', tile_size=64), its QLoRA). Each compiles one training step
-(grads of the adapters + Adam) and times `--steps` steps after a warm-up; the three run in turn in
-one process. Reported: median s/step, the speed ratio to qwix, XLA's compiled temporaries.
+(grads of the adapters + Adam); the three compiled steps are then timed in turn (A, B, C, A, B, C,
+...) for `--steps` rounds after one untimed round, in one process. Reported: median s/step, the speed ratio to qwix, XLA's compiled temporaries.
 
     python -m bench.nnx_vs_qwix [--layers N] [--steps N] [--small]
     python -m bench.nnx_vs_qwix --steps 0     # compiled memory only, no timing
@@ -29,7 +31,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-import nnx_llama  # noqa: E402
+import nnx_llama  # noqa: E402  (tunix_llama, from there too, is imported where it is used)
 
 import jlora  # noqa: E402
 from bench import common  # noqa: E402
@@ -50,7 +52,16 @@ CONFIGS = (
   ("all-linear r16", ALL_LINEAR, 16, False),
   ("all-linear r16 nf4", ALL_LINEAR, 16, True),
 )
-FRAMEWORKS = ("jlora NNX", "qwix NNX", "jlora linen")
+# Each framework's row is compared with qwix on the same model: tunix's rows with qwix on tunix's
+# model, the others with qwix on examples/nnx_llama.py.
+QWIX_ON_SAME_MODEL = {
+  "jlora NNX": "qwix NNX",
+  "qwix NNX": "qwix NNX",
+  "jlora linen": "qwix NNX",
+  "jlora tunix": "qwix tunix",
+  "qwix tunix": "qwix tunix",
+}
+FRAMEWORKS = tuple(QWIX_ON_SAME_MODEL)
 
 
 def _loss(logits, tokens):
@@ -130,26 +141,88 @@ def qwix_step(cfg, pattern, rank, quant, tx, tokens):
   return step, (adapters, tx.init(adapters), rest)
 
 
-BUILDERS = {"jlora NNX": jlora_nnx_step, "qwix NNX": qwix_step, "jlora linen": jlora_linen_step}
+def tunix_model(cfg):
+  """(graphdef, state, call inputs) of tunix's Llama3 (examples/tunix_llama.py) with cfg's shape."""
+  import tunix_llama
+
+  graphdef, state = tunix_llama.make(
+    num_layers=cfg.num_hidden_layers, vocab_size=cfg.vocab_size, embed_dim=cfg.hidden_size,
+    hidden_dim=cfg.intermediate_size, num_heads=cfg.num_attention_heads, head_dim=cfg.head_dim,
+    num_kv_heads=cfg.num_key_value_heads, rope_theta=int(cfg.rope_theta), norm_eps=cfg.rms_norm_eps,
+    weight_tying=cfg.tie_word_embeddings,
+  )  # fmt: skip
+  return graphdef, state
 
 
-def measure(step, args, tokens, steps: int) -> tuple[float | None, float, float]:
-  """(median seconds per step or None, compiled temporaries MiB, arguments MiB)."""
+def jlora_tunix_step(cfg, pattern, rank, quant, tx, tokens):
+  import tunix_llama
+
+  graphdef, state = tunix_model(cfg)
+  inputs = tunix_llama.causal_inputs(tokens)
+  layout = jlora.trace_layout(nnx.merge(graphdef, state), *inputs)
+  trainable, frozen = jlora.prepare_for_training(
+    state, lora_config(pattern, rank), jax.random.key(1), quant=nf4() if quant else None,
+    layout=layout,
+  )  # fmt: skip
+  run = lambda p, t: jlora.wrap(graphdef)(p, *tunix_llama.causal_inputs(t))[0]
+  return adapter_step(run, tx), (trainable, tx.init(trainable), frozen)
+
+
+def qwix_tunix_step(cfg, pattern, rank, quant, tx, tokens):
+  import qwix
+  import tunix_llama
+
+  qlora = {"weight_qtype": "nf4", "tile_size": NF4_BLOCK} if quant else {}
+  rule = qwix.LoraRule(module_path=pattern, rank=rank, alpha=2 * rank, **qlora)
+  graphdef, state = tunix_model(cfg)
+  model = nnx.merge(graphdef, state)
+  inputs = tunix_llama.causal_inputs(tokens)
+  lora_model = qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]), *inputs, rngs=nnx.Rngs(1))
+  graphdef, adapters, rest = nnx.split(lora_model, nnx.LoRAParam, ...)
+
+  def step(adapters, opt_state, rest, tokens):
+    def loss_fn(adapters):
+      logits, _ = nnx.merge(graphdef, adapters, rest)(*tunix_llama.causal_inputs(tokens))
+      return _loss(logits, tokens)
+
+    loss, grads = jax.value_and_grad(loss_fn)(adapters)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(adapters, updates), opt_state, loss
+
+  return step, (adapters, tx.init(adapters), rest)
+
+
+BUILDERS = {
+  "jlora NNX": jlora_nnx_step,
+  "qwix NNX": qwix_step,
+  "jlora linen": jlora_linen_step,
+  "jlora tunix": jlora_tunix_step,
+  "qwix tunix": qwix_tunix_step,
+}
+
+
+def compile_step(step, args, tokens):
+  """(compiled step, compiled temporaries MiB, arguments MiB)."""
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args, tokens).compile()
   memory = compiled.memory_analysis()
-  temp, arguments = memory.temp_size_in_bytes / 2**20, memory.argument_size_in_bytes / 2**20
-  if not steps:
-    return None, temp, arguments
-  trainable, opt_state, frozen = args
-  trainable, opt_state, loss = compiled(trainable, opt_state, frozen, tokens)
-  loss.block_until_ready()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    trainable, opt_state, loss = compiled(trainable, opt_state, frozen, tokens)
-    loss.block_until_ready()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), temp, arguments
+  return compiled, memory.temp_size_in_bytes / 2**20, memory.argument_size_in_bytes / 2**20
+
+
+def interleaved_times(runs: dict, tokens, steps: int) -> dict[str, float]:
+  """Median seconds per step of each compiled step, timed in turn (A, B, C, A, B, C, ...) after
+  one untimed step each, so that a change in the machine's load hits every framework alike."""
+  state = {name: list(args) for name, (_, args) in runs.items()}
+  times = {name: [] for name in runs}
+  for round_ in range(steps + 1):
+    for name, (compiled, _) in runs.items():
+      trainable, opt_state, frozen = state[name]
+      start = time.perf_counter()
+      trainable, opt_state, loss = compiled(trainable, opt_state, frozen, tokens)
+      loss.block_until_ready()
+      if round_:
+        times[name].append(time.perf_counter() - start)
+      state[name] = [trainable, opt_state, frozen]
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> None:
@@ -178,12 +251,18 @@ def main(argv=None) -> None:
   wanted = args.configs.split(",")
   results = []
   for name, pattern, rank, quant in (c for c in CONFIGS if c[0] in wanted):
-    rows = {}
+    rows, runs = {}, {}
     for framework in FRAMEWORKS:
-      built = BUILDERS[framework](cfg, pattern, rank, quant, tx, tokens)
-      rows[framework] = measure(*built, tokens, args.steps)
-    qwix_time = rows["qwix NNX"][0]
+      step, step_args = BUILDERS[framework](cfg, pattern, rank, quant, tx, tokens)
+      compiled, temp, arguments = compile_step(step, step_args, tokens)
+      runs[framework] = (compiled, step_args)
+      rows[framework] = [None, temp, arguments]
+    if args.steps:
+      for framework, seconds in interleaved_times(runs, tokens, args.steps).items():
+        rows[framework][0] = seconds
+    del runs
     for framework, (seconds, temp, arguments) in rows.items():
+      qwix_time = rows[QWIX_ON_SAME_MODEL[framework]][0]
       timed = f"{seconds:8.3f} {qwix_time / seconds:8.2f}x" if seconds else f"{'-':>8} {'-':>9}"
       print(f"{name:20} {framework:12} {timed} {temp:9.1f} {arguments:9.1f}")
       results.append(dict(config=name, framework=framework, step_s=seconds, temp_mib=temp))

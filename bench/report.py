@@ -384,7 +384,10 @@ outputs, XLA copied them whole at every layer, which was most of a 16-slot CPU s
 
 def nnx_section(r: dict) -> str:
   run, rows = r["run"], r["rows"]
-  qwix = {row["config"]: row["step_s"] for row in rows if row["framework"] == "qwix NNX"}
+  from bench.nnx_vs_qwix import QWIX_ON_SAME_MODEL
+
+  qwix = {(row["config"], row["framework"]): row["step_s"] for row in rows}
+  qwix_time = lambda row: qwix[row["config"], QWIX_ON_SAME_MODEL[row["framework"]]]
   table = common.markdown_table(
     ["config", "framework", "s/step", "qwix / this", "temporaries MiB"],
     [
@@ -392,7 +395,7 @@ def nnx_section(r: dict) -> str:
         row["config"],
         row["framework"],
         f"{row['step_s']:.3f}" if row["step_s"] else "-",
-        f"{qwix[row['config']] / row['step_s']:.2f}x" if row["step_s"] else "-",
+        f"{qwix_time(row) / row['step_s']:.2f}x" if row["step_s"] else "-",
         f"{row['temp_mib']:.1f}",
       ]
       for row in rows
@@ -403,7 +406,8 @@ def nnx_section(r: dict) -> str:
 `python -m bench.nnx_vs_qwix --layers {run["layers"]} --steps {run["steps"]}`
 ({common.machine_line(r["machine"])}): SmolLM2-135M's shape (d={run["hidden"]}, vocab
 {run["vocab"]:,}) cut to {run["layers"]} layers so that all nine compiles fit in minutes, batch
-{run["batch"]} x {run["length"]}; median of the timed steps after one untimed step; temporaries from
+{run["batch"]} x {run["length"]}; the three steps of a config timed in turn (A, B, C, A, B, C, ...),
+median of {run["steps"]} rounds after one untimed round; temporaries from
 XLA's memory analysis of the compiled step. {sitting_words(r["machine"])}
 
 {table}

@@ -252,7 +252,9 @@ def whole_weight(node, index):
   if index is Ellipsis:
     return node
   raise TypeError(
-    f"A {type(node).__name__} can only be read whole (weight[...]), not indexed with {index!r}."
+    f"A {type(node).__name__} can only be read whole (weight[...]), not indexed (rows looked up, "
+    "as a custom embedding does): jlora adapts weights that a layer, jnp.einsum or "
+    "lax.dot_general contracts with an input. Leave this weight out of the targets."
   )
 
 
@@ -291,24 +293,33 @@ def is_opaque(x) -> bool:
   return boxes.is_box(x) or is_node(x)
 
 
-def _matches(path: str, leaf_name: str, targets: Targets) -> bool:
+def _matches(path: str, leaf_name: str, targets: Targets, lookups=frozenset()) -> bool:
   if isinstance(targets, str):
     if targets == "all-linear":
       name = path.rpartition("/")[2]
-      return boxes.weight_kind(leaf_name) == KERNEL and name not in OUTPUT_HEAD_NAMES + ROUTER_NAMES
+      return (
+        boxes.weight_kind(leaf_name) == KERNEL
+        and name not in OUTPUT_HEAD_NAMES + ROUTER_NAMES
+        and path not in lookups
+      )
     return re.fullmatch(targets, path) is not None
   return any(path == t or path.endswith("/" + t) for t in targets)
 
 
 def select(
-  params, targets: Targets, exclude: Targets | None = None, *, field: str = "targets"
+  params, targets: Targets, exclude: Targets | None = None, *, field: str = "targets", layout=None
 ) -> list[str]:
-  """Module paths selected by `targets` minus `exclude`; an error if nothing matches."""
+  """Module paths selected by `targets` minus `exclude`; an error if nothing matches.
+
+  'all-linear' leaves out the weights a traced `layout` saw looked up as tables (its
+  `lookups`: a custom embedding module's param, whatever its name)."""
   candidates = candidate_leaves(params)
+  lookups = getattr(layout, "lookups", frozenset())
   chosen = [
     path
     for path, (name, _) in candidates.items()
-    if _matches(path, name, targets) and not (exclude is not None and _matches(path, name, exclude))
+    if _matches(path, name, targets, lookups)
+    and not (exclude is not None and _matches(path, name, exclude, lookups))
   ]
   if not chosen:
     listing = (
@@ -352,6 +363,16 @@ def map_selected(params, chosen, fn, layout=None):
 
 
 Layout = Mapping[str, tuple[str, ...]]
+
+
+class TracedLayout(dict):
+  """What `jlora.trace_layout` returns on NNX: the roles of each weight the trace saw contracted,
+  by target path, plus `lookups`: the weights it saw read as tables (rows indexed by token ids),
+  which are embeddings whatever their param is called."""
+
+  def __init__(self, roles=(), lookups=()):
+    super().__init__(roles)
+    self.lookups = frozenset(lookups)
 
 
 def kernel_roles(

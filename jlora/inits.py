@@ -170,7 +170,9 @@ def eva(
   if cfg.init != "eva":
     raise ValueError(f"eva: the LoraConfig has init={cfg.init!r}; use init='eva'.")
   plain = meta.unbox(params)
-  targets = config_lib.select(plain, cfg.targets, cfg.exclude, field="LoraConfig.targets")
+  targets = config_lib.select(
+    plain, cfg.targets, cfg.exclude, field="LoraConfig.targets", layout=layout
+  )
   inputs = _layer_inputs(run, plain, batches, set(targets), token_mask)
   components, ratios, budget = {}, {}, 0
   for path in targets:
@@ -198,7 +200,6 @@ def eva(
     key,
     layout=layout,
   )
-
   target_paths = config_lib.target_paths(adapted)
 
   def visit(key_path, node):

@@ -162,7 +162,9 @@ def apply(params, cfg: LoraConfig, key: jax.Array, *, layout: config_lib.Layout 
       "apply: the params already hold LoRA adapters. Merge them first (jlora.merge), "
       "or split/combine to train the existing ones."
     )
-  chosen = set(config_lib.select(params, cfg.targets, cfg.exclude, field="LoraConfig.targets"))
+  chosen = set(
+    config_lib.select(params, cfg.targets, cfg.exclude, field="LoraConfig.targets", layout=layout)
+  )
   keys = iter(jax.random.split(key, max(len(chosen), 1)))
   tokens = {}
   if cfg.trainable_token_indices is not None:

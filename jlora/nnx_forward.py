@@ -60,6 +60,7 @@ class _Call:
   dropout_key: Any = None
   n_dropouts: int = 0
   record: Callable | None = None  # trace_layout's recorder (path, roles)
+  record_lookup: Callable | None = None  # trace_layout's recorder of weights read as tables
 
   def next_dropout_key(self):
     if self.dropout_key is None:
@@ -294,6 +295,7 @@ def trace_layout(graphdef: nnx.GraphDef, state, *args, method: str = "__call__",
   layers and the einsum/dot_general catch report how each weight meets its input.
   """
   layout: dict[str, tuple[str, ...]] = {}
+  lookups: set[str] = set()
   targets = config_lib.target_paths(state)
 
   def probe(key_path, leaf):
@@ -308,11 +310,11 @@ def trace_layout(graphdef: nnx.GraphDef, state, *args, method: str = "__call__",
     layout[node.path] = roles
 
   def run(probed):
-    with caught(_Call(record=record)):
+    with caught(_Call(record=record, record_lookup=lookups.add)):
       return getattr(nnx.merge(graphdef, probed), method)(*args, **kwargs)
 
   jax.eval_shape(run, probed)
-  return layout
+  return config_lib.TracedLayout(layout, lookups)
 
 
 @jax.tree_util.register_dataclass
@@ -333,5 +335,19 @@ class _Probe:
   def ndim(self):
     return self.base.ndim
 
+  # Uses jlora does not catch (an embedding table indexed by token ids, a tied head's `.T`, any
+  # other jnp op) see the plain weight, so the trace goes on; such a use records no roles.
+  @property
+  def T(self):
+    return self.base.T
+
+  def __jax_array__(self):
+    return self.base
+
   def __getitem__(self, index):
-    return self
+    if index is Ellipsis:
+      return self
+    call = _current()
+    if call.record_lookup is not None:
+      call.record_lookup(self.path)  # rows read by index: a table (an embedding), not a layer
+    return self.base[index]

@@ -478,7 +478,11 @@ def quantize(params, qcfg: QuantConfig, *, layout: config_lib.Layout | None = No
   if not isinstance(qcfg, QuantConfig):
     raise TypeError(f"quantize: expected a QuantConfig, got {type(qcfg).__name__}.")
   _check_not_quantized(params)
-  chosen = set(config_lib.select(params, qcfg.targets, qcfg.exclude, field="QuantConfig.targets"))
+  chosen = set(
+    config_lib.select(
+      params, qcfg.targets, qcfg.exclude, field="QuantConfig.targets", layout=layout
+    )
+  )
 
   def visit(path, name, value, n_lead, roles):
     if config_lib.is_node(value):

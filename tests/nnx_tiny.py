@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import jlora
@@ -113,15 +114,14 @@ def tokens(batch: int = 2, length: int = 5, seed: int = 0):
 
 
 def randomized(params, seed=3):
-  """Non-zero A and B everywhere, so the adapters change the output."""
-  keys = iter(jax.random.split(jax.random.key(seed), 1000))
+  """Non-zero A and B everywhere, so the adapters change the output (numpy's generator: eager
+  jax.random would compile a sampler per new shape)."""
+  rng = np.random.default_rng(seed)
+  normal = lambda like: jnp.asarray(0.3 * rng.standard_normal(like.shape), like.dtype)
 
   def visit(x):
     if not jlora.is_lora(x):
       return x
-    return x.replace(
-      a=0.3 * jax.random.normal(next(keys), x.a.shape),
-      b=0.3 * jax.random.normal(next(keys), x.b.shape),
-    )
+    return x.replace(a=normal(x.a), b=normal(x.b))
 
   return jax.tree.map(visit, params, is_leaf=jlora.is_lora)
