@@ -15,15 +15,24 @@ which then imports the three small tunix modules it uses (mappings, compat, env_
 Its attention projections are custom `Einsum` modules holding `w`, its MLP is `nnx.Linear`, its
 embedding a custom `Embedder` read by index (and tied to the head by `jnp.dot(x, E.T)`), and its
 params carry mesh-axis sharding names, not roles: jlora takes the layout from a trace.
+
+`from_pretrained(directory)` reads an HF Llama checkpoint (config.json + *.safetensors) into it,
+under the trainer's contract (`ForTrainer`), so tunix's model trains with train.sft:
+
+    python -m train.sft --config configs/llama.py \
+      --config.model.nnx=examples.tunix_llama:from_pretrained --config.model.path=DIR
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import sys
 import types
+import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +40,9 @@ import numpy as np
 from flax import nnx
 
 MODEL = "tunix.models.llama3.model"
+# tunix 0.1.7's Llama3 attention calls apply_rope(...) without the config's rope_theta, so its
+# default, 1e6, is what the model applies (Llama 3 checkpoints say 500,000).
+TUNIX_ROPE_THETA = 1_000_000
 PACKAGES = ("tunix", "tunix.generate", "tunix.utils", "tunix.models", "tunix.models.llama3")
 
 
@@ -63,14 +75,89 @@ def causal_inputs(tokens):
   return tokens, positions, None, mask
 
 
-def make(seed: int = 0, noise: float = 0.05, **config):
+def make(seed: int = 0, noise: float = 0.05, abstract: bool = False, **config):
   """(graphdef, state) of a tunix Llama3 with ModelConfig(**config), every weight given
-  Gaussian noise (tunix initialises the MLP kernels to zeros, which would hide them)."""
+  Gaussian noise (tunix initialises the MLP kernels to zeros, which would hide them); with
+  `abstract`, the state holds shapes only (to be filled from a checkpoint)."""
   tunix = model_module()
   if tunix is None:
     raise ModuleNotFoundError("google-tunix: pip install --no-deps google-tunix==0.1.7 jaxtyping")
+  build = lambda: tunix.Llama3(tunix.ModelConfig(**config), rngs=nnx.Rngs(seed))
   with nnx.use_eager_sharding(False):  # as tunix builds it without a mesh
-    graphdef, state = nnx.split(tunix.Llama3(tunix.ModelConfig(**config), rngs=nnx.Rngs(seed)))
+    graphdef, state = nnx.split(nnx.eval_shape(build) if abstract else build())
+  if abstract:
+    return graphdef, state
   rng = np.random.default_rng(seed)
   noisy = lambda x: x + jnp.asarray(noise * rng.standard_normal(x.shape), x.dtype)
   return graphdef, jax.tree.map(noisy, state)
+
+
+class ForTrainer(nnx.Module):
+  """tunix's Llama3 under jlora's trainer contract (jlora.models.nnx_causal): `(input_ids,
+  positions, segment_ids) -> logits`, a query attending to earlier keys of its own segment
+  (segment 0 is padding). `config` declares no family: tunix's paths are not HF's, so the trainer
+  writes the PEFT adapter under tunix's module names and no merged or GGUF export."""
+
+  def __init__(self, llama):
+    self.llama = llama
+
+  def __call__(self, input_ids, positions, segment_ids):
+    length = input_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    mask = same & (segment_ids[:, :, None] > 0) & jnp.tril(jnp.ones((length, length), bool))
+    logits, _ = self.llama(input_ids, positions, None, mask)
+    return logits
+
+
+def from_pretrained(directory) -> ForTrainer:
+  """An HF Llama checkpoint dir in tunix's Llama3 (torch Linear [out, in] -> tunix's layouts)."""
+  from safetensors.numpy import load_file
+
+  directory = Path(directory)
+  hf = json.loads((directory / "config.json").read_text())
+  heads, kv_heads, d = hf["num_attention_heads"], hf["num_key_value_heads"], hf["hidden_size"]
+  head_dim = hf.get("head_dim") or d // heads
+  tensors = {}
+  for file in sorted(directory.glob("*.safetensors")):
+    tensors.update(load_file(file))
+  tied = hf.get("tie_word_embeddings", False)
+  theta = hf.get("rope_theta", 10000.0)
+  if theta != TUNIX_ROPE_THETA:
+    warnings.warn(
+      f"{directory}: rope_theta is {theta}, but tunix 0.1.7's Llama3 applies RoPE with theta "
+      f"{TUNIX_ROPE_THETA:g} whatever its config says (its attention calls apply_rope without "
+      "the config's rope_theta), so its logits differ from the checkpoint's own model.",
+      stacklevel=2,
+    )
+  graphdef, state = make(
+    num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], embed_dim=d,
+    hidden_dim=hf["intermediate_size"], num_heads=heads, head_dim=head_dim, num_kv_heads=kv_heads,
+    rope_theta=theta, norm_eps=hf["rms_norm_eps"], weight_tying=tied, abstract=True,
+  )  # fmt: skip
+  weight = lambda name: jnp.asarray(tensors[name], jnp.float32)
+  hf_name = {
+    "embedder/input_embedding": "model.embed_tokens.weight",
+    "final_norm/w": "model.norm.weight",
+  }
+
+  def load(key_path, variable):
+    path = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
+    if path == "lm_head/w":
+      return variable.replace(weight("lm_head.weight").T)
+    if path in hf_name:
+      return variable.replace(weight(hf_name[path]))
+    layer, block = path.split("/")[1:3]
+    if block in ("input_layernorm", "post_attention_layernorm"):
+      return variable.replace(weight(f"model.layers.{layer}.{block}.weight"))
+    module = path.split("/")[3]
+    hf_block = "self_attn" if block == "attn" else block
+    w = weight(f"model.layers.{layer}.{hf_block}.{module}.weight")  # [out, in]
+    if module == "o_proj":
+      return variable.replace(w.T.reshape(heads, head_dim, d))
+    if module in ("q_proj", "k_proj", "v_proj"):
+      return variable.replace(w.T.reshape(d, -1, head_dim))
+    return variable.replace(w.T)  # the MLP's nnx.Linear kernels
+
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  state = jax.tree_util.tree_map_with_path(load, state, is_leaf=is_variable)
+  return ForTrainer(nnx.merge(graphdef, state))

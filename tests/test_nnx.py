@@ -21,6 +21,7 @@ from flax import nnx
 
 import jlora
 from jlora.config import IN
+from jlora.models.nnx_causal import weight_layout
 from jlora.quant import quantized_nodes
 from tests import gguf_reference, nnx_tiny
 from tests.tiny import (
@@ -32,6 +33,7 @@ from tests.tiny import (
   save_numpy_checkpoint,
   tiny_tokenizer,
 )
+from tests.tiny import sft_config as tiny_sft_config
 
 
 @pytest.fixture(scope="module")
@@ -498,6 +500,47 @@ def test_tunix_llama3_qlora_nf4_with_dora(tunix_llama):
   np.testing.assert_allclose(
     jax.jit(run)(lora), plain(_materialised(lora, dora=True)), atol=2e-5, rtol=1e-5
   )
+
+
+def test_tunix_llama3_from_an_hf_checkpoint_through_the_trainers_nnx_seam(tmp_path, tunix_llama):
+  """train.sft's `config.model.nnx` loader on examples/tunix_llama.py:from_pretrained: tunix's
+  model reads an HF Llama checkpoint and gives jlora's linen Llama's logits (which equal
+  transformers', test_llama) on a packed row; the trainer's adapt stage traces the layout of its
+  three-axis einsum weights (an nf4 base, then LoRA on all-linear) and the adapted model starts
+  at the base model's logits."""
+  from jlora.models import LlamaConfig
+  from train import nnx_model, sft
+
+  hf_like = LlamaConfig(
+    vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    max_position_embeddings=512, rope_theta=1e6,  # tunix's Llama3 always applies 1e6
+  )  # fmt: skip
+  checkpoint = save_numpy_checkpoint(tmp_path / "model", hf_like, random_hf_state(hf_like))
+  model, state, _ = nnx_model.load(
+    "examples.tunix_llama:from_pretrained", checkpoint, "config.model.nnx", "config.model.path"
+  )
+  linen, params, _ = jlora.models.from_pretrained(checkpoint)
+  ids = (np.arange(12, dtype=np.int32)[None] % 50) + 3
+  segments = np.array([[1] * 7 + [2] * 5], np.int32)
+  positions = np.array([list(range(7)) + list(range(5))], np.int32)
+  want = linen.apply({"params": params}, ids, positions, segments)
+  np.testing.assert_allclose(
+    model.apply({"params": state}, ids, positions, segments), want, atol=1e-5
+  )
+
+  config = tiny_sft_config(checkpoint, tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "o")
+  config.quant.kind, config.quant.block_size = "nf4", 16
+  trainable, frozen = sft.adapt(config, state, layout=weight_layout(model))
+  assert len(quantized_nodes(frozen)) == 14 and _adapted_modules(trainable) == {
+    f"llama/layers/{i}/{m}" for i in range(2) for m in (
+      "attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj",
+      "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
+  }  # fmt: skip
+  base = model.apply({"params": jlora.quantize(state, jlora.QuantConfig(block_size=16), layout=model.layout)},
+                     ids, positions, segments)  # fmt: skip
+  adapted = model.apply({"params": jlora.combine(trainable, frozen)}, ids, positions, segments)
+  np.testing.assert_array_equal(adapted, base)
 
 
 @pytest.mark.ref

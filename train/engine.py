@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
+from jlora.models.nnx_causal import weight_layout
 from jlora.multi import BASE, is_stacked
 from train.generate import PROMPT_BUCKET, last_logits, nucleus
 
@@ -166,12 +167,12 @@ def row_buckets(max_num_seqs: int) -> list[int]:
   return [1 << i for i in range((max_num_seqs - 1).bit_length())] + [max_num_seqs]
 
 
-def empty_stack(base_params, max_loras: int, max_lora_rank: int, targets="all-linear"):
+def empty_stack(base_params, max_loras: int, max_lora_rank: int, targets="all-linear", layout=None):
   """params whose `targets` (LoraConfig.targets) hold `max_loras` zero adapters of rank
   max_lora_rank, scale 1. Every step computes every target's adapters, so fewer targets cost
   less (all-linear vs q,k,v,o: a SmolLM2-135M 16-row decode step takes a fifth more CPU time)."""
   cfg = jlora.LoraConfig(rank=max_lora_rank, alpha=float(max_lora_rank), targets=targets)
-  template = jlora.apply(base_params, cfg, jax.random.key(0))
+  template = jlora.apply(base_params, cfg, jax.random.key(0), layout=layout)
   zero = jax.tree.map(
     lambda n: n.replace(a=jnp.zeros_like(n.a), b=jnp.zeros_like(n.b)) if jlora.is_lora(n) else n,
     template,
@@ -356,7 +357,8 @@ class Engine:
     self.eos = set(eos_ids)
     self.adapters = AdapterTable(max_loras)
     self.lora_targets = lora_targets
-    stack = empty_stack(base_params, max_loras, max_lora_rank, lora_targets)
+    self.layout = weight_layout(model)  # roles of an NNX model's weights (None: linen)
+    stack = empty_stack(base_params, max_loras, max_lora_rank, lora_targets, self.layout)
     self.params = self._placed(stack)
     self.cache = self._new_cache(self.widths[0])
     self.index = 0  # the shared write column (host copy of cache["index"])
@@ -477,7 +479,9 @@ class Engine:
     if name in self.adapters.ids:
       raise AdapterError(f"The lora adapter {name!r} has already been loaded.")
     try:
-      single = jlora.stack_adapters({name: path}, self.base_params, model_config=self.model_config)
+      single = jlora.stack_adapters(
+        {name: path}, self.base_params, model_config=self.model_config, layout=self.layout
+      )
     except (ValueError, OSError) as e:  # OSError: a path that can't be read
       raise AdapterError(f"lora_path {path!r}: {e}") from e
     check_fits(name, single, self.params, self.lora_targets)

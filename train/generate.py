@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
 
+from jlora.models.nnx_causal import weight_layout
 from jlora.models.protocol import CausalLM
 from train.distributed import to_host
 from train.errors import OneLineParser, UserError, exit_on_user_error, naming, verbose_requested
@@ -332,13 +333,17 @@ def run(args: argparse.Namespace) -> None:
   apply_fn, prompts, names = None, args.prompt, None
   if args.named:
     with naming("--adapter", MODEL_ERRORS):
-      params = jlora.stack_adapters(args.named, params, model_config=model.config)
+      params = jlora.stack_adapters(
+        args.named, params, model_config=model.config, layout=weight_layout(model)
+      )
     uses = args.use.split(",") if args.use else list(args.named)
     prompts = [prompt for prompt in args.prompt for _ in uses]
     names = [name for _ in args.prompt for name in uses]
   elif args.adapter:
     with naming(f"--adapter {args.adapter[0]!r}", MODEL_ERRORS):
-      params = jlora.load_adapter(args.adapter[0], params, model_config=model.config)
+      params = jlora.load_adapter(
+        args.adapter[0], params, model_config=model.config, layout=weight_layout(model)
+      )
     if args.merged:
       params = jlora.merge(params)
     else:

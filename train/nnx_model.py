@@ -19,7 +19,7 @@ from flax import nnx
 from jlora import sharding as shard_lib
 from jlora.models.llama import DEFAULT_RULES
 from jlora.models.loading import load_tokenizer, resolve_checkpoint
-from jlora.models.nnx_causal import NnxCausalLM, family_config
+from jlora.models.nnx_causal import NnxCausalLM, family_config, traced_layout
 from train import distributed
 from train.errors import UserError, naming
 from train.generate import MODEL_ERRORS
@@ -46,11 +46,12 @@ def load(spec, path, what: str, path_what: str, mesh=None):
       tokenizer = load_tokenizer(Path(distributed.main_first(lambda: resolve_checkpoint(path))))
   family = family_config(model)
   graphdef, state = nnx.split(model)
+  layout = traced_layout(graphdef, state)
   if mesh is not None:
     state = jax.device_put(
       state, shard_lib.named(mesh, shard_lib.logical_specs(state, DEFAULT_RULES))
     )
-  return NnxCausalLM(graphdef, family), state, tokenizer
+  return NnxCausalLM(graphdef, family, layout), state, tokenizer
 
 
 def import_factory(spec) -> Callable:

@@ -446,7 +446,7 @@ def parse_mesh(value: str | None):
     return make_mesh(**sizes)
 
 
-def lora_targets(value: str, params):
+def lora_targets(value: str, params, layout=None):
   """--lora-targets as LoraConfig.targets: names that match some of the model's linear layers
   (those all-linear adapts) and nothing else."""
   from jlora.config import check_targets, select
@@ -454,7 +454,7 @@ def lora_targets(value: str, params):
   if value == "all-linear":
     return value
   targets = [t.strip() for t in value.split(",")]
-  linear = select(params, "all-linear")
+  linear = select(params, "all-linear", layout=layout)
   try:
     check_targets("--lora-targets", targets)
     fits = set(select(params, targets)) <= set(linear)
@@ -473,6 +473,7 @@ def build(args, prompt_lengths: Sequence[int] = ()) -> tuple[Engine, Server]:
   prompt_lengths: prompts whose prefill (every batch size) compiles before serving."""
   import jlora
   from jlora.models import from_pretrained
+  from jlora.models.nnx_causal import weight_layout
 
   mesh = parse_mesh(args.mesh)
   if args.nnx:  # an NNX model built by the user's factory, the same seam as train.sft's
@@ -491,7 +492,7 @@ def build(args, prompt_lengths: Sequence[int] = ()) -> tuple[Engine, Server]:
       f"--max-model-len: {max_len} is not valid; expected at most the model's context, {context}."
     )
   if args.quant == "nf4":
-    params = jlora.quantize(params, jlora.QuantConfig(kind="nf4"))
+    params = jlora.quantize(params, jlora.QuantConfig(kind="nf4"), layout=weight_layout(model))
   eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
   engine = Engine(
     model,
@@ -502,7 +503,7 @@ def build(args, prompt_lengths: Sequence[int] = ()) -> tuple[Engine, Server]:
     max_model_len=max_len,
     eos_ids=eos,
     mesh=mesh,
-    lora_targets=lora_targets(args.lora_targets, params),
+    lora_targets=lora_targets(args.lora_targets, params, weight_layout(model)),
   )
   engine.warm_up(prompt_lengths).start()
   for name, path in args.named.items():

@@ -46,6 +46,7 @@ from jlora.models import export as export_lib
 from jlora.models import registry
 from jlora.models.llama import DEFAULT_RULES
 from jlora.models.loading import load_hf_dir, resolve_checkpoint
+from jlora.models.nnx_causal import weight_layout
 from jlora.quant import is_quantized
 from train import config as config_lib
 from train import data as data_lib
@@ -262,15 +263,16 @@ def eva_data(config, model, arrays, batches: int = 2):
   return run, [c for c in chunks if len(c["input_ids"])], lambda b: b["loss_mask"] > 0
 
 
-def adapt(config, params, tokens=None, eva=None):
+def adapt(config, params, tokens=None, eva=None, layout=None):
   """(trainable, frozen): the base quantized by config.quant, adapted by config.lora, with the
-  rows of `tokens` ({table path: ids}, from add_tokens) trainable; `eva`: eva_data's."""
+  rows of `tokens` ({table path: ids}, from add_tokens) trainable; `eva`: eva_data's; `layout`:
+  the weights' roles where the params carry none (nnx_causal.weight_layout)."""
   lora, quant = config_lib.library_config(config, "lora"), config_lib.quant_config(config)
   if tokens:
     lora = dataclasses.replace(lora, trainable_token_indices=tokens)
   key = jax.random.key(config.seed)
   with config_lib.user_words():
-    return jlora.prepare_for_training(params, lora, key, quant=quant, eva_data=eva)
+    return jlora.prepare_for_training(params, lora, key, quant=quant, eva_data=eva, layout=layout)
 
 
 def describe_model(config, model) -> str:
@@ -360,7 +362,8 @@ def setup(config, out: Path, mesh, record: outputs.RunRecord, task: Task) -> Tra
   model, base, tokenizer, tokens = add_tokens(config, model, base, tokenizer)
   set_chat_template(config, tokenizer)
   arrays, stats = task.load_train_data(config, tokenizer)
-  trainable, frozen = adapt(config, base, tokens, eva_data(config, model, arrays))
+  eva = eva_data(config, model, arrays)
+  trainable, frozen = adapt(config, base, tokens, eva, weight_layout(model))
   del base
   log(f"model: {describe_model(config, model)}, quant: {config.quant.kind}")
   log(param_summary(trainable, frozen))

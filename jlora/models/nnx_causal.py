@@ -57,14 +57,15 @@ def family_config(model: nnx.Module):
 class NnxCausalLM:
   """`protocol.CausalLM` for an NNX model: `apply({"params": state}, ...)` as linen's apply."""
 
-  def __init__(self, graphdef: nnx.GraphDef, config=None):
+  def __init__(self, graphdef: nnx.GraphDef, config=None, layout=None):
     self.graphdef, self.config = graphdef, config
+    self.layout = layout  # roles of the weights (`traced_layout`): see `weight_layout`
     self._run = nnx_forward.wrap(graphdef)
 
   def clone(self, *, config):
     """The same model with another family config (e.g. a grown vocab_size: the NNX layers read
     their table sizes from the state, so the graph needs no change)."""
-    return NnxCausalLM(self.graphdef, config)
+    return NnxCausalLM(self.graphdef, config, self.layout)
 
   def apply(self, variables, *args, method=None, rngs=None, adapter_ids=None, **kwargs):
     if method is not None:  # e.g. the head alone, `logits`
@@ -116,6 +117,22 @@ class NnxCausalLM:
       "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
       "index": jnp.zeros((), jnp.int32),
     }
+
+
+def traced_layout(graphdef: nnx.GraphDef, state):
+  """jlora.trace_layout of the model's call on an example row: NNX params need not carry roles
+  (tunix's einsum weights have three axes and mesh-axis names), so the trainer, generation and
+  the server pass this `layout=` to jlora's tree functions."""
+  length = 8
+  ids = jnp.zeros((1, length), jnp.int32)
+  positions = jnp.arange(length, dtype=jnp.int32)[None]
+  return nnx_forward.trace_layout(graphdef, state, ids, positions, jnp.ones_like(ids))
+
+
+def weight_layout(model):
+  """The `layout=` for jlora.apply / quantize / stack_adapters / load_adapter on `model`'s params:
+  traced at load for an NNX model, None for a linen family (its params carry axis metadata)."""
+  return model.layout if isinstance(model, NnxCausalLM) else None
 
 
 def _picked(logits, logits_at):
