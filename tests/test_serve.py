@@ -333,6 +333,27 @@ def test_waiting_prompts_are_prefilled_in_power_of_two_batches_of_one_length():
   assert batch_buckets(6, 16) == [1, 2, 4] and batch_buckets(16, 2048) == [1]
 
 
+def test_arrivals_are_gathered_only_while_as_many_as_just_finished_may_still_come():
+  # Engine._gather_left on a bare state: 4 slots, 3 free; hand-computed waits.
+  from collections import deque
+  from types import SimpleNamespace
+
+  from train.engine import GATHER_S, RECENT_S
+
+  now = time.monotonic()
+  request = lambda age: Request([1], "base", 1, print, arrived=now - age)  # noqa: E731
+  state = lambda waiting, finished: SimpleNamespace(  # noqa: E731
+    slots=[None, None, None, object()], waiting=deque(waiting), finished=deque(finished)
+  )
+  left = lambda *a: Engine._gather_left(state(*a))  # noqa: E731
+  assert 0 < left([request(0)], [now] * 3) <= GATHER_S  # 3 just finished, 1 arrived: wait
+  assert left([request(0)] * 3, [now] * 3) == 0  # all of them came
+  assert left([request(0)] * 2, [now] * 9) > 0 and left([request(0)] * 3, [now] * 9) == 0  # free
+  assert left([request(GATHER_S)], [now] * 3) == 0  # waited long enough
+  assert left([request(0)], [now - 2 * RECENT_S] * 3) == 0  # finished long ago: a lone client
+  assert left([request(0)], [now]) == 0 and left([], [now] * 3) == 0
+
+
 def test_lora_targets_must_name_linear_layers(served):
   with pytest.raises(serve.UserError) as error:
     serve.lora_targets("q_proj,embed_tokens", served["params"])

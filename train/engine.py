@@ -37,6 +37,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -60,6 +61,12 @@ HEADROOM = 16
 # A prefill call holds at most this many padded tokens (or one prompt): a burst of long prompts
 # is prefilled in a few calls, so the running requests' next tokens are not held up by all of it.
 PREFILL_TOKENS = 1024
+# When several requests just finished (within RECENT_S), as many new ones are likely on their way
+# (clients sending their next request): arrivals are gathered up to GATHER_S (from the oldest
+# waiting one) so that one prefill serves them all, rather than one call per arrival, each
+# stalling the running rows and leaving a decode step of fewer rows.
+GATHER_S = 0.03
+RECENT_S = 0.25
 
 
 class AdapterError(ValueError):
@@ -84,6 +91,7 @@ class Request:
   top_p: float = 1.0
   seed: int = 0
   cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+  arrived: float = dataclasses.field(default_factory=time.monotonic)
 
 
 @dataclasses.dataclass
@@ -364,6 +372,7 @@ class Engine:
     self.index = 0  # the shared write column (host copy of cache["index"])
     self.lens = np.zeros(max_num_seqs, np.int64)  # tokens in the cache per row
     self.waiting: deque[Request] = deque()
+    self.finished: deque[float] = deque()  # when requests finished, the last RECENT_S s
     self.cancelled = 0  # requests freed before they finished (client gone, stop string)
     self.inbox: queue.Queue = queue.Queue()
     self._stop = threading.Event()
@@ -499,10 +508,12 @@ class Engine:
 
   def _loop(self) -> None:
     while not self._stop.is_set():
-      busy = any(self.slots) or self.waiting
-      self._read_inbox(block=not busy)
+      running = any(self.slots)
+      wait = 0.0 if running else (self._gather_left() if self.waiting else 0.5)
+      self._read_inbox(wait)
       try:
-        self._admit()
+        if self._gather_left() == 0.0:
+          self._admit()
         if any(self.slots):
           self.decode()
       except Exception:  # a bug: fail the running requests, keep serving the next ones
@@ -511,9 +522,23 @@ class Engine:
           if run is not None:
             self._finish(row, ("error", 500, "internal error in the engine; see the server log"))
 
-  def _read_inbox(self, block: bool) -> None:
+  def _gather_left(self) -> float:
+    """Seconds to wait for more arrivals before admitting the waiting requests (`GATHER_S`): 0
+    when there are as many as the requests finished lately (or the free slots), or the oldest has
+    waited long enough."""
+    now = time.monotonic()
+    while self.finished and self.finished[0] < now - RECENT_S:
+      self.finished.popleft()
+    expected = min(sum(run is None for run in self.slots), len(self.finished))
+    if not self.waiting or len(self.waiting) >= expected:
+      return 0.0
+    return max(self.waiting[0].arrived + GATHER_S - time.monotonic(), 0.0)
+
+  def _read_inbox(self, wait: float) -> None:
+    """Moves the inbox's requests to `waiting` and runs its commands, waiting up to `wait` s for
+    the first item."""
     try:
-      item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+      item = self.inbox.get(timeout=wait) if wait > 0 else self.inbox.get_nowait()
     except queue.Empty:
       return
     while item is not None:
@@ -640,6 +665,7 @@ class Engine:
     run = self.slots[row]
     self.slots[row] = None
     self.lens[row] = 0
+    self.finished.append(time.monotonic())
     self.adapters.release(run.adapter_id)
     if event is not None:
       _emit(run.request, event)
