@@ -211,6 +211,8 @@ def main(argv=None) -> None:
       print(f"{name} failed:\n{r['error']}", file=sys.stderr)
   result = {"machine": machine, "shape": SHAPE, "steps": args.steps, "rows": rows}
   result.update(device=args.device, dtype=args.dtype, blocked="fused expert loop")
+  if args.device == "cpu":
+    result["layers"] = "unrolled"  # MoeConfig.scan_unroll="auto" on CPU
   kinds = {r["device_kind"] for r in rows.values() if r.get("platform", "cpu") != "cpu"}
   if kinds:
     machine["device_kind"] = ", ".join(sorted(kinds))

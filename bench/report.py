@@ -463,7 +463,12 @@ partial block per expert; it is `expert_matmul="auto"`'s choice on CPU ({moe_ver
     ""
     if r.get("blocked")
     else "; this sitting predates the fused per-expert loop: it ran one loop per weight over blocks"
-  }). jlora's peak RSS is higher (XLA's buffers and the compile).
+  }). {
+    "The layer scan runs unrolled on CPU (`scan_unroll='auto'`, the MoE families' default; the "
+    "weights stay stacked), so each layer reads its experts at a static offset. "
+    if r.get("layers") == "unrolled"
+    else ""
+  }jlora's peak RSS is higher (XLA's buffers and the compile).
 {moe_gpu_section()}
 """
 
