@@ -58,7 +58,8 @@ class MoeConfig(LlamaConfig):
   # (HF configs' value is not read: it belongs to full fine-tuning).
   router_aux_loss_coef: float = 0.0
   expert_matmul: str = "auto"  # jlora.experts: auto | ragged | blocked | dense
-  scan_unroll: int | str = "auto"  # see llama.scan_unroll_for
+  # See llama.scan_unroll_for. gpt-oss's trunk (Gemma's scan over layer groups) does not read it.
+  scan_unroll: int | str = "auto"
   model_type: str = "mixtral"
 
   __hash__ = LlamaConfig.__hash__  # a dataclass would hash the fields, rope_scaling's dict included
