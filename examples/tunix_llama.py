@@ -82,9 +82,19 @@ def make(seed: int = 0, noise: float = 0.05, abstract: bool = False, **config):
   tunix = model_module()
   if tunix is None:
     raise ModuleNotFoundError("google-tunix: pip install --no-deps google-tunix==0.1.7 jaxtyping")
-  build = lambda: tunix.Llama3(tunix.ModelConfig(**config), rngs=nnx.Rngs(seed))
+  built = {}
+
+  def build():
+    built["graphdef"], state = nnx.split(
+      tunix.Llama3(tunix.ModelConfig(**config), rngs=nnx.Rngs(seed))
+    )
+    return state
+
   with nnx.use_eager_sharding(False):  # as tunix builds it without a mesh
-    graphdef, state = nnx.split(nnx.eval_shape(build) if abstract else build())
+    # jax.eval_shape, not nnx.eval_shape: the latter shards the result by its metadata on the
+    # ambient mesh (the trainer's), whose axes are not tunix's.
+    state = jax.eval_shape(build) if abstract else build()
+  graphdef = built["graphdef"]
   if abstract:
     return graphdef, state
   rng = np.random.default_rng(seed)

@@ -45,7 +45,7 @@ from jlora.boxes import EMBEDDING, KERNEL
 from jlora.config import BATCH, IN, OUT, LoraConfig
 from jlora.errors import UserError, read_json
 from jlora.io import host_array, write_json, write_safetensors
-from jlora.lora import DoraWeight, LoraWeight, is_lora, is_stacked, weight_norm
+from jlora.lora import DoraWeight, LoraWeight, factor_axes, is_lora, is_stacked, weight_norm
 from jlora.models import registry
 from jlora.models.names import HFNames, is_expert_param, to_torch
 from jlora.tokens import TokenRows, is_token_rows, token_node
@@ -169,6 +169,24 @@ class HFModule:
   expert: bool = False  # a fused MoE expert parameter: PEFT's target_parameters
 
 
+def is_linear(roles) -> bool:
+  """Weights PEFT writes as a torch Linear: input and output axes only. A weight with several
+  (an einsum's [embed, heads, head_dim]) is the Linear over its flattened input and output axes,
+  which is how HF lays it out (q_proj [heads * head_dim, embed]), so lora_A is A [*in, r]
+  flattened to [in, r] and transposed, lora_B likewise."""
+  return set(roles) == {IN, OUT}
+
+
+def torch_factor(field: str, value: np.ndarray) -> np.ndarray:
+  """One layer's factor in torch's Linear layout: a [*in, r] -> [r, in], b [r, *out] -> [out, r],
+  magnitude [*out] -> [out]."""
+  if field == "a":
+    return value.reshape(-1, value.shape[-1]).T
+  if field == "b":
+    return value.reshape(value.shape[0], -1).T
+  return value.reshape(-1)
+
+
 def hf_modules(params, names: HFNames | None = None) -> list[HFModule]:
   """The HF modules of every adapter in `params`, in path order (names: the family's mapping)."""
   names = names or HFNames()
@@ -182,12 +200,12 @@ def hf_modules(params, names: HFNames | None = None) -> list[HFModule]:
         "adapter's own params (before jlora.stack_adapters)."
       )
     expert = is_expert_param(path) and tuple(node.roles) == (BATCH, IN, OUT)
-    if tuple(node.roles) != (IN, OUT) and not expert:
+    if not (is_linear(node.roles) or expert):
       raise ValueError(
         f"{full}: kernel roles {node.roles} have no torch Linear/Embedding equivalent; PEFT "
-        "adapters need 2-D weights per layer ([in, out]), or MoE experts [E, in, out]."
+        "adapters need weights whose axes are inputs and outputs, or MoE experts [E, in, out]."
       )
-    n_lead = node.a.ndim - len(node.roles)
+    n_lead = node.b.ndim - 1 - sum(role != IN for role in node.roles)  # b: lead + r + out/batch
     n_layers = node.a.shape[0] if n_lead else 0
     for layer, hf_name in enumerate(names.module_names(path, n_lead, n_layers)):
       modules.append(
@@ -398,7 +416,7 @@ def _peft_tensors(entries: list[HFModule]) -> dict[str, np.ndarray]:
           field, value
         )
       else:
-        tensors[f"{KEY_PREFIX}{e.hf_name}.{names[field]}"] = value.T
+        tensors[f"{KEY_PREFIX}{e.hf_name}.{names[field]}"] = torch_factor(field, value)
   return tensors
 
 
@@ -522,8 +540,8 @@ def check_peft_config(cfg: Mapping[str, Any]) -> None:
 def _base_modules(
   base_params, layout, hf_names: HFNames | None = None
 ) -> dict[str, tuple[str, str, int | None, Any]]:
-  """HF module name -> (flax weight path, leaf name, layer index or None, n_lead) for every
-  adaptable weight."""
+  """HF module name -> (flax weight path, leaf name, layer index or None, per-layer roles) for
+  every adaptable weight."""
   hf_names = hf_names or HFNames()
   out = {}
   full_paths = {target: full for full, target in config_lib.target_paths(base_params).items()}
@@ -540,10 +558,10 @@ def _base_modules(
       else:
         continue
     expert = tuple(roles) == (BATCH, IN, OUT) and is_expert_param(path)
-    if (tuple(roles) != (IN, OUT) and not expert) or n_lead > 1:
+    if not (is_linear(roles) or expert) or n_lead > 1:
       continue
     for layer, hf in enumerate(hf_names.module_names(path, n_lead, shape[0] if n_lead else 0)):
-      out[hf] = (full_paths[path], leaf_name, layer if n_lead else None, n_lead)
+      out[hf] = (full_paths[path], leaf_name, layer if n_lead else None, tuple(roles))
   return out
 
 
@@ -815,30 +833,45 @@ def _restack(per_layer: dict) -> dict:
   return fixed
 
 
-def _build_node(full: str, value, per_layer: dict, dtype, dropout: float) -> LoraWeight:
-  """build: the node for one weight; layers a stack's adapter skips get zero factors (DoRA: m = ||W||)."""
+def _node_layout(full: str, fields: dict, kernel_shape: tuple, roles: tuple) -> dict:
+  """One layer's factors from the file ([in, r], [r, out], [out]; experts [E, ...]) in the node's
+  layout for a kernel of `kernel_shape` whose axes have `roles` (flattened axes unflattened)."""
+  r = fields["a"].shape[-1]
+  a_shape, b_shape = factor_axes(kernel_shape, roles, r)
+  sizes = lambda role: [n for n, kind in zip(kernel_shape, roles) if kind == role]
+  batch, n_in, n_out = sizes(BATCH), math.prod(sizes(IN)), math.prod(sizes(OUT))
+  in_file = {"a": (*batch, n_in, r), "b": (*batch, r, n_out), "magnitude": (*batch, n_out)}
+  want = {"a": a_shape, "b": b_shape, "magnitude": [*batch, *sizes(OUT)]}
+  if any(tuple(fields[k].shape) != in_file[k] for k in fields):
+    implied = (*fields["a"].shape[:-1], *fields["b"].shape[-1:])
+    raise ValueError(
+      f"{full}: the adapter's factors imply a weight of shape {implied}, but base_params has "
+      f"{tuple(kernel_shape)} per layer."
+    )
+  return {k: v.reshape(want[k]) for k, v in fields.items()}
+
+
+def _build_node(full: str, value, per_layer: dict, dtype, dropout: float, roles) -> LoraWeight:
+  """build: the node for one weight (per-layer `roles`); layers a stack's adapter skips get zero
+  factors (DoRA: m = ||W||)."""
   first = next(iter(per_layer.values()))
+  kernel_shape = tuple(value.shape)[value.ndim - len(roles) :]
+  shaped = {k: _node_layout(full, f.fields, kernel_shape, roles) for k, f in per_layer.items()}
   if None in per_layer:
-    fields = dict(first.fields)
+    fields = shaped[None]
   else:
     fields = {}
-    for name, like in first.fields.items():
+    for name, like in shaped[next(iter(shaped))].items():
       stacked = np.zeros((value.shape[0], *like.shape), like.dtype)
-      for layer, f in per_layer.items():
-        stacked[layer] = f.fields[name]
+      for layer, layer_fields in shaped.items():
+        stacked[layer] = layer_fields[name]
       fields[name] = stacked
-  a, b = fields["a"], fields["b"]
-  if a.shape[:-1] + b.shape[-1:] != tuple(value.shape):
-    raise ValueError(
-      f"{full}: the adapter's factors imply a weight of shape {a.shape[:-1] + b.shape[-1:]}, but "
-      f"base_params has {tuple(value.shape)}."
-    )
   node = LoraWeight(
     base=value,
-    a=jnp.asarray(a, dtype),
-    b=jnp.asarray(b, dtype),
+    a=jnp.asarray(fields["a"], dtype),
+    b=jnp.asarray(fields["b"], dtype),
     scale=float(first.scale),
-    roles=(BATCH,) * (first.fields["a"].ndim - 2) + (IN, OUT),  # MoE experts: [E, in, r]
+    roles=tuple(roles),
     dropout=dropout,
   )
   if "magnitude" not in fields:
@@ -880,6 +913,7 @@ def load_adapter(
   nodes = {
     full: _restack(per_layer) for full, per_layer in _group(peft_cfg, modules, index).items()
   }
+  roles = {full: layer_roles for full, _, _, layer_roles in index.values()}
   for e in sorted(m for m in index if m not in modules and peft_targets(peft_cfg, m, index[m][1])):
     warnings.warn(
       f"load_adapter: {e} is selected by target_modules but the adapter has no weights for it; "
@@ -898,7 +932,9 @@ def load_adapter(
       return boxes.reboxed(
         leaf, node.replace(rows=jnp.asarray(tokens[full]["rows"], node.rows.dtype))
       )
-    new = _build_node(full, value, nodes[full], dtype, dropout) if full in nodes else value
+    new = (
+      _build_node(full, value, nodes[full], dtype, dropout, roles[full]) if full in nodes else value
+    )
     return boxes.reboxed(leaf, new)
 
   params = jax.tree_util.tree_map_with_path(build, base_params, is_leaf=config_lib.is_opaque)

@@ -542,6 +542,26 @@ def test_tunix_llama3_from_an_hf_checkpoint_through_the_trainers_nnx_seam(tmp_pa
   adapted = model.apply({"params": jlora.combine(trainable, frozen)}, ids, positions, segments)
   np.testing.assert_array_equal(adapted, base)
 
+  # The trainer's PEFT adapter: each einsum weight is the torch Linear over its flattened axes,
+  # as HF lays q_proj out ([heads * head_dim, embed]): s * lora_B @ lora_A equals the numpy
+  # delta s * A @ B [embed, heads, head_dim] reshaped to HF's layout; it loads back exactly.
+  from safetensors.numpy import load_file
+
+  tuned = nnx_tiny.randomized(jlora.combine(trainable, frozen))
+  jlora.save_adapter(tmp_path / "adapter", tuned, jlora.LoraConfig(rank=4, alpha=8.0))
+  files = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+  q = tuned["llama"]["layers"][1]["attn"]["q_proj"]["w"].get_value()
+  key = "base_model.model.llama.layers.1.attn.q_proj.lora_{}.weight"
+  peft_delta = q.scale * files[key.format("B")] @ files[key.format("A")]
+  np.testing.assert_allclose(peft_delta, _delta(q).reshape(32, -1).T, rtol=1e-5, atol=1e-6)
+  back = jlora.load_adapter(
+    tmp_path / "adapter", jlora.combine(trainable, frozen), layout=model.layout
+  )
+  for got, want in zip(
+    jax.tree.leaves(jlora.split(back)[0]), jax.tree.leaves(jlora.split(tuned)[0])
+  ):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
 
 @pytest.mark.ref
 def test_nnx_llama_matches_transformers_and_its_adapter_loads_in_peft(tmp_path):

@@ -46,7 +46,10 @@ def load(spec, path, what: str, path_what: str, mesh=None):
       tokenizer = load_tokenizer(Path(distributed.main_first(lambda: resolve_checkpoint(path))))
   family = family_config(model)
   graphdef, state = nnx.split(model)
-  layout = traced_layout(graphdef, state)
+  with naming(
+    f"{what} (the model called as model(input_ids, positions, segment_ids))", FACTORY_ERRORS
+  ):
+    layout = traced_layout(graphdef, state)
   if mesh is not None:
     state = jax.device_put(
       state, shard_lib.named(mesh, shard_lib.logical_specs(state, DEFAULT_RULES))
