@@ -105,8 +105,8 @@ def make(seed: int = 0, noise: float = 0.05, abstract: bool = False, **config):
 class ForTrainer(nnx.Module):
   """tunix's Llama3 under jlora's trainer contract (jlora.models.nnx_causal): `(input_ids,
   positions, segment_ids) -> logits`, a query attending to earlier keys of its own segment
-  (segment 0 is padding). `config` declares no family: tunix's paths are not HF's, so the trainer
-  writes the PEFT adapter under tunix's module names and no merged or GGUF export."""
+  (segment 0 is padding). It declares no family (no `config`): tunix's paths are not HF's, so the
+  trainer writes the PEFT adapter under tunix's module names and no merged or GGUF export."""
 
   def __init__(self, llama):
     self.llama = llama
