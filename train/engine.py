@@ -66,7 +66,7 @@ PREFILL_TOKENS = 1024
 # waiting one) so that one prefill serves them all, rather than one call per arrival, each
 # stalling the running rows and leaving a decode step of fewer rows.
 GATHER_S = 0.03
-RECENT_S = 0.25
+RECENT_S = 1.0
 
 
 class AdapterError(ValueError):
