@@ -350,6 +350,7 @@ def serve_section(r: dict) -> str:
   rows = {(row["spread"], row["clients"]): row["tokens_per_s"] for row in r["rows"]}
   mixed, single = rows.get(("4 adapters", 16)), rows.get(("1 adapter", 16))
   seq = r["sequential"]["tokens_per_s"]
+  sittings = " and ".join(f"{s['tokens_per_s']:.1f}" for s in r["sequential"].get("sittings", []))
   one = next(row["per_token_ms_p50"] for row in r["rows"] if row["clients"] == 1)
   targets = ""
   if mixed and single:
@@ -364,7 +365,8 @@ def serve_section(r: dict) -> str:
 --max-model-len 256` in the same process as its clients (asyncio httpx streams on loopback), four
 rank-16 q,k,v,o adapters, greedy chat requests of at most {r["max_tokens"]} tokens; each client
 sends its requests one after another. Sequential: `train.generate` one request at a time, the
-adapter alone on the base.
+adapter alone on the base, measured before the server starts and after it stops ({sittings} tokens/s);
+the faster is the baseline.
 
 {table(r)}
 {targets}
@@ -405,7 +407,7 @@ def nnx_section(r: dict) -> str:
 
 `python -m bench.nnx_vs_qwix --layers {run["layers"]} --steps {run["steps"]}`
 ({common.machine_line(r["machine"])}): SmolLM2-135M's shape (d={run["hidden"]}, vocab
-{run["vocab"]:,}) cut to {run["layers"]} layers so that all nine compiles fit in minutes, batch
+{run["vocab"]:,}) cut to {run["layers"]} layers so that all fifteen compiles fit in minutes, batch
 {run["batch"]} x {run["length"]}; the three steps of a config timed in turn (A, B, C, A, B, C, ...),
 median of {run["steps"]} rounds after one untimed round; temporaries from
 XLA's memory analysis of the compiled step. {sitting_words(r["machine"])}
@@ -413,13 +415,17 @@ XLA's memory analysis of the compiled step. {sitting_words(r["machine"])}
 {table}
 
 Targets: jlora on NNX >= 1.0x qwix's speed on every config, with fewer temporaries, and within 5% of
-jlora on linen. Both NNX rows run the same model (examples/nnx_llama.py, which calls jlora's attention
-function as the linen Llama does: blockwise on CPU) and the same loss. With an nf4 base jlora keeps
+jlora on linen. "qwix / this" compares each row with qwix on the same model. The "NNX" rows run
+examples/nnx_llama.py (which calls jlora's attention function as the linen Llama does: blockwise on
+CPU); the "tunix" rows run tunix's Llama3 as google-tunix ships it (examples/tunix_llama.py: custom
+einsum projections on `[embed, heads, head_dim]` weights, naive attention), a model neither library
+wrote. Every row has the same loss. With an nf4 base jlora keeps
 only the 4-bit codes between forward and backward and dequantizes again in the backward, after the
 output's gradient exists (`jlora.lowrank.dequantized_in_backward`); qwix's QLoRA keeps every layer's
 dequantized weight alive through the loss, hence its extra temporaries. Without quantization the two
 compile to the same program (the same saved activations: x, x A per adapter, the layer outputs), so
-their temporaries are equal, not fewer. The linen model sits under one `nn.scan`; the NNX one is an
+their temporaries are equal, not fewer, and their speed ratio is the noise between two runs of one
+program. The linen model sits under one `nn.scan`; the NNX one is an
 unrolled Python loop of layers.
 """
 
