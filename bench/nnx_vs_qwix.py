@@ -77,25 +77,64 @@ def nf4():
   return jlora.QuantConfig(kind="nf4", block_size=NF4_BLOCK, double_quant=True)
 
 
-def adapter_step(run, tx):
-  """step(trainable, opt_state, frozen, tokens) for a forward `run(params, tokens)`."""
+def training_step(logits_fn, tx):
+  """step(trainable, opt_state, frozen, tokens) for logits = logits_fn(trainable, frozen, tokens):
+  the loss's gradient in the trainable half only, then Adam."""
 
   def step(trainable, opt_state, frozen, tokens):
-    loss, grads = jax.value_and_grad(
-      lambda t: _loss(run(jlora.combine(t, frozen), tokens), tokens)
-    )(trainable)
+    loss, grads = jax.value_and_grad(lambda t: _loss(logits_fn(t, frozen, tokens), tokens))(
+      trainable
+    )
     updates, opt_state = tx.update(grads, opt_state)
     return optax.apply_updates(trainable, updates), opt_state, loss
 
   return step
 
 
-def jlora_nnx_step(cfg, pattern, rank, quant, tx, tokens):
-  graphdef, state = nnx.split(nnx_llama.LlamaForCausalLM(cfg, nnx.Rngs(0)))
+# How each NNX model is called on a batch of tokens, and where its logits are in the output.
+NNX_LLAMA_CALL = (lambda tokens: (tokens,), lambda out: out)
+
+
+def tunix_call():
+  import tunix_llama
+
+  return tunix_llama.causal_inputs, lambda out: out[0]  # tunix returns (logits, cache)
+
+
+def jlora_nnx(graphdef, state, call, pattern, rank, quant, tx, tokens):
+  """jlora's LoRA (QLoRA with `quant`) on an NNX model's state; its layout traced."""
+  inputs, logits_of = call
+  layout = jlora.trace_layout(nnx.merge(graphdef, state), *inputs(tokens))
   trainable, frozen = jlora.prepare_for_training(
-    state, lora_config(pattern, rank), jax.random.key(1), quant=nf4() if quant else None
-  )
-  return adapter_step(jlora.wrap(graphdef), tx), (trainable, tx.init(trainable), frozen)
+    state, lora_config(pattern, rank), jax.random.key(1), quant=nf4() if quant else None,
+    layout=layout,
+  )  # fmt: skip
+  run = jlora.wrap(graphdef)
+  step = training_step(lambda t, f, x: logits_of(run(jlora.combine(t, f), *inputs(x))), tx)
+  return step, (trainable, tx.init(trainable), frozen)
+
+
+def qwix_nnx(model, call, pattern, rank, quant, tx, tokens):
+  """qwix's LoRA (its QLoRA with `quant`) on an NNX model: LoRAParams trained, the rest frozen."""
+  import qwix
+
+  inputs, logits_of = call
+  qlora = {"weight_qtype": "nf4", "tile_size": NF4_BLOCK} if quant else {}
+  rule = qwix.LoraRule(module_path=pattern, rank=rank, alpha=2 * rank, **qlora)
+  provider = qwix.LoraProvider([rule])
+  lora_model = qwix.apply_lora_to_model(model, provider, *inputs(tokens), rngs=nnx.Rngs(1))
+  graphdef, adapters, rest = nnx.split(lora_model, nnx.LoRAParam, ...)
+  step = training_step(lambda a, r, x: logits_of(nnx.merge(graphdef, a, r)(*inputs(x))), tx)
+  return step, (adapters, tx.init(adapters), rest)
+
+
+def jlora_nnx_step(cfg, *args):
+  graphdef, state = nnx.split(nnx_llama.LlamaForCausalLM(cfg, nnx.Rngs(0)))
+  return jlora_nnx(graphdef, state, NNX_LLAMA_CALL, *args)
+
+
+def qwix_step(cfg, *args):
+  return qwix_nnx(nnx_llama.LlamaForCausalLM(cfg, nnx.Rngs(0)), NNX_LLAMA_CALL, *args)
 
 
 def jlora_linen_step(cfg, pattern, rank, quant, tx, tokens):
@@ -117,79 +156,28 @@ def jlora_linen_step(cfg, pattern, rank, quant, tx, tokens):
     params, lora_config(pattern, rank), jax.random.key(1), quant=nf4() if quant else None
   )
   apply = jlora.wrap(model.apply)
-  run = lambda p, t: apply({"params": p}, t)
-  return adapter_step(run, tx), (trainable, tx.init(trainable), frozen)
-
-
-def qwix_step(cfg, pattern, rank, quant, tx, tokens):
-  import qwix
-
-  qlora = {"weight_qtype": "nf4", "tile_size": NF4_BLOCK} if quant else {}
-  rule = qwix.LoraRule(module_path=pattern, rank=rank, alpha=2 * rank, **qlora)
-  model = nnx_llama.LlamaForCausalLM(cfg, nnx.Rngs(0))
-  lora_model = qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]), tokens, rngs=nnx.Rngs(1))
-  graphdef, adapters, rest = nnx.split(lora_model, nnx.LoRAParam, ...)
-
-  def step(adapters, opt_state, rest, tokens):
-    def loss_fn(adapters):
-      return _loss(nnx.merge(graphdef, adapters, rest)(tokens), tokens)
-
-    loss, grads = jax.value_and_grad(loss_fn)(adapters)
-    updates, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(adapters, updates), opt_state, loss
-
-  return step, (adapters, tx.init(adapters), rest)
+  step = training_step(lambda t, f, x: apply({"params": jlora.combine(t, f)}, x), tx)
+  return step, (trainable, tx.init(trainable), frozen)
 
 
 def tunix_model(cfg):
-  """(graphdef, state, call inputs) of tunix's Llama3 (examples/tunix_llama.py) with cfg's shape."""
+  """(graphdef, state) of tunix's Llama3 (examples/tunix_llama.py) with cfg's shape."""
   import tunix_llama
 
-  graphdef, state = tunix_llama.make(
+  return tunix_llama.make(
     num_layers=cfg.num_hidden_layers, vocab_size=cfg.vocab_size, embed_dim=cfg.hidden_size,
     hidden_dim=cfg.intermediate_size, num_heads=cfg.num_attention_heads, head_dim=cfg.head_dim,
     num_kv_heads=cfg.num_key_value_heads, rope_theta=int(cfg.rope_theta), norm_eps=cfg.rms_norm_eps,
     weight_tying=cfg.tie_word_embeddings,
   )  # fmt: skip
-  return graphdef, state
 
 
-def jlora_tunix_step(cfg, pattern, rank, quant, tx, tokens):
-  import tunix_llama
-
-  graphdef, state = tunix_model(cfg)
-  inputs = tunix_llama.causal_inputs(tokens)
-  layout = jlora.trace_layout(nnx.merge(graphdef, state), *inputs)
-  trainable, frozen = jlora.prepare_for_training(
-    state, lora_config(pattern, rank), jax.random.key(1), quant=nf4() if quant else None,
-    layout=layout,
-  )  # fmt: skip
-  run = lambda p, t: jlora.wrap(graphdef)(p, *tunix_llama.causal_inputs(t))[0]
-  return adapter_step(run, tx), (trainable, tx.init(trainable), frozen)
+def jlora_tunix_step(cfg, *args):
+  return jlora_nnx(*tunix_model(cfg), tunix_call(), *args)
 
 
-def qwix_tunix_step(cfg, pattern, rank, quant, tx, tokens):
-  import qwix
-  import tunix_llama
-
-  qlora = {"weight_qtype": "nf4", "tile_size": NF4_BLOCK} if quant else {}
-  rule = qwix.LoraRule(module_path=pattern, rank=rank, alpha=2 * rank, **qlora)
-  graphdef, state = tunix_model(cfg)
-  model = nnx.merge(graphdef, state)
-  inputs = tunix_llama.causal_inputs(tokens)
-  lora_model = qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]), *inputs, rngs=nnx.Rngs(1))
-  graphdef, adapters, rest = nnx.split(lora_model, nnx.LoRAParam, ...)
-
-  def step(adapters, opt_state, rest, tokens):
-    def loss_fn(adapters):
-      logits, _ = nnx.merge(graphdef, adapters, rest)(*tunix_llama.causal_inputs(tokens))
-      return _loss(logits, tokens)
-
-    loss, grads = jax.value_and_grad(loss_fn)(adapters)
-    updates, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(adapters, updates), opt_state, loss
-
-  return step, (adapters, tx.init(adapters), rest)
+def qwix_tunix_step(cfg, *args):
+  return qwix_nnx(nnx.merge(*tunix_model(cfg)), tunix_call(), *args)
 
 
 BUILDERS = {
