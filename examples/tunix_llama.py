@@ -1,6 +1,6 @@
 """tunix's Llama 3 (google-tunix, an NNX model jlora did not write), built at any size.
 
-`pip install --no-deps google-tunix==0.1.7 jaxtyping`: tunix's own pins would downgrade
+`pip install jaxtyping && pip install --no-deps google-tunix==0.1.7`: tunix's own pins would downgrade
 transformers and bring its trainer stack (grain, metrax, tensorflow-datasets), and its package
 `__init__` imports all of that. The model file needs none of it, so `model_module()` registers the
 packages on the way to `tunix/models/llama3/model.py` as bare packages and imports only that file,
@@ -81,7 +81,9 @@ def make(seed: int = 0, noise: float = 0.05, abstract: bool = False, **config):
   `abstract`, the state holds shapes only (to be filled from a checkpoint)."""
   tunix = model_module()
   if tunix is None:
-    raise ModuleNotFoundError("google-tunix: pip install --no-deps google-tunix==0.1.7 jaxtyping")
+    raise ModuleNotFoundError(
+      "google-tunix: pip install jaxtyping && pip install --no-deps google-tunix==0.1.7"
+    )
   built = {}
 
   def build():
