@@ -16,8 +16,15 @@ Its attention projections are custom `Einsum` modules holding `w`, its MLP is `n
 embedding a custom `Embedder` read by index (and tied to the head by `jnp.dot(x, E.T)`), and its
 params carry mesh-axis sharding names, not roles: jlora takes the layout from a trace.
 
-`from_pretrained(directory)` reads an HF Llama checkpoint (config.json + *.safetensors) into it,
-under the trainer's contract (`ForTrainer`), so tunix's model trains with train.sft:
+`HF_NAMES` is the name map from tunix's module paths to HF's (`layers.3.attn.q_proj` is
+`model.layers.3.self_attn.q_proj`): with it, jlora.save_adapter writes a PEFT adapter that PEFT
+loads on transformers' LlamaForCausalLM, and load_adapter reads one back:
+
+    jlora.save_adapter(out, lora_state, lora_config, model_config=HF_NAMES)
+
+`from_pretrained(directory)` reads an HF Llama checkpoint (config.json + *.safetensors) into it
+(through the same map), under the trainer's contract (`ForTrainer`, which declares the map as
+`hf_names`), so tunix's model trains with train.sft, which writes its PEFT adapter under HF's names:
 
     python -m train.sft --config configs/llama.py \
       --config.model.nnx=examples.tunix_llama:from_pretrained --config.model.path=DIR
@@ -39,10 +46,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jlora.models.names import HFNames
+
 MODEL = "tunix.models.llama3.model"
 # tunix 0.1.7's Llama3 attention calls apply_rope(...) without the config's rope_theta, so its
 # default, 1e6, is what the model applies (Llama 3 checkpoints say 500,000).
 TUNIX_ROPE_THETA = 1_000_000
+# tunix's module paths -> HF's module names (the paths with '.' for '/'; under ForTrainer they
+# start with `llama.`).
+HF_NAMES = HFNames(
+  renames=(
+    (r"^(?:llama\.)?layers\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
+    (r"^(?:llama\.)?layers\.", "model.layers."),
+    (r"^(?:llama\.)?embedder$", "model.embed_tokens"),
+    (r"^(?:llama\.)?final_norm$", "model.norm"),
+    (r"^(?:llama\.)?lm_head$", "lm_head"),
+  )
+)
 PACKAGES = ("tunix", "tunix.generate", "tunix.utils", "tunix.models", "tunix.models.llama3")
 
 
@@ -107,8 +127,11 @@ def make(seed: int = 0, noise: float = 0.05, abstract: bool = False, **config):
 class ForTrainer(nnx.Module):
   """tunix's Llama3 under jlora's trainer contract (jlora.models.nnx_causal): `(input_ids,
   positions, segment_ids) -> logits`, a query attending to earlier keys of its own segment
-  (segment 0 is padding). It declares no family (no `config`): tunix's paths are not HF's, so the
-  trainer writes the PEFT adapter under tunix's module names and no merged or GGUF export."""
+  (segment 0 is padding). It declares HF's names (`hf_names`), so the trainer's PEFT adapter
+  loads in PEFT, but no family (no `config`): tunix's weights are not laid out as jlora's Llama,
+  so there is no merged or GGUF export."""
+
+  hf_names = HF_NAMES
 
   def __init__(self, llama):
     self.llama = llama
@@ -147,28 +170,18 @@ def from_pretrained(directory) -> ForTrainer:
     rope_theta=theta, norm_eps=hf["rms_norm_eps"], weight_tying=tied, abstract=True,
   )  # fmt: skip
   weight = lambda name: jnp.asarray(tensors[name], jnp.float32)
-  hf_name = {
-    "embedder/input_embedding": "model.embed_tokens.weight",
-    "final_norm/w": "model.norm.weight",
-  }
 
   def load(key_path, variable):
     path = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
-    if path == "lm_head/w":
-      return variable.replace(weight("lm_head.weight").T)
-    if path in hf_name:
-      return variable.replace(weight(hf_name[path]))
-    layer, block = path.split("/")[1:3]
-    if block in ("input_layernorm", "post_attention_layernorm"):
-      return variable.replace(weight(f"model.layers.{layer}.{block}.weight"))
-    module = path.split("/")[3]
-    hf_block = "self_attn" if block == "attn" else block
-    w = weight(f"model.layers.{layer}.{hf_block}.{module}.weight")  # [out, in]
-    if module == "o_proj":
+    module = HF_NAMES.renamed(path.rpartition("/")[0].replace("/", "."))
+    w = weight(f"{module}.weight")  # a torch Linear's is [out, in]
+    if module.endswith(("norm", "embed_tokens")):
+      return variable.replace(w)
+    if module.endswith("o_proj"):
       return variable.replace(w.T.reshape(heads, head_dim, d))
-    if module in ("q_proj", "k_proj", "v_proj"):
+    if module.endswith(("q_proj", "k_proj", "v_proj")):
       return variable.replace(w.T.reshape(d, -1, head_dim))
-    return variable.replace(w.T)  # the MLP's nnx.Linear kernels
+    return variable.replace(w.T)  # the MLP's nnx.Linear kernels and the untied head
 
   is_variable = lambda x: isinstance(x, nnx.Variable)
   state = jax.tree_util.tree_map_with_path(load, state, is_leaf=is_variable)

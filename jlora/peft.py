@@ -458,7 +458,8 @@ def save_adapter(
   """Writes the adapters in `params` as a PEFT LoRA adapter (loadable by PEFT, transformers and vLLM).
 
   model_config: the model's config (`model.config`), which names the HF layer of every scanned
-  stack entry through the registry; it may be omitted for Llama-family models.
+  stack entry through the registry; it may be omitted for Llama-family models. An NNX model whose
+  module paths are not HF's passes its name map instead (`jlora.models.names.HFNames(renames=...)`).
 
   Every trainable child is written (a/b unscaled, PEFT recomputes the scale from
   r/lora_alpha and the patterns; DoRA's magnitude as lora_magnitude_vector). Scanned

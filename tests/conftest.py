@@ -44,6 +44,7 @@ SHARED_FIXTURES = (
   "served",
   "uninterrupted",
   "bad_input_files",
+  "tunix_checkpoint",
 )
 
 

@@ -21,7 +21,7 @@ from flax import nnx
 
 import jlora
 from jlora.config import IN
-from jlora.models.nnx_causal import weight_layout
+from jlora.models.nnx_causal import peft_names, weight_layout
 from jlora.quant import quantized_nodes
 from tests import gguf_reference, nnx_tiny
 from tests.tiny import (
@@ -502,24 +502,37 @@ def test_tunix_llama3_qlora_nf4_with_dora(tunix_llama):
   )
 
 
-def test_tunix_llama3_from_an_hf_checkpoint_through_the_trainers_nnx_seam(tmp_path, tunix_llama):
-  """train.sft's `config.model.nnx` loader on examples/tunix_llama.py:from_pretrained: tunix's
-  model reads an HF Llama checkpoint and gives jlora's linen Llama's logits (which equal
-  transformers', test_llama) on a packed row; the trainer's adapt stage traces the layout of its
-  three-axis einsum weights (an nf4 base, then LoRA on all-linear) and the adapted model starts
-  at the base model's logits."""
+@pytest.fixture(scope="module")
+def tunix_checkpoint(tmp_path_factory, tunix_llama):
+  """(an HF Llama checkpoint dir, untied head, and tunix's Llama3 read from it by train.sft's
+  `config.model.nnx` loader: NnxCausalLM, its state)."""
   from jlora.models import LlamaConfig
-  from train import nnx_model, sft
+  from train import nnx_model
 
   hf_like = LlamaConfig(
     vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
     max_position_embeddings=512, rope_theta=1e6,  # tunix's Llama3 always applies 1e6
   )  # fmt: skip
-  checkpoint = save_numpy_checkpoint(tmp_path / "model", hf_like, random_hf_state(hf_like))
+  directory = tmp_path_factory.mktemp("tunix") / "model"
+  checkpoint = save_numpy_checkpoint(directory, hf_like, random_hf_state(hf_like, seed=5))
   model, state, _ = nnx_model.load(
     "examples.tunix_llama:from_pretrained", checkpoint, "config.model.nnx", "config.model.path"
   )
+  return checkpoint, model, state
+
+
+def test_tunix_llama3_from_an_hf_checkpoint_through_the_trainers_nnx_seam(
+  tmp_path, tunix_checkpoint
+):
+  """train.sft's `config.model.nnx` loader on examples/tunix_llama.py:from_pretrained: tunix's
+  model reads an HF Llama checkpoint (untied head) and gives jlora's linen Llama's logits (which equal
+  transformers', test_llama) on a packed row; the trainer's adapt stage traces the layout of its
+  three-axis einsum weights (an nf4 base, then LoRA on all-linear) and the adapted model starts
+  at the base model's logits."""
+  from train import sft
+
+  checkpoint, model, state = tunix_checkpoint
   linen, params, _ = jlora.models.from_pretrained(checkpoint)
   ids = (np.arange(12, dtype=np.int32)[None] % 50) + 3
   segments = np.array([[1] * 7 + [2] * 5], np.int32)
@@ -548,19 +561,50 @@ def test_tunix_llama3_from_an_hf_checkpoint_through_the_trainers_nnx_seam(tmp_pa
   from safetensors.numpy import load_file
 
   tuned = nnx_tiny.randomized(jlora.combine(trainable, frozen))
-  jlora.save_adapter(tmp_path / "adapter", tuned, jlora.LoraConfig(rank=4, alpha=8.0))
+  cfg = jlora.LoraConfig(rank=4, alpha=8.0)
+  jlora.save_adapter(tmp_path / "adapter", tuned, cfg, model_config=peft_names(model))
   files = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
   q = tuned["llama"]["layers"][1]["attn"]["q_proj"]["w"].get_value()
-  key = "base_model.model.llama.layers.1.attn.q_proj.lora_{}.weight"
+  key = "base_model.model.model.layers.1.self_attn.q_proj.lora_{}.weight"  # tunix_llama.HF_NAMES
   peft_delta = q.scale * files[key.format("B")] @ files[key.format("A")]
   np.testing.assert_allclose(peft_delta, _delta(q).reshape(32, -1).T, rtol=1e-5, atol=1e-6)
   back = jlora.load_adapter(
-    tmp_path / "adapter", jlora.combine(trainable, frozen), layout=model.layout
-  )
+    tmp_path / "adapter", jlora.combine(trainable, frozen), layout=model.layout,
+    model_config=peft_names(model),
+  )  # fmt: skip
   for got, want in zip(
     jax.tree.leaves(jlora.split(back)[0]), jax.tree.leaves(jlora.split(tuned)[0])
   ):
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.ref
+def test_tunix_llama3_adapter_loads_in_peft_on_transformers_llama(tmp_path, tunix_checkpoint):
+  """tunix's Llama3 read from an HF checkpoint (untied head) gives transformers' logits; its LoRA
+  adapter, written under HF's names by tunix_llama.HF_NAMES, loads in PEFT on transformers'
+  LlamaForCausalLM and gives jlora's low-rank logits on tunix's model."""
+  import peft
+  import torch
+  import transformers
+
+  checkpoint, model, state = tunix_checkpoint
+  hf = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+  ids = np.random.RandomState(1).randint(0, TINY_VOCAB_SIZE, (2, 9)).astype(np.int32)
+  positions, segments = np.broadcast_to(np.arange(9), ids.shape), np.ones_like(ids)
+  with torch.no_grad():
+    base = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(
+    model.apply({"params": state}, ids, positions, segments), base, atol=1e-5
+  )
+
+  cfg = jlora.LoraConfig(rank=8, alpha=16.0, targets="all-linear")
+  lora = nnx_tiny.randomized(jlora.apply(state, cfg, jax.random.key(0), layout=model.layout))
+  ours = jlora.wrap(model.apply)({"params": lora}, ids, positions, segments)
+  jlora.save_adapter(tmp_path / "adapter", lora, cfg, model_config=peft_names(model))
+  with torch.no_grad():
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(torch.tensor(ids))
+  assert np.abs(theirs.logits.numpy() - base).max() > 0.1
+  np.testing.assert_allclose(ours, theirs.logits.numpy(), atol=1e-5)
 
 
 @pytest.mark.ref

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
-from jlora.models.nnx_causal import weight_layout
+from jlora.models.nnx_causal import peft_names, weight_layout
 from jlora.multi import BASE, is_stacked
 from train.generate import PROMPT_BUCKET, last_logits, nucleus
 
@@ -357,7 +357,7 @@ class Engine:
     rows split over its batch axes (when they divide max_num_seqs) and the adapter stack
     replicated, as train.evaluate splits generation prompts."""
     self.model, self.base_params, self.mesh = model, base_params, mesh
-    self.model_config = model_config or model.config
+    self.model_config = model_config or peft_names(model)
     self.slots: list[_Running | None] = [None] * max_num_seqs
     self.max_model_len = max_model_len
     self.buckets = prompt_buckets(max_model_len)

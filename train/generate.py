@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
 
-from jlora.models.nnx_causal import weight_layout
+from jlora.models.nnx_causal import peft_names, weight_layout
 from jlora.models.protocol import CausalLM
 from train.distributed import to_host
 from train.errors import OneLineParser, UserError, exit_on_user_error, naming, verbose_requested
@@ -334,7 +334,7 @@ def run(args: argparse.Namespace) -> None:
   if args.named:
     with naming("--adapter", MODEL_ERRORS):
       params = jlora.stack_adapters(
-        args.named, params, model_config=model.config, layout=weight_layout(model)
+        args.named, params, model_config=peft_names(model), layout=weight_layout(model)
       )
     uses = args.use.split(",") if args.use else list(args.named)
     prompts = [prompt for prompt in args.prompt for _ in uses]
@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> None:
   elif args.adapter:
     with naming(f"--adapter {args.adapter[0]!r}", MODEL_ERRORS):
       params = jlora.load_adapter(
-        args.adapter[0], params, model_config=model.config, layout=weight_layout(model)
+        args.adapter[0], params, model_config=peft_names(model), layout=weight_layout(model)
       )
     if args.merged:
       params = jlora.merge(params)

@@ -19,7 +19,7 @@ from flax import nnx
 from jlora import sharding as shard_lib
 from jlora.models.llama import DEFAULT_RULES
 from jlora.models.loading import load_tokenizer, resolve_checkpoint
-from jlora.models.nnx_causal import NnxCausalLM, family_config, traced_layout
+from jlora.models.nnx_causal import NnxCausalLM, declared_names, family_config, traced_layout
 from train import distributed
 from train.errors import UserError, naming
 from train.generate import MODEL_ERRORS
@@ -45,6 +45,8 @@ def load(spec, path, what: str, path_what: str, mesh=None):
     with naming(f"{path_what} (the tokenizer of {spec!r})", MODEL_ERRORS):
       tokenizer = load_tokenizer(Path(distributed.main_first(lambda: resolve_checkpoint(path))))
   family = family_config(model)
+  with naming(f"{what} (the model's hf_names)", (TypeError,)):
+    hf_names = declared_names(model)
   graphdef, state = nnx.split(model)
   with naming(
     f"{what} (the model called as model(input_ids, positions, segment_ids))", FACTORY_ERRORS
@@ -54,7 +56,7 @@ def load(spec, path, what: str, path_what: str, mesh=None):
     state = jax.device_put(
       state, shard_lib.named(mesh, shard_lib.logical_specs(state, DEFAULT_RULES))
     )
-  return NnxCausalLM(graphdef, family, layout), state, tokenizer
+  return NnxCausalLM(graphdef, family, layout, hf_names), state, tokenizer
 
 
 def import_factory(spec) -> Callable:

@@ -46,7 +46,7 @@ from jlora.models import export as export_lib
 from jlora.models import registry
 from jlora.models.llama import DEFAULT_RULES
 from jlora.models.loading import load_hf_dir, resolve_checkpoint
-from jlora.models.nnx_causal import weight_layout
+from jlora.models.nnx_causal import peft_names, weight_layout
 from jlora.quant import is_quantized
 from train import config as config_lib
 from train import data as data_lib
@@ -628,7 +628,7 @@ def save_adapter_and_export(t: Trainer, trainable) -> None:
     adapter_bytes = step_lib.tree_bytes(trainable)
     with writing(t.out / "adapter_model.safetensors", adapter_bytes, kept):
       jlora.save_adapter(
-        t.out, params, t.lora, base_model_name_or_path=path, model_config=t.model.config
+        t.out, params, t.lora, base_model_name_or_path=path, model_config=peft_names(t.model)
       )
       # PEFT users resize the base to this tokenizer (and use its template), then load.
       if t.config.tokens.get("add") or t.config.tokens.get("chat_template"):

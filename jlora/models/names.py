@@ -67,6 +67,10 @@ class HFNames:
   )
   # transformers keeps this family's fused experts [E, in, out] (gpt-oss), not [E, out, in]
   experts_in_out: bool = False
+  # (regex, replacement) pairs, applied in order to every HF module name derived from a path: the
+  # name map of a model whose modules are not named as HF's (tunix's `llama.layers.3.attn.q_proj`
+  # is HF's `model.layers.3.self_attn.q_proj`).
+  renames: tuple[tuple[str, str], ...] = ()
 
   @classmethod
   def for_config(cls, config) -> HFNames:
@@ -111,6 +115,14 @@ class HFNames:
 
   def module_names(self, module_path: str, n_lead: int, n_layers: int = 0) -> list[str]:
     """HF module names of the flax module at `module_path`: one, or one per entry of its stack."""
+    return [self.renamed(name) for name in self._path_names(module_path, n_lead, n_layers)]
+
+  def renamed(self, hf_name: str) -> str:
+    for pattern, replacement in self.renames:
+      hf_name = re.sub(pattern, replacement, hf_name)
+    return hf_name
+
+  def _path_names(self, module_path: str, n_lead: int, n_layers: int) -> list[str]:
     stack = self.stack_of(module_path) if n_lead else None
     if n_lead == 0:
       return [".".join(re.sub(r"^layers_(\d+)$", r"layers.\1", p) for p in module_path.split("/"))]

@@ -22,7 +22,10 @@ hold LoRA / quantized nodes take the low-rank path. What the protocol adds on to
 `config` is the model's family config when the model declares one (`model.config` is an HF
 config dict, a transformers config, or has `to_hf_dict()`, with a registered `model_type`):
 PEFT names, merged and GGUF exports then go through the registry as for linen. Otherwise it is
-None and only the PEFT adapter (HF names taken from the module paths) is written.
+None and only the PEFT adapter is written, its HF module names taken from the module paths, or
+from the name map the model declares as `model.hf_names` (a `jlora.models.names.HFNames` with
+`renames`: examples/tunix_llama.py maps tunix's `llama.layers.{i}.attn.q_proj` to HF's
+`model.layers.{i}.self_attn.q_proj`, so PEFT loads the adapter on transformers' Llama).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from flax import nnx
 
 from jlora import nnx_forward
 from jlora.models import registry
+from jlora.models.names import HFNames
 
 # The token buffer's "k" column [batch, max_len, 1, 2]: (token id, position) per column.
 TOKENS_SHAPE = (1, 2)
@@ -54,18 +58,30 @@ def family_config(model: nnx.Module):
   return None
 
 
+def declared_names(model: nnx.Module) -> HFNames | None:
+  """The HF name map `model.hf_names` declares, or None."""
+  names = getattr(model, "hf_names", None)
+  if names is not None and not isinstance(names, HFNames):
+    raise TypeError(
+      f"{type(model).__name__}.hf_names is a {type(names).__name__}; expected a "
+      "jlora.models.names.HFNames (e.g. HFNames(renames=((regex, replacement), ...)))."
+    )
+  return names
+
+
 class NnxCausalLM:
   """`protocol.CausalLM` for an NNX model: `apply({"params": state}, ...)` as linen's apply."""
 
-  def __init__(self, graphdef: nnx.GraphDef, config=None, layout=None):
+  def __init__(self, graphdef: nnx.GraphDef, config=None, layout=None, hf_names=None):
     self.graphdef, self.config = graphdef, config
     self.layout = layout  # roles of the weights (`traced_layout`): see `weight_layout`
+    self.hf_names = hf_names  # the model's own name map (`declared_names`): see `peft_names`
     self._run = nnx_forward.wrap(graphdef)
 
   def clone(self, *, config):
     """The same model with another family config (e.g. a grown vocab_size: the NNX layers read
     their table sizes from the state, so the graph needs no change)."""
-    return NnxCausalLM(self.graphdef, config, self.layout)
+    return NnxCausalLM(self.graphdef, config, self.layout, self.hf_names)
 
   def apply(self, variables, *args, method=None, rngs=None, adapter_ids=None, **kwargs):
     if method is not None:  # e.g. the head alone, `logits`
@@ -133,6 +149,13 @@ def weight_layout(model):
   """The `layout=` for jlora.apply / quantize / stack_adapters / load_adapter on `model`'s params:
   traced at load for an NNX model, None for a linen family (its params carry axis metadata)."""
   return model.layout if isinstance(model, NnxCausalLM) else None
+
+
+def peft_names(model):
+  """The `model_config=` for jlora.save_adapter / load_adapter / stack_adapters on `model`'s
+  params: the name map an NNX model declares, else the model's family config (or None)."""
+  declared = model.hf_names if isinstance(model, NnxCausalLM) else None
+  return declared if declared is not None else model.config
 
 
 def _picked(logits, logits_at):

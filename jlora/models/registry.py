@@ -270,9 +270,12 @@ def model_from_hf(hf_config: Any, **overrides):
 
 
 def hf_names(config) -> HFNames:
-  """The HF name mapping for a jlora config or HF config dict; None gives the default layout."""
+  """The HF name mapping for a jlora config or HF config dict (an HFNames is its own mapping);
+  None gives the default layout."""
   if config is None:
     return HFNames()
+  if isinstance(config, HFNames):
+    return config
   if isinstance(config, Mapping) or not hasattr(config, "layer_stacks"):
     config = config_from_hf(config)
   return family_for_config(config).hf_names(config)
