@@ -132,6 +132,9 @@ class ForTrainer(nnx.Module):
   so there is no merged or GGUF export."""
 
   hf_names = HF_NAMES
+  # tunix's params name mesh axes (`fsdp`, `tp`) in their sharding metadata; on the trainer's mesh
+  # (data, fsdp, tensor) those are fsdp and tensor.
+  sharding_rules = (("fsdp", "fsdp"), ("tp", "tensor"))
 
   def __init__(self, llama):
     self.llama = llama

@@ -149,8 +149,9 @@ loss = lambda t: jnp.mean(jlora.wrap(graphdef)(jlora.combine(t, f8), x8) ** 2)
 loss8, g8 = jax.jit(jax.value_and_grad(loss))(t8)
 up = t8["layers"]["up"]["kernel"].get_value()
 
-# tunix's Llama 3 (test_tunix_llama3_*'s model and adapters), placed as tunix places it: each
-# param by its own mesh-axis metadata on an (fsdp=4, tp=2) mesh. The adapters follow.
+# tunix's Llama 3 (test_tunix_llama3_*'s model and adapters), placed as the trainer places it:
+# each param by its own mesh-axis metadata (fsdp, tp) read through the rules the model declares
+# (ForTrainer.sharding_rules: tp is the trainer mesh's tensor axis), on fsdp=4 x tensor=2.
 import sys
 sys.path.insert(0, "examples")
 import tunix_llama
@@ -159,10 +160,9 @@ args_t = tunix_llama.causal_inputs(jax.random.randint(jax.random.key(3), (2, 7),
 layout_t = jlora.trace_layout(nnx.merge(graphdef_t, state_t), *args_t)
 cfg_t = jlora.LoraConfig(rank=3, alpha=6.0, targets="all-linear")
 t, _ = jlora.split(nnx_tiny.randomized(jlora.apply(state_t, cfg_t, jax.random.key(1), layout=layout_t)))
-mesh_t = jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-is_variable = lambda x: isinstance(x, nnx.Variable)
-specs_t = jax.tree.map(lambda v: jax.sharding.PartitionSpec(*v.out_sharding), state_t, is_leaf=is_variable)
-placed_t = jax.device_put(state_t, jax.tree.map(lambda p: jax.sharding.NamedSharding(mesh_t, p), specs_t))
+mesh_t = shard_lib.make_mesh(data=1, fsdp=4, tensor=2)
+specs_t = shard_lib.logical_specs(state_t, tunix_llama.ForTrainer.sharding_rules)
+placed_t = jax.device_put(state_t, shard_lib.named(mesh_t, specs_t))
 t8t, f8t = jlora.prepare_for_training(placed_t, cfg_t, jax.random.key(1), layout=layout_t)
 t8t = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), t, t8t)
 loss_t = lambda t: jnp.mean(jlora.wrap(graphdef_t)(jlora.combine(t, f8t), *args_t)[0] ** 2)
@@ -221,7 +221,8 @@ def test_unmerge_recovers_the_base_and_grads_reach_only_the_adapters_on_1_and_8_
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-4, atol=2e-5 * scale)
 
   # tunix's Llama 3 (test_tunix_llama3_*'s adapters): gradients reach every A and B and no other
-  # leaf; placed by tunix's own mesh-axis metadata on (fsdp=4, tp=2), the adapters follow the base
+  # leaf; placed by tunix's own mesh-axis metadata through the rules its trainer wrapper declares
+  # (tp -> tensor) on fsdp=4 x tensor=2, the adapters follow the base
   # (q_proj [embed, heads, head_dim]: A on the embed axis, B on the heads) and the gradients equal
   # the 1-device ones. fp32 through softmax and RMSNorm: measured 2.4e-4 of the largest gradient
   # (5.8e-6 when the state is float64), so the tolerance is 1e-3 of it.
@@ -233,7 +234,9 @@ def test_unmerge_recovers_the_base_and_grads_reach_only_the_adapters_on_1_and_8_
   grads_t = jax.jit(jax.grad(loss_t))(trainable_t)
   assert len(jax.tree.leaves(grads_t)) == 2 * 14  # A and B of the 14 projections, nothing else
   assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads_t))
-  assert sharded["tunix_q"] == ["P('fsdp', 'tp', None)", "P('fsdp', None)", "P(None, 'tp', None)"]
+  assert sharded["tunix_q"] == [
+    "P('fsdp', 'tensor', None)", "P('fsdp', None)", "P(None, 'tensor', None)"
+  ]  # fmt: skip
   scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads_t))
   for got, want in zip(sharded["tunix_grads"], jax.tree.leaves(grads_t), strict=True):
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=1e-3 * scale)

@@ -31,7 +31,9 @@ FACTORY_ERRORS = (*MODEL_ERRORS, ImportError, AttributeError)
 def load(spec, path, what: str, path_what: str, mesh=None):
   """(NnxCausalLM, its nnx.State, tokenizer): factory(path) for spec = "package.module:factory".
   Without a tokenizer from the factory it is read from `path`. With a mesh, the state is placed
-  on it by its sharding metadata (jlora's Llama rules). `what` / `path_what` name the setting
+  on it by its sharding metadata, read through the rules the model declares as `sharding_rules`
+  ((metadata name, mesh axis or None), ...), else jlora's Llama rules (logical names: embed, mlp,
+  q_heads, ...; the mesh's axes are data, fsdp, tensor, expert). `what` / `path_what` name the setting
   and the path in errors (train.sft's config fields, the CLIs' flags)."""
   with naming(what, FACTORY_ERRORS):
     made = import_factory(spec)(path)
@@ -53,9 +55,10 @@ def load(spec, path, what: str, path_what: str, mesh=None):
   ):
     layout = traced_layout(graphdef, state)
   if mesh is not None:
-    state = jax.device_put(
-      state, shard_lib.named(mesh, shard_lib.logical_specs(state, DEFAULT_RULES))
-    )
+    rules = getattr(model, "sharding_rules", None) or DEFAULT_RULES
+    with naming(f"{what} (placed by the model's sharding metadata)", (TypeError, ValueError)):
+      specs = shard_lib.logical_specs(state, rules)
+      state = jax.device_put(state, shard_lib.named(mesh, specs))
   return NnxCausalLM(graphdef, family, layout, hf_names), state, tokenizer
 
 
