@@ -10,10 +10,11 @@ slower.
 
   ragged  `jax.lax.ragged_dot`: FLOPs scale with the assignments (top-k), not with E, on backends
           with a grouped kernel (GPU, TPU). XLA:CPU lowers it densely (E / k times the FLOPs).
-  blocked each expert's region of slots padded to whole blocks of rows; a loop over the experts
-          (each one's weights sliced once) and within each over its blocks, never visiting the
-          all-padding blocks at the end: the FLOPs are the assignments' plus under one block per
-          expert. An expert MLP (`grouped_mlp`) runs gate_up, the activation and down in one
+  blocked each expert's region of slots padded to a small granule of rows; a loop over the experts
+          (each one's weights sliced once) and within each over its region in chunks (as many
+          large ones as fit, then at most one of each smaller size down to the granule), never
+          visiting the padding after the last region: the FLOPs are the assignments' plus under
+          one granule per expert, while most rows still go through large matmuls. An expert MLP (`grouped_mlp`) runs gate_up, the activation and down in one
           loop body, so a block's hidden rows stay in cache; a custom gradient loops the same way
           on the saved pre-activations (see `_chain`). XLA:CPU runs these plain dots well.
   dense   every expert on every row, the right one kept by a one-hot contraction: E / k times the
@@ -49,7 +50,9 @@ class Groups:
 
   Expert e's assignments fill a contiguous region of slots that starts at a multiple of `block`
   (padded rows in between and after the last region hold zeros), so each block of rows belongs to
-  one expert. block = 1 is the plain sort ragged_dot and dense use (no padding).
+  one expert. block = 1 is the plain sort ragged_dot and dense use (no padding). `chunks`: the row
+  counts the blocked loop cuts a region into, largest first, each a multiple of the next and the
+  last = block.
 
   slot [tokens * k]: the slot of each assignment (token-major, as `chosen` is flattened);
   source [slots]: the assignment each slot holds, tokens * k for padding; expert [slots]: the
@@ -65,6 +68,7 @@ class Groups:
   sizes: jax.Array
   block: int
   k: int
+  chunks: tuple[int, ...] = (1,)
 
   def dispatch(self, x: jax.Array) -> jax.Array:
     """x [tokens, d] -> [slots, d]: each slot's token (zeros for padding)."""
@@ -103,10 +107,11 @@ def sort_by_expert(
   chosen: jax.Array, weights: jax.Array, num_experts: int, implementation: str = "auto"
 ) -> Groups:
   """chosen, weights: [tokens, k] expert ids and routing weights -> the slots for `implementation`
-  (blocks of `block_rows` for blocked, the plain sort otherwise)."""
+  (regions padded to the smallest of `chunk_rows` for blocked, the plain sort otherwise)."""
   flat = chosen.reshape(-1)
   n = flat.shape[0]
-  block = block_rows(n, num_experts) if resolve(implementation) == "blocked" else 1
+  chunks = chunk_rows(n, num_experts) if resolve(implementation) == "blocked" else (1,)
+  block = chunks[-1]
   order = jnp.argsort(flat, stable=True)  # sorted position -> assignment
   sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
   padded = -(-sizes // block) * block
@@ -126,6 +131,7 @@ def sort_by_expert(
     sizes=sizes,
     block=block,
     k=chosen.shape[-1],
+    chunks=chunks,
   )
 
 
@@ -145,12 +151,17 @@ def resolve(implementation: str) -> str:
   return implementation
 
 
-def block_rows(n: int, num_experts: int) -> int:
-  """Rows per block: about half an expert's mean share of the n rows (a power of two, 8 to 128),
-  so the padding (under a block per expert) stays a fraction of the rows while each block's matmul
-  is still large enough to run well."""
+def chunk_rows(n: int, num_experts: int) -> tuple[int, ...]:
+  """The blocked loop's chunk sizes, powers of two: the largest about half an expert's mean share
+  of the n rows (8 to 128), so most rows go through matmuls large enough to run well; then halves
+  down to a quarter of it (at least 8), the granule each region is padded to, so the padding
+  stays under a granule per expert."""
   share = max(1, n // (2 * num_experts))
-  return int(min(128, max(8, 1 << (share - 1).bit_length())))
+  largest = int(min(128, max(8, 1 << (share - 1).bit_length())))
+  sizes = [largest]
+  while sizes[-1] > max(8, largest // 4):
+    sizes.append(sizes[-1] // 2)
+  return tuple(sizes)
 
 
 class ExpertWeight(NamedTuple):
@@ -184,10 +195,10 @@ def blocked_chain(
   """Rows x [slots, in] through the expert weights in turn (`activate` between two): each block of
   rows meets its own expert's weights, all the chain's in one loop body, so a block's hidden rows
   stay in cache. masks: per weight, the adapter's dropout mask on its input rows, or None."""
-  blocks = -(-groups.sizes // groups.block)
-  first = (jnp.cumsum(blocks) - blocks).astype(jnp.int32)
+  rows = (-(-groups.sizes // groups.block) * groups.block).astype(jnp.int32)
+  starts = jnp.cumsum(rows) - rows
   masks = masks or (None,) * len(weights)
-  return _chain(activate, groups.block, x, tuple(masks), tuple(weights), first, blocks)
+  return _chain(activate, groups.chunks, x, tuple(masks), tuple(weights), starts, rows)
 
 
 @jax.tree_util.register_static
@@ -200,17 +211,29 @@ class _Needs:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chain(activate, block, x, masks, weights, first, blocks):
-  """Loop over the experts (reading each one's weights once), and within an expert over its blocks
-  of rows. The blocks past the last expert's region (all padding) are never visited, so the FLOPs
-  are the assignments' plus under one block per expert. Differentiating the loop would save every
-  block's weights; the backward (below) loops the same way instead, on the pre-activations the
-  forward saved, and makes weight gradients only for the weights that are trained."""
-  return _chain_forward(activate, block, x, masks, weights, first, blocks)[0]
+def _chain(activate, chunks, x, masks, weights, starts, rows):
+  """Loop over the experts (reading each one's weights once), and within an expert over its region
+  of rows in chunks (`_each_chunk`). The padding after the last expert's region is never visited,
+  so the FLOPs are the assignments' plus under one granule per expert. Differentiating the loop
+  would save every chunk's weights; the backward (below) loops the same way instead, on the
+  pre-activations the forward saved, and makes weight gradients only for the weights that are
+  trained."""
+  return _chain_forward(activate, chunks, x, masks, weights, starts, rows)[0]
 
 
-def _rows(x, start, block):
-  return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, block)
+def _each_chunk(chunks: tuple[int, ...], start, rows, body, carry):
+  """carry = body(start, size, carry) for the chunks that cut rows [start, start + rows): as many
+  of the largest size as fit, then at most one of each smaller (rows is a multiple of the last)."""
+  for size in chunks:
+    count = rows // size
+    step = lambda j, c, size=size, start=start: body(start + j * size, size, c)
+    carry = jax.lax.fori_loop(0, count, step, carry)
+    start, rows = start + count * size, rows - count * size
+  return carry
+
+
+def _rows(x, start, size):
+  return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size)
 
 
 def _expert(tree, e):
@@ -221,41 +244,38 @@ def _low(h, mask):
   return h if mask is None else h * mask
 
 
-def _chain_forward(activate, block, x, masks, weights, first, blocks):
-  rows = x.shape[0]
-  out = jnp.zeros((rows, weights[-1].w.shape[-1]), x.dtype)
-  saved = tuple(jnp.zeros((rows, w.w.shape[-1]), x.dtype) for w in weights[:-1])
+def _chain_forward(activate, chunks, x, masks, weights, starts, rows):
+  out = jnp.zeros((x.shape[0], weights[-1].w.shape[-1]), x.dtype)
+  saved = tuple(jnp.zeros((x.shape[0], w.w.shape[-1]), x.dtype) for w in weights[:-1])
 
   def per_expert(e, carry):
     ws = _expert(weights, e)
 
-    def per_block(j, carry):
+    def per_chunk(start, size, carry):
       out, saved = carry
-      start = j * block
-      h = _rows(x, start, block)
+      h = _rows(x, start, size)
       pre = []
       for i, w in enumerate(ws):
         if i:
           pre.append(h)
           h = activate(h)
-        h = _apply(h, _low(h, _rows(masks[i], start, block)), w)
+        h = _apply(h, _low(h, _rows(masks[i], start, size)), w)
       saved = tuple(jax.lax.dynamic_update_slice_in_dim(s, p, start, 0) for s, p in zip(saved, pre))
       return jax.lax.dynamic_update_slice_in_dim(out, h, start, 0), saved
 
-    return jax.lax.fori_loop(first[e], first[e] + blocks[e], per_block, carry)
+    return _each_chunk(chunks, starts[e], rows[e], per_chunk, carry)
 
-  out, saved = jax.lax.fori_loop(0, first.shape[0], per_expert, (out, saved))
-  return out, saved
+  return jax.lax.fori_loop(0, starts.shape[0], per_expert, (out, saved))
 
 
-def _chain_fwd(activate, block, x, masks, weights, first, blocks):
+def _chain_fwd(activate, chunks, x, masks, weights, starts, rows):
   needs = _Needs(
     x.perturbed, tuple(tuple(p.perturbed for p in jax.tree.leaves(w)) for w in weights)
   )
   value = lambda t: jax.tree.map(lambda p: p.value, t)
-  x, masks, weights, first, blocks = map(value, (x, masks, weights, first, blocks))
-  out, saved = _chain_forward(activate, block, x, masks, weights, first, blocks)
-  return out, (needs, x, masks, weights, first, blocks, saved)
+  x, masks, weights, starts, rows = map(value, (x, masks, weights, starts, rows))
+  out, saved = _chain_forward(activate, chunks, x, masks, weights, starts, rows)
+  return out, (needs, x, masks, weights, starts, rows, saved)
 
 
 def _pull(fn, args: list, needs, g):
@@ -275,10 +295,10 @@ def _pull(fn, args: list, needs, g):
   return out
 
 
-def _chain_bwd(activate, block, residuals, g):
-  """Per block, last weight first: the pre-activation's (or the rows') cotangent, and the
+def _chain_bwd(activate, chunks, residuals, g):
+  """Per chunk, last weight first: the pre-activation's (or the rows') cotangent, and the
   cotangents of the trained leaves, summed per expert and written once per expert."""
-  needs, x, masks, weights, first, blocks, saved = residuals
+  needs, x, masks, weights, starts, rows, saved = residuals
   g = jnp.zeros(x.shape[:1] + weights[-1].w.shape[-1:], x.dtype) if _symbolic(g) else g
   trees = [jax.tree.structure(w) for w in weights]
   leaves = [jax.tree.leaves(w) for w in weights]
@@ -290,13 +310,12 @@ def _chain_bwd(activate, block, residuals, g):
     ws = [_expert(ls, e) for ls in leaves]
     local = [[jnp.zeros_like(v[0]) for v in a] for a in acc]
 
-    def per_block(j, carry):
+    def per_chunk(start, size, carry):
       dx, local = carry
-      start = j * block
-      cot = _rows(g, start, block)
-      inputs = [_rows(x, start, block), *(_rows(s, start, block) for s in saved)]
+      cot = _rows(g, start, size)
+      inputs = [_rows(x, start, size), *(_rows(s, start, size) for s in saved)]
       for i in reversed(range(len(ws))):
-        mask = _rows(masks[i], start, block)
+        mask = _rows(masks[i], start, size)
 
         def stage(h, *w_leaves, i=i, mask=mask):
           h = activate(h) if i else h
@@ -310,14 +329,14 @@ def _chain_bwd(activate, block, residuals, g):
         dx = jax.lax.dynamic_update_slice_in_dim(dx, cot, start, 0)
       return dx, local
 
-    dx, local = jax.lax.fori_loop(first[e], first[e] + blocks[e], per_block, (dx, local))
+    dx, local = _each_chunk(chunks, starts[e], rows[e], per_chunk, (dx, local))
     acc = [
       [jax.lax.dynamic_update_index_in_dim(a, v, e, 0) for a, v in zip(ai, li)]
       for ai, li in zip(acc, local)
     ]
     return dx, acc
 
-  dx, acc = jax.lax.fori_loop(0, first.shape[0], per_expert, (dx, acc))
+  dx, acc = jax.lax.fori_loop(0, starts.shape[0], per_expert, (dx, acc))
   dweights = []
   for tree, ns, a in zip(trees, needs.weights, acc):
     it = iter(a)
