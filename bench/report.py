@@ -441,13 +441,40 @@ def moe_verdict(r: dict) -> str:
   return f"{ratio:.2f}x PEFT's speed: the >= 1.0x target is {met}"
 
 
+def moe_runs(r: dict) -> str:
+  """How many runs each compared row had, and the load at the end, when the sitting recorded them."""
+  end = r["machine"].get("loadavg_at_end")
+  runs = "; PEFT and the blocked path ran twice each (first and last), each keeping its faster run"
+  return (runs if r.get("runs") == 2 else "") + (
+    f", load average at the end {end[0]}" if end else ""
+  )
+
+
+def moe_blocks(r: dict) -> str:
+  """How this sitting's blocked loop cut each expert's rows (it changed between sittings)."""
+  if r.get("blocked") == "chunked expert loop":
+    return (
+      "Each expert's rows are padded to a granule (16 rows here) and cut into chunks of 64, 32 "
+      "and 16 rows, so the padding is under 16 rows per expert (about 6% of the rows here) while "
+      "most rows go through 64-row matmuls."
+    )
+  if r.get("blocked"):
+    return (
+      "This sitting predates the chunked loop: each expert's rows were padded to whole 64-row "
+      "blocks, about 25% of the expert FLOPs here."
+    )
+  return "This sitting predates the fused per-expert loop: it ran one loop per weight over blocks."
+
+
 def moe_section(r: dict) -> str:
   from bench.moe import table
 
   shape = r["shape"]
   return f"""## 8. MoE: one LoRA step on a Qwen3-MoE-shaped model (CPU, fp32)
 
-`python -m bench.moe --steps {r.get("steps", 3)} --warmup 1` ({common.machine_line(r["machine"])}).
+`python -m bench.moe --steps {r.get("steps", 3)} --warmup {r.get("warmup", 1)}` ({
+    common.machine_line(r["machine"])
+  }).
 Random Qwen3-MoE checkpoint: {shape["num_hidden_layers"]} layers, d={shape["hidden_size"]},
 {shape["num_experts"]} experts, top-{shape["num_experts_per_tok"]}, expert width
 {shape["moe_intermediate_size"]}, vocab {
@@ -457,19 +484,17 @@ for `mlp.experts.gate_up_proj` / `down_proj`). One process per row, all rows in 
 
 {table(r)}
 
-Load average at the start: {r["machine"]["loadavg_at_start"][0]}. transformers 5 runs the experts
-through torch's `_grouped_mm` (on CPU one matmul per expert that got tokens), and PEFT's
-`target_parameters` adds each expert's W + BA to the weight per forward. jlora keeps the adapters
-factored. XLA:CPU has no grouped-matmul kernel: the dense one-hot path multiplies every routed token
-by every expert's weights (E / k = {shape["num_experts"] // shape["num_experts_per_tok"]} times the
-FLOPs), and XLA:CPU lowers `ragged_dot` densely too. The blocked path pads each expert's rows to
-blocks and loops over the experts (each one's weights read once) and their blocks, running gate_up,
-the activation and down in one loop body, so its FLOPs are the routed tokens' plus at most one
-partial block per expert; it is `expert_matmul="auto"`'s choice on CPU ({moe_verdict(r)}{
-    ""
-    if r.get("blocked")
-    else "; this sitting predates the fused per-expert loop: it ran one loop per weight over blocks"
-  }). {
+Load average at the start: {r["machine"]["loadavg_at_start"][0]}{moe_runs(r)}. transformers 5 runs
+the experts through torch's `_grouped_mm` (on CPU one matmul per expert that got tokens), and PEFT's
+`target_parameters` adds each expert's W + BA to the weight per forward, so its backward also makes
+each expert's full weight gradient. jlora keeps the adapters factored. XLA:CPU has no grouped-matmul
+kernel: the dense one-hot path multiplies every routed token by every expert's weights (E / k = {
+    shape["num_experts"] // shape["num_experts_per_tok"]
+  } times the FLOPs), and XLA:CPU lowers `ragged_dot` densely too. The blocked path loops over the
+experts (each one's weights read once) and over each expert's rows, running gate_up, the activation
+and down in one loop body; it is `expert_matmul="auto"`'s choice on CPU ({moe_verdict(r)}). {
+    moe_blocks(r)
+  } {
     "The layer scan runs unrolled on CPU (`scan_unroll='auto'`, the MoE families' default; the "
     "weights stay stacked), so each layer reads its experts at a static offset. "
     if r.get("layers") == "unrolled"
