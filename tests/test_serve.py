@@ -29,6 +29,7 @@ from jlora.models import LlamaConfig, from_pretrained
 from tests.tiny import TINY_VOCAB_SIZE, random_hf_state, save_numpy_checkpoint
 from train import serve
 from train.engine import (
+  PREFIX_BLOCK,
   AdapterError,
   Engine,
   Request,
@@ -321,9 +322,32 @@ def test_a_lone_request_decodes_one_row_not_every_slot(served, references, monke
   assert rows and set(rows) == {1}, rows
 
 
-def test_waiting_prompts_are_prefilled_in_power_of_two_batches_of_one_length():
-  # 13 prompts padded to 48 tokens and 2 to 16: 8 + 4 + 1 of the first, 2 of the second.
-  padded = [48] * 6 + [16] + [48] * 7 + [16]
+def test_a_prompt_that_starts_like_an_earlier_one_prefills_only_the_rest(
+  served, references, monkeypatch
+):
+  """The second time a prompt comes (on the same adapter) its first multiples of PREFIX_BLOCK
+  tokens come from the prefix cache: the prefill call gets only the rest, and the text is still
+  train.generate's (as it is for another adapter, whose prefixes are its own)."""
+  engine, prefill, calls = served["engine"], served["engine"].prefill_fn, []
+
+  def recording_prefill(params, prefixes, ids, *args):
+    calls.append((len(prefixes), ids.shape[1]))
+    return prefill(params, prefixes, ids, *args)
+
+  monkeypatch.setattr(engine, "prefill_fn", recording_prefill)
+  prompt_len = len(chat_prompt_ids(served["tokenizer"], PROMPTS[1]))
+  for adapter in ("mlp", "mlp", "all"):
+    reply = _chat(served, adapter, PROMPTS[1])
+    assert reply.choices[0].message.content == _expect(served, references, adapter, PROMPTS[1])[0]
+  cached = (prompt_len - 1) // PREFIX_BLOCK * PREFIX_BLOCK
+  assert calls[1] == (1, engine.bucket_of(prompt_len - cached)), calls
+  assert calls[1][1] < calls[0][1] or calls[0][0] == 1
+
+
+def test_waiting_prompts_are_prefilled_in_power_of_two_batches_of_one_shape():
+  # 13 prompts padded to 48 tokens and 2 to 16 after an 8-token cached prefix: 8 + 4 + 1 of the
+  # first, 2 of the second.
+  padded = [(0, 48)] * 6 + [(8, 16)] + [(0, 48)] * 7 + [(8, 16)]
   batches = prefill_batches(padded, 16)
   assert [len(b) for b in batches] == [8, 4, 1, 2]
   assert sorted(i for b in batches for i in b) == list(range(15))

@@ -39,7 +39,7 @@ import queue
 import threading
 import time
 import traceback
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
@@ -50,7 +50,7 @@ import numpy as np
 import jlora
 from jlora.models.nnx_causal import peft_names, weight_layout
 from jlora.multi import BASE, is_stacked
-from train.generate import PROMPT_BUCKET, last_logits, nucleus
+from train.generate import last_logits, nucleus
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,10 @@ PREFILL_TOKENS = 1024
 # stalling the running rows and leaving a decode step of fewer rows.
 GATHER_S = 0.03
 RECENT_S = 1.0
+# Prompts are padded to multiples of PREFIX_BLOCK tokens (then doublings), and the keys/values of
+# their first multiples of it are kept per adapter (`PrefixCache`), so a prompt that starts like
+# an earlier one (a chat template's system prompt, a repeated question) prefills only the rest.
+PREFIX_BLOCK = 8
 
 
 class AdapterError(ValueError):
@@ -137,8 +141,69 @@ def length_buckets(max_len: int, step: int, multiples: int) -> list[int]:
 
 
 def prompt_buckets(max_len: int) -> list[int]:
-  """Prefill lengths: PROMPT_BUCKET multiples (train.generate's padding), then doubling."""
-  return length_buckets(max_len, PROMPT_BUCKET, 8)
+  """Prefill lengths (of the tokens after a cached prefix): PREFIX_BLOCK multiples up to 128,
+  then doubling."""
+  return length_buckets(max_len, PREFIX_BLOCK, 16)
+
+
+class PrefixCache:
+  """Keys/values of prompt prefixes, per adapter entry, for `Engine.prefill` to start from.
+
+  A prompt's first k * PREFIX_BLOCK tokens (at least one token left after them) map to a batch-1
+  cache tree whose k/v hold exactly those columns (other leaves as they were). The least recently
+  used are dropped beyond `capacity` bytes; an adapter entry's are dropped when another adapter is
+  written into it (its keys/values depend on the adapter).
+  """
+
+  def __init__(self, capacity: int):
+    self.capacity, self.size = capacity, 0
+    self.entries: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (tree, bytes)
+
+  @staticmethod
+  def lengths(prompt_len: int) -> range:
+    """Prefix lengths kept for a prompt: the multiples of PREFIX_BLOCK below its length."""
+    return range(PREFIX_BLOCK, prompt_len, PREFIX_BLOCK)
+
+  def longest(self, adapter_id: int, prompt: Sequence[int], limit: int):
+    """(tree, length) of the longest cached prefix of `prompt` up to `limit` tokens (None, 0)."""
+    for length in reversed(self.lengths(min(len(prompt), limit + 1))):
+      key = (adapter_id, tuple(prompt[:length]))
+      if key in self.entries:
+        self.entries.move_to_end(key)
+        return self.entries[key][0], length
+    return None, 0
+
+  def add(self, adapter_id: int, prompt: Sequence[int], row_cache, start: int, have: int) -> None:
+    """Keeps the prefixes longer than `have` of a prompt whose k/v sit in `row_cache` (batch 1)
+    from column `start`."""
+    lengths = [n for n in self.lengths(len(prompt)) if n > have]
+    if self.capacity <= 0 or not lengths:
+      return
+    whole = _columns(row_cache, start, lengths[-1])
+    for length in lengths:
+      key = (adapter_id, tuple(prompt[:length]))
+      if key in self.entries:
+        continue
+      tree = _columns(whole, 0, length)
+      size = sum(x.nbytes for x in jax.tree.leaves(tree) if x.ndim >= 4)
+      self.entries[key], self.size = (tree, size), self.size + size
+    while self.size > self.capacity and self.entries:
+      self.size -= self.entries.popitem(last=False)[1][1]
+
+  def drop(self, adapter_id: int) -> None:
+    for key in [key for key in self.entries if key[0] == adapter_id]:
+      self.size -= self.entries.pop(key)[1]
+
+
+def _columns(cache, start: int, length: int):
+  """Columns [start, start + length) of a cache tree's k/v (other leaves as they are)."""
+
+  def cut(x):
+    if x.ndim < 4:
+      return x
+    return jax.lax.dynamic_slice_in_dim(x, start, length, axis=_column_axes(x)[1])
+
+  return jax.tree.map(cut, cache)
 
 
 def batch_buckets(max_num_seqs: int, length: int) -> list[int]:
@@ -148,16 +213,16 @@ def batch_buckets(max_num_seqs: int, length: int) -> list[int]:
   return [1 << i for i in range(limit.bit_length())]
 
 
-def prefill_batches(padded: Sequence[int], max_num_seqs: int) -> list[list[int]]:
-  """Indices of prompts of these padded lengths grouped into prefill calls: one length per call,
-  each length's prompts split into batches of `batch_buckets` sizes, largest first (no padding
-  rows)."""
-  groups: dict[int, list[int]] = {}
-  for i, length in enumerate(padded):
-    groups.setdefault(length, []).append(i)
+def prefill_batches(shapes: Sequence[tuple[int, int]], max_num_seqs: int) -> list[list[int]]:
+  """Indices of prompts of these (cached prefix, padded rest) lengths grouped into prefill calls:
+  one shape per call, each shape's prompts split into batches of `batch_buckets` sizes, largest
+  first (no padding rows)."""
+  groups: dict[tuple[int, int], list[int]] = {}
+  for i, shape in enumerate(shapes):
+    groups.setdefault(shape, []).append(i)
   batches = []
-  for length, group in groups.items():
-    sizes = batch_buckets(max_num_seqs, length)
+  for shape, group in groups.items():
+    sizes = batch_buckets(max_num_seqs, sum(shape))
     while group:
       size = max(s for s in sizes if s <= len(group))
       batches.append(group[:size])
@@ -302,6 +367,52 @@ def _one_row(x, i: int):
   return _row_slice(x, i, 1)
 
 
+def _width(cache) -> int:
+  """Columns of a cache tree's k/v."""
+  leaf = next(x for x in jax.tree.leaves(cache) if x.ndim >= 4)
+  return leaf.shape[_column_axes(leaf)[1]]
+
+
+def _after_prefix(cache, prefixes):
+  """An empty cache (batch b) with row i's first columns holding prefixes[i]'s k/v (batch 1, P
+  columns), marked as its segment and followed by the write index."""
+  cached = _width(prefixes[0])
+
+  def put(big, *ones):
+    if big.ndim < 4:
+      return big
+    rows = jnp.concatenate(ones, axis=_column_axes(big)[0]).astype(big.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(big, rows, 0, _column_axes(big)[1])
+
+  cache = jax.tree.map(put, cache, *prefixes)
+  width = cache["segment_ids"].shape[1]
+  segments = jnp.broadcast_to(jnp.arange(width) < cached, cache["segment_ids"].shape)
+  return {
+    **cache,
+    "segment_ids": segments.astype(jnp.int32),
+    "index": jnp.asarray(cached, jnp.int32),
+  }
+
+
+def _prefix_next_to_prompt(cache, cached: int, pads):
+  """A prefilled cache [prefix (`cached` columns)][pad_i][tokens_i] per row made
+  [pad_i][prefix][tokens_i]: each row's prompt ends at the last column, contiguous (what
+  `Engine.prefill` inserts)."""
+
+  def move(x):
+    if x.ndim < 4:
+      return x
+    batch_axis, column_axis = _column_axes(x)
+    columns = jnp.arange(x.shape[column_axis])[None]
+    pad = pads[:, None]
+    source = jnp.maximum(jnp.where(columns < pad + cached, columns - pad, columns), 0)
+    shape = [1] * x.ndim
+    shape[batch_axis], shape[column_axis] = source.shape
+    return jnp.take_along_axis(x, source.reshape(shape), axis=column_axis)
+
+  return jax.tree.map(move, cache)
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def _insert(cache, small, row, start):
   """cache with `small`'s (batch 1) k/v written into row `row`, columns from `start` (in place:
@@ -351,8 +462,10 @@ class Engine:
     model_config=None,
     mesh=None,
     lora_targets="all-linear",
+    prefix_cache_mib: float = 256,
   ):
     """lora_targets: the layers adapters may adapt (LoraConfig.targets; `empty_stack`).
+    prefix_cache_mib: memory for prompt prefixes' keys/values (`PrefixCache`; 0: none).
     mesh: with base params placed on it (from_pretrained(..., mesh=mesh)): the slots' KV cache
     rows split over its batch axes (when they divide max_num_seqs) and the adapter stack
     replicated, as train.evaluate splits generation prompts."""
@@ -364,6 +477,7 @@ class Engine:
     self.widths = cache_widths(max_model_len)
     self.eos = set(eos_ids)
     self.adapters = AdapterTable(max_loras)
+    self.prefixes = PrefixCache(int(prefix_cache_mib * 2**20))
     self.lora_targets = lora_targets
     self.layout = weight_layout(model)  # roles of an NNX model's weights (None: linen)
     stack = empty_stack(base_params, max_loras, max_lora_rank, lora_targets, self.layout)
@@ -387,12 +501,22 @@ class Engine:
   # ---------------------------------------------------------------- compiled pieces
 
   @staticmethod
-  def _prefill(model, apply_fn, params, ids, positions, segments, adapter_ids, sampling):
-    """(first tokens [batch], each row's k/v cache as its own batch-1 cache): one insert program
-    per length then serves every batch size."""
-    cache = model.init_cache(ids.shape[0], ids.shape[1])
-    logits, cache = last_logits(apply_fn, params, ids, positions, segments, cache, adapter_ids)
+  def _prefill(model, apply_fn, params, prefixes, ids, positions, segments, adapter_ids, sampling):
+    """(first tokens [batch], each row's k/v cache as its own batch-1 cache, its prompt ending at
+    the last column): one insert program per width then serves every batch size.
 
+    prefixes: a batch-1 cache per row holding the keys/values of the row's first P tokens (the
+    same P for every row; [] for none), which `ids` (left-padded) continue: they take columns
+    [0, P), the rest [P, P + len), and each row's prefix then moves next to its tokens."""
+    cache = model.init_cache(ids.shape[0], ids.shape[1])
+    if prefixes:
+      cache = _after_prefix(
+        model.init_cache(ids.shape[0], ids.shape[1] + _width(prefixes[0])), prefixes
+      )
+    logits, cache = last_logits(apply_fn, params, ids, positions, segments, cache, adapter_ids)
+    if prefixes:
+      pads = ids.shape[1] - jnp.sum(segments > 0, axis=1)
+      cache = _prefix_next_to_prompt(cache, _width(prefixes[0]), pads)
     rows = [jax.tree.map(lambda x: _one_row(x, i), cache) for i in range(ids.shape[0])]
     return sample_rows(logits, *sampling), rows
 
@@ -433,17 +557,32 @@ class Engine:
         self.step_fn(
           rows, self.params, ids, ids, ids, cache, ids - 1, _sampling([None] * rows, ids)
         )
-    for length in sorted({self.bucket_of(n) for n in prompt_lengths}):
-      for size in batch_buckets(len(self.slots), length):
-        dummy = Request([0] * length, BASE, 1, lambda _: None)
-        _, smalls = self._prefill_call([dummy] * size, [-1] * size)
-      for width in (w for w in self.widths if w > length):
+    # Each prompt whole and after its longest cached prefix (the same prompt again).
+    shapes = {(0, self.bucket_of(n)) for n in prompt_lengths}
+    if self.prefixes.capacity > 0:
+      shapes |= {
+        self.prefill_shape(n, max(PrefixCache.lengths(n), default=0)) for n in prompt_lengths
+      }
+    for cached, rest in sorted(shapes):
+      prefix = self.model.init_cache(1, cached) if cached else None
+      for size in batch_buckets(len(self.slots), cached + rest):
+        dummy = Request([0] * (cached + rest), BASE, 1, lambda _: None)
+        _, smalls = self._prefill_call([dummy] * size, [-1] * size, [prefix] * size, cached)
+      for width in (w for w in self.widths if w > cached + rest):
         _insert(self._new_cache(width), smalls[0], np.int32(0), np.int32(0))
     return self
 
   def bucket_of(self, prompt_len: int) -> int:
     """The padded length a prompt of `prompt_len` tokens is prefilled at."""
     return next(b for b in self.buckets if b >= prompt_len)
+
+  def prefill_shape(self, prompt_len: int, cached: int) -> tuple[int, int]:
+    """(cached prefix, padded rest) a prompt is prefilled as; without the prefix when the two
+    would not fit the context."""
+    rest = self.bucket_of(prompt_len - cached)
+    return (
+      (cached, rest) if cached + rest <= self.max_model_len else (0, self.bucket_of(prompt_len))
+    )
 
   def _placed(self, tree, cache: bool = False):
     """tree on the mesh (without one, as it is). A KV cache (`cache`) always gets the same
@@ -561,6 +700,7 @@ class Engine:
             f"cannot load {name!r}: all --max-loras {len(self.adapters.users)} adapter entries "
             "are in use; unload one first (or restart with a larger --max-loras)."
           )
+        self.prefixes.drop(entry)  # computed with the entry's previous adapter
         self.params = self._placed(write_entry(self.params, single, entry))
         self.adapters.ids[name], self.adapters.paths[name] = entry, path
       else:
@@ -583,37 +723,53 @@ class Engine:
         joining.append((request, self.adapters.acquire(request.adapter)))
       except KeyError:
         _emit(request, ("error", 404, f"The model {request.adapter!r} was unloaded."))
-    padded = [self.bucket_of(len(request.prompt)) for request, _ in joining]
-    for batch in prefill_batches(padded, len(self.slots)):
-      self.prefill([free[i] for i in batch], [joining[i] for i in batch])
+    hits = [
+      self.prefixes.longest(adapter_id, request.prompt, self.max_model_len)
+      for request, adapter_id in joining
+    ]
+    shapes = [
+      self.prefill_shape(len(request.prompt), cached)
+      for (request, _), (_, cached) in zip(joining, hits)
+    ]
+    for batch in prefill_batches(shapes, len(self.slots)):
+      cached = shapes[batch[0]][0]
+      prefixes = [hits[i][0] for i in batch] if cached else []
+      self.prefill([free[i] for i in batch], [joining[i] for i in batch], prefixes, cached)
 
-  def _prefill_call(self, requests: Sequence[Request], adapter_ids: Sequence[int]):
-    """(first tokens, per-row caches) of prompts left-padded to one bucket, in one call."""
-    bucket = self.bucket_of(max(len(r.prompt) for r in requests))
+  def _prefill_call(self, requests, adapter_ids, prefixes, cached: int):
+    """(first tokens, per-row caches) of prompts after their first `cached` tokens (whose k/v
+    are `prefixes`, one batch-1 cache each), left-padded to one bucket, in one call."""
+    bucket = self.bucket_of(max(len(r.prompt) for r in requests) - cached)
     ids = np.zeros((len(requests), bucket), np.int32)
     for i, request in enumerate(requests):
-      ids[i, bucket - len(request.prompt) :] = request.prompt
-    lengths = np.asarray([len(r.prompt) for r in requests])[:, None]
+      ids[i, bucket - len(request.prompt) + cached :] = request.prompt[cached:]
+    lengths = np.asarray([len(r.prompt) - cached for r in requests])[:, None]
     segments = (np.arange(bucket)[None] >= bucket - lengths).astype(np.int32)
-    positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
+    positions = np.maximum(cached + np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
     sampling = _sampling(requests, [0] * len(requests))
     adapter_ids = np.asarray(adapter_ids, np.int32)
-    return self.prefill_fn(self.params, ids, positions, segments, adapter_ids, sampling)
+    prefixes = list(prefixes) if cached else []
+    return self.prefill_fn(self.params, prefixes, ids, positions, segments, adapter_ids, sampling)
 
-  def prefill(self, rows: Sequence[int], joining: Sequence[tuple[Request, int]]) -> None:
-    """Prefills the (request, adapter id) pairs of one bucket together, then copies each one's
-    k/v into its row of `rows`."""
+  def prefill(self, rows, joining: Sequence[tuple[Request, int]], prefixes, cached: int) -> None:
+    """Prefills the (request, adapter id) pairs of one shape together (after their first
+    `cached` tokens, whose k/v are `prefixes`), copies each one's k/v into its row of `rows` and
+    keeps its prefixes."""
     requests = [request for request, _ in joining]
-    tokens, smalls = self._prefill_call(requests, [adapter_id for _, adapter_id in joining])
-    bucket = self.bucket_of(max(len(r.prompt) for r in requests))
-    self._make_room(bucket)
+    ids = [adapter_id for _, adapter_id in joining]
+    tokens, smalls = self._prefill_call(requests, ids, prefixes, cached)
+    width = cached + self.bucket_of(max(len(r.prompt) for r in requests) - cached)
+    self._make_room(width)
     for row, small in zip(rows, smalls):
-      moved = _insert(self.cache, small, np.int32(row), np.int32(self.index - bucket))
+      moved = _insert(self.cache, small, np.int32(row), np.int32(self.index - width))
       self.cache = self._placed(moved, cache=True)
     for row, (request, adapter_id) in zip(rows, joining):
       self.lens[row] = len(request.prompt)
       self.slots[row] = _Running(request, adapter_id)
     self._write_segments()
+    for small, (request, adapter_id) in zip(smalls, joining):
+      start = width - len(request.prompt)
+      self.prefixes.add(adapter_id, request.prompt, small, start, cached)
     for row, token in zip(rows, np.asarray(tokens).tolist()):
       self._accept(row, token)
 

@@ -397,6 +397,13 @@ def parser():
     type=int,
     help="tokens per sequence, prompt included (default: the model's context, at most 2048)",
   )
+  add(
+    "--prefix-cache-mib",
+    type=float,
+    default=256,
+    help="memory for the keys/values of prompt prefixes, per adapter, so that a prompt starting "
+    "like an earlier one (a system prompt) prefills only the rest (0: off; default 256)",
+  )
   add("--quant", choices=["none", "nf4"], default="none", help="quantize the base to 4 bits")
   add(
     "--mesh",
@@ -416,6 +423,8 @@ def check_args(args) -> None:
       raise UserError(
         f"--{flag.replace('_', '-')}: {value!r} is not valid; expected an integer >= 1."
       )
+  if args.prefix_cache_mib < 0:
+    raise UserError(f"--prefix-cache-mib: {args.prefix_cache_mib!r} is not valid; expected >= 0.")
   if not 0 <= args.port < 65536:
     raise UserError(f"--port: {args.port!r} is not valid; expected 0..65535.")
   args.named = named_adapters(args.adapter) if args.adapter else {}
@@ -504,6 +513,7 @@ def build(args, prompt_lengths: Sequence[int] = ()) -> tuple[Engine, Server]:
     eos_ids=eos,
     mesh=mesh,
     lora_targets=lora_targets(args.lora_targets, params, weight_layout(model)),
+    prefix_cache_mib=args.prefix_cache_mib,
   )
   engine.warm_up(prompt_lengths).start()
   for name, path in args.named.items():
