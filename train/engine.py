@@ -6,6 +6,8 @@ adapter it names. The requests waiting when slots free up are prefilled together
 padded length (`buckets`, so new prompt lengths don't recompile) of a power-of-two size
 (`batch_buckets`): one call over several prompts costs a third less CPU per prompt than one
 call each (SmolLM2-135M, 48 tokens, 8 prompts), and the decode steps wait for one call, not several.
+A prompt whose first multiples of PREFIX_BLOCK tokens were prefilled before on the same adapter
+(`PrefixCache`) starts from their keys/values: the call computes only the rest, after them.
 
 The KV cache (the model's own `init_cache`) has one write column, `index`, shared by every row:
 that keeps its shapes static. So a slot's tokens sit in the columns just before it,
