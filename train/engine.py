@@ -548,11 +548,14 @@ class Engine:
 
   def warm_up(self, prompt_lengths: Sequence[int] = ()) -> Engine:
     """Compiles the decode step for every cache width and row count (`row_buckets`; all slots
-    idle) before the first request,
+    idle) and the move between every two widths before the first request,
     and the prefill of every batch size for prompts of `prompt_lengths` tokens (with their
     inserts into every cache width); call before `start`. Other prompt lengths compile their
     prefill on first use, once per batch size."""
     for width in self.widths:
+      for other in self.widths:
+        if other != width:
+          _relayout(self._new_cache(width), np.int32(0), other)
       for rows in self.rows:
         ids = np.zeros((rows,), np.int32)
         cache = self._new_cache(width)
