@@ -691,9 +691,11 @@ def cache_in_carry(layer_cls):
 
   caches None: the per-step input is this layer's cache (or None, training), scanned over as an
   input and an output. caches given (a decode step, one new token per row): the per-step input is
-  the layer's index, every layer's KV cache rides in the carry and each layer writes its cache
-  back in place; scanned over instead, the caches would be copied whole at every layer of every
-  step (most of a CPU decode step at batch 16).
+  the layer's index, every layer's KV cache rides in the carry and each layer writes the new
+  token's column back in place; scanned over instead, the caches would be copied whole at every
+  layer of every step (most of a CPU decode step at batch 16). Writing back the layer's whole
+  cache rather than its new column made a SmolLM2-135M 16-row step ~4% slower (98.3 vs 94.4 ms,
+  min of 8 interleaved, width 96).
   """
 
   class CacheInCarry(layer_cls):
@@ -704,7 +706,12 @@ def cache_in_carry(layer_cls):
         return (h, None), new
       mine = jax.tree.map(lambda stack: stack[per_step], caches)
       h, new = layer_cls.__call__(self, h, *shared, mine)
-      put = lambda stack, layer: jax.lax.dynamic_update_index_in_dim(stack, layer, per_step, 0)  # noqa: E731
+      q_offset = shared[-1]
+
+      def put(stack, layer):  # layer [b, columns, kv_heads, head_dim]: only its new column
+        column = jax.lax.dynamic_slice_in_dim(layer, q_offset, 1, axis=1)
+        return jax.lax.dynamic_update_slice(stack, column[None], (per_step, 0, q_offset, 0, 0))
+
       return (h, jax.tree.map(put, caches, new)), None
 
   CacheInCarry.__name__ = CacheInCarry.__qualname__ = f"CacheInCarry{layer_cls.__name__}"
