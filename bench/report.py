@@ -377,7 +377,7 @@ lowest free slots), so one client's steps are one row: with one client a token t
 one request at a time. (Before, every step computed all 16 slots: 92 ms a token with one client.) Requests that wait for slots are prefilled together, a batch per padded length (powers of two;
 one call over 8 prompts costs about a third less CPU per prompt than 8 calls), and each row's keys
 and values are written into the running cache in place. The server keeps the keys and values of
-each prompt's first multiples of 8 tokens per adapter (its prefix cache, `--prefix-cache-mib`, as
+each prompt's first multiples of 16 tokens per adapter (its prefix cache, `--prefix-cache-mib`, as
 vLLM's automatic prefix caching): a prompt that starts like an earlier one on the same adapter
 prefills only the rest. The bench's chat prompts share their first 24 tokens (the template's system
 prompt), and its clients send the same 4 questions again, which the untimed warm-up has already
@@ -385,7 +385,7 @@ sent on every adapter, so a timed request prefills only its last 4-7 tokens (pad
 cached ones; `train.generate` prefills all of its 36-39 tokens (padded to 48) every time. Prefill
 took about 30% of the 16-client wall time before the cache and about 12% with it (16 x 4 adapters,
 2 requests a client, load ~5: 4.1-4.8 s of 13-15 s, then 1.5 s of 11-12 s); distinct questions
-would reuse only the 24-token system prompt. The adapter stack holds the layers the
+would reuse only the first 16 tokens of the 24-token system prompt. The adapter stack holds the layers the
 adapters adapt (`--lora-targets q_proj,k_proj,v_proj,o_proj`, as `--max-lora-rank 16` sizes their
 rank): a 16-row decode step over an all-linear stack took a fifth more CPU time. A decode step
 keeps the KV caches in the layer scan's carry and writes each layer's new column in place; scanned

@@ -69,10 +69,13 @@ PREFILL_TOKENS = 1024
 # stalling the running rows and leaving a decode step of fewer rows.
 GATHER_S = 0.03
 RECENT_S = 1.0
-# Prompts are padded to multiples of PREFIX_BLOCK tokens (then doublings), and the keys/values of
-# their first multiples of it are kept per adapter (`PrefixCache`), so a prompt that starts like
-# an earlier one (a chat template's system prompt, a repeated question) prefills only the rest.
-PREFIX_BLOCK = 8
+# Prompts are padded to multiples of PROMPT_STEP tokens (then doublings), and the keys/values of
+# their first multiples of PREFIX_BLOCK tokens are kept per adapter (`PrefixCache`), so a prompt
+# that starts like an earlier one (a chat template's system prompt, a repeated question) prefills
+# only the rest. (Blocks of 8 would reuse a little more, but each cached length compiles its own
+# prefill programs.)
+PROMPT_STEP = 8
+PREFIX_BLOCK = 16
 
 
 class AdapterError(ValueError):
@@ -143,9 +146,9 @@ def length_buckets(max_len: int, step: int, multiples: int) -> list[int]:
 
 
 def prompt_buckets(max_len: int) -> list[int]:
-  """Prefill lengths (of the tokens after a cached prefix): PREFIX_BLOCK multiples up to 128,
+  """Prefill lengths (of the tokens after a cached prefix): PROMPT_STEP multiples up to 128,
   then doubling."""
-  return length_buckets(max_len, PREFIX_BLOCK, 16)
+  return length_buckets(max_len, PROMPT_STEP, 16)
 
 
 class PrefixCache:
