@@ -201,11 +201,13 @@ class PrefixCache:
 
 
 def _columns(cache, start: int, length: int):
-  """Columns [start, start + length) of a cache tree's k/v (other leaves as they are)."""
+  """Columns [start, start + length) of a cache tree's k/v; its other leaves (segment ids, index:
+  unused by a prefix) become scalars, so every prefix of a length has the same shapes (one
+  compiled prefill)."""
 
   def cut(x):
     if x.ndim < 4:
-      return x
+      return jnp.zeros((), x.dtype)
     return jax.lax.dynamic_slice_in_dim(x, start, length, axis=_column_axes(x)[1])
 
   return jax.tree.map(cut, cache)
@@ -572,7 +574,7 @@ class Engine:
         self.prefill_shape(n, max(PrefixCache.lengths(n), default=0)) for n in prompt_lengths
       }
     for cached, rest in sorted(shapes):
-      prefix = self.model.init_cache(1, cached) if cached else None
+      prefix = _columns(self.model.init_cache(1, cached), 0, cached) if cached else None
       for size in batch_buckets(len(self.slots), cached + rest):
         dummy = Request([0] * (cached + rest), BASE, 1, lambda _: None)
         _, smalls = self._prefill_call([dummy] * size, [-1] * size, [prefix] * size, cached)
