@@ -9,7 +9,9 @@ random non-zero B), written as PEFT dirs and loaded by the server at start-up. T
 in this process (uvicorn in a thread, 127.0.0.1, a free port, --max-num-seqs 16, its adapter
 stack sized for those adapters: --max-lora-rank 16 --lora-targets q_proj,k_proj,v_proj,o_proj); the clients
 are asyncio httpx streams on loopback, each sending --requests-per-client chat requests one
-after another (greedy, max_tokens --max-tokens; client i uses adapter i % 4, or adapter 0).
+after another (greedy, max_tokens --max-tokens; client i uses adapter i % 4, or adapter 0). No
+two requests of a sitting ask the same question ("Question {n}: " before one of 4 prompts), so
+the server's prefix cache reuses only the chat template's shared system prompt.
 
   tokens/s:  completion tokens of all requests / wall time of the run
   TTFT:      request sent -> first streamed token, p50 / p99 over requests
@@ -17,15 +19,16 @@ after another (greedy, max_tokens --max-tokens; client i uses adapter i % 4, or 
   sequential: train.generate.generate_ids, one prompt at a time, the adapter alone on the base,
               before the server starts and after it stops; the faster of the two
 
-The server compiles its decode steps and its prefill of the prompts (every batch size) at
-start-up; untimed warm-up requests (each adapter x prompt, then 16 clients at full length) then
-compile the cache moves.
+The server compiles its decode steps and its prefill of the questions' lengths (every batch size,
+after every prefix length it may find cached) at start-up; untimed warm-up requests (4 on each
+adapter, then 16 clients at full length) come before the timed rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import time
 
@@ -39,6 +42,29 @@ PROMPTS = [
   "Describe your ideal weekend in detail.",
   "List some facts about the ocean.",
 ]
+# Every request of a sitting (warm-up, server rows, sequential runs) asks a question no earlier
+# request asked: "Question {n}: " comes first, so the server's prefix cache finds only what real
+# chat traffic shares, the template's system prompt, and never a whole repeated question.
+QUESTIONS = itertools.count()
+
+
+def question() -> str:
+  n = next(QUESTIONS)
+  return f"Question {n}: {PROMPTS[n % len(PROMPTS)]}"
+
+
+def question_lengths(tok, count: int = 2000) -> list[int]:
+  """The prompt lengths (chat template applied) the next `count` questions take."""
+  from train.generate import chat_prompt_ids
+
+  start = next(QUESTIONS)
+  lengths = sorted(
+    {len(chat_prompt_ids(tok, f"Question {n}: {PROMPTS[n % len(PROMPTS)]}")) for n in
+     range(start, start + count)}
+  )  # fmt: skip
+  return lengths
+
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 N_ADAPTERS = 4
 
@@ -108,8 +134,8 @@ async def run_load(url, models, clients: int, per_client: int, max_tokens: int) 
 
     async def worker(i: int):
       return [
-        await one_request(client, url, models[i % len(models)], PROMPTS[(i + j) % 4], max_tokens)
-        for j in range(per_client)
+        await one_request(client, url, models[i % len(models)], question(), max_tokens)
+        for _ in range(per_client)
       ]
 
     start = time.perf_counter()
@@ -146,7 +172,7 @@ def sequential(model_path: str, dirs: dict, requests: int, max_tokens: int) -> d
   run = lambda i: generate_ids(  # noqa: E731
     model,
     adapted[i % len(adapted)],
-    [chat_prompt_ids(tok, PROMPTS[i % 4])],
+    [chat_prompt_ids(tok, question())],
     max_tokens,
     eos_ids=[tok.eos_token_id],
     apply_fn=wrapped,
@@ -184,9 +210,7 @@ def main() -> None:
   _, params, tok = from_pretrained(model_path)
   dirs = make_adapters(root, params, rank=16)
   del params
-  from train.generate import chat_prompt_ids
-
-  lengths = [len(chat_prompt_ids(tok, p)) for p in PROMPTS]
+  lengths = question_lengths(tok)
   # The adapter stack is sized for the adapters served: their rank and their layers.
   argv = ["--model", model_path, "--max-num-seqs", "16", "--max-model-len", "256"]
   argv += ["--max-lora-rank", "16", "--lora-targets", ",".join(TARGETS)]
@@ -198,7 +222,7 @@ def main() -> None:
   url, stop = start_server(argv, lengths)
   rows = []
   try:
-    for name in dirs:  # warm-up: every adapter and prompt once
+    for name in dirs:  # warm-up: every adapter, a few questions
       asyncio.run(run_load(url, [name], 1, len(PROMPTS), 2))
     # and 16 clients at full length: the cache moves between the widths a timed run uses
     asyncio.run(run_load(url, list(dirs), 16, 1, args.max_tokens))

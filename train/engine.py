@@ -567,12 +567,10 @@ class Engine:
         self.step_fn(
           rows, self.params, ids, ids, ids, cache, ids - 1, _sampling([None] * rows, ids)
         )
-    # Each prompt whole and after its longest cached prefix (the same prompt again).
-    shapes = {(0, self.bucket_of(n)) for n in prompt_lengths}
-    if self.prefixes.capacity > 0:
-      shapes |= {
-        self.prefill_shape(n, max(PrefixCache.lengths(n), default=0)) for n in prompt_lengths
-      }
+    # Each prompt whole and after every prefix it may find cached: a shared system prompt, or
+    # the whole prompt sent before.
+    cached = lambda n: (0, *PrefixCache.lengths(n)) if self.prefixes.capacity > 0 else (0,)
+    shapes = {self.prefill_shape(n, c) for n in prompt_lengths for c in cached(n)}
     for cached, rest in sorted(shapes):
       prefix = _columns(self.model.init_cache(1, cached), 0, cached) if cached else None
       for size in batch_buckets(len(self.slots), cached + rest):
