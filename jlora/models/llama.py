@@ -706,7 +706,7 @@ def cache_in_carry(layer_cls):
         return (h, None), new
       mine = jax.tree.map(lambda stack: stack[per_step], caches)
       h, new = layer_cls.__call__(self, h, *shared, mine)
-      q_offset = shared[-1]
+      q_offset = shared[-1]  # the layer's shared args end with q_offset (`LlamaDecoderLayer`)
 
       def put(stack, layer):  # layer [b, columns, kv_heads, head_dim]: only its new column
         column = jax.lax.dynamic_slice_in_dim(layer, q_offset, 1, axis=1)
