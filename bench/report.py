@@ -437,7 +437,7 @@ wrote. Every row has the same loss. With an nf4 base jlora keeps
 only the 4-bit codes between forward and backward and dequantizes again in the backward, after the
 output's gradient exists (`jlora.lowrank.dequantized_in_backward`); qwix's QLoRA keeps every layer's
 dequantized weight alive through the loss, hence its extra temporaries. Without quantization the two
-compile to the same program (the same saved activations: x, x A per adapter, the layer outputs), so
+compile to nearly the same program (the same saved activations: x, x A per adapter, the layer outputs), so
 their temporaries are equal, not fewer, and their speed ratio is the noise between two runs of one
 program. The linen model sits under one `nn.scan`; the NNX one is an
 unrolled Python loop of layers.
