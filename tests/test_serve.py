@@ -396,6 +396,10 @@ def test_bad_flags_are_one_line_errors(capsys):
     (["--max-num-seqs", "0"], "error: --max-num-seqs: 0 is not valid; expected an integer >= 1."),
     (["--adapter", "runs/a"], "error: --adapter: 'runs/a' is not valid; expected NAME=DIR."),
     (
+      ["--prefix-cache-mib", "nan"],
+      "error: --prefix-cache-mib: nan is not valid; expected a number of MiB >= 0.",
+    ),
+    (
       ["--mesh", "rows=2"],
       "error: --mesh: 'rows=2' is not valid; expected AXIS=SIZE pairs, each axis once, from "
       "data, fsdp, tensor, expert (e.g. data=2,tensor=4).",

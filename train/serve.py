@@ -423,8 +423,10 @@ def check_args(args) -> None:
       raise UserError(
         f"--{flag.replace('_', '-')}: {value!r} is not valid; expected an integer >= 1."
       )
-  if args.prefix_cache_mib < 0:
-    raise UserError(f"--prefix-cache-mib: {args.prefix_cache_mib!r} is not valid; expected >= 0.")
+  if not (math.isfinite(args.prefix_cache_mib) and args.prefix_cache_mib >= 0):  # nan, inf too
+    raise UserError(
+      f"--prefix-cache-mib: {args.prefix_cache_mib!r} is not valid; expected a number of MiB >= 0."
+    )
   if not 0 <= args.port < 65536:
     raise UserError(f"--port: {args.port!r} is not valid; expected 0..65535.")
   args.named = named_adapters(args.adapter) if args.adapter else {}
