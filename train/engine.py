@@ -515,15 +515,14 @@ class Engine:
     prefixes: a batch-1 cache per row holding the keys/values of the row's first P tokens (the
     same P for every row; [] for none), which `ids` (left-padded) continue: they take columns
     [0, P), the rest [P, P + len), and each row's prefix then moves next to its tokens."""
-    cache = model.init_cache(ids.shape[0], ids.shape[1])
+    cached = _width(prefixes[0]) if prefixes else 0
+    cache = model.init_cache(ids.shape[0], cached + ids.shape[1])
     if prefixes:
-      cache = _after_prefix(
-        model.init_cache(ids.shape[0], ids.shape[1] + _width(prefixes[0])), prefixes
-      )
+      cache = _after_prefix(cache, prefixes)
     logits, cache = last_logits(apply_fn, params, ids, positions, segments, cache, adapter_ids)
     if prefixes:
       pads = ids.shape[1] - jnp.sum(segments > 0, axis=1)
-      cache = _prefix_next_to_prompt(cache, _width(prefixes[0]), pads)
+      cache = _prefix_next_to_prompt(cache, cached, pads)
     rows = [jax.tree.map(lambda x: _one_row(x, i), cache) for i in range(ids.shape[0])]
     return sample_rows(logits, *sampling), rows
 
@@ -610,8 +609,9 @@ class Engine:
       on_mesh = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh
       if not cache and on_mesh:
         return x
-      lead = _column_axes(x)[0] if x.ndim >= 4 else 0
-      spec = PartitionSpec(*[None] * lead, rows) if cache and x.ndim >= 2 else PartitionSpec()
+      spec = (
+        PartitionSpec(*[None] * _row_axis(x), rows) if cache and x.ndim >= 2 else PartitionSpec()
+      )
       return jax.device_put(x, NamedSharding(self.mesh, spec))
 
     return jax.tree.map(lambda x: place(x) if isinstance(x, jax.Array) else x, tree)
@@ -837,7 +837,7 @@ class Engine:
   @property
   def width(self) -> int:
     """Columns of the KV cache (the k buffer's; segment ids follow it)."""
-    return self.cache["k"].shape[_column_axes(self.cache["k"])[1]]
+    return _width(self.cache)
 
   def _make_room(self, behind: int) -> None:
     """Makes index >= `behind` (room for a prefilled bucket) with a free write column after it;
