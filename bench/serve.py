@@ -48,21 +48,20 @@ PROMPTS = [
 QUESTIONS = itertools.count()
 
 
-def question() -> str:
-  n = next(QUESTIONS)
+def question_text(n: int) -> str:
   return f"Question {n}: {PROMPTS[n % len(PROMPTS)]}"
 
 
+def question() -> str:
+  """The sitting's next question."""
+  return question_text(next(QUESTIONS))
+
+
 def question_lengths(tok, count: int = 2000) -> list[int]:
-  """The prompt lengths (chat template applied) the next `count` questions take."""
+  """The prompt lengths (chat template applied) of a sitting's first `count` questions."""
   from train.generate import chat_prompt_ids
 
-  start = next(QUESTIONS)
-  lengths = sorted(
-    {len(chat_prompt_ids(tok, f"Question {n}: {PROMPTS[n % len(PROMPTS)]}")) for n in
-     range(start, start + count)}
-  )  # fmt: skip
-  return lengths
+  return sorted({len(chat_prompt_ids(tok, question_text(n))) for n in range(count)})
 
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
