@@ -141,10 +141,17 @@ class LlamaForCausalLM(nnx.Module):
       self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, rngs)
 
   def __call__(self, tokens, positions=None, segment_ids=None):
-    x = self.model(tokens, positions, segment_ids)
+    return self.head(self.hidden_states(tokens, positions, segment_ids))
+
+  # The call's two halves: with them jlora's trainer runs the head only where labels are, and
+  # takes its gradient in the forward (jlora.models.nnx_causal).
+  def hidden_states(self, tokens, positions=None, segment_ids=None):
+    return self.model(tokens, positions, segment_ids)
+
+  def head(self, hidden):
     if self.config.tie_word_embeddings:
-      return self.model.embed_tokens.attend(x)
-    return self.lm_head(x)
+      return self.model.embed_tokens.attend(hidden)
+    return self.lm_head(hidden)
 
 
 def config_from_hf(hf_config) -> LlamaConfig:

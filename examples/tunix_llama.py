@@ -140,11 +140,29 @@ class ForTrainer(nnx.Module):
     self.llama = llama
 
   def __call__(self, input_ids, positions, segment_ids):
-    length = input_ids.shape[1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    mask = same & (segment_ids[:, :, None] > 0) & jnp.tril(jnp.ones((length, length), bool))
-    logits, _ = self.llama(input_ids, positions, None, mask)
+    logits, _ = self.llama(input_ids, positions, None, causal_mask(segment_ids))
     return logits
+
+  # The two halves of tunix's Llama3.__call__ (no cache): with them jlora's trainer runs the head
+  # only where labels are and takes its gradient in the forward (jlora.models.nnx_causal).
+  def hidden_states(self, input_ids, positions, segment_ids):
+    x = self.llama.embedder.encode(input_ids)
+    mask = causal_mask(segment_ids)
+    for layer in self.llama.layers:
+      _, x = layer(x, positions, None, mask)
+    return self.llama.final_norm(x)
+
+  def head(self, hidden):
+    if self.llama.config.weight_tying:
+      return self.llama.embedder.decode(hidden)
+    return self.llama.lm_head(hidden)
+
+
+def causal_mask(segment_ids):
+  """[batch, seq, seq]: a query sees earlier keys of its own segment (0 is padding)."""
+  length = segment_ids.shape[1]
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return same & (segment_ids[:, :, None] > 0) & jnp.tril(jnp.ones((length, length), bool))
 
 
 def from_pretrained(directory) -> ForTrainer:

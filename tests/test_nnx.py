@@ -34,6 +34,7 @@ from tests.tiny import (
   tiny_tokenizer,
 )
 from tests.tiny import sft_config as tiny_sft_config
+from train import step as step_lib
 
 
 @pytest.fixture(scope="module")
@@ -526,7 +527,7 @@ def tunix_checkpoint(tmp_path_factory, tunix_llama):
 
 
 def test_tunix_llama3_from_an_hf_checkpoint_through_the_trainers_nnx_seam(
-  tmp_path, tunix_checkpoint
+  tmp_path, tunix_checkpoint, monkeypatch
 ):
   """train.sft's `config.model.nnx` loader on examples/tunix_llama.py:from_pretrained: tunix's
   model reads an HF Llama checkpoint (untied head) and gives jlora's linen Llama's logits (which equal
@@ -544,6 +545,34 @@ def test_tunix_llama3_from_an_hf_checkpoint_through_the_trainers_nnx_seam(
   np.testing.assert_allclose(
     model.apply({"params": state}, ids, positions, segments), want, atol=1e-5
   )
+
+  # The model declares its call's two halves, so the trainer's loss runs the head at labelled
+  # positions only, in chunks (3 positions here) with its gradient taken in the forward: loss and
+  # adapter gradients equal optax's cross-entropy on the full logits of tunix's own __call__.
+  assert model.split_head
+  monkeypatch.setattr(step_lib, "CE_CHUNK", 3)
+  adapted = nnx_tiny.randomized(jlora.apply(state, jlora.LoraConfig(rank=2), jax.random.key(3),
+                                            layout=model.layout))  # fmt: skip
+  tr, fr = jlora.split(adapted)
+  targets = np.roll(ids, -1, axis=1)
+  mask = np.array([[1, 0, 1, 1, 1, 1, 0, 1, 0, 1, 1, 0]], np.int32)
+  batch = {"input_ids": ids, "positions": positions, "segment_ids": segments,
+           "targets": targets, "loss_mask": mask}  # fmt: skip
+  batch = step_lib.gather_labels(batch, step_lib.label_budget(mask))
+
+  def full_logits_loss(t):
+    logits = model.apply({"params": jlora.combine(t, fr)}, ids, positions, segments)
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(xent * mask) / mask.sum()
+
+  trainer_loss = lambda t: jnp.divide(
+    *step_lib.loss_sum(model.apply, type(model), jlora.combine(t, fr), batch)
+  )
+  got, want = (jax.jit(jax.value_and_grad(f))(tr) for f in (trainer_loss, full_logits_loss))
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    assert np.abs(w).max() > 0
+    np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-4)
 
   config = tiny_sft_config(checkpoint, tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "o")
   config.quant.kind, config.quant.block_size = "nf4", 16

@@ -14,8 +14,9 @@ from train import step as step_lib
 VOCAB, ROWS, SEQ = 96, 4, 24
 
 
-@pytest.fixture(scope="module")
-def setup():
+def make_setup(head: str):
+  """A tiny Llama with LoRA on every linear layer and a batch. head: "frozen" (tied, not
+  adapted); "tokens" (tied, two vocabulary rows train); "lora" (untied, LoRA on lm_head too)."""
   config = LlamaConfig(
     vocab_size=VOCAB,
     hidden_size=32,
@@ -23,22 +24,30 @@ def setup():
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
-    tie_word_embeddings=True,
+    tie_word_embeddings=head != "lora",
   )
   model = LlamaForCausalLM(config)
   ids = jnp.zeros((1, 8), jnp.int32)
   base = meta.unbox(model.init(jax.random.key(0), ids)["params"])
+  targets = "all-linear" if head != "lora" else r".*(proj|lm_head)"
+  tokens = {"embed_tokens": [3, 5]} if head == "tokens" else None
   params = jlora.apply(
     base,
-    jlora.LoraConfig(rank=4, alpha=8, targets="all-linear"),
+    jlora.LoraConfig(rank=4, alpha=8, targets=targets, trainable_token_indices=tokens),
     jax.random.key(1),
     layout=jlora.trace_layout(model, ids),
   )
-  # Non-zero B so the adapters matter.
+  # Non-zero B (and changed token rows) so the adapters matter.
   params = jax.tree.map(
-    lambda n: n.replace(b=0.1 * jnp.ones_like(n.b)) if jlora.is_lora(n) else n,
+    lambda n: (
+      n.replace(b=0.1 * jnp.ones_like(n.b))
+      if jlora.is_lora(n)
+      else n.replace(rows=n.rows + 0.5)
+      if isinstance(n, jlora.TokenRows)
+      else n
+    ),
     params,
-    is_leaf=jlora.is_lora,
+    is_leaf=lambda n: jlora.is_lora(n) or isinstance(n, jlora.TokenRows),
   )
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, VOCAB, (ROWS, SEQ + 1)).astype(np.int32)
@@ -53,6 +62,11 @@ def setup():
   return model, params, step_lib.gather_labels(batch, step_lib.label_budget(mask))
 
 
+@pytest.fixture(scope="module")
+def setup():
+  return make_setup("frozen")
+
+
 def naive_loss(model, params, batch):
   logits = jlora.wrap(model.apply)(
     {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"]
@@ -61,24 +75,32 @@ def naive_loss(model, params, batch):
   return jnp.sum(xent * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
 
 
+@pytest.mark.parametrize("head", ["frozen", "tokens", "lora"])
 @pytest.mark.parametrize("chunk", [7, 1024])
-def test_head_only_at_labels_equals_full_logits_loss(setup, chunk, monkeypatch):
-  model, params, batch = setup
+def test_head_only_at_labels_equals_full_logits_loss(head, chunk, monkeypatch):
+  """The loss and its adapter gradient against full logits + optax's cross-entropy, for a frozen
+  head (its gradient taken in the forward) and heads that train (plain autodiff)."""
+  model, params, batch = make_setup(head)
   monkeypatch.setattr(
     step_lib, "CE_CHUNK", chunk
   )  # 7: several chunks with padding; 1024: one chunk
-  total, count = step_lib.loss_sum(jlora.wrap(model.apply), LlamaForCausalLM, params, batch)
+  apply = jlora.wrap(model.apply)
+  trainable, frozen = jlora.split(params)
+  hidden = jnp.zeros((3, 32))
+  head_of = lambda p, x: apply({"params": p}, x[None], method=LlamaForCausalLM.logits)
+  assert step_lib.head_reads_trainable(head_of, params, hidden) == (head != "frozen")
+  total, count = step_lib.loss_sum(apply, LlamaForCausalLM, params, batch)
   assert int(count) == batch["loss_mask"].sum()
   np.testing.assert_allclose(total / count, naive_loss(model, params, batch), rtol=1e-6)
-  # And its gradient w.r.t. the adapters.
-  trainable, frozen = jlora.split(params)
-  chunked = jax.grad(
-    lambda t: jnp.divide(
-      *step_lib.loss_sum(jlora.wrap(model.apply), LlamaForCausalLM, jlora.combine(t, frozen), batch)
-    )
-  )(trainable)
+  # And its gradient w.r.t. the adapters, under jit as the trainer takes it.
+  loss = lambda t: jnp.divide(
+    *step_lib.loss_sum(apply, LlamaForCausalLM, jlora.combine(t, frozen), batch)
+  )
+  chunked = jax.jit(jax.grad(loss))(trainable)
   reference = jax.grad(lambda t: naive_loss(model, jlora.combine(t, frozen), batch))(trainable)
+  assert jax.tree.structure(chunked) == jax.tree.structure(reference)
   for got, want in zip(jax.tree.leaves(chunked), jax.tree.leaves(reference)):
+    assert np.abs(want).max() > 0
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-4)
 
 

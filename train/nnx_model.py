@@ -19,7 +19,13 @@ from flax import nnx
 from jlora import sharding as shard_lib
 from jlora.models.llama import DEFAULT_RULES
 from jlora.models.loading import load_tokenizer, resolve_checkpoint
-from jlora.models.nnx_causal import NnxCausalLM, declared_names, family_config, traced_layout
+from jlora.models.nnx_causal import (
+  NnxCausalLM,
+  declared_names,
+  family_config,
+  splits_head,
+  traced_layout,
+)
 from train import distributed
 from train.errors import UserError, naming
 from train.generate import MODEL_ERRORS
@@ -59,7 +65,7 @@ def load(spec, path, what: str, path_what: str, mesh=None):
     with naming(f"{what} (placed by the model's sharding metadata)", (TypeError, ValueError)):
       specs = shard_lib.logical_specs(state, rules)
       state = jax.device_put(state, shard_lib.named(mesh, specs))
-  return NnxCausalLM(graphdef, family, layout, hf_names), state, tokenizer
+  return NnxCausalLM(graphdef, family, layout, hf_names, splits_head(model)), state, tokenizer
 
 
 def import_factory(spec) -> Callable:

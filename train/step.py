@@ -6,6 +6,7 @@ so XLA never computes a weight gradient for the base and optax holds no state fo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -124,7 +125,7 @@ def stacked_router_logits(state) -> jax.Array:
 
 
 def token_logps_of_hidden(apply_fn, model_cls, params, batch, hidden) -> jax.Array:
-  """token_logps from the final hidden states."""
+  """token_logps from the final hidden states, the head run in chunks of CE_CHUNK positions."""
   picked = jnp.take_along_axis(hidden, batch["label_pos"][..., None], axis=1)
   rows, budget, dim = picked.shape
   flat_h = picked.reshape(-1, dim)
@@ -137,20 +138,84 @@ def token_logps_of_hidden(apply_fn, model_cls, params, batch, hidden) -> jax.Arr
     flat_h = jnp.pad(flat_h, ((0, pad), (0, 0)))
     flat_t = jnp.pad(flat_t, (0, pad))
     flat_m = jnp.pad(flat_m, (0, pad))
-  chunks = (flat_h.reshape(-1, chunk, dim), flat_t.reshape(-1, chunk), flat_m.reshape(-1, chunk))
+  h, t = flat_h.reshape(-1, chunk, dim), flat_t.reshape(-1, chunk)
 
-  def chunk_logps(h, t, m):
-    logits = apply_fn({"params": params}, h[None], method=model_cls.logits)[0].astype(jnp.float32)
-    picked_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-    return (picked_logit - jax.nn.logsumexp(logits, axis=-1)) * m
+  def head_of(params, x):
+    return apply_fn({"params": params}, x[None], method=model_cls.logits)[0].astype(jnp.float32)
 
-  # With several chunks, rematerialise each: the backward recomputes one chunk's logits at a
-  # time instead of keeping all of them. With one chunk that would only add a head forward.
-  if len(chunks[0]) > 1:
+  head = functools.partial(head_of, params)
+  # With several chunks, a frozen head's gradient is taken in the forward (no chunk's logits
+  # recomputed in the backward). With one, plain autodiff is as small and measured faster.
+  if len(h) > 1 and not head_reads_trainable(head_of, params, h[0]):
+    logps = frozen_head_logps(head, h, t)
+  else:
+    logps = chunked_logps(head, h, t)
+  return (logps.reshape(-1) * flat_m)[:n].reshape(rows, budget)
+
+
+def head_reads_trainable(head_of, params, x) -> bool:
+  """Whether head_of(params, x) reads a trainable leaf of `params` (LoRA on lm_head, new token
+  rows on a tied head), from one abstract trace. A leaf that reaches any operation counts, so a
+  doubt answers True, which costs only the frozen-head path's saving."""
+  trainable, frozen = jlora.split(params)
+  if not jax.tree.leaves(trainable):
+    return False
+  jaxpr = jax.make_jaxpr(lambda tr: head_of(jlora.combine(tr, frozen), x))(trainable).jaxpr
+  used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+  return any(id(v) in used for v in jaxpr.invars)
+
+
+def picked_logps(logits, targets) -> tuple[jax.Array, jax.Array]:
+  """(log softmax(logits)[target], logsumexp(logits)) per row, without a [rows, vocab] log-softmax."""
+  lse = jax.nn.logsumexp(logits, -1)
+  return jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - lse, lse
+
+
+def chunked_logps(head, h, t) -> jax.Array:
+  """log p(t) per position by plain autodiff, chunk by chunk (a head that trains, or one chunk).
+  With several chunks each is rematerialised, so the backward recomputes one chunk's logits at a
+  time instead of keeping all of them; with one chunk that would only add a head forward."""
+
+  def chunk_logps(x, targets):
+    return picked_logps(head(x), targets)[0]
+
+  if len(h) > 1:
     chunk_logps = jax.checkpoint(chunk_logps)
+  return jax.lax.scan(lambda carry, xs: (carry, chunk_logps(*xs)), None, (h, t))[1]
 
-  _, out = jax.lax.scan(lambda carry, xs: (carry, chunk_logps(*xs)), None, chunks)
-  return out.reshape(-1)[:n].reshape(rows, budget)
+
+def frozen_head_logps(head, h, t) -> jax.Array:
+  """log p(t) per position for a head that reads only frozen weights (the usual LoRA case).
+
+  Each position's log-prob depends on its own hidden state only, through a head with no
+  trainable weight, so its gradient w.r.t. that hidden state, (onehot(t) - softmax) pulled back
+  through the head, is known in the forward. Under differentiation the forward computes it chunk
+  by chunk and keeps only it ([positions, d]); the backward scales it by the incoming cotangent.
+  No [positions, vocab] logits outlive their chunk and none is recomputed: the head's matmuls
+  are the forward and the one pull-back that autodiff would run anyway (the idea of Liger's and
+  Unsloth's fused linear cross-entropy, here without a kernel of our own)."""
+
+  @jax.custom_vjp
+  def logps(x, targets):  # undifferentiated (evaluation): the forward alone
+    return chunked_logps(head, x, targets)
+
+  def forward(x, targets):
+    def one(carry, xs):
+      x, targets = xs
+      logits, pull_back = jax.vjp(head, x)
+      out, lse = picked_logps(logits, targets)
+      d_logits = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+      d_logits = d_logits - jnp.exp(logits - lse[:, None])
+      return carry, (out, pull_back(d_logits)[0])
+
+    out, d_x = jax.lax.scan(one, None, (x, targets))[1]
+    return out, d_x
+
+  def backward(d_x, g):
+    return (g[..., None].astype(d_x.dtype) * d_x, None)
+
+  logps.defvjp(forward, backward)
+  return logps(h, t)
 
 
 def loss_sum(apply_fn, model_cls, params, batch, rngs=None) -> tuple[jax.Array, jax.Array]:

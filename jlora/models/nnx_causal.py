@@ -9,9 +9,15 @@ where a query attends to keys of its own segment only (segment 0 is padding; pac
 several segments). `NnxCausalLM.apply` runs it through `jlora.wrap(graphdef)`, so params that
 hold LoRA / quantized nodes take the low-rank path. What the protocol adds on top:
 
-  * `return_hidden` / `logits`: the model returns logits, so the "hidden states" handed to the
-    trainer's chunked cross-entropy are the logits and `logits` is the identity (the trainer
-    then holds [rows, labels, vocab] logits, not [rows, labels, d]: fine for models that fit).
+  * `return_hidden` / `logits`: a model that also defines the two halves of its call,
+
+        model.hidden_states(input_ids, positions, segment_ids) -> [batch, seq, d]
+        model.head(hidden) -> logits
+
+    (`splits_head`) hands the trainer its final hidden states, and the trainer runs the head
+    only at labelled positions, with its gradient taken in the forward (train/step.py), as for
+    a linen family. Otherwise the "hidden states" are the logits and `logits` is the identity
+    (the trainer then holds [rows, labels, vocab] logits, not [rows, labels, d]).
   * `init_cache` / `cache=`: the model has no KV cache, so the cache is the token buffer and
     each decode step re-runs the whole buffer (quadratic in length; meant for eval samples and
     small models). The buffer takes the KV cache's layout (`jlora.models.llama.init_cache`): "k"
@@ -58,6 +64,11 @@ def family_config(model: nnx.Module):
   return None
 
 
+def splits_head(model: nnx.Module) -> bool:
+  """Whether the model defines `hidden_states` and `head` (see the module's docstring)."""
+  return all(callable(getattr(model, name, None)) for name in ("hidden_states", "head"))
+
+
 def declared_names(model: nnx.Module) -> HFNames | None:
   """The HF name map `model.hf_names` declares, or None."""
   names = getattr(model, "hf_names", None)
@@ -72,30 +83,44 @@ def declared_names(model: nnx.Module) -> HFNames | None:
 class NnxCausalLM:
   """`protocol.CausalLM` for an NNX model: `apply({"params": state}, ...)` as linen's apply."""
 
-  def __init__(self, graphdef: nnx.GraphDef, config=None, layout=None, hf_names=None):
+  def __init__(
+    self, graphdef: nnx.GraphDef, config=None, layout=None, hf_names=None, split_head=False
+  ):
     self.graphdef, self.config = graphdef, config
     self.layout = layout  # roles of the weights (`traced_layout`): see `weight_layout`
     self.hf_names = hf_names  # the model's own name map (`declared_names`): see `peft_names`
+    self.split_head = split_head  # the model defines hidden_states and head (`splits_head`)
     self._run = nnx_forward.wrap(graphdef)
+    self._hidden = nnx_forward.wrap(graphdef, "hidden_states") if split_head else None
+    self._head = nnx_forward.wrap(graphdef, "head") if split_head else None
 
   def clone(self, *, config):
     """The same model with another family config (e.g. a grown vocab_size: the NNX layers read
     their table sizes from the state, so the graph needs no change)."""
-    return NnxCausalLM(self.graphdef, config, self.layout, self.hf_names)
+    return NnxCausalLM(self.graphdef, config, self.layout, self.hf_names, self.split_head)
 
   def apply(self, variables, *args, method=None, rngs=None, adapter_ids=None, **kwargs):
-    if method is not None:  # e.g. the head alone, `logits`
-      return method(self, *args, **kwargs)
     dropout = (rngs or {}).get("dropout")
-    run = functools.partial(self._run, dropout_key=dropout, adapter_ids=adapter_ids)
+    options = dict(dropout_key=dropout, adapter_ids=adapter_ids)
+    if method is not None:
+      # The protocol's one method: `logits`, the head alone.
+      if getattr(method, "__name__", None) != "logits":
+        raise NotImplementedError(f"NnxCausalLM.apply runs `logits` only, not {method!r}.")
+      if not self.split_head:
+        return args[0]  # the "hidden states" are already the logits
+      return self._head(variables["params"], *args, **options, **kwargs)
+    run = functools.partial(self._run, **options)
+    if kwargs.pop("return_hidden", False) and self.split_head:
+      run = functools.partial(self._hidden, **options)
     return self._forward(run, variables["params"], *args, **kwargs)
 
   # jlora.wrap(model.apply) returns it as it is: it already takes nodes and `adapter_ids`.
   apply.runs_jlora_nodes = True
 
   def logits(self, hidden):
-    """The head: identity, as the model's "hidden states" are already its logits."""
-    return hidden
+    """The head alone. Run it as `apply(variables, hidden, method=NnxCausalLM.logits)`, which
+    passes the params: the model's `head`, or the identity when the model does not split."""
+    raise NotImplementedError("call apply(variables, hidden, method=NnxCausalLM.logits)")
 
   def _forward(
     self,
@@ -106,10 +131,8 @@ class NnxCausalLM:
     segment_ids=None,
     *,
     logits_at=None,
-    return_hidden: bool = False,
     cache: dict | None = None,
   ):
-    del return_hidden  # the logits serve as hidden states (see `logits`)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     if segment_ids is None:
