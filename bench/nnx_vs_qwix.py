@@ -8,8 +8,17 @@ d=576, 9 heads / 3 kv, MLP 1536, vocab 49152, tied), batch 4 x 128, fp32; `--lay
 shape but N layers (for a run that fits a few minutes), `--small` a reduced shape for smoke runs.
 Configs: q+v r8; all-linear r16; all-linear r16 on an nf4 base (jlora: jlora.quantize, block 64;
 qwix: LoraRule(weight_qtype='nf4', tile_size=64), its QLoRA). Each compiles one training step
-(grads of the adapters + Adam); the three compiled steps are then timed in turn (A, B, C, A, B, C,
-...) for `--steps` rounds after one untimed round, in one process. Reported: median s/step, the speed ratio to qwix, XLA's compiled temporaries.
+(grads of the adapters + Adam); a config's compiled steps are then timed in turn (A, B, C, A, B,
+C, ...) for `--steps` rounds after one untimed round, in one process. Reported: median s/step,
+the speed ratio to qwix on the same model, XLA's compiled temporaries.
+
+Two losses, both the mean cross-entropy of every next token:
+  * "full logits": log_softmax over the whole [batch, seq, vocab], as tunix's PeftTrainer computes
+    its default loss. qwix is a LoRA library without a loss of its own, so its rows use this.
+  * "jlora's": train.step's, the loss `train.sft` trains with (the model's final hidden states,
+    the head at labelled positions, log-probs as logit - logsumexp).
+jlora runs each model with its own loss, and also with the full-logits loss, which isolates
+the LoRA forward: on the same loss the two libraries compile nearly the same program.
 
     python -m bench.nnx_vs_qwix [--layers N] [--steps N] [--small]
     python -m bench.nnx_vs_qwix --steps 0     # compiled memory only, no timing
@@ -56,17 +65,54 @@ CONFIGS = (
 # model, the others with qwix on examples/nnx_llama.py.
 QWIX_ON_SAME_MODEL = {
   "jlora NNX": "qwix NNX",
+  "jlora NNX, full-logits loss": "qwix NNX",
   "qwix NNX": "qwix NNX",
   "jlora linen": "qwix NNX",
   "jlora tunix": "qwix tunix",
+  "jlora tunix, full-logits loss": "qwix tunix",
   "qwix tunix": "qwix tunix",
 }
 FRAMEWORKS = tuple(QWIX_ON_SAME_MODEL)
 
 
 def _loss(logits, tokens):
+  """The full-logits loss (see the module's docstring)."""
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
   return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+
+def labelled(tokens) -> dict:
+  """train.step's batch for whole rows: every next token a label, as in `_loss` (the last
+  position of a row has none)."""
+  rows, length = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
+  return {
+    "input_ids": tokens,
+    "positions": positions,
+    "segment_ids": jnp.ones_like(tokens),
+    "label_pos": positions,
+    "label_targets": jnp.roll(tokens, -1, axis=1),
+    "label_mask": (positions < length - 1).astype(jnp.int32),
+  }
+
+
+def jlora_loss_step(model, tx):
+  """The training step on jlora's loss (train.step.loss_sum) for a CausalLM (a linen family or
+  an NnxCausalLM): the gradient in the trainable half only, then Adam."""
+  from train import step as step_lib
+
+  apply = jlora.wrap(model.apply)
+
+  def loss(trainable, frozen, tokens):
+    params = jlora.combine(trainable, frozen)
+    return jnp.divide(*step_lib.loss_sum(apply, type(model), params, labelled(tokens)))
+
+  def step(trainable, opt_state, frozen, tokens):
+    value, grads = jax.value_and_grad(loss)(trainable, frozen, tokens)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(trainable, updates), opt_state, value
+
+  return step
 
 
 def lora_config(pattern, rank):
@@ -102,7 +148,8 @@ def tunix_call():
 
 
 def jlora_nnx(graphdef, state, call, pattern, rank, quant, tx, tokens):
-  """jlora's LoRA (QLoRA with `quant`) on an NNX model's state; its layout traced."""
+  """jlora's LoRA (QLoRA with `quant`) on an NNX model's state, its layout traced; the
+  full-logits loss."""
   inputs, logits_of = call
   layout = jlora.trace_layout(nnx.merge(graphdef, state), *inputs(tokens))
   trainable, frozen = jlora.prepare_for_training(
@@ -112,6 +159,24 @@ def jlora_nnx(graphdef, state, call, pattern, rank, quant, tx, tokens):
   run = jlora.wrap(graphdef)
   step = training_step(lambda t, f, x: logits_of(run(jlora.combine(t, f), *inputs(x))), tx)
   return step, (trainable, tx.init(trainable), frozen)
+
+
+def jlora_nnx_own_loss(model, pattern, rank, quant, tx, tokens):
+  """jlora on an NNX model that declares hidden_states / head (as the trainer sees it:
+  NnxCausalLM), on jlora's loss."""
+  from jlora.models import nnx_causal
+
+  del tokens
+  graphdef, state = nnx.split(model)
+  causal = nnx_causal.NnxCausalLM(
+    graphdef, layout=nnx_causal.traced_layout(graphdef, state),
+    split_head=nnx_causal.splits_head(model),
+  )  # fmt: skip
+  trainable, frozen = jlora.prepare_for_training(
+    state, lora_config(pattern, rank), jax.random.key(1), quant=nf4() if quant else None,
+    layout=causal.layout,
+  )  # fmt: skip
+  return jlora_loss_step(causal, tx), (trainable, tx.init(trainable), frozen)
 
 
 def qwix_nnx(model, call, pattern, rank, quant, tx, tokens):
@@ -129,6 +194,10 @@ def qwix_nnx(model, call, pattern, rank, quant, tx, tokens):
 
 
 def jlora_nnx_step(cfg, *args):
+  return jlora_nnx_own_loss(nnx_llama.LlamaForCausalLM(cfg, nnx.Rngs(0)), *args)
+
+
+def jlora_nnx_full_logits_step(cfg, *args):
   graphdef, state = nnx.split(nnx_llama.LlamaForCausalLM(cfg, nnx.Rngs(0)))
   return jlora_nnx(graphdef, state, NNX_LLAMA_CALL, *args)
 
@@ -155,9 +224,7 @@ def jlora_linen_step(cfg, pattern, rank, quant, tx, tokens):
   trainable, frozen = jlora.prepare_for_training(
     params, lora_config(pattern, rank), jax.random.key(1), quant=nf4() if quant else None
   )
-  apply = jlora.wrap(model.apply)
-  step = training_step(lambda t, f, x: apply({"params": jlora.combine(t, f)}, x), tx)
-  return step, (trainable, tx.init(trainable), frozen)
+  return jlora_loss_step(model, tx), (trainable, tx.init(trainable), frozen)
 
 
 def tunix_model(cfg):
@@ -173,6 +240,12 @@ def tunix_model(cfg):
 
 
 def jlora_tunix_step(cfg, *args):
+  import tunix_llama
+
+  return jlora_nnx_own_loss(tunix_llama.ForTrainer(nnx.merge(*tunix_model(cfg))), *args)
+
+
+def jlora_tunix_full_logits_step(cfg, *args):
   return jlora_nnx(*tunix_model(cfg), tunix_call(), *args)
 
 
@@ -182,9 +255,11 @@ def qwix_tunix_step(cfg, *args):
 
 BUILDERS = {
   "jlora NNX": jlora_nnx_step,
+  "jlora NNX, full-logits loss": jlora_nnx_full_logits_step,
   "qwix NNX": qwix_step,
   "jlora linen": jlora_linen_step,
   "jlora tunix": jlora_tunix_step,
+  "jlora tunix, full-logits loss": jlora_tunix_full_logits_step,
   "qwix tunix": qwix_tunix_step,
 }
 
@@ -234,7 +309,7 @@ def main(argv=None) -> None:
     f"batch {args.batch} x {args.length}, fp32; {jax.devices()[0].device_kind}, "
     f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start"
   )
-  print(f"{'config':20} {'framework':12} {'s/step':>8} {'qwix/this':>9} {'temp MiB':>9} "
+  print(f"{'config':20} {'framework':30} {'s/step':>8} {'qwix/this':>9} {'temp MiB':>9} "
         f"{'args MiB':>9}")  # fmt: skip
   wanted = args.configs.split(",")
   results = []
@@ -252,7 +327,7 @@ def main(argv=None) -> None:
     for framework, (seconds, temp, arguments) in rows.items():
       qwix_time = rows[QWIX_ON_SAME_MODEL[framework]][0]
       timed = f"{seconds:8.3f} {qwix_time / seconds:8.2f}x" if seconds else f"{'-':>8} {'-':>9}"
-      print(f"{name:20} {framework:12} {timed} {temp:9.1f} {arguments:9.1f}")
+      print(f"{name:20} {framework:30} {timed} {temp:9.1f} {arguments:9.1f}")
       results.append(dict(config=name, framework=framework, step_s=seconds, temp_mib=temp))
   print(f"load average {os.getloadavg()[0]:.1f} at the end")
   machine["loadavg_at_end"] = list(os.getloadavg())
