@@ -4,12 +4,14 @@ train.step runs the LM head at labelled positions in chunks of CE_CHUNK (1,024) 
 several chunks and a head that trains nothing, it takes the head's gradient in the forward
 (`frozen_head_logps`); a head with trainable leaves (LoRA on lm_head, new token rows) keeps plain
 autodiff with each chunk rematerialised (`chunked_logps`), so its backward recomputes every
-chunk's logits. This compiles the same training step (jlora's linen Llama at SmolLM2-135M's
-shape, LoRA r16 on all-linear, tied frozen head, every position labelled, Adam) both ways and
-times them in turn (A, B, A, B, ...): the second way is had by making the step see the head as
-trainable.
+chunk's logits. With a single chunk the trainer keeps plain autodiff (FROZEN_HEAD_MIN_CHUNKS),
+which recomputes nothing there. This compiles the same training step (jlora's linen Llama at
+SmolLM2-135M's shape, LoRA r16 on all-linear, tied frozen head, every position labelled, Adam)
+both ways and times them in turn (A, B, A, B, ...): the first way forced at any number of chunks,
+the second had by making the step see the head as trainable.
 
     python -m bench.frozen_head [--layers 2] [--batch 4] [--length 1024] [--steps 6]
+    python -m bench.frozen_head --length 128 --out bench/results/frozen_head_one_chunk.json
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from bench import common
 from jlora.models import LlamaConfig, LlamaForCausalLM
 from train import step as step_lib
 
-WAYS = ("gradient in the forward", "recomputed in the backward")
+WAYS = ("gradient in the forward", "plain autodiff (recomputed with several chunks)")
 
 
 def compiled_step(model, trainable, frozen, batch, tx):
@@ -76,13 +78,15 @@ def main(argv=None) -> None:
   batch = step_lib.gather_labels(batch, step_lib.label_budget(batch["loss_mask"]))
   chunks = -(-args.batch * args.length // step_lib.CE_CHUNK)
   tx = optax.adam(1e-4)
-  compiled = {WAYS[0]: compiled_step(model, trainable, frozen, batch, tx)}
-  reads_trainable = step_lib.head_reads_trainable
-  step_lib.head_reads_trainable = lambda *args: True
+  min_chunks, reads_trainable = step_lib.FROZEN_HEAD_MIN_CHUNKS, step_lib.head_reads_trainable
+  compiled = {}
   try:
+    step_lib.FROZEN_HEAD_MIN_CHUNKS = 1
+    compiled[WAYS[0]] = compiled_step(model, trainable, frozen, batch, tx)
+    step_lib.head_reads_trainable = lambda *args: True
     compiled[WAYS[1]] = compiled_step(model, trainable, frozen, batch, tx)
   finally:
-    step_lib.head_reads_trainable = reads_trainable
+    step_lib.FROZEN_HEAD_MIN_CHUNKS, step_lib.head_reads_trainable = min_chunks, reads_trainable
   times = {way: [] for way in WAYS}
   losses = {}
   for round_ in range(args.steps + 1):
@@ -101,7 +105,7 @@ def main(argv=None) -> None:
   for way, step in compiled.items():
     temp = step.memory_analysis().temp_size_in_bytes / 2**20
     seconds = statistics.median(times[way])
-    print(f"{way:28} {seconds:7.3f} s/step {temp:8.1f} MiB temporaries loss {losses[way]:.6f}")
+    print(f"{way:48} {seconds:7.3f} s/step {temp:8.1f} MiB temporaries loss {losses[way]:.6f}")
     rows.append(dict(way=way, step_s=seconds, temp_mib=temp, loss=losses[way]))
   machine["loadavg_at_end"] = list(os.getloadavg())
   run = dict(vars(args), chunks=chunks)

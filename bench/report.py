@@ -475,32 +475,60 @@ def nnx_verdict(rows: list[dict]) -> str:
   return "In this sitting: " + "; ".join(words) + "."
 
 
-def frozen_head_section(r: dict) -> str:
-  run, rows = r["run"], r["rows"]
-  table = common.markdown_table(
-    ["frozen head's gradient", "s/step", "temporaries MiB", "loss"],
-    [[row["way"], f"{row['step_s']:.3f}", f"{row['temp_mib']:.1f}", f"{row['loss']:.6f}"]
-     for row in rows],
-  )  # fmt: skip
-  fast, slow = rows
-  return f"""## The trainer's loss with a frozen head: gradient in the forward vs recomputed (CPU, fp32)
+def frozen_head_section(several: dict, one: dict | None) -> str:
+  def table(r):
+    return common.markdown_table(
+      ["frozen head's gradient", "s/step", "temporaries MiB", "loss"],
+      [[row["way"], f"{row['step_s']:.3f}", f"{row['temp_mib']:.1f}", f"{row['loss']:.6f}"]
+       for row in r["rows"]],
+    )  # fmt: skip
 
-`python -m bench.frozen_head --layers {run["layers"]} --batch {run["batch"]} --length {run["length"]} --steps {run["steps"]}`
-({common.machine_line(r["machine"])}): jlora's linen Llama at SmolLM2-135M's shape cut to
+  def ratios(r):
+    fast, slow = r["rows"]
+    return f"{slow['step_s'] / fast['step_s']:.2f}x", f"{fast['temp_mib'] / slow['temp_mib']:.2f}x"
+
+  def command(r):
+    run = r["run"]
+    return (
+      f"`python -m bench.frozen_head --layers {run['layers']} --batch {run['batch']} "
+      f"--length {run['length']} --steps {run['steps']}`"
+    )
+
+  run = several["run"]
+  speed, memory = ratios(several)
+  text = f"""## The trainer's loss with a frozen head: gradient in the forward vs recomputed (CPU, fp32)
+
+{command(several)}
+({common.machine_line(several["machine"])}): jlora's linen Llama at SmolLM2-135M's shape cut to
 {run["layers"]} layers, LoRA r16 on all-linear, tied frozen head, {run["batch"]} x {run["length"]}
 tokens all labelled ({run["chunks"]} chunks of 1,024 for the head), Adam; the two compiled steps timed
-in turn, median of {run["steps"]} rounds after one untimed round. {sitting_words(r["machine"])}
+in turn, median of {run["steps"]} rounds after one untimed round. {sitting_words(several["machine"])}
 
-{table}
+{table(several)}
 
 `train.step` takes a frozen head's gradient in the forward when its loss has several chunks: each
 chunk's `(onehot - softmax)` is pulled back through the head at once and only the `[positions, d]`
 result is kept. The other row is the step a head with trainable leaves takes (plain autodiff, each
 chunk rematerialised, so the backward recomputes every chunk's logits). Here the first is
-{slow["step_s"] / fast["step_s"]:.2f}x as fast with {fast["temp_mib"] / slow["temp_mib"]:.2f}x the
-temporaries; the losses are the same number. With one chunk (up to 1,024 labelled positions) the
-trainer keeps plain autodiff, which holds no more and measured faster.
+{speed} as fast with {memory} the temporaries; the losses are the same number.
 """
+  if one is None:
+    return text
+  forward, autodiff = one["rows"]
+  return (
+    text
+    + f"""
+With one chunk there is nothing to recompute, and plain autodiff keeps the logits of that one chunk.
+{command(one)}: the same model on {one["run"]["batch"]} x {one["run"]["length"]} tokens (one chunk),
+the first way forced. {sitting_words(one["machine"])}
+
+{table(one)}
+
+There plain autodiff is {forward["step_s"] / autodiff["step_s"]:.2f}x as fast as the gradient in the
+forward, with {autodiff["temp_mib"] / forward["temp_mib"]:.2f}x its temporaries, so the trainer takes
+the gradient in the forward from two chunks on (`train.step.FROZEN_HEAD_MIN_CHUNKS`).
+"""
+  )
 
 
 def moe_verdict(r: dict) -> str:
@@ -727,7 +755,10 @@ def main() -> None:
   if (RESULTS / "nnx_vs_qwix.json").exists():
     sections.append(nnx_section(load("nnx_vs_qwix.json")))
   if (RESULTS / "frozen_head.json").exists():
-    sections.append(frozen_head_section(load("frozen_head.json")))
+    one = RESULTS / "frozen_head_one_chunk.json"
+    sections.append(
+      frozen_head_section(load("frozen_head.json"), load(one.name) if one.exists() else None)
+    )
   if (RESULTS / "moe.json").exists():
     sections.append(moe_section(load("moe.json")))
   if (RESULTS / "long_context.json").exists():

@@ -125,3 +125,54 @@ def randomized(params, seed=3):
     return x.replace(a=normal(x.a), b=normal(x.b))
 
   return jax.tree.map(visit, params, is_leaf=jlora.is_lora)
+
+
+# Which next tokens of tunix_for_trainer's [2, 7] rows are labels (train.step's loss_mask).
+TRAINER_LABELS = np.array([[1, 1, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0, 1]], np.int32)
+
+
+def tunix_for_trainer(graphdef, state, tokens, mesh=None):
+  """tunix's Llama3 behind examples/tunix_llama.ForTrainer as train.sft sees it (NnxCausalLM, its
+  head split off), randomized all-linear r3 adapters, and a labelled batch of `tokens` [2, 7]:
+  (model, trainable, frozen, batch). With a mesh, the state is placed by the wrapper's
+  sharding_rules and the adapters follow it, as the trainer places them."""
+  import tunix_llama
+
+  from jlora import sharding as shard_lib
+  from jlora.models import nnx_causal
+  from train import step as step_lib
+
+  wrapped = tunix_llama.ForTrainer(nnx.merge(graphdef, state))
+  graphdef, state = nnx.split(wrapped)
+  layout = nnx_causal.traced_layout(graphdef, state)
+  model = nnx_causal.NnxCausalLM(
+    graphdef, layout=layout, split_head=nnx_causal.splits_head(wrapped)
+  )
+  cfg = jlora.LoraConfig(rank=3, alpha=6.0, targets="all-linear")
+  trainable, frozen = jlora.split(
+    randomized(jlora.apply(state, cfg, jax.random.key(1), layout=layout))
+  )
+  if mesh is not None:
+    specs = shard_lib.logical_specs(state, tunix_llama.ForTrainer.sharding_rules)
+    placed = jax.device_put(state, shard_lib.named(mesh, specs))
+    placed_trainable, frozen = jlora.prepare_for_training(
+      placed, cfg, jax.random.key(1), layout=layout
+    )
+    trainable = jax.tree.map(
+      lambda t, p: jax.device_put(t, p.sharding), trainable, placed_trainable
+    )
+  tokens = np.asarray(tokens, np.int32)
+  positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape).copy()
+  batch = {
+    "input_ids": tokens,
+    "positions": positions,
+    "segment_ids": np.ones_like(tokens),
+    "targets": np.roll(tokens, -1, axis=1),
+    "loss_mask": TRAINER_LABELS,
+  }
+  return (
+    model,
+    trainable,
+    frozen,
+    step_lib.gather_labels(batch, step_lib.label_budget(TRAINER_LABELS)),
+  )

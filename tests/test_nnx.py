@@ -171,8 +171,17 @@ with jax.set_mesh(mesh_t):
   g8t = jax.jit(jax.grad(loss_t))(t8t)
 q = t8t["layers"][0]["attn"]["q_proj"]["w"].get_value()
 q_base = f8t["layers"][0]["attn"]["q_proj"]["w"].get_value().base
+# The same model as train.sft sees it (ForTrainer, head split off) on the same mesh: the trainer's
+# loss in chunks of 5 labelled positions, so the head's gradient is taken in the forward, sharded.
+from train import step as step_lib
+step_lib.CE_CHUNK = 5
+model_w, tw, fw, batch_w = nnx_tiny.tunix_for_trainer(graphdef_t, state_t, args_t[0], mesh_t)
+loss_w = lambda t: jnp.divide(*step_lib.loss_sum(model_w.apply, type(model_w), jlora.combine(t, fw), batch_w))
+with jax.set_mesh(mesh_t):
+  gw = jax.jit(jax.grad(loss_w))(tw)
 print(json.dumps({
   "loss": float(loss8), "grads": [np.asarray(g).tolist() for g in jax.tree.leaves(g8)],
+  "trainer_grads": [np.asarray(g).tolist() for g in jax.tree.leaves(gw)],
   "up_a": str(up.a.sharding.spec), "up_b": str(up.b.sharding.spec),
   "up_base": str(f8["layers"]["up"]["kernel"].get_value().base.sharding.spec),
   "devices": len(up.a.sharding.device_set),
@@ -240,6 +249,28 @@ def test_unmerge_recovers_the_base_and_grads_reach_only_the_adapters_on_1_and_8_
   ]  # fmt: skip
   scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads_t))
   for got, want in zip(sharded["tunix_grads"], jax.tree.leaves(grads_t), strict=True):
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=1e-3 * scale)
+
+  # The trainer's loss on that mesh (its frozen head's gradient taken in the forward, in chunks of
+  # 5) against optax's cross-entropy on the full logits of tunix's own __call__, on 1 device.
+  import tunix_llama
+
+  graphdef_t, state_t = tunix_llama.make(**TUNIX_CONFIG)
+  tokens_t = jax.random.randint(jax.random.key(3), (2, 7), 0, 96)
+  model_w, trainable_w, frozen_w, batch_w = nnx_tiny.tunix_for_trainer(
+    graphdef_t, state_t, tokens_t
+  )
+  mask = nnx_tiny.TRAINER_LABELS
+
+  def full_logits_loss(t):
+    logits = model_w.apply({"params": jlora.combine(t, frozen_w)}, tokens_t)
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.roll(tokens_t, -1, 1))
+    return jnp.sum(xent * mask) / mask.sum()
+
+  want_w = jax.tree.leaves(jax.jit(jax.grad(full_logits_loss))(trainable_w))
+  scale = max(float(np.abs(g).max()) for g in want_w)
+  for got, want in zip(sharded["trainer_grads"], want_w, strict=True):
+    assert np.abs(want).max() > 0
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=1e-3 * scale)
 
 

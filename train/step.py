@@ -22,6 +22,9 @@ from train.errors import UserError
 
 # Tokens per cross-entropy chunk: bounds the live [chunk, vocab] fp32 logits.
 CE_CHUNK = 1024
+# A frozen head's gradient is taken in the forward from this many chunks on: with one chunk plain
+# autodiff holds no more and ran faster (bench/frozen_head.py measures both).
+FROZEN_HEAD_MIN_CHUNKS = 2
 
 
 def label_budget(loss_mask: np.ndarray, multiple: int = 16) -> int:
@@ -145,8 +148,8 @@ def token_logps_of_hidden(apply_fn, model_cls, params, batch, hidden) -> jax.Arr
 
   head = functools.partial(head_of, params)
   # With several chunks, a frozen head's gradient is taken in the forward (no chunk's logits
-  # recomputed in the backward). With one, plain autodiff is as small and measured faster.
-  if len(h) > 1 and not head_reads_trainable(head_of, params, h[0]):
+  # recomputed in the backward).
+  if len(h) >= FROZEN_HEAD_MIN_CHUNKS and not head_reads_trainable(head_of, params, h[0]):
     logps = frozen_head_logps(head, h, t)
   else:
     logps = chunked_logps(head, h, t)
