@@ -176,3 +176,24 @@ def tunix_for_trainer(graphdef, state, tokens, mesh=None):
     frozen,
     step_lib.gather_labels(batch, step_lib.label_budget(TRAINER_LABELS)),
   )
+
+
+def llama_with_a_wrong_split(path):
+  """A bad factory for config.model.nnx: examples/nnx_llama.py read from `path`, with a
+  hidden_states that doubles the hidden states, so head(hidden_states(x)) is not the call."""
+  import sys
+  from pathlib import Path
+
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+  import nnx_llama
+
+  class WrongSplit(nnx_llama.LlamaForCausalLM):
+    def __call__(self, *args):
+      return self.head(nnx_llama.LlamaForCausalLM.hidden_states(self, *args))
+
+    def hidden_states(self, *args):
+      return 2.0 * super().hidden_states(*args)
+
+  model = nnx_llama.from_pretrained(path)
+  model.__class__ = WrongSplit
+  return model

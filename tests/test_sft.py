@@ -243,6 +243,18 @@ def test_a_bad_nnx_factory_is_one_line_naming_config_model_nnx(files, tmp_path, 
     sft.run(_config(files, tmp_path, **overrides), progress=False)
 
 
+def test_an_nnx_models_split_that_is_not_its_call_is_one_line(files, tmp_path):
+  """hidden_states / head that do not make the model's call would train on another model's
+  loss: the loader compares head(hidden_states(x)) with the call on an example row."""
+  spec = "tests.nnx_tiny:llama_with_a_wrong_split"
+  with pytest.raises(
+    UserError,
+    match=rf"^config.model.nnx = '{re.escape(spec)}' \(the model's hidden_states and head\): "
+    r"head\(hidden_states\(\.\.\.\)\) differs from the model's call by up to",
+  ):
+    sft.run(_config(files, tmp_path, **{"model.nnx": spec}), progress=False)
+
+
 def test_prompts_longer_than_max_length_are_counted_and_skipped(files, tmp_path, capsys):
   rows = tmp_path / "long.jsonl"
   long_prompt = {

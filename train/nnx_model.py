@@ -21,6 +21,7 @@ from jlora.models.llama import DEFAULT_RULES
 from jlora.models.loading import load_tokenizer, resolve_checkpoint
 from jlora.models.nnx_causal import (
   NnxCausalLM,
+  check_split_head,
   declared_names,
   family_config,
   splits_head,
@@ -60,12 +61,16 @@ def load(spec, path, what: str, path_what: str, mesh=None):
     f"{what} (the model called as model(input_ids, positions, segment_ids))", FACTORY_ERRORS
   ):
     layout = traced_layout(graphdef, state)
+  split_head = splits_head(model)
+  if split_head:
+    with naming(f"{what} (the model's hidden_states and head)", FACTORY_ERRORS):
+      check_split_head(graphdef, state)
   if mesh is not None:
     rules = getattr(model, "sharding_rules", None) or DEFAULT_RULES
     with naming(f"{what} (placed by the model's sharding metadata)", (TypeError, ValueError)):
       specs = shard_lib.logical_specs(state, rules)
       state = jax.device_put(state, shard_lib.named(mesh, specs))
-  return NnxCausalLM(graphdef, family, layout, hf_names, splits_head(model)), state, tokenizer
+  return NnxCausalLM(graphdef, family, layout, hf_names, split_head), state, tokenizer
 
 
 def import_factory(spec) -> Callable:

@@ -69,6 +69,28 @@ def splits_head(model: nnx.Module) -> bool:
   return all(callable(getattr(model, name, None)) for name in ("hidden_states", "head"))
 
 
+def check_split_head(graphdef: nnx.GraphDef, state) -> None:
+  """ValueError unless head(hidden_states(x)) gives the model's own logits on an example row
+  (within 1% of their largest magnitude, so a bf16 model passes and a missing final norm does
+  not): the trainer's loss runs the two halves, generation the whole call."""
+  ids, positions, segments = example_row()
+  whole = nnx_forward.wrap(graphdef)(state, ids, positions, segments)
+  hidden = nnx_forward.wrap(graphdef, "hidden_states")(state, ids, positions, segments)
+  split = nnx_forward.wrap(graphdef, "head")(state, hidden)
+  if getattr(split, "shape", None) != whole.shape:
+    raise ValueError(
+      f"head(hidden_states(...)) gives shape {getattr(split, 'shape', type(split).__name__)}, "
+      f"the model's call {whole.shape}; they must be the two halves of the call."
+    )
+  error = float(jnp.max(jnp.abs(split.astype(jnp.float32) - whole.astype(jnp.float32))))
+  scale = float(jnp.max(jnp.abs(whole.astype(jnp.float32))))
+  if not error <= 0.01 * scale:
+    raise ValueError(
+      f"head(hidden_states(...)) differs from the model's call by up to {error:.3g} (its logits "
+      f"reach {scale:.3g}); they must be the two halves of the call (a final norm left out?)."
+    )
+
+
 def declared_names(model: nnx.Module) -> HFNames | None:
   """The HF name map `model.hf_names` declares, or None."""
   names = getattr(model, "hf_names", None)
@@ -158,14 +180,19 @@ class NnxCausalLM:
     }
 
 
+def example_row(length: int = 8):
+  """(input_ids, positions, segment_ids) of one row of `length` tokens: a few distinct ids, so
+  the logits of positions differ."""
+  ids = (jnp.arange(length, dtype=jnp.int32) % 5 + 1)[None]
+  positions = jnp.arange(length, dtype=jnp.int32)[None]
+  return ids, positions, jnp.ones_like(ids)
+
+
 def traced_layout(graphdef: nnx.GraphDef, state):
   """jlora.trace_layout of the model's call on an example row: NNX params need not carry roles
   (tunix's einsum weights have three axes and mesh-axis names), so the trainer, generation and
   the server pass this `layout=` to jlora's tree functions."""
-  length = 8
-  ids = jnp.zeros((1, length), jnp.int32)
-  positions = jnp.arange(length, dtype=jnp.int32)[None]
-  return nnx_forward.trace_layout(graphdef, state, ids, positions, jnp.ones_like(ids))
+  return nnx_forward.trace_layout(graphdef, state, *example_row())
 
 
 def weight_layout(model):
