@@ -107,12 +107,7 @@ def jlora_loss_step(model, tx):
     params = jlora.combine(trainable, frozen)
     return jnp.divide(*step_lib.loss_sum(apply, type(model), params, labelled(tokens)))
 
-  def step(trainable, opt_state, frozen, tokens):
-    value, grads = jax.value_and_grad(loss)(trainable, frozen, tokens)
-    updates, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(trainable, updates), opt_state, value
-
-  return step
+  return adam_step(loss, tx)
 
 
 def lora_config(pattern, rank):
@@ -123,18 +118,21 @@ def nf4():
   return jlora.QuantConfig(kind="nf4", block_size=NF4_BLOCK, double_quant=True)
 
 
-def training_step(logits_fn, tx):
-  """step(trainable, opt_state, frozen, tokens) for logits = logits_fn(trainable, frozen, tokens):
-  the loss's gradient in the trainable half only, then Adam."""
+def adam_step(loss, tx):
+  """step(trainable, opt_state, frozen, tokens) for loss(trainable, frozen, tokens): the loss's
+  gradient in the trainable half only, then `tx`."""
 
   def step(trainable, opt_state, frozen, tokens):
-    loss, grads = jax.value_and_grad(lambda t: _loss(logits_fn(t, frozen, tokens), tokens))(
-      trainable
-    )
+    value, grads = jax.value_and_grad(loss)(trainable, frozen, tokens)
     updates, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(trainable, updates), opt_state, loss
+    return optax.apply_updates(trainable, updates), opt_state, value
 
   return step
+
+
+def training_step(logits_fn, tx):
+  """adam_step on the full-logits loss of logits = logits_fn(trainable, frozen, tokens)."""
+  return adam_step(lambda t, f, x: _loss(logits_fn(t, f, x), x), tx)
 
 
 # How each NNX model is called on a batch of tokens, and where its logits are in the output.

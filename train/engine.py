@@ -568,8 +568,8 @@ class Engine:
         )
     # Each prompt whole and after every prefix it may find cached: a shared system prompt, or
     # the whole prompt sent before.
-    cached = lambda n: (0, *PrefixCache.lengths(n)) if self.prefixes.capacity > 0 else (0,)
-    shapes = {self.prefill_shape(n, c) for n in prompt_lengths for c in cached(n)}
+    prefix_lengths = lambda n: (0, *PrefixCache.lengths(n)) if self.prefixes.capacity > 0 else (0,)
+    shapes = {self.prefill_shape(n, c) for n in prompt_lengths for c in prefix_lengths(n)}
     for cached, rest in sorted(shapes):
       prefix = _columns(self.model.init_cache(1, cached), 0, cached) if cached else None
       for size in batch_buckets(len(self.slots), cached + rest):
